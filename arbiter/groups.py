@@ -1,0 +1,193 @@
+"""TokenGroups: named boolean masks over the positions of a batch (image, context, instruction, last, ...).
+
+Positions are cache indices (the column in the padded input, then one per generated token), so they stay
+right under left padding and across decode steps."""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+from .errors import GroupError
+
+BUILTIN_GROUPS = ("image", "video", "audio", "text", "context", "instruction", "question", "constraint", "system",
+                  "last", "generated", "pad", "all")
+
+
+class TokenGroups:
+    """Named boolean masks ``[batch, positions]``.
+
+    Built-in names: ``image``, ``video``, ``audio`` (modality token ids), ``text`` (every real non-modality
+    prompt token), the prompt parts ``context``, ``instruction``, ``question``, ``constraint``, ``system``
+    (character spans through the tokenizer's offsets), ``last`` (final prompt position), ``generated``
+    (positions made by ``generate``), ``pad`` and ``all`` (every real position). Add your own with ``add``.
+    """
+
+    def __init__(self, masks: Mapping[str, torch.Tensor], prompt_length: int | None = None,
+                 sample_ids: Sequence[str] | None = None):
+        masks = {k: torch.as_tensor(v, dtype=torch.bool) for k, v in masks.items()}
+        shapes = {tuple(v.shape) for v in masks.values()}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise GroupError(f"TokenGroups masks must all be [batch, positions]; got shapes {sorted(shapes)}.")
+        self._masks: dict[str, torch.Tensor] = masks
+        b, s = next(iter(shapes))
+        self.prompt_length = prompt_length if prompt_length is not None else s
+        self.sample_ids = list(sample_ids) if sample_ids is not None else [str(i) for i in range(b)]
+        if "generated" not in self._masks:
+            self._masks["generated"] = torch.zeros(b, s, dtype=torch.bool)
+        if "all" not in self._masks:
+            pad = self._masks.get("pad", torch.zeros(b, s, dtype=torch.bool))
+            self._masks["all"] = ~pad
+
+    # -- construction ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_input_ids(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                       modality_token_ids: Mapping[str, Iterable[int]] | None = None,
+                       mm_token_type_ids: torch.Tensor | None = None,
+                       spans: Mapping[str, torch.Tensor] | None = None,
+                       sample_ids: Sequence[str] | None = None) -> "TokenGroups":
+        """Groups read from the ids: modality groups from special token ids (and ``mm_token_type_ids``: 1 image,
+        2 video, 3 audio where the processor gives them), ``pad`` from the attention mask, ``text``, ``last``."""
+        ids = input_ids.detach().cpu()
+        b, s = ids.shape
+        real = (attention_mask.detach().cpu().bool() if attention_mask is not None and attention_mask.dim() == 2
+                else torch.ones(b, s, dtype=torch.bool))
+        masks: dict[str, torch.Tensor] = {}
+        modal = torch.zeros(b, s, dtype=torch.bool)
+        for name, tids in (modality_token_ids or {}).items():
+            tids = list(tids)
+            if not tids:
+                continue
+            m = torch.isin(ids, torch.tensor(tids)) & real
+            masks[name] = m
+            modal |= m
+        if mm_token_type_ids is not None:
+            tt = mm_token_type_ids.detach().cpu()
+            for code, name in ((1, "image"), (2, "video"), (3, "audio")):
+                m = (tt == code) & real
+                if m.any():
+                    masks[name] = masks.get(name, torch.zeros(b, s, dtype=torch.bool)) | m
+                    modal |= m
+        masks["pad"] = ~real
+        masks["text"] = real & ~modal
+        last = torch.zeros(b, s, dtype=torch.bool)
+        idx = torch.arange(s).expand(b, s)
+        last_pos = torch.where(real, idx, torch.full_like(idx, -1)).max(dim=1).values
+        last[torch.arange(b), last_pos.clamp(min=0)] = True
+        masks["last"] = last
+        for name, m in (spans or {}).items():
+            masks[name] = torch.as_tensor(m, dtype=torch.bool) & real
+        return cls(masks, prompt_length=s, sample_ids=sample_ids)
+
+    def add(self, name: str, mask: torch.Tensor | Sequence[Sequence[int]]) -> "TokenGroups":
+        """Add a user group: a ``[batch, positions]`` bool mask, or per sample a list of positions."""
+        if isinstance(mask, torch.Tensor):
+            m = mask.to(torch.bool).cpu()
+            if m.dim() == 1:
+                m = m.expand(self.batch_size, -1)
+        else:
+            m = torch.zeros(self.batch_size, self.length, dtype=torch.bool)
+            if len(mask) != self.batch_size:
+                raise GroupError(f"group {name!r}: got positions for {len(mask)} samples, the batch has "
+                                 f"{self.batch_size}.")
+            for i, pos in enumerate(mask):
+                m[i, list(pos)] = True
+        if tuple(m.shape) != (self.batch_size, self.length):
+            raise GroupError(f"group {name!r} has shape {tuple(m.shape)}; the batch's groups are "
+                             f"{(self.batch_size, self.length)} (batch, positions).")
+        self._masks[name] = m
+        return self
+
+    # -- access ---------------------------------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return next(iter(self._masks.values())).shape[0]
+
+    @property
+    def length(self) -> int:
+        return next(iter(self._masks.values())).shape[1]
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._masks)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._masks
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """The ``[batch, positions]`` mask of a group. Unions with ``|``: ``groups["image|context"]``."""
+        if "|" in name:
+            parts = [p.strip() for p in name.split("|")]
+            out = self[parts[0]].clone()
+            for p in parts[1:]:
+                out |= self[p]
+            return out
+        if name not in self._masks:
+            raise GroupError(f"unknown token group {name!r}; this batch has {', '.join(self.names)}. "
+                             "Add your own with groups.add(name, mask).")
+        return self._masks[name]
+
+    def mask(self, name: str, length: int | None = None, require_nonempty: bool = False) -> torch.Tensor:
+        """Group mask padded with False (or cut) to ``length`` positions; optionally every sample must be non-empty."""
+        m = self[name]
+        if require_nonempty:
+            empty = (~m.any(dim=1)).nonzero().flatten().tolist()
+            if empty:
+                ids = [self.sample_ids[i] for i in empty]
+                raise GroupError(f"token group {name!r} is empty for sample(s) {ids}: nothing to select there. "
+                                 "Check the prompt (does it contain that part?) or use another group.")
+        if length is not None and length != m.shape[1]:
+            if length < m.shape[1]:
+                m = m[:, :length]
+            else:
+                m = torch.cat([m, torch.zeros(m.shape[0], length - m.shape[1], dtype=torch.bool)], dim=1)
+        return m
+
+    def positions(self, name: str, sample: int) -> list[int]:
+        return self[name][sample].nonzero().flatten().tolist()
+
+    def extend(self, n_new: int) -> None:
+        """Append ``n_new`` generated positions (called by the lens at each decode step)."""
+        if n_new <= 0:
+            return
+        b = self.batch_size
+        for k, v in self._masks.items():
+            fill = k in ("generated", "all")
+            self._masks[k] = torch.cat([v, torch.full((b, n_new), fill, dtype=torch.bool)], dim=1)
+
+    def truncate(self, length: int) -> None:
+        """Drop positions past ``length`` (a new generate() call restarts from the prompt)."""
+        for k, v in self._masks.items():
+            self._masks[k] = v[:, :length]
+
+    def expand(self, repeats: int) -> "TokenGroups":
+        """Each sample repeated ``repeats`` times in a row (batched sweeps, beam search)."""
+        masks = {k: v.repeat_interleave(repeats, dim=0) for k, v in self._masks.items()}
+        ids = [s for s in self.sample_ids for _ in range(repeats)]
+        return TokenGroups(masks, prompt_length=self.prompt_length, sample_ids=ids)
+
+    def select(self, rows: Sequence[int]) -> "TokenGroups":
+        masks = {k: v[list(rows)] for k, v in self._masks.items()}
+        return TokenGroups(masks, prompt_length=self.prompt_length, sample_ids=[self.sample_ids[i] for i in rows])
+
+    def to_dict(self) -> dict:
+        """JSON-ready: per group, per sample, the list of positions."""
+        return {"prompt_length": self.prompt_length, "sample_ids": self.sample_ids,
+                "groups": {k: [row.nonzero().flatten().tolist() for row in v] for k, v in self._masks.items()}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "TokenGroups":
+        b = len(d["sample_ids"])
+        length = max([d["prompt_length"]] + [p + 1 for g in d["groups"].values() for row in g for p in row])
+        masks = {}
+        for k, rows in d["groups"].items():
+            m = torch.zeros(b, length, dtype=torch.bool)
+            for i, pos in enumerate(rows):
+                m[i, pos] = True
+            masks[k] = m
+        return cls(masks, prompt_length=d["prompt_length"], sample_ids=d["sample_ids"])
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{k}={int(v.sum())}" for k, v in sorted(self._masks.items()))
+        return f"TokenGroups(batch={self.batch_size}, positions={self.length}, {counts})"

@@ -1,0 +1,574 @@
+"""Lens: the context manager around a model; activates probes, owns every hook and restores the model on exit.
+
+``attach(model, processor)`` is the entry point; everything model-specific comes from ``adapters``."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from . import attention as attn_fn
+from .adapters.base import ModelFacts, model_facts
+from .errors import GroupError, ProbeError, SiteError
+from .groups import TokenGroups
+from .probes.base import ATTENTION_SITES, GLOBAL_SITES, SITES, Ctx, Probe, RowSpec, callback_name
+
+
+def attach(model: nn.Module, processor: Any = None) -> "Lens":
+    """Attach arbiter to a Hugging Face model. Use as ``with arbiter.attach(model, processor) as lens:``.
+
+    Inside, untouched layers run exactly as before (bit-identical logits); on exit every hook is removed and the
+    attention implementation restored, also when the body raises."""
+    return Lens(model, processor)
+
+
+@dataclass
+class _Active:
+    probe: Probe
+    layers: frozenset[int] | None     # None = global sites only / all layers
+    steps: str
+    specs: dict[str, tuple[str, RowSpec]]
+
+
+def _resolve_layers(spec, n_layers: int, valid: Sequence[int], who: str) -> frozenset[int]:
+    if spec is None or (isinstance(spec, str) and spec == "all"):
+        return frozenset(valid)
+    if isinstance(spec, int):
+        spec = [spec]
+    out = set()
+    for layer in spec:
+        if not isinstance(layer, (int,)) and not (isinstance(layer, torch.Tensor) and layer.dim() == 0):
+            raise SiteError(f"{who}: layers must be 'all', an int or a list of ints; got {spec!r}.")
+        layer = int(layer)
+        if layer < 0:
+            layer += n_layers
+        if not 0 <= layer < n_layers:
+            raise SiteError(f"{who}: layer {layer} is out of range; this model has {n_layers} text layers "
+                            f"(0..{n_layers - 1}).")
+        out.add(layer)
+    return frozenset(out)
+
+
+class _Runtime:
+    """Per-attach dispatch state: which probe reads/edits which (site, layer), current step and positions."""
+
+    def __init__(self, lens: "Lens"):
+        self.lens = lens
+        self.active: list[_Active] = []
+        self.table: dict[tuple[str, int | None], list[_Active]] = {}
+        self.step = 0
+        self.offset = 0          # absolute position of the first row of the current forward chunk
+        self.q_len = 0
+        self.batch = 0
+        self.groups: TokenGroups | None = None
+        self._rows_cache: dict = {}
+
+    # -- table -------------------------------------------------------------------------------------------
+    def rebuild(self) -> None:
+        table: dict[tuple[str, int | None], list[_Active]] = {}
+        for a in self.active:
+            for site in a.specs:
+                layers = [None] if site in GLOBAL_SITES else sorted(a.layers or ())
+                for layer in layers:
+                    table.setdefault((site, layer), []).append(a)
+        self.table = table
+
+    def entries(self, site: str, layer: int | None) -> list[_Active]:
+        lst = self.table.get((site, layer))
+        if not lst:
+            return []
+        return [a for a in lst if a.steps == "all" or (a.steps == "prefill") == (self.step == 0)]
+
+    # -- positions ---------------------------------------------------------------------------------------
+    def chunk_positions(self, n: int | None = None) -> torch.Tensor:
+        return torch.arange(self.offset, self.offset + (self.q_len if n is None else n))
+
+    def resolve_rows(self, spec: RowSpec, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions [R], row_mask [b, R]) of the requested rows among ``positions``."""
+        key = (spec if isinstance(spec, (str, int)) else tuple(spec), int(positions[0]) if len(positions) else 0,
+               len(positions))
+        hit = self._rows_cache.get(key)
+        if hit is not None:
+            return hit
+        b = self.batch
+        if isinstance(spec, str) and spec == "all":
+            out = (positions, torch.ones(b, len(positions), dtype=torch.bool))
+        elif isinstance(spec, str):
+            g = self.groups
+            m = g.mask(spec, length=max(g.length, int(positions[-1]) + 1 if len(positions) else 0))
+            if m.shape[0] == 1 and b > 1:
+                m = m.expand(b, -1)
+            sub = m[:, positions]
+            cols = sub.any(dim=0)
+            out = (positions[cols], sub[:, cols])
+        else:
+            want = torch.as_tensor([spec] if isinstance(spec, int) else list(spec), dtype=torch.long)
+            want = torch.where(want < 0, want + self.groups.prompt_length, want)
+            sel = torch.isin(positions, want)
+            out = (positions[sel], torch.ones(b, int(sel.sum()), dtype=torch.bool))
+        self._rows_cache[key] = out
+        return out
+
+    def ctx(self, site, layer, positions, row_mask, **kw) -> Ctx:
+        return Ctx(lens=self.lens, site=site, layer=layer, step=self.step, groups=self.groups,
+                   positions=positions, row_mask=row_mask, **kw)
+
+    # -- dispatch on a [b, seq, ...]-like tensor along ``dim`` -------------------------------------------
+    def run_site(self, site: str, layer: int | None, value: torch.Tensor, dim: int,
+                 positions: torch.Tensor, **ctx_kw) -> torch.Tensor:
+        for a in self.entries(site, layer):
+            mode, spec = a.specs[site]
+            rows, row_mask = self.resolve_rows(spec, positions)
+            if len(rows) == 0:
+                continue
+            full = len(rows) == len(positions)
+            idx = (rows - positions[0]).to(value.device) if not full else None
+            part = value if full else value.index_select(dim, idx)
+            ctx = self.ctx(site, layer, rows, row_mask, **ctx_kw)
+            out = self.call(a.probe, site, ctx, part)
+            if mode == "edit":
+                out = self.check_edit(a.probe, site, layer, part, out)
+                if full:
+                    value = out
+                else:
+                    value = value.index_copy(dim, idx, out.to(value.dtype))
+        return value
+
+    def call(self, probe: Probe, site: str, ctx: Ctx, value):
+        try:
+            return getattr(probe, callback_name(site))(ctx, value)
+        except (SiteError, GroupError, ProbeError):
+            raise
+        except Exception as e:  # noqa: BLE001 - re-raised with the probe and site named
+            raise ProbeError(f"probe {probe!r} raised {type(e).__name__} at site {site!r}, layer {ctx.layer}, "
+                             f"step {ctx.step}: {e}. The model was left untouched by arbiter.") from e
+
+    @staticmethod
+    def check_edit(probe, site, layer, before, after):
+        if not isinstance(after, torch.Tensor):
+            raise ProbeError(f"probe {probe!r} edits {site!r} (layer {layer}) but returned "
+                             f"{type(after).__name__}; an editing callback must return the new tensor.")
+        if site == "attn.mask":
+            try:
+                torch.broadcast_shapes(after.shape, before.shape)
+            except RuntimeError:
+                raise ProbeError(f"probe {probe!r} returned an attn.mask of shape {tuple(after.shape)} at layer "
+                                 f"{layer}; expected one broadcastable with {tuple(before.shape)}.") from None
+            return after.to(torch.bool)
+        if after.shape != before.shape:
+            raise ProbeError(f"probe {probe!r} returned shape {tuple(after.shape)} for {site!r} at layer {layer}; "
+                             f"expected {tuple(before.shape)} (same shape as the value it received).")
+        return after
+
+    # -- attention -----------------------------------------------------------------------------------------
+    def attention(self, layer, module, base, kind, query, key, value, attention_mask, kwargs):
+        has = {s: bool(self.entries(s, layer)) for s in ATTENTION_SITES}
+        if not any(has.values()):
+            return base(module, query, key, value, attention_mask, **kwargs)
+        lf = self.lens.facts.layers[layer]
+        b, _, q_len, _ = query.shape
+        k_len = key.shape[2]
+        q_pos = self.chunk_positions(q_len)
+        k_pos = torch.arange(k_len) if lf.cross else torch.arange(self.offset + q_len - k_len, self.offset + q_len)
+        new_k = k_pos if lf.cross else q_pos
+        kw = dict(query_positions=q_pos, key_positions=k_pos, cross=lf.cross)
+        if has["attn.q"]:
+            query = self.run_site("attn.q", layer, query, 2, q_pos, **kw)
+        for site, t in (("attn.k", "key"), ("attn.v", "value")):
+            if has[site]:
+                cur = key if t == "key" else value
+                start = k_len - len(new_k)
+                if start == 0:
+                    cur = self.run_site(site, layer, cur, 2, new_k, **kw)
+                else:
+                    tail = self.run_site(site, layer, cur[:, :, start:], 2, new_k, **kw)
+                    cur = torch.cat([cur[:, :, :start], tail], dim=2)
+                key, value = (cur, value) if t == "key" else (key, cur)
+        eager = any(a.specs[s][0] == "edit" for s in ("attn.scores", "attn.probs") for a in self.entries(s, layer))
+        need_mask = has["attn.mask"] or has["attn.scores"] or has["attn.probs"]
+        mask_b = mask_f = None
+        edited = False
+        empty = None
+        if need_mask:
+            mask_b, mask_f = attn_fn.bool_mask(attention_mask, module, kwargs, b, q_pos, k_pos, lf.cross,
+                                               query.device)
+            if has["attn.mask"]:
+                before = mask_b
+                mask_b = self.run_site("attn.mask", layer, mask_b, 2, q_pos, **kw)
+                if mask_b is not before:
+                    edited = True
+                    mask_b = mask_b.expand(torch.broadcast_shapes(mask_b.shape, before.shape))
+                    if lf.cross:
+                        empty = ~mask_b.any(dim=-1)
+                        mask_b = mask_b | empty[..., None]
+                    else:
+                        mask_b, _ = attn_fn.protect_empty_rows(mask_b, q_pos.to(mask_b.device),
+                                                               k_pos.to(mask_b.device))
+        if eager:
+            out = self.eager_layer(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw)
+        else:
+            if edited:
+                if kind == "sdpa":
+                    m = mask_b
+                else:
+                    fmin = torch.finfo(query.dtype).min
+                    base_f = mask_f if mask_f is not None else torch.zeros((), dtype=query.dtype, device=query.device)
+                    m = torch.where(mask_b, base_f, torch.full((), fmin, dtype=query.dtype, device=query.device))
+                out = base(module, query, key, value, m, **kwargs)
+            else:
+                out = base(module, query, key, value, attention_mask, **kwargs)
+            if has["attn.scores"] or has["attn.probs"]:
+                self.read_rows(layer, module, query, key, mask_b, mask_f, kwargs, q_pos, kw)
+        if empty is not None and bool(empty.any()):
+            o = out[0]  # [b, q, h, d]
+            keep = (~empty).transpose(1, 2)[..., None].to(o.dtype)  # [b, q, h|1, 1]
+            out = (o * keep, out[1])
+        return out
+
+    def _rows_union(self, layer, q_pos):
+        specs = [a.specs[s][1] for s in ("attn.scores", "attn.probs") for a in self.entries(s, layer)]
+        if any(isinstance(s, str) and s == "all" for s in specs):
+            return q_pos
+        rows = set()
+        for s in specs:
+            rows.update(self.resolve_rows(s, q_pos)[0].tolist())
+        return torch.tensor(sorted(rows), dtype=torch.long)
+
+    def read_rows(self, layer, module, query, key, mask_b, mask_f, kwargs, q_pos, kw):
+        rows = self._rows_union(layer, q_pos)
+        if len(rows) == 0:
+            return
+        idx = (rows - q_pos[0]).to(query.device)
+        mb = mask_b.index_select(2, idx)
+        mf = mask_f.index_select(2, idx) if mask_f is not None else None
+        scores = attn_fn.row_scores(module, query.index_select(2, idx), key, mb, mf, kwargs)
+        probs = attn_fn.softmax_probs(scores, query.dtype) if self.entries("attn.probs", layer) else None
+        if self.entries("attn.scores", layer):
+            self.run_site("attn.scores", layer, scores, 2, rows, **kw)
+        if probs is not None:
+            self.run_site("attn.probs", layer, probs, 2, rows, **kw)
+
+    def eager_layer(self, layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw):
+        scores = attn_fn.row_scores(module, query, key, mask_b, mask_f, kwargs)
+        scores = self.run_site("attn.scores", layer, scores, 2, q_pos, **kw)
+        probs = attn_fn.softmax_probs(scores, query.dtype)
+        probs = self.run_site("attn.probs", layer, probs, 2, q_pos, **kw)
+        return attn_fn.eager_output(probs, value), None
+
+
+class Lens:
+    """A model with arbiter attached. Create it with ``arbiter.attach(model, processor)``."""
+
+    def __init__(self, model: nn.Module, processor: Any = None):
+        self.model = model
+        self.processor = processor
+        self.facts: ModelFacts = model_facts(model)
+        self._runtime = _Runtime(self)
+        self._handles: list = []
+        self._saved_impl: str | None = None
+        self._entered = False
+        self.groups: TokenGroups | None = None
+
+    # -- attach / detach -------------------------------------------------------------------------------------
+    def __enter__(self) -> "Lens":
+        if self._entered:
+            raise ProbeError("this Lens is already attached; nest probes inside it instead of re-entering.")
+        cfg = self.facts.text_config
+        impl = cfg._attn_implementation
+        self._saved_impl = impl
+        if impl in attn_fn.IMPLEMENTATIONS:
+            attn_fn.register()
+            cfg._attn_implementation_internal = attn_fn.IMPLEMENTATIONS[impl]
+        for lf in self.facts.layers:
+            if lf.attn is not None:
+                attn_fn.RUNTIME[lf.attn] = (self, lf.index)
+        self._base_handles = [
+            self.facts.decoder.register_forward_pre_hook(self._on_decoder, with_kwargs=True),
+            self.model.register_forward_pre_hook(self._on_model, with_kwargs=True),
+        ]
+        self._entered = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Detach: remove every hook, deactivate every probe, restore the attention implementation."""
+        for a in list(self._runtime.active):
+            with contextlib.suppress(Exception):
+                a.probe.on_detach(self)
+        self._runtime.active.clear()
+        self._runtime.rebuild()
+        self._remove_hooks()
+        for h in getattr(self, "_base_handles", []):
+            h.remove()
+        self._base_handles = []
+        for lf in self.facts.layers:
+            if lf.attn is not None:
+                attn_fn.RUNTIME.pop(lf.attn, None)
+        if self._saved_impl is not None:
+            self.facts.text_config._attn_implementation_internal = self._saved_impl
+        self._entered = False
+
+    # -- hooks -----------------------------------------------------------------------------------------------
+    def _remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _install_hooks(self) -> None:
+        """One hook per (site, layer) that some active probe uses; attention sites need none."""
+        self._remove_hooks()
+        rt = self._runtime
+        needed = {key for key, lst in rt.table.items() if lst and key[0] not in ATTENTION_SITES}
+        f = self.facts
+        for site, layer in sorted(needed, key=lambda k: (k[0], -1 if k[1] is None else k[1])):
+            lf = f.layers[layer] if layer is not None else None
+            if site == "embed":
+                self._handles.append(f.layers[0].layer.register_forward_pre_hook(
+                    self._pre_hook(site, None), with_kwargs=True))
+            elif site == "resid.pre":
+                self._handles.append(lf.layer.register_forward_pre_hook(self._pre_hook(site, layer), with_kwargs=True))
+            elif site == "resid.mid":
+                if lf.mid_norm is None:
+                    raise SiteError(f"layer {layer} has no pre-MLP norm, so resid.mid is not available there.")
+                self._handles.append(lf.mid_norm.register_forward_pre_hook(self._pre_hook(site, layer),
+                                                                          with_kwargs=True))
+            elif site == "attn.head_out":
+                if lf.out_proj is None:
+                    raise SiteError(f"layer {layer} has no attention output projection (attn.head_out).")
+                self._handles.append(lf.out_proj.register_forward_pre_hook(self._head_hook(layer), with_kwargs=True))
+            elif site in ("attn.out", "mlp.out", "resid.post", "logits"):
+                mod = {"attn.out": lf.attn if lf else None, "mlp.out": lf.mlp if lf else None,
+                       "resid.post": lf.layer if lf else None, "logits": f.lm_head}[site]
+                if mod is None:
+                    raise SiteError(f"site {site!r} is not available at layer {layer} of this model.")
+                self._handles.append(mod.register_forward_hook(self._post_hook(site, layer)))
+
+    def _pre_hook(self, site, layer):
+        rt = self._runtime
+
+        def hook(module, args, kwargs):
+            if args:
+                x = args[0]
+                new = rt.run_site(site, layer, x, 1, rt.chunk_positions(x.shape[1]))
+                if new is not x:
+                    return (new, *args[1:]), kwargs
+            elif "hidden_states" in kwargs:
+                x = kwargs["hidden_states"]
+                new = rt.run_site(site, layer, x, 1, rt.chunk_positions(x.shape[1]))
+                if new is not x:
+                    kwargs = dict(kwargs, hidden_states=new)
+                    return args, kwargs
+            return None
+        return hook
+
+    def _head_hook(self, layer):
+        rt = self._runtime
+        nh, _, hd = self.facts.heads(layer)
+
+        def hook(module, args, kwargs):
+            x = args[0]
+            b, s = x.shape[0], x.shape[1]
+            heads = x.view(b, s, nh, hd)
+            new = rt.run_site("attn.head_out", layer, heads, 1, rt.chunk_positions(s))
+            if new is not heads:
+                return (new.reshape(b, s, nh * hd), *args[1:]), kwargs
+            return None
+        return hook
+
+    def _post_hook(self, site, layer):
+        rt = self._runtime
+
+        def hook(module, args, output):
+            x = output[0] if isinstance(output, tuple) else output
+            if not isinstance(x, torch.Tensor):
+                x = getattr(output, "last_hidden_state", None)
+                if x is None:
+                    return None
+            new = rt.run_site(site, layer, x, 1, rt.chunk_positions(x.shape[1]))
+            if new is x:
+                return None
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+        return hook
+
+    def _on_model(self, module, args, kwargs):
+        """Top-level forward: at prefill, take the batch's groups (from encode(), or read from the input ids)."""
+        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = _cache_length(cache)
+        if past == 0 and ids is not None and ids.dim() == 2:
+            g = self.groups
+            if g is None or g.batch_size != ids.shape[0] or g.prompt_length != ids.shape[1]:
+                g = TokenGroups.from_input_ids(ids, kwargs.get("attention_mask"), self.facts.modality_token_ids,
+                                               kwargs.get("mm_token_type_ids"))
+            self._runtime.groups = g
+        return None
+
+    def _on_decoder(self, module, args, kwargs):
+        rt = self._runtime
+        emb = kwargs.get("inputs_embeds")
+        if emb is None:
+            emb = kwargs.get("input_ids", args[0] if args else None)
+        if emb is None:
+            return None
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = _cache_length(cache)
+        rt.batch, rt.q_len, rt.offset = emb.shape[0], emb.shape[1], past
+        rt._rows_cache = {}
+        if rt.groups is None or (past == 0 and rt.groups.prompt_length != rt.q_len):
+            base = self.groups if (self.groups is not None and self.groups.prompt_length == rt.q_len) else None
+            if base is None:
+                mask = kwargs.get("attention_mask")
+                am = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+                base = TokenGroups({"pad": ~am.bool().cpu() if am is not None
+                                    else torch.zeros(rt.batch, rt.q_len, dtype=torch.bool)})
+                base.add("last", torch.nn.functional.one_hot(torch.tensor([rt.q_len - 1] * rt.batch),
+                                                             rt.q_len).bool())
+            rt.groups = base
+        g = rt.groups
+        if past == 0:
+            rt.step = 0
+            if g.length > g.prompt_length:
+                g.truncate(g.prompt_length)
+        else:
+            rt.step += 1
+        if g.batch_size not in (1, rt.batch):
+            raise GroupError(f"the token groups are for a batch of {g.batch_size} but the model runs a batch of "
+                             f"{rt.batch} (beam search or a different input?); encode the batch you run.")
+        total = past + rt.q_len
+        if total > g.length:
+            g.extend(total - g.length)
+        for a in rt.active:
+            a.probe.on_forward(rt.ctx("forward", None, rt.chunk_positions(), torch.ones(rt.batch, rt.q_len,
+                                                                                         dtype=torch.bool)))
+        return None
+
+    # -- probes ----------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def probe(self, probe: Probe, layers: Any = None, steps: str | None = None) -> Iterator[Probe]:
+        """Activate a probe for the ``with`` block; yields the probe (read ``probe.result()`` after)."""
+        if not self._entered:
+            raise ProbeError("activate probes inside `with arbiter.attach(model) as lens:`.")
+        specs = probe.site_specs()
+        layer_spec = layers if layers is not None else probe.layers
+        needs_attention = [s for s in specs if s in ATTENTION_SITES]
+        valid = self.facts.attention_layers if needs_attention else list(range(self.facts.n_layers))
+        chosen = _resolve_layers(layer_spec, self.facts.n_layers, valid, type(probe).__name__)
+        if needs_attention:
+            skipped = sorted(set(chosen) - set(self.facts.attention_layers))
+            if skipped and not (isinstance(layer_spec, str) and layer_spec == "all"):
+                raise SiteError(f"{type(probe).__name__}: layers {skipped} have no softmax attention "
+                                f"({self.facts.layers[skipped[0]].skip_reason}).")
+            if self._saved_impl not in attn_fn.IMPLEMENTATIONS:
+                raise SiteError(f"attention sites need the model to run with attn_implementation 'sdpa' or "
+                                f"'eager' (it runs {self._saved_impl!r}); call model.set_attn_implementation('sdpa').")
+        steps = steps or probe.steps
+        if steps not in ("all", "prefill", "decode"):
+            raise SiteError(f"steps must be 'all', 'prefill' or 'decode', got {steps!r}.")
+        entry = _Active(probe, chosen, steps, specs)
+        probe.on_attach(self)
+        rt = self._runtime
+        rt.active.append(entry)
+        try:
+            rt.rebuild()
+            self._install_hooks()
+            yield probe
+        finally:
+            if entry in rt.active:
+                rt.active.remove(entry)
+            rt.rebuild()
+            self._install_hooks()
+            probe.on_detach(self)
+
+    # -- conveniences built on probes --------------------------------------------------------------------------
+    def window(self, center: int, size: int = 9) -> list[int]:
+        """Layers [max(0, c - floor(k/2)), min(L, c + ceil(k/2))) (SPEC section 4)."""
+        n = self.facts.n_layers
+        if not 0 <= center < n:
+            raise SiteError(f"window centre {center} is out of range; this model has {n} text layers.")
+        if size < 1:
+            raise SiteError(f"window size must be >= 1, got {size}.")
+        return list(range(max(0, center - size // 2), min(n, center + (size + 1) // 2)))
+
+    @property
+    def all_layers(self) -> list[int]:
+        return list(range(self.facts.n_layers))
+
+    def use(self, groups: TokenGroups | None) -> None:
+        """Set the token groups of the batch you are about to run (encode() does this for you)."""
+        self.groups = groups
+        self._runtime.groups = groups
+
+    def record(self, *what: str, layers: Any = "all", rows: RowSpec = "all", heads: Sequence[int] | None = None,
+               steps: str = "all"):
+        """Record sites into a Trace: ``with lens.record("attn", "resid", rows="last") as rec: ...; rec.trace``."""
+        from .probes.record import Recorder
+
+        return self.probe(Recorder(*what, rows=rows, heads=heads), layers=layers, steps=steps)
+
+    def knockout(self, src: str, dst: str, layers: Any = "all", heads: Sequence[int] | None = None,
+                 batch_rows: Sequence[int] | None = None, steps: str = "all"):
+        """Sever attention from queries in ``dst`` to keys in ``src`` (pre-softmax, composed with the model's mask)."""
+        from .probes.knockout import Knockout
+
+        return self.probe(Knockout(src, dst, heads=heads, batch_rows=batch_rows), layers=layers, steps=steps)
+
+    def block_heads(self, heads: Iterable[tuple[int, int]], mode: str = "zero", reference: Any = None,
+                    rows: RowSpec = "all", batch_rows: Sequence[int] | None = None, steps: str = "all"):
+        """Zero (``mode="zero"``) or mean-ablate (``mode="mean"``, with ``reference`` inputs or a trace) heads."""
+        from .probes.heads import HeadBlock
+
+        p = HeadBlock(heads, mode=mode, reference=reference, rows=rows, batch_rows=batch_rows)
+        return self.probe(p, layers=p.layer_list, steps=steps)
+
+    def amplify_heads(self, heads: Iterable[tuple[int, int]], alpha: float | Sequence[float] = 2.0,
+                      rows: RowSpec = "all", batch_rows: Sequence[int] | None = None, steps: str = "all"):
+        """Scale heads' outputs (o_proj input slices) by ``alpha``."""
+        from .probes.heads import HeadScale
+
+        p = HeadScale(heads, alpha=alpha, rows=rows, batch_rows=batch_rows)
+        return self.probe(p, layers=p.layer_list, steps=steps)
+
+    def patch_heads(self, heads: Iterable[tuple[int, int]], source: Any, rows: RowSpec = "all",
+                    batch_rows: Sequence[int] | None = None, steps: str = "prefill"):
+        """Replace heads' outputs by those recorded in ``source`` (a Trace with attn.head_out, or {layer: tensor})."""
+        from .probes.heads import HeadPatch
+
+        p = HeadPatch(heads, source, rows=rows, batch_rows=batch_rows)
+        return self.probe(p, layers=p.layer_list, steps=steps)
+
+    def patch_resid(self, layer: int, source: Any, rows: RowSpec = "all", site: str = "resid.post",
+                    batch_rows: Sequence[int] | None = None, steps: str = "prefill"):
+        """Replace the residual stream at ``layer`` (``resid.post`` or ``resid.pre``) and rows by ``source``."""
+        from .probes.heads import ResidPatch
+
+        return self.probe(ResidPatch(site, source, rows=rows, batch_rows=batch_rows), layers=[layer], steps=steps)
+
+    def encode(self, samples, **kw):
+        """Conflict samples -> model inputs + TokenGroups (see arbiter.encode.encode_samples)."""
+        from .encode import encode_samples
+
+        batch = encode_samples(self, samples, **kw)
+        self.use(batch.groups)
+        return batch
+
+    def __repr__(self) -> str:
+        return (f"Lens({type(self.model).__name__}, family={self.facts.family}, layers={self.facts.n_layers}, "
+                f"attached={self._entered})")
+
+
+def _cache_length(cache) -> int:
+    if cache is None:
+        return 0
+    try:
+        return int(cache.get_seq_length())
+    except Exception:  # noqa: BLE001 - legacy tuple caches
+        try:
+            return int(cache[0][0].shape[-2])
+        except Exception:  # noqa: BLE001
+            return 0

@@ -1,0 +1,174 @@
+"""The public hook-site API: named sites, the ``Probe`` base class users subclass, and the ``Ctx`` it receives.
+
+Every built-in recorder and intervention is a Probe on these same sites; there is no second mechanism."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence, Union
+
+import torch
+
+from ..errors import SiteError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..groups import TokenGroups
+    from ..lens import Lens
+
+RowSpec = Union[str, int, Sequence[int]]
+
+# site name -> (where it is served, editable, layout). Documented in README "Sites".
+SITES: dict[str, tuple[str, bool, str]] = {
+    "embed": ("pre-hook of layer 0", True, "[batch, seq, hidden] residual stream entering layer 0"),
+    "resid.pre": ("pre-hook of the decoder layer", True, "[batch, seq, hidden] residual entering the layer"),
+    "attn.q": ("attention function", True, "[batch, heads, seq, head_dim] queries after RoPE"),
+    "attn.k": ("attention function", True, "[batch, kv_heads, keys, head_dim] keys after RoPE (rows = new keys)"),
+    "attn.v": ("attention function", True, "[batch, kv_heads, keys, head_dim] values (rows = new keys)"),
+    "attn.mask": ("attention function", True, "[batch, 1|heads, seq, keys] bool, True = may attend; an edit "
+                                              "is a -inf added to the scores before softmax (served under SDPA)"),
+    "attn.scores": ("attention function", True, "[batch, heads, rows, keys] pre-softmax scores, masked; an edit "
+                                                "recomputes this layer eagerly"),
+    "attn.probs": ("attention function", True, "[batch, heads, rows, keys] attention probabilities; an edit "
+                                               "recomputes this layer eagerly"),
+    "attn.head_out": ("pre-hook of o_proj", True, "[batch, seq, heads, head_dim] per-head outputs (o_proj input)"),
+    "attn.out": ("hook of the attention module", True, "[batch, seq, hidden] attention block output"),
+    "resid.mid": ("pre-hook of the pre-MLP norm", False, "[batch, seq, hidden] residual between attention and MLP "
+                                                         "(read only)"),
+    "mlp.out": ("hook of the MLP", True, "[batch, seq, hidden] MLP output"),
+    "resid.post": ("hook of the decoder layer", True, "[batch, seq, hidden] residual leaving the layer"),
+    "logits": ("hook of the unembedding", True, "[batch, seq, vocab] final logits"),
+}
+GLOBAL_SITES = ("embed", "logits")
+ATTENTION_SITES = ("attn.q", "attn.k", "attn.v", "attn.mask", "attn.scores", "attn.probs")
+ALIASES = {"attn": "attn.probs", "probs": "attn.probs", "scores": "attn.scores", "queries": "attn.q",
+           "keys": "attn.k", "values": "attn.v", "heads": "attn.head_out", "resid": "resid.post",
+           "mlp": "mlp.out", "q": "attn.q", "k": "attn.k", "v": "attn.v"}
+
+
+def canonical_site(name: str) -> str:
+    site = ALIASES.get(name, name)
+    if site not in SITES:
+        raise SiteError(f"unknown site {name!r}; sites are {', '.join(SITES)} (aliases: "
+                        f"{', '.join(f'{k}->{v}' for k, v in ALIASES.items())}).")
+    return site
+
+
+def callback_name(site: str) -> str:
+    return site.replace(".", "_")
+
+
+@dataclass
+class Ctx:
+    """What a probe callback knows about where it is.
+
+    ``positions`` are the absolute positions (cache indices) of the rows handed to the callback (query rows
+    for attention sites, new key rows for attn.k / attn.v, sequence rows elsewhere); ``row_mask[b, r]`` says
+    whether row r belongs to the requested group for sample b (rows are the union over the batch)."""
+
+    lens: "Lens"
+    site: str
+    layer: int | None
+    step: int
+    groups: "TokenGroups"
+    positions: torch.Tensor
+    row_mask: torch.Tensor
+    query_positions: torch.Tensor | None = None
+    key_positions: torch.Tensor | None = None
+    cross: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.row_mask.shape[0]
+
+    @property
+    def heads(self) -> tuple[int, int, int]:
+        """(query heads, KV heads, head_dim) of this layer."""
+        return self.lens.facts.heads(self.layer) if self.layer is not None else (0, 0, 0)
+
+    def group(self, name: str, over: str = "rows") -> torch.Tensor:
+        """Group mask restricted to this callback's rows (``over="rows"``) or keys (``over="keys"``): [batch, n]."""
+        pos = self.positions if over == "rows" else self.key_positions
+        if over == "keys" and self.cross:
+            val = name == "image" or "image" in name.split("|")
+            return torch.full((self.batch_size, len(pos)), val, dtype=torch.bool)
+        m = self.groups.mask(name, length=int(max(int(pos.max()) + 1 if len(pos) else 0, self.groups.length)))
+        return m[:, pos.cpu()]
+
+
+class Probe:
+    """Base class for probes: read (and, if declared, edit) named sites while the model runs.
+
+    Declare ``reads = {site: rows}`` and/or ``edits = {site: rows}``; rows is ``"all"``, a group name
+    (``"last"``, ``"instruction"``, ``"image|context"``), or absolute positions. For each site define a method
+    named after it with dots as underscores, ``def attn_probs(self, ctx, value)``. A read's return value is
+    ignored; an edit must return the new value, same shape. ``layers`` picks the layers (``"all"``, a list,
+    a range); ``steps`` picks ``"all"``, ``"prefill"`` or ``"decode"`` forward calls of ``generate()``.
+    Use ``self.emit(key, tensor)`` to collect results and ``result()`` to read them; state may be kept
+    across samples and decode steps. Several probes on one site run in activation order (outer ``with``
+    first), each edit seeing the previous one's output; reads see the value as edited by earlier probes.
+    """
+
+    reads: ClassVar[Mapping[str, RowSpec]] = {}
+    edits: ClassVar[Mapping[str, RowSpec]] = {}
+    layers: Any = "all"
+    steps: str = "all"
+
+    def __init__(self) -> None:
+        self._emitted: dict[Any, list[torch.Tensor]] = defaultdict(list)
+
+    # -- declarations, resolved by the lens ----------------------------------------------------------------
+    def site_specs(self) -> dict[str, tuple[str, RowSpec]]:
+        """{site: ("read"|"edit", rows)} with aliases resolved; checks that callbacks exist."""
+        out: dict[str, tuple[str, RowSpec]] = {}
+        for mode, decl in (("read", type(self).reads if not hasattr(self, "_reads") else self._reads),
+                           ("edit", type(self).edits if not hasattr(self, "_edits") else self._edits)):
+            for name, rows in decl.items():
+                site = canonical_site(name)
+                if mode == "edit" and not SITES[site][1]:
+                    raise SiteError(f"{type(self).__name__}: site {site!r} is read-only; edit resid.pre of the "
+                                    "next layer, attn.out or mlp.out instead.")
+                if not callable(getattr(self, callback_name(site), None)):
+                    raise SiteError(f"{type(self).__name__} declares site {site!r} but has no method "
+                                    f"{callback_name(site)}(self, ctx, value).")
+                if site in out and out[site][0] != mode:
+                    mode = "edit"
+                out[site] = (mode, rows)
+        if not out:
+            raise SiteError(f"{type(self).__name__} declares no site: set reads = {{site: rows}} or edits.")
+        return out
+
+    # -- collecting ---------------------------------------------------------------------------------------
+    def emit(self, key: Any, value: torch.Tensor) -> None:
+        """Keep a detached copy of ``value`` under ``key`` (e.g. the layer)."""
+        self._emitted[key].append(value.detach().clone() if isinstance(value, torch.Tensor) else value)
+
+    def reset(self) -> None:
+        self._emitted = defaultdict(list)
+
+    def result(self) -> Any:
+        """Default: one emit per key -> tensors stacked over sorted keys (e.g. [layers, ...]) when shapes agree,
+        else {key: value}; several emits per key (decode steps, several forwards) -> {key: [values]}."""
+        if not self._emitted:
+            return None
+        keys = sorted(self._emitted, key=lambda k: (str(type(k)), k))
+        if all(len(self._emitted[k]) == 1 for k in keys):
+            vals = [self._emitted[k][0] for k in keys]
+            if all(isinstance(v, torch.Tensor) for v in vals) and len({tuple(v.shape) for v in vals}) == 1:
+                return torch.stack(vals)
+            return {k: v for k, v in zip(keys, vals)}
+        return {k: list(self._emitted[k]) for k in keys}
+
+    # -- lifecycle hooks (optional) ------------------------------------------------------------------------
+    def on_attach(self, lens: "Lens") -> None:
+        """Called when the probe is activated (validate parameters against the model here)."""
+
+    def on_detach(self, lens: "Lens") -> None:
+        """Called when the probe's ``with`` block ends, also on exceptions."""
+
+    def on_forward(self, ctx: Ctx) -> None:
+        """Called at the start of every forward call of the text decoder (one per decode step)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"

@@ -1,0 +1,73 @@
+"""Knockout: sever attention edges from key group ``src`` to query group ``dst`` (SPEC section 4).
+
+It edits the ``attn.mask`` site: a False entry is finfo.min added to the score before the softmax, so the
+remaining weights renormalise; the model's own mask (padding, sliding window, bidirectional blocks) is kept."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..errors import GroupError, SiteError
+from .base import Ctx, Probe
+
+
+class Knockout(Probe):
+    """Queries in ``dst`` cannot attend to keys in ``src`` in the chosen layers (and heads, and batch rows).
+
+    A query row whose every key would be masked keeps its own position (documented, never NaN); in a
+    cross-attention layer (Mllama) such a row gets a zero attention output. ``src="image"`` in a
+    cross-attention layer means every key. A group empty for the whole batch raises GroupError unless
+    ``allow_empty=True``, in which case the knockout is a bit-exact no-op there."""
+
+    edits = {"attn.mask": "all"}
+
+    def __init__(self, src: str, dst: str, heads: Sequence[int] | None = None,
+                 batch_rows: Sequence[int] | None = None, allow_empty: bool = False):
+        super().__init__()
+        if not isinstance(src, str) or not isinstance(dst, str) or not src or not dst:
+            raise GroupError(f"Knockout needs group names for src and dst, got src={src!r}, dst={dst!r}.")
+        self.src, self.dst = src, dst
+        self.heads = None if heads is None else sorted(set(int(h) for h in heads))
+        self.batch_rows = None if batch_rows is None else sorted(set(int(r) for r in batch_rows))
+        self.allow_empty = allow_empty
+        self._checked_step = None
+
+    def on_attach(self, lens) -> None:
+        if self.heads is not None:
+            nh = min(lens.facts.heads(layer)[0] for layer in lens.facts.attention_layers)
+            bad = [h for h in self.heads if not 0 <= h < nh]
+            if bad:
+                raise SiteError(f"Knockout: heads {bad} out of range; layers have {nh} heads (0..{nh - 1}).")
+
+    def on_forward(self, ctx: Ctx) -> None:
+        if ctx.step != 0 or self.allow_empty:
+            return
+        for name in (self.src, self.dst):
+            if name == "generated" or (name == "image" and any(lf.cross for lf in ctx.lens.facts.layers)):
+                continue
+            m = ctx.groups[name]  # raises on unknown names
+            if not bool(m.any()):
+                raise GroupError(f"Knockout {self.src}->{self.dst}: group {name!r} is empty for every sample of "
+                                 "this batch, so the knockout would do nothing; pass allow_empty=True if intended.")
+
+    def attn_mask(self, ctx: Ctx, mask: torch.Tensor) -> torch.Tensor:
+        q = ctx.group(self.dst, over="rows").to(mask.device)     # [b, q]
+        k = ctx.group(self.src, over="keys").to(mask.device)     # [b, k]
+        if self.batch_rows is not None:
+            keep = torch.zeros(q.shape[0], dtype=torch.bool, device=mask.device)
+            keep[[r for r in self.batch_rows if r < q.shape[0]]] = True
+            q = q & keep[:, None]
+        if not bool(q.any()) or not bool(k.any()):
+            return mask
+        sever = q[:, None, :, None] & k[:, None, None, :]      # [b, 1, q, k]
+        if self.heads is not None:
+            nh = ctx.heads[0]
+            sel = torch.zeros(nh, dtype=torch.bool, device=mask.device)
+            sel[self.heads] = True
+            sever = sever & sel[None, :, None, None]
+        return mask & ~sever
+
+    def __repr__(self) -> str:
+        return f"Knockout({self.src!r}->{self.dst!r}, heads={self.heads})"

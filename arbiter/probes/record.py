@@ -1,0 +1,117 @@
+"""Recorder: the built-in probe that copies chosen sites, layers, heads and rows into a Trace.
+
+Attention probabilities and scores are computed only for the requested rows, so recording stays on SDPA."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Sequence
+
+import torch
+
+from ..errors import SiteError
+from .base import GLOBAL_SITES, SITES, Ctx, Probe, RowSpec, canonical_site
+
+_HEAD_DIM = {"attn.q": 1, "attn.scores": 1, "attn.probs": 1, "attn.head_out": 2, "attn.k": 1, "attn.v": 1,
+             "attn.mask": 1}
+
+
+class Recorder(Probe):
+    """Record sites into ``self.trace`` (an ``arbiter.Trace``).
+
+    Tensor names are ``L{layer}.{site}`` (global sites: ``embed``, ``logits``); a second forward call (a decode
+    step, another batch) adds ``@{call}``: ``L3.attn.probs@1``. ``rows.{site}@{call}`` holds the absolute
+    positions of the recorded rows and ``rowmask.{site}@{call}`` which sample each row belongs to.
+    ``heads`` keeps only those query heads (KV heads ``h // group`` for keys and values)."""
+
+    def __init__(self, *what: str, rows: RowSpec = "all", heads: Sequence[int] | None = None):
+        super().__init__()
+        sites = [canonical_site(w) for w in what] or ["resid.post"]
+        self._reads = {s: ("all" if s == "attn.mask" else rows) for s in sites}
+        self._edits = {}
+        self.heads = None if heads is None else sorted(set(int(h) for h in heads))
+        self.sites = sites
+        self.rows = rows
+        self._store: dict[tuple[str, int | None], list[torch.Tensor]] = defaultdict(list)
+        self._rows: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._calls: dict[tuple[str, int | None], int] = defaultdict(int)
+        self._trace = None
+        self._lens = None
+
+    def on_attach(self, lens) -> None:
+        self._lens = lens
+        if self.heads is not None:
+            nh = max(lens.facts.heads(layer)[0] for layer in lens.facts.attention_layers)
+            bad = [h for h in self.heads if not 0 <= h < nh]
+            if bad:
+                raise SiteError(f"Recorder: heads {bad} out of range; layers have {nh} heads (0..{nh - 1}).")
+
+    def _keep(self, ctx: Ctx, value: torch.Tensor) -> None:
+        site = ctx.site
+        if self.heads is not None and site in _HEAD_DIM and ctx.layer is not None:
+            nh, nkv, _ = ctx.heads
+            hs = self.heads
+            if site in ("attn.k", "attn.v"):
+                hs = sorted({h // (nh // nkv) for h in hs})
+            value = value.index_select(_HEAD_DIM[site], torch.tensor(hs, device=value.device))
+        key = (site, ctx.layer)
+        call = len(self._store[key])
+        self._store[key].append(value.detach().to("cpu", copy=True))
+        self._rows.setdefault((site, call), (ctx.positions.clone(), ctx.row_mask.clone()))
+        self._calls[key] += 1
+        self._trace = None
+
+    # one callback per site, all the same
+    def embed(self, ctx, v): self._keep(ctx, v)
+    def resid_pre(self, ctx, v): self._keep(ctx, v)
+    def attn_q(self, ctx, v): self._keep(ctx, v)
+    def attn_k(self, ctx, v): self._keep(ctx, v)
+    def attn_v(self, ctx, v): self._keep(ctx, v)
+    def attn_mask(self, ctx, v): self._keep(ctx, v)
+    def attn_scores(self, ctx, v): self._keep(ctx, v)
+    def attn_probs(self, ctx, v): self._keep(ctx, v)
+    def attn_head_out(self, ctx, v): self._keep(ctx, v)
+    def attn_out(self, ctx, v): self._keep(ctx, v)
+    def resid_mid(self, ctx, v): self._keep(ctx, v)
+    def mlp_out(self, ctx, v): self._keep(ctx, v)
+    def resid_post(self, ctx, v): self._keep(ctx, v)
+    def logits(self, ctx, v): self._keep(ctx, v)
+
+    @property
+    def trace(self):
+        """The recorded tensors as an ``arbiter.Trace`` (built on first access)."""
+        if self._trace is None:
+            self._trace = self._build()
+        return self._trace
+
+    def result(self):
+        return self.trace
+
+    def _build(self):
+        from ..trace import Trace
+
+        tensors: dict[str, torch.Tensor] = {}
+        for (site, layer), values in self._store.items():
+            base = site if site in GLOBAL_SITES else f"L{layer}.{site}"
+            for i, v in enumerate(values):
+                tensors[base if i == 0 else f"{base}@{i}"] = v
+        for (site, call), (pos, rmask) in self._rows.items():
+            suffix = "" if call == 0 else f"@{call}"
+            tensors[f"rows.{site}{suffix}"] = pos.to(torch.long)
+            tensors[f"rowmask.{site}{suffix}"] = rmask.to(torch.bool)
+        lens = self._lens
+        meta = {
+            "arbiter": "trace",
+            "model": lens.facts.summary() if lens is not None else {},
+            "sites": self.sites,
+            "layers": sorted({layer for (_, layer) in self._store if layer is not None}),
+            "rows": self.rows if isinstance(self.rows, (str, int)) else list(self.rows),
+            "heads": self.heads,
+            "calls": max(self._calls.values()) if self._calls else 0,
+            "site_layouts": {s: SITES[s][2] for s in self.sites},
+        }
+        groups = lens._runtime.groups if lens is not None else None
+        if groups is not None:
+            meta["groups"] = groups.to_dict()
+            meta["sample_ids"] = groups.sample_ids
+        return Trace(tensors, meta)
