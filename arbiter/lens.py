@@ -403,7 +403,10 @@ class Lens:
         past = _cache_length(cache)
         if past == 0 and ids is not None and ids.dim() == 2:
             g = self.groups
-            if g is None or g.batch_size != ids.shape[0] or g.prompt_length != ids.shape[1]:
+            if g is not None and g.batch_size == ids.shape[0] and g.length != ids.shape[1] \
+                    and g.prompt_length == ids.shape[1]:
+                g.truncate(g.prompt_length)
+            if g is None or g.batch_size != ids.shape[0] or g.length != ids.shape[1]:
                 g = TokenGroups.from_input_ids(ids, kwargs.get("attention_mask"), self.facts.modality_token_ids,
                                                kwargs.get("mm_token_type_ids"))
             self._runtime.groups = g
@@ -420,8 +423,9 @@ class Lens:
         past = _cache_length(cache)
         rt.batch, rt.q_len, rt.offset = emb.shape[0], emb.shape[1], past
         rt._rows_cache = {}
-        if rt.groups is None or (past == 0 and rt.groups.prompt_length != rt.q_len):
-            base = self.groups if (self.groups is not None and self.groups.prompt_length == rt.q_len) else None
+        if rt.groups is None or (past == 0 and rt.q_len not in (rt.groups.length, rt.groups.prompt_length)):
+            base = self.groups if (self.groups is not None and rt.q_len in (self.groups.length,
+                                                                            self.groups.prompt_length)) else None
             if base is None:
                 mask = kwargs.get("attention_mask")
                 am = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
@@ -433,8 +437,8 @@ class Lens:
         g = rt.groups
         if past == 0:
             rt.step = 0
-            if g.length > g.prompt_length:
-                g.truncate(g.prompt_length)
+            if g.length > rt.q_len:
+                g.truncate(rt.q_len)
         else:
             rt.step += 1
         if g.batch_size not in (1, rt.batch):
