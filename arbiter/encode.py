@@ -164,7 +164,7 @@ def encode_samples(lens, samples: Sequence[ConflictSample] | ConflictSample, tem
             tok.padding_side = "left"
     if all(has_img) and hasattr(proc, "image_processor"):
         imgs = list(images) if images is not None else [s.load_image() for s in samples]
-        kwargs["images"] = imgs
+        kwargs["images"] = [[im] for im in imgs]
     if any(s.audio is not None for s in samples):
         kwargs["audio"] = [s.load_audio() if hasattr(s, "load_audio") else s.audio for s in samples]
     if proc is tok:

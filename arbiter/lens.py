@@ -355,12 +355,14 @@ class Lens:
         def hook(module, args, kwargs):
             if args:
                 x = args[0]
-                new = rt.run_site(site, layer, x, 1, rt.chunk_positions(x.shape[1]))
+                d = _seq_dim(x, rt)
+                new = rt.run_site(site, layer, x, d, rt.chunk_positions(x.shape[d]))
                 if new is not x:
                     return (new, *args[1:]), kwargs
             elif "hidden_states" in kwargs:
                 x = kwargs["hidden_states"]
-                new = rt.run_site(site, layer, x, 1, rt.chunk_positions(x.shape[1]))
+                d = _seq_dim(x, rt)
+                new = rt.run_site(site, layer, x, d, rt.chunk_positions(x.shape[d]))
                 if new is not x:
                     kwargs = dict(kwargs, hidden_states=new)
                     return args, kwargs
@@ -390,7 +392,8 @@ class Lens:
                 x = getattr(output, "last_hidden_state", None)
                 if x is None:
                     return None
-            new = rt.run_site(site, layer, x, 1, rt.chunk_positions(x.shape[1]))
+            d = _seq_dim(x, rt)
+            new = rt.run_site(site, layer, x, d, rt.chunk_positions(x.shape[d]))
             if new is x:
                 return None
             return (new, *output[1:]) if isinstance(output, tuple) else new
@@ -564,6 +567,13 @@ class Lens:
     def __repr__(self) -> str:
         return (f"Lens({type(self.model).__name__}, family={self.facts.family}, layers={self.facts.n_layers}, "
                 f"attached={self._entered})")
+
+
+def _seq_dim(x: torch.Tensor, rt: _Runtime) -> int:
+    """Sequence dim of a residual-like tensor: 1, or 2 for stacked streams [n, batch, seq, hidden] (Gemma 3n AltUp)."""
+    if x.dim() == 4 and x.shape[1] == rt.batch and x.shape[2] == rt.q_len and x.shape[0] != rt.batch:
+        return 2
+    return 1
 
 
 def _cache_length(cache) -> int:

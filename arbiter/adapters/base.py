@@ -235,7 +235,9 @@ def find_adapter(model: nn.Module) -> Adapter:
 def model_facts(model: nn.Module) -> ModelFacts:
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise UnsupportedModelError(
-            f"arbiter.attach expects a transformers PreTrainedModel, got {type(model).__name__}.")
+            f"arbiter.attach expects a transformers PreTrainedModel (with .config), got {type(model).__name__}. "
+            f"Families with an adapter: {', '.join(supported_families())}; for another architecture subclass "
+            "arbiter.adapters.Adapter and call arbiter.register_adapter(MyAdapter).")
     return find_adapter(model).facts(model)
 
 

@@ -11,5 +11,6 @@ from .base import Adapter, register_adapter
 class Gemma3nAdapter(Adapter):
     name = "gemma3n"
     model_types = ("gemma3n",)
-    notes = ("late layers share the KV cache of earlier ones: their recorded keys/values are the shared ones",)
+    notes = ("resid.pre / resid.post carry the AltUp streams [n_altup, batch, seq, hidden] (sequence is dim 2)",
+             "late layers share the KV cache of earlier ones: their recorded keys/values are the shared ones",)
 

@@ -1,0 +1,17 @@
+"""Shared fixtures: tiny random models of every family (cached per session), deterministic seeds."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import FAMILIES, MULTIMODAL, _tiny
+
+
+@pytest.fixture(params=FAMILIES)
+def tm(request):
+    return _tiny(request.param)
+
+
+@pytest.fixture(params=MULTIMODAL)
+def mm(request):
+    return _tiny(request.param)

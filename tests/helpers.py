@@ -1,0 +1,40 @@
+"""Test helpers: cached tiny models and processor inputs (imported by tests and conftest)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from arbiter.testing.tiny import FAMILIES, tiny
+
+MULTIMODAL = [f for f in FAMILIES if f not in ("llama", "qwen2", "gemma")]
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny(family: str):
+    torch.manual_seed(0)
+    return tiny(family)
+
+
+
+def inputs_for(tm, n: int = 1, seed: int = 0, text: str = "What colour is the circle in the image?"):
+    """Processor inputs for n prompts (left-padded when the prompts differ in length)."""
+    prompts = [tm.prompt(text + " ok" * i) for i in range(n)]
+    kw = {"return_tensors": "pt"}
+    tok = getattr(tm.processor, "tokenizer", tm.processor)
+    if n > 1:
+        tok.padding_side = "left"
+        kw["padding"] = True
+    if "image" in tm.modalities:
+        kw["images"] = [[tm.make_image(seed + i)] for i in range(n)]
+    if "audio" in tm.modalities:
+        kw["audio"] = [tm.make_audio(seed + i) for i in range(n)]
+    if tm.processor is tok:
+        return dict(tok(prompts, **kw))
+    return dict(tm.processor(text=prompts, **kw))
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
