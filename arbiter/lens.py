@@ -13,7 +13,7 @@ from torch import nn
 
 from . import attention as attn_fn
 from .adapters.base import ModelFacts, model_facts
-from .errors import GroupError, ProbeError, SiteError
+from .errors import ArbiterError, GroupError, ProbeError, SiteError
 from .groups import TokenGroups
 from .probes.base import ATTENTION_SITES, GLOBAL_SITES, SITES, Ctx, Probe, RowSpec, callback_name
 
@@ -141,7 +141,7 @@ class _Runtime:
     def call(self, probe: Probe, site: str, ctx: Ctx, value):
         try:
             return getattr(probe, callback_name(site))(ctx, value)
-        except (SiteError, GroupError, ProbeError):
+        except ArbiterError:
             raise
         except Exception as e:  # noqa: BLE001 - re-raised with the probe and site named
             raise ProbeError(f"probe {probe!r} raised {type(e).__name__} at site {site!r}, layer {ctx.layer}, "
@@ -519,11 +519,12 @@ class Lens:
         return self.probe(Recorder(*what, rows=rows, heads=heads), layers=layers, steps=steps)
 
     def knockout(self, src: str, dst: str, layers: Any = "all", heads: Sequence[int] | None = None,
-                 batch_rows: Sequence[int] | None = None, steps: str = "all"):
+                 batch_rows: Sequence[int] | None = None, steps: str = "all", allow_empty: bool = False):
         """Sever attention from queries in ``dst`` to keys in ``src`` (pre-softmax, composed with the model's mask)."""
         from .probes.knockout import Knockout
 
-        return self.probe(Knockout(src, dst, heads=heads, batch_rows=batch_rows), layers=layers, steps=steps)
+        return self.probe(Knockout(src, dst, heads=heads, batch_rows=batch_rows, allow_empty=allow_empty),
+                          layers=layers, steps=steps)
 
     def block_heads(self, heads: Iterable[tuple[int, int]], mode: str = "zero", reference: Any = None,
                     rows: RowSpec = "all", batch_rows: Sequence[int] | None = None, steps: str = "all"):

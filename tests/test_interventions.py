@@ -1,0 +1,292 @@
+"""Interventions: knockout, head block / amplify / patch, residual patch; no-ops, generate(), bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import arbiter
+from arbiter.errors import InterventionError, ProbeError, SiteError
+
+from helpers import _tiny, inputs_for, logits
+
+
+def test_noop_interventions_are_bit_identical(tm):
+    inputs = inputs_for(tm, n=2)
+    ref = logits(tm.model, inputs)
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        layer = lens.facts.attention_layers[0]
+        with lens.amplify_heads([(layer, 0)], alpha=1.0):
+            a = logits(tm.model, inputs)
+        with lens.knockout("generated", "last", allow_empty=True):
+            b = logits(tm.model, inputs)
+        with lens.knockout("text", "last", layers=[]):
+            c = logits(tm.model, inputs)
+    for out in (a, b, c):
+        assert (out - ref).abs().max().item() == 0.0
+
+
+def test_zeroing_a_head_equals_zeroing_its_o_proj_columns(tm):
+    inputs = inputs_for(tm)
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        layer = lens.facts.attention_layers[-1]
+        nh, _, hd = lens.facts.heads(layer)
+        head = nh - 1
+        with lens.block_heads([(layer, head)]):
+            blocked = logits(tm.model, inputs)
+        proj = lens.facts.layers[layer].out_proj
+    saved = proj.weight.data.clone()
+    try:
+        proj.weight.data[:, head * hd:(head + 1) * hd] = 0
+        ref = logits(tm.model, inputs)
+    finally:
+        proj.weight.data.copy_(saved)
+    assert (blocked - ref).abs().max().item() == 0.0
+
+
+def test_knockout_of_image_to_text_in_every_layer_makes_last_logits_ignore_pixels(mm):
+    """image -> last alone leaves the path image -> question -> last; severing image -> text (every non-modality
+    position, last included) in every layer removes every path from the pixels to the last token."""
+    a, b = inputs_for(mm, seed=0), inputs_for(mm, seed=5)
+    if "audio" in mm.modalities:
+        for k in b:
+            if "audio" in k or "feature" in k or "input_features" in k:
+                b[k] = a[k]
+    la, lb = logits(mm.model, a)[:, -1], logits(mm.model, b)[:, -1]
+    assert (la - lb).abs().max().item() > 1e-4, "the image must matter without the knockout"
+    dst = "text|audio" if "audio" in mm.modalities else "text"  # every non-image position
+    with arbiter.attach(mm.model, mm.processor) as lens, lens.knockout("image", dst):
+        ka, kb = logits(mm.model, a)[:, -1], logits(mm.model, b)[:, -1]
+    assert torch.isfinite(ka).all()
+    assert (ka - kb).abs().max().item() <= 1e-6
+
+
+def test_knockout_never_produces_nan_when_a_row_loses_every_key():
+    tm = _tiny("llava")
+    inputs = inputs_for(tm)
+    with arbiter.attach(tm.model, tm.processor) as lens, lens.knockout("all", "all"):
+        out = logits(tm.model, inputs)
+    assert torch.isfinite(out).all()
+
+
+def test_knockout_on_chosen_batch_rows_leaves_other_rows_untouched():
+    tm = _tiny("qwen2_vl")
+    inputs = inputs_for(tm, n=2)
+    ref = logits(tm.model, inputs)
+    with arbiter.attach(tm.model, tm.processor) as lens, lens.knockout("image", "last", batch_rows=[1]):
+        out = logits(tm.model, inputs)
+    assert torch.equal(out[0], ref[0])
+    assert (out[1, -1] - ref[1, -1]).abs().max().item() > 1e-6
+
+
+def test_knockout_on_chosen_heads_only_changes_with_those_heads():
+    tm = _tiny("llava")
+    inputs = inputs_for(tm)
+    ref = logits(tm.model, inputs)
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        with lens.knockout("image", "last", heads=[]):
+            none = logits(tm.model, inputs)
+        with lens.knockout("image", "last", heads=[0]):
+            one = logits(tm.model, inputs)
+    assert torch.equal(none, ref)
+    assert (one - ref).abs().max().item() > 1e-6
+
+
+def _generate_then_replay(tm, make_ctx, n_new=4):
+    inputs = inputs_for(tm, n=2)
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        with make_ctx(lens), torch.no_grad():
+            gen = tm.model.generate(**inputs, max_new_tokens=n_new, do_sample=False, output_logits=True,
+                                    return_dict_in_generate=True)
+        seq = gen.sequences
+        step_logits = torch.stack(gen.logits, dim=1)                       # [b, n_new, vocab]
+        prompt_len = inputs["input_ids"].shape[1]
+        full = dict(inputs, input_ids=seq)
+        full["attention_mask"] = torch.cat([inputs["attention_mask"],
+                                            torch.ones(seq.shape[0], seq.shape[1] - prompt_len,
+                                                       dtype=inputs["attention_mask"].dtype)], dim=1)
+        full.pop("labels", None)
+        if "cross_attention_mask" in full:  # Mllama: generated tokens see the image like the last prompt token
+            cam = full["cross_attention_mask"]
+            full["cross_attention_mask"] = torch.cat(
+                [cam, cam[:, -1:].expand(-1, seq.shape[1] - prompt_len, *cam.shape[2:])], dim=1)
+        for k in ("mm_token_type_ids", "token_type_ids"):
+            if k in full:  # generated tokens: text (PaliGemma: suffix = 1, causal)
+                fill = 1 if (k == "token_type_ids" and tm.family == "paligemma") else 0
+                full[k] = torch.cat([full[k], torch.full((seq.shape[0], seq.shape[1] - prompt_len), fill,
+                                                          dtype=full[k].dtype)], dim=1)
+        groups = arbiter.TokenGroups.from_input_ids(inputs["input_ids"], inputs["attention_mask"],
+                                                    lens.facts.modality_token_ids, inputs.get("mm_token_type_ids"))
+        groups.extend(seq.shape[1] - prompt_len)
+        lens.use(groups)
+        with make_ctx(lens), torch.no_grad():
+            replay = tm.model(**full, use_cache=False).logits[:, prompt_len - 1:-1]
+    return step_logits, replay
+
+
+@pytest.mark.parametrize("kind", ["knockout", "amplify"])
+def test_generate_with_cache_equals_no_cache_forward_under_intervention(tm, kind):
+    if kind == "knockout":
+        src = "image" if tm.modalities else "text"
+        make = lambda lens: lens.knockout(src, "last|generated", layers=lens.window(1, 3))  # noqa: E731
+    else:
+        make = lambda lens: lens.amplify_heads([(lens.facts.attention_layers[-1], 1)], alpha=3.0)  # noqa: E731
+    steps, replay = _generate_then_replay(tm, make)
+    assert (steps - replay).abs().max().item() <= 1e-4 * max(1.0, replay.abs().max().item())
+
+
+def test_probe_sees_absolute_positions_and_decode_steps_in_generate():
+    tm = _tiny("llava")
+    inputs = inputs_for(tm)
+    seen = []
+
+    class Where(arbiter.Probe):
+        reads = {"resid.post": "all"}
+
+        def resid_post(self, ctx, v):
+            seen.append((ctx.step, ctx.positions.tolist()))
+
+    with arbiter.attach(tm.model, tm.processor) as lens, lens.probe(Where(), layers=[0]), torch.no_grad():
+        tm.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    p = inputs["input_ids"].shape[1]
+    assert seen[0] == (0, list(range(p)))
+    assert seen[1:] == [(1, [p]), (2, [p + 1])]
+
+
+@pytest.mark.parametrize("alpha", [math.inf, math.nan])
+def test_non_finite_alpha_is_refused(alpha):
+    tm = _tiny("llava")
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        with pytest.raises(InterventionError, match="finite"):
+            with lens.amplify_heads([(0, 0)], alpha=alpha):
+                pass
+
+
+def test_patch_source_of_wrong_shape_is_refused_and_model_untouched():
+    tm = _tiny("llava")
+    inputs = inputs_for(tm)
+    ref = logits(tm.model, inputs)
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        with pytest.raises(InterventionError, match="shape"):
+            with lens.patch_heads([(0, 0)], {0: torch.zeros(1, 3, 4, 16)}):
+                logits(tm.model, inputs)
+    assert torch.equal(logits(tm.model, inputs), ref)
+
+
+def test_head_patch_from_own_recording_is_a_noop_and_from_another_run_moves_logits():
+    tm = _tiny("llava")
+    a, b = inputs_for(tm, seed=0), inputs_for(tm, seed=3)
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        with lens.record("attn.head_out") as rec_a:
+            la = logits(tm.model, a)
+        lb = logits(tm.model, b)
+        heads = [(layer, h) for layer in lens.facts.attention_layers for h in range(lens.facts.heads(layer)[0])]
+        with lens.patch_heads(heads, rec_a.trace):
+            same = logits(tm.model, a)
+            moved = logits(tm.model, b)
+    assert torch.equal(same, la)
+    assert (moved - lb).abs().max().item() > 1e-5
+
+
+def test_residual_patch_at_last_layer_reproduces_the_source_logits():
+    tm = _tiny("qwen2_vl")
+    a, b = inputs_for(tm, seed=0), inputs_for(tm, seed=3)
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        last = lens.facts.n_layers - 1
+        with lens.record("resid.post", layers=[last]) as rec:
+            la = logits(tm.model, a)
+        with lens.patch_resid(last, rec.trace, rows="last"):
+            patched = logits(tm.model, b)
+    assert (patched[:, -1] - la[:, -1]).abs().max().item() <= 1e-5
+
+
+def test_mean_ablation_replaces_the_head_by_its_reference_mean():
+    tm = _tiny("llava")
+    ref_inputs = inputs_for(tm, seed=7)
+    inputs = inputs_for(tm)
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        with lens.record("attn.head_out", layers=[1]) as ref_rec:
+            logits(tm.model, ref_inputs)
+        with lens.block_heads([(1, 2)], mode="mean", reference=ref_inputs), \
+                lens.record("attn.head_out", layers=[1]) as rec:
+            logits(tm.model, inputs)
+    mean = ref_rec.trace["L1.attn.head_out"][..., 2, :].reshape(-1, 16).mean(0) if False else \
+        ref_rec.trace["L1.attn.head_out"][:, :, 2].flatten(0, 1).mean(0)
+    got = rec.trace["L1.attn.head_out"][:, :, 2]
+    assert (got - mean).abs().max().item() <= 1e-6
+
+
+def test_probe_that_raises_names_itself_and_the_site_and_restores_the_model():
+    tm = _tiny("llava")
+    inputs = inputs_for(tm)
+    ref = logits(tm.model, inputs)
+
+    class Broken(arbiter.Probe):
+        reads = {"attn.probs": "last"}
+
+        def attn_probs(self, ctx, p):
+            raise ValueError("oops")
+
+    with pytest.raises(ProbeError, match=r"Broken.*attn\.probs.*oops"):
+        with arbiter.attach(tm.model, tm.processor) as lens, lens.probe(Broken()):
+            logits(tm.model, inputs)
+    assert torch.equal(logits(tm.model, inputs), ref)
+
+
+def test_editing_probe_that_writes_back_what_it_read_is_bit_identical(tm):
+    inputs = inputs_for(tm, n=2)
+    ref = logits(tm.model, inputs)
+
+    class Echo(arbiter.Probe):
+        edits = {s: "all" for s in ("attn.q", "attn.k", "attn.v", "attn.head_out", "attn.out", "mlp.out",
+                                    "resid.post", "resid.pre", "logits")}
+
+        def _same(self, ctx, v):
+            return v
+
+        attn_q = attn_k = attn_v = attn_head_out = attn_out = mlp_out = resid_post = resid_pre = logits = _same
+
+    with arbiter.attach(tm.model, tm.processor) as lens, lens.probe(Echo()):
+        out = logits(tm.model, inputs)
+    assert torch.equal(out, ref)
+
+
+def test_editing_probe_returning_a_wrong_shape_is_a_clear_error():
+    tm = _tiny("llava")
+
+    class Bad(arbiter.Probe):
+        edits = {"mlp.out": "all"}
+
+        def mlp_out(self, ctx, v):
+            return v[:, :1]
+
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        with pytest.raises(ProbeError, match="shape"):
+            with lens.probe(Bad()):
+                logits(tm.model, inputs_for(tm))
+
+
+def test_probes_compose_in_activation_order():
+    tm = _tiny("llava")
+    order = []
+
+    class Tag(arbiter.Probe):
+        edits = {"mlp.out": "all"}
+
+        def __init__(self, name, scale):
+            super().__init__()
+            self.name, self.scale = name, scale
+
+        def mlp_out(self, ctx, v):
+            order.append(self.name)
+            return v * self.scale
+
+    with arbiter.attach(tm.model, tm.processor) as lens, lens.probe(Tag("outer", 2.0), layers=[0]), \
+            lens.probe(Tag("inner", 0.5), layers=[0]), lens.record("mlp.out", layers=[0]) as rec:
+        logits(tm.model, inputs_for(tm))
+    with arbiter.attach(tm.model, tm.processor) as lens, lens.record("mlp.out", layers=[0]) as plain:
+        logits(tm.model, inputs_for(tm))
+    assert order == ["outer", "inner"]
+    assert torch.allclose(rec.trace["L0.mlp.out"], plain.trace["L0.mlp.out"])  # x2 then x0.5, recorder last
