@@ -167,6 +167,11 @@ class TokenGroups:
         ids = [s for s in self.sample_ids for _ in range(repeats)]
         return TokenGroups(masks, prompt_length=self.prompt_length, sample_ids=ids)
 
+    def tile(self, n: int) -> "TokenGroups":
+        """The whole batch repeated ``n`` times one after the other (row j*b + i is sample i)."""
+        masks = {k: torch.cat([v] * n, dim=0) for k, v in self._masks.items()}
+        return TokenGroups(masks, prompt_length=self.prompt_length, sample_ids=self.sample_ids * n)
+
     def select(self, rows: Sequence[int]) -> "TokenGroups":
         masks = {k: v[list(rows)] for k, v in self._masks.items()}
         return TokenGroups(masks, prompt_length=self.prompt_length, sample_ids=[self.sample_ids[i] for i in rows])

@@ -1,0 +1,204 @@
+"""Batched sweeps: many intervention settings in one forward (one setting per group of batch rows).
+
+Layers below a chunk's first intervened layer are not recomputed: their outputs from one clean run are replayed."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from .errors import InterventionError, SiteError
+from .probes.heads import HeadScale
+from .probes.knockout import Knockout
+
+
+def last_token_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Default metric: the last position's logits, [batch, vocab]."""
+    return logits[:, -1]
+
+
+@dataclass
+class Setting:
+    """One sweep setting: a name, the first layer it touches, and how to build its probes for given batch rows."""
+
+    name: str
+    first_layer: int
+    probes: Callable[[list[int]], list[tuple]]   # batch rows -> [(probe, layers), ...]
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class SweepResult:
+    """``values[i]`` is the metric under setting i ([samples, ...]); ``baseline`` the metric without any."""
+
+    settings: list[Setting]
+    values: torch.Tensor
+    baseline: torch.Tensor
+    forwards: int = 0
+    layers_skipped: int = 0
+
+    def effects(self, reduce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Per setting effect: ``reduce(values[i], baseline)`` (default: mean over samples of the metric change)."""
+        if reduce is None:
+            return torch.stack([(v - self.baseline).float().flatten(1).mean(1).mean() for v in self.values])
+        return torch.stack([reduce(v, self.baseline) for v in self.values])
+
+    def to_dict(self) -> dict:
+        return {"settings": [dict(name=s.name, **s.meta) for s in self.settings],
+                "forwards": self.forwards, "layers_skipped": self.layers_skipped}
+
+
+def _repeat(x, n: int):
+    if isinstance(x, torch.Tensor):
+        return torch.cat([x] * n, dim=0) if x.dim() > 0 else x
+    return x
+
+
+@contextlib.contextmanager
+def _replay_prefix(lens, outputs: dict[int, object], upto: int, n: int) -> Iterator[None]:
+    """Replace decoder layers < upto by stubs returning their recorded clean outputs, repeated n times."""
+    saved = []
+    try:
+        for i in range(upto):
+            layer = lens.facts.layers[i].layer
+            out = outputs[i]
+
+            def stub(*args, _out=out, **kwargs):
+                if isinstance(_out, tuple):
+                    return (_rep_batch(_out[0], n), *_out[1:])
+                return _rep_batch(_out, n)
+
+            saved.append((layer, layer.__dict__.get("forward")))
+            layer.forward = stub
+        yield
+    finally:
+        for layer, fwd in saved:
+            if fwd is None:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = fwd
+
+
+def _rep_batch(t: torch.Tensor, n: int) -> torch.Tensor:
+    # stacked streams [k, batch, seq, hidden] (Gemma 3n AltUp) repeat along dim 1
+    return torch.cat([t] * n, dim=1) if getattr(t, "_arbiter_stacked", False) else torch.cat([t] * n, dim=0)
+
+
+def _clean_outputs(lens, inputs: dict) -> tuple[torch.Tensor, dict[int, object]]:
+    outs: dict[int, object] = {}
+    handles = []
+    batch = next(v for v in inputs.values() if isinstance(v, torch.Tensor)).shape[0]
+    for lf in lens.facts.layers:
+        def hook(mod, args, output, _i=lf.index):
+            t = output[0] if isinstance(output, tuple) else output
+            stacked = t.dim() == 4 and t.shape[0] != batch and t.shape[1] == batch
+            t = t.detach().clone()
+            if stacked:
+                t._arbiter_stacked = True
+            outs[_i] = (t, *output[1:]) if isinstance(output, tuple) else t
+        handles.append(lf.layer.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            logits = lens.model(**inputs, use_cache=False).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return logits, outs
+
+
+def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = last_token_logits,
+          chunk: int = 16, reuse_prefix: bool = True, progress: bool = False) -> SweepResult:
+    """Evaluate ``settings`` on ``inputs`` (a batch of b samples): ``chunk`` settings per forward, each setting
+    on its own copy of the b rows. Equals a loop of separate forwards to float rounding."""
+    if not settings:
+        raise InterventionError("sweep() got no settings.")
+    logits, outs = _clean_outputs(lens, inputs)
+    baseline = metric(logits)
+    order = sorted(range(len(settings)), key=lambda i: settings[i].first_layer)
+    values: list[torch.Tensor | None] = [None] * len(settings)
+    b = baseline.shape[0]
+    forwards = skipped = 0
+    chunks = [order[i:i + chunk] for i in range(0, len(order), chunk)]
+    it = chunks
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(chunks, desc="sweep", unit="fwd")
+    for idx in it:
+        n = len(idx)
+        big = {k: _repeat(v, n) for k, v in inputs.items()}
+        first = min(settings[i].first_layer for i in idx) if reuse_prefix else 0
+        with contextlib.ExitStack() as stack:
+            saved = lens.groups
+            if saved is not None and saved.batch_size == b:
+                lens.use(saved.tile(n))
+                stack.callback(lens.use, saved)
+            for j, i in enumerate(idx):
+                rows = list(range(j * b, (j + 1) * b))
+                for probe, layers in settings[i].probes(rows):
+                    stack.enter_context(lens.probe(probe, layers=layers))
+            stack.enter_context(_replay_prefix(lens, outs, first, n))
+            with torch.no_grad():
+                out = metric(lens.model(**big, use_cache=False).logits)
+        forwards += 1
+        skipped += first
+        for j, i in enumerate(idx):
+            values[i] = out[j * b:(j + 1) * b]
+    return SweepResult(list(settings), torch.stack(values), baseline, forwards, skipped)
+
+
+def head_settings(lens, heads: Sequence[tuple[int, int]] | None = None, alpha: float = 0.0) -> list[Setting]:
+    """One setting per head: scale (layer, head) by ``alpha`` (0 = block) on that setting's rows only."""
+    facts = lens.facts
+    if heads is None:
+        heads = [(layer, h) for layer in facts.attention_layers for h in range(facts.heads(layer)[0])]
+    out = []
+    for layer, head in heads:
+        nh = facts.heads(layer)[0] if 0 <= layer < facts.n_layers else 0
+        if not 0 <= head < max(nh, 1) or nh == 0:
+            raise SiteError(f"head ({layer}, {head}) is out of range for this model.")
+
+        def make(rows, _l=layer, _h=head, _nh=nh):
+            return [(_RowScale(_l, _h, _nh, alpha, rows), [_l])]
+        out.append(Setting(f"L{layer}H{head}", layer, make, {"layer": layer, "head": head, "alpha": alpha}))
+    return out
+
+
+class _RowScale(HeadScale):
+    """HeadScale on some batch rows only (rows outside the forward's batch are ignored)."""
+
+    def __init__(self, layer, head, n_heads, alpha, rows):
+        super().__init__([(layer, head)], alpha=alpha, batch_rows=rows)
+
+
+def head_sweep(lens, inputs: dict, heads=None, alpha: float = 0.0, metric: Callable = last_token_logits,
+               chunk: int = 16, reuse_prefix: bool = True, progress: bool = False) -> SweepResult:
+    """Every single-head block (or scale by ``alpha``) in batched forwards."""
+    return sweep(lens, inputs, head_settings(lens, heads, alpha), metric, chunk, reuse_prefix, progress)
+
+
+def knockout_settings(lens, edges: Sequence[tuple[str, str]], window: int = 9,
+                      centers: Sequence[int] | None = None) -> list[Setting]:
+    """One setting per (src, dst, centre layer): knockout in lens.window(centre, window)."""
+    centers = list(range(lens.facts.n_layers)) if centers is None else list(centers)
+    out = []
+    for src, dst in edges:
+        for c in centers:
+            layers = lens.window(c, window)
+
+            def make(rows, _s=src, _d=dst, _layers=layers):
+                return [(Knockout(_s, _d, batch_rows=rows, allow_empty=True), _layers)]
+            out.append(Setting(f"{src}->{dst}@{c}", layers[0], make,
+                               {"src": src, "dst": dst, "center": c, "layers": layers}))
+    return out
+
+
+def knockout_sweep(lens, inputs: dict, edges: Sequence[tuple[str, str]], window: int = 9, centers=None,
+                   metric: Callable = last_token_logits, chunk: int = 8, reuse_prefix: bool = True,
+                   progress: bool = False) -> SweepResult:
+    """The knockout map: every (edge family, centre layer) in batched forwards."""
+    return sweep(lens, inputs, knockout_settings(lens, edges, window, centers), metric, chunk, reuse_prefix,
+                 progress)
