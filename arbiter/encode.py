@@ -79,9 +79,17 @@ def placeholder(lens, modality: str) -> str:
                     f"register an adapter whose placeholders['{modality}'] gives it.")
 
 
+def supports(processor, modality: str) -> bool:
+    """Whether the processor takes this modality (a text-only tokenizer takes none)."""
+    attr = {"image": "image_processor", "audio": "feature_extractor", "video": "video_processor"}[modality]
+    return getattr(processor, attr, None) is not None
+
+
 def build_prompt(lens, sample: ConflictSample, template: str | None) -> tuple[str, dict[str, list[tuple[int, int]]]]:
-    """Prompt text and character spans of each part, for one sample."""
-    parts = build_prompt_parts(sample, template)
+    """Prompt text and character spans of each part, for one sample. Modalities the processor does not take
+    (an image given to a text-only model) are left out of the prompt."""
+    parts = [(n, t) for n, t in build_prompt_parts(sample, template)
+             if n not in ("image", "audio") or supports(lens.processor, n)]
     modal = [n for n, _ in parts if n in ("image", "audio")]
     templated = (template or sample.template) is not None
     if templated:
@@ -165,7 +173,7 @@ def encode_samples(lens, samples: Sequence[ConflictSample] | ConflictSample, tem
     if all(has_img) and hasattr(proc, "image_processor"):
         imgs = list(images) if images is not None else [s.load_image() for s in samples]
         kwargs["images"] = [[im] for im in imgs]
-    if any(s.audio is not None for s in samples):
+    if any(s.audio is not None for s in samples) and supports(proc, "audio"):
         kwargs["audio"] = [s.load_audio() if hasattr(s, "load_audio") else s.audio for s in samples]
     if proc is tok:
         inputs = tok(prompts, **kwargs)

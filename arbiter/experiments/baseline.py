@@ -1,0 +1,132 @@
+"""Baseline arbitration profile of a model on conflict data: MFR, MAM per layer (+ attention / MLP split), LDAR.
+
+One recorded forward per batch (residuals at the last and instruction rows), plus an optional greedy generation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from ..data import ConflictSample
+from ..encode import tokenizer_of
+from ..metrics import answer_follows, ldar, mam_from_hidden
+from ..metrics._common import jsonable
+from .common import batches, by_target, pi_from_logits, require_conflicts
+
+
+@dataclass
+class BaselineResult:
+    """Per-sample and per-layer results of the clean run (see SPEC sections 3, 5, 6, 7)."""
+
+    sample_ids: list[str]
+    targets: list[str]
+    pi: torch.Tensor                    # [samples] π at last
+    follows: list[int]                  # +1 compliant / -1 competitor / 0 neither (generated answer, or π)
+    answers: list[str]                  # generated answers ("" without generation)
+    mam_last: torch.Tensor              # [samples, layers] MAM at last, per layer (logit lens on resid.post)
+    mam_attn: torch.Tensor              # [samples, layers] ΔMAM_attn at last
+    mam_mlp: torch.Tensor               # [samples, layers] ΔMAM_mlp at last
+    mam_instr: list[torch.Tensor]       # per sample [layers, n_instruction]
+    ldar_rate: list[float]
+    mfr_source: str = "generation"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def correct(self) -> list[bool]:
+        return [f == 1 for f in self.follows]
+
+    def mfr(self) -> dict:
+        return by_target(torch.tensor([float(f == 1) for f in self.follows]), self.targets)
+
+    def mfr_pi(self) -> dict:
+        return by_target((self.pi > 0.5).float(), self.targets)
+
+    def mam_profile(self) -> dict:
+        out = {}
+        for t in ("vision", "text"):
+            sel = [i for i, x in enumerate(self.targets) if x == t]
+            out[t] = self.mam_last[sel].mean(0).tolist() if sel else []
+        return out
+
+    def to_dict(self) -> dict:
+        comp = {}
+        for name, v in (("attn", self.mam_attn), ("mlp", self.mam_mlp)):
+            comp[name] = {t: v[[i for i, x in enumerate(self.targets) if x == t]].mean(0).tolist()
+                          for t in ("vision", "text") if t in self.targets}
+        return jsonable({"n_samples": len(self.sample_ids), "mfr": self.mfr(), "mfr_pi": self.mfr_pi(),
+                         "mfr_source": self.mfr_source, "mam": self.mam_profile(), "mam_components": comp,
+                         "ldar": self.ldar_rate, "pi_mean": by_target(self.pi, self.targets)})
+
+
+def _rows_of(rec_trace, site: str):
+    return rec_trace[f"rows.{site}"], rec_trace[f"rowmask.{site}"]
+
+
+def evaluate(lens, samples: Sequence[ConflictSample], batch_size: int = 8, dataset=None, generate: bool = True,
+             max_new_tokens: int = 4, k: int = 2, progress: bool = False) -> BaselineResult:
+    """Run the clean model on the conflict samples and compute MFR, π, MAM per layer (+ split) and LDAR."""
+    samples = require_conflicts(samples, "evaluate()")
+    facts = lens.facts
+    W_U = facts.lm_head.weight.detach()
+    norm = facts.final_norm if facts.final_norm is not None else (lambda x: x)
+    tok = tokenizer_of(lens.processor)
+    ids, targets, pis, follows, answers = [], [], [], [], []
+    mam_last, mam_attn, mam_mlp, mam_instr = [], [], [], []
+    it = batches(lens, samples, batch_size, dataset)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, total=(len(samples) + batch_size - 1) // batch_size, desc="baseline", unit="batch")
+    for item in it:
+        b = item.batch
+        with torch.no_grad(), lens.record("resid.pre", "resid.mid", "resid.post", rows="last|instruction") as rec:
+            logits = lens.model(**b.inputs).logits[:, -1]
+        pi = pi_from_logits(logits, item.ids_p, item.ids_c)
+        tr = rec.trace
+        pos, rmask = _rows_of(tr, "resid.post")
+        last_pos = b.groups["last"]
+        instr = b.groups["instruction"]
+        L = facts.n_layers
+
+        def stack(site):
+            t = torch.stack([tr[f"L{layer}.{site}"] for layer in range(L)], 1)  # [b, L, R, d] (or altup)
+            return t[:, :, 0] if t.dim() == 5 else t
+        h_in, h_mid, h_out = stack("resid.pre"), stack("resid.mid") if f"L0.resid.mid" in tr else None, \
+            stack("resid.post")
+        for i, s in enumerate(b.samples):
+            r_last = int((pos == int(last_pos[i].nonzero()[-1])).nonzero()[0])
+            p, c = item.ids_p[i], item.ids_c[i]
+            m = lambda h: mam_from_hidden(h, norm, W_U, p, c)  # noqa: E731
+            with torch.no_grad():
+                ml_out = m(h_out[i, :, r_last])
+                ml_in = m(h_in[i, :, r_last])
+                ml_mid = m(h_mid[i, :, r_last]) if h_mid is not None else ml_out
+                ipos = [int((pos == q).nonzero()[0]) for q in instr[i].nonzero().flatten().tolist()]
+                mi = m(h_out[i][:, ipos]) if ipos else torch.zeros(L, 0)
+            mam_last.append(ml_out)
+            mam_attn.append(ml_mid - ml_in)
+            mam_mlp.append(ml_out - ml_mid)
+            mam_instr.append(mi)
+        if generate:
+            with torch.no_grad():
+                gen = lens.model.generate(**b.inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            new = gen[:, b.inputs["input_ids"].shape[1]:]
+            texts = tok.batch_decode(new, skip_special_tokens=True)
+            for s, t in zip(b.samples, texts):
+                answers.append(t)
+                follows.append(answer_follows(t, s.forms_compliant, s.forms_competitor))
+        else:
+            follows.extend([1 if float(x) > 0.5 else -1 for x in pi])
+            answers.extend([""] * len(b.samples))
+        ids.extend(s.id for s in b.samples)
+        targets.extend(item.targets)
+        pis.append(pi)
+    mam_last_t = torch.stack(mam_last)
+    final = mam_last_t[:, -1]
+    usable = [i for i, mi in enumerate(mam_instr) if mi.shape[-1] > 0]
+    rate = (ldar([mam_instr[i] for i in usable], final[usable], k=k).rate.tolist() if usable
+            else [float("nan")] * facts.n_layers)
+    return BaselineResult(ids, targets, torch.cat(pis), follows, answers, mam_last_t, torch.stack(mam_attn),
+                          torch.stack(mam_mlp), mam_instr, rate, "generation" if generate else "pi")

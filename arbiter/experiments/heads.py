@@ -1,0 +1,256 @@
+"""Arbitration heads (SPEC 7): three rankings (exhaustive blocking, DLA, attribution patching), TopG, and the
+blocking (TopG vs random heads) and amplification (alpha sweep on failures) experiments."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from ..data import ConflictSample
+from ..metrics import head_scores, spearman, top_g, topk_overlap
+from ..metrics._common import jsonable
+from ..probes.base import Probe
+from ..probes.heads import HeadScale
+from ..sweep import Setting, head_sweep, sweep
+from .common import batches, margin_from_logits, metric_pi_and_margin, require_conflicts
+
+
+@dataclass
+class HeadRanking:
+    """A (layer, head) score table; higher = more important for following the instruction."""
+
+    method: str
+    scores: torch.Tensor                          # [layers, heads]
+    by_target: dict = field(default_factory=dict)  # target -> [layers, heads]
+    cost_forward_equivalents: float | None = None
+
+    def ranking(self) -> list[dict]:
+        L, H = self.scores.shape
+        flat = [(float(self.scores[l_, h]), l_, h) for l_ in range(L) for h in range(H)
+                if torch.isfinite(self.scores[l_, h])]
+        flat.sort(key=lambda x: (-x[0], x[1], x[2]))
+        return [{"layer": l_, "head": h, "score": s} for s, l_, h in flat]
+
+    def top(self, fraction: float = 0.05) -> list[tuple[int, int]]:
+        return top_g(self.scores.nan_to_num(float("-inf")), fraction)
+
+    def to_dict(self) -> dict:
+        return jsonable({"method": self.method, "ranking": self.ranking(),
+                         "by_target": {k: v.tolist() for k, v in self.by_target.items()},
+                         "cost_forward_equivalents": self.cost_forward_equivalents})
+
+
+def _layers_heads(lens):
+    L = lens.facts.n_layers
+    H = max(lens.facts.heads(layer)[0] for layer in lens.facts.attention_layers)
+    return L, H
+
+
+def _target_avg(per_sample: torch.Tensor, targets: Sequence[str]) -> tuple[torch.Tensor, dict]:
+    by = {}
+    for t in ("vision", "text"):
+        sel = torch.tensor([x == t for x in targets])
+        if bool(sel.any()):
+            by[t] = per_sample[sel].mean(0)
+    return torch.stack(list(by.values())).mean(0), by
+
+
+def exhaustive_ranking(lens, samples: Sequence[ConflictSample], batch_size: int = 8, chunk: int = 16,
+                       dataset=None, progress: bool = False) -> HeadRanking:
+    """Zero every head alone (batched sweep); score = drop of the final MAM (mean signal) it causes, averaged per
+    target then across targets. The reference ranking (SPEC 7)."""
+    samples = require_conflicts(samples, "exhaustive_ranking()")
+    L, H = _layers_heads(lens)
+    drops, targets = [], []
+    for item in batches(lens, samples, batch_size, dataset):
+        res = head_sweep(lens, item.batch.inputs, metric=metric_pi_and_margin(item.ids_p, item.ids_c),
+                         chunk=chunk, progress=progress)
+        d = torch.full((item.size, L, H), float("nan"))
+        for j, s in enumerate(res.settings):
+            d[:, s.meta["layer"], s.meta["head"]] = res.baseline[:, 1] - res.values[j][:, 1]
+        drops.append(d)
+        targets.extend(item.targets)
+    score, by = _target_avg(torch.cat(drops), targets)
+    n_heads = sum(lens.facts.heads(layer)[0] for layer in lens.facts.attention_layers)
+    return HeadRanking("exhaustive", score, by, cost_forward_equivalents=float(n_heads + 1))
+
+
+class _LeafHeads(Probe):
+    """Replaces each layer's head outputs by a leaf tensor that keeps its gradient (values unchanged)."""
+
+    edits = {"attn.head_out": "all"}
+
+    def __init__(self):
+        super().__init__()
+        self.leaves: dict[int, torch.Tensor] = {}
+
+    def attn_head_out(self, ctx, x):
+        leaf = x.detach().requires_grad_(True)
+        self.leaves[ctx.layer] = leaf
+        return leaf
+
+
+def attribution_ranking(lens, samples: Sequence[ConflictSample], batch_size: int = 8, dataset=None) -> HeadRanking:
+    """Attribution patching (first order): Δm ≈ ∂m/∂a · (0 − a) for zeroing head a, m = final MAM; one forward
+    and one backward per batch. Score = −Δm (predicted drop). SPEC 7 warns it can miss decisive early heads:
+    always report its agreement with the exhaustive ranking."""
+    samples = require_conflicts(samples, "attribution_ranking()")
+    L, H = _layers_heads(lens)
+    per, targets = [], []
+    for item in batches(lens, samples, batch_size, dataset):
+        probe = _LeafHeads()
+        with torch.enable_grad(), lens.probe(probe):
+            logits = lens.model(**item.batch.inputs).logits[:, -1]
+            m = margin_from_logits(logits, item.ids_p, item.ids_c)
+            m.sum().backward()
+        est = torch.full((item.size, L, H), float("nan"))
+        for layer, leaf in probe.leaves.items():
+            g = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+            nh = leaf.shape[2]
+            est[:, layer, :nh] = -(g * (0 - leaf.detach())).sum(dim=(1, 3))      # predicted drop of m
+        per.append(est)
+        targets.extend(item.targets)
+    score, by = _target_avg(torch.cat(per), targets)
+    return HeadRanking("attribution", score, by, cost_forward_equivalents=3.0)
+
+
+def dla_ranking(lens, samples: Sequence[ConflictSample], batch_size: int = 8, dataset=None) -> HeadRanking:
+    """Direct logit attribution of each head's output at ``last`` on the MAM direction (SPEC 7, proposed)."""
+    samples = require_conflicts(samples, "dla_ranking()")
+    facts = lens.facts
+    L, H = _layers_heads(lens)
+    layers = facts.attention_layers
+    W_U = facts.lm_head.weight.detach()
+    norm = facts.final_norm
+    gamma = getattr(norm, "weight", None)
+    gamma = torch.ones(W_U.shape[1]) if gamma is None else gamma.detach().float()
+    if "gemma" in type(norm).__name__.lower() and getattr(facts.text_config, "model_type", "").startswith("gemma"):
+        gamma = 1.0 + gamma  # Gemma RMSNorm scales by (1 + weight)
+    per, targets = [], []
+    for item in batches(lens, samples, batch_size, dataset):
+        with torch.no_grad(), lens.record("attn.head_out", rows="last") as rec, \
+                lens.record("resid.post", rows="last", layers=[L - 1]) as fin:
+            lens.model(**item.batch.inputs)
+        ho = torch.zeros(item.size, L, H, facts.heads(layers[0])[2])
+        W_O = torch.zeros(L, W_U.shape[1], H * facts.heads(layers[0])[2])
+        for layer in layers:
+            t = rec.trace[f"L{layer}.attn.head_out"][:, 0]               # [b, H, d]
+            ho[:, layer, :t.shape[1]] = t
+            w = facts.layers[layer].out_proj.weight.detach()
+            W_O[layer, :, :w.shape[1]] = w
+        h_final = fin.trace[f"L{L - 1}.resid.post"]
+        h_final = (h_final[0] if h_final.dim() == 4 else h_final)[:, 0]
+        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 0.0)) or 0.0
+        hs = head_scores(ho, W_O, W_U, item.ids_p, item.ids_c, gamma, h_final, item.targets, eps=float(eps))
+        per.append(hs.per_sample.float())
+        targets.extend(item.targets)
+    score, by = _target_avg(torch.cat(per), targets)
+    return HeadRanking("dla", score, by, cost_forward_equivalents=1.0)
+
+
+def compare_rankings(reference: HeadRanking, other: HeadRanking, fraction: float = 0.05) -> dict:
+    """Spearman over all heads, top-k overlap at TopG size and at 3."""
+    a, b = reference.scores.flatten(), other.scores.flatten()
+    ok = torch.isfinite(a) & torch.isfinite(b)
+    k = len(reference.top(fraction))
+    return {"method": other.method, "spearman": spearman(a[ok], b[ok]),
+            "topg_overlap": topk_overlap(reference.scores.nan_to_num(float("-inf")),
+                                         other.scores.nan_to_num(float("-inf")), k),
+            "top3_overlap": topk_overlap(reference.scores.nan_to_num(float("-inf")),
+                                         other.scores.nan_to_num(float("-inf")), 3), "k": k}
+
+
+def _head_set_settings(head_sets: Sequence[Sequence[tuple[int, int]]], alpha: float) -> list[Setting]:
+    out = []
+    for i, heads in enumerate(head_sets):
+        heads = [tuple(h) for h in heads]
+
+        def make(rows, _h=heads):
+            return [(HeadScale(_h, alpha=alpha, batch_rows=rows), sorted({lay for lay, _ in _h}))]
+        out.append(Setting(f"set{i}", min(lay for lay, _ in heads), make, {"heads": heads, "alpha": alpha}))
+    return out
+
+
+def _mfr_under(lens, samples, head_sets, alpha, batch_size, chunk, dataset) -> torch.Tensor:
+    """[len(head_sets), samples] π' under each head set scaled by alpha."""
+    vals = []
+    for item in batches(lens, samples, batch_size, dataset):
+        res = sweep(lens, item.batch.inputs, _head_set_settings(head_sets, alpha),
+                    metric_pi_and_margin(item.ids_p, item.ids_c), chunk=chunk)
+        vals.append(res.values[:, :, 0])
+    return torch.cat(vals, dim=1)
+
+
+@dataclass
+class BlockingResult:
+    fraction: float
+    heads: list
+    n_samples: int
+    mfr_base: float
+    mfr_top: float
+    mfr_random: list
+    relative_drop_top: float | None
+    relative_drop_random_mean: float | None
+    relative_drop_random_sd: float | None
+
+    def to_dict(self) -> dict:
+        return jsonable(self.__dict__)
+
+
+def blocking_experiment(lens, samples: Sequence[ConflictSample], correct: Sequence[bool], heads: Sequence,
+                        fraction: float = 0.05, n_random: int = 10, seed: int = 0, batch_size: int = 8,
+                        chunk: int = 11, dataset=None) -> BlockingResult:
+    """Block TopG on samples the model gets right (MFR by π > 0.5); control: same-size random head sets."""
+    chosen = [s for s, ok in zip(samples, correct) if ok and s.conflict]
+    facts = lens.facts
+    pool = [(layer, h) for layer in facts.attention_layers for h in range(facts.heads(layer)[0])]
+    rng = random.Random(seed)
+    randoms = [sorted(rng.sample(pool, len(heads))) for _ in range(n_random)]
+    if not chosen or not heads:
+        return BlockingResult(fraction, [list(h) for h in heads], 0, float("nan"), float("nan"), [], None, None, None)
+    pi = _mfr_under(lens, chosen, [list(heads)] + randoms, 0.0, batch_size, chunk, dataset)
+    mfr = (pi > 0.5).float().mean(1)
+    base = 1.0
+    rnd = mfr[1:]
+    drop_r = (base - rnd) / base
+    return BlockingResult(fraction, [list(h) for h in heads], len(chosen), base, float(mfr[0]), rnd.tolist(),
+                          float((base - mfr[0]) / base), float(drop_r.mean()),
+                          float(drop_r.std(unbiased=True)) if len(rnd) > 1 else 0.0)
+
+
+@dataclass
+class AmplificationResult:
+    alpha: list
+    restored: list
+    restored_random_mean: list
+    restored_random_sd: list
+    n_failed: int
+    heads: list
+
+    def to_dict(self) -> dict:
+        return jsonable(self.__dict__)
+
+
+def amplification_experiment(lens, samples: Sequence[ConflictSample], correct: Sequence[bool], heads: Sequence,
+                             alphas: Sequence[float] = (1.5, 2.0, 3.0, 5.0), n_random: int = 10, seed: int = 0,
+                             batch_size: int = 8, chunk: int = 11, dataset=None) -> AmplificationResult:
+    """On failed conflict samples, scale TopG by each alpha: restored fraction = MFR (π > 0.5) among them;
+    control: random head sets of the same size."""
+    failed = [s for s, ok in zip(samples, correct) if not ok and s.conflict]
+    if not failed or not heads:
+        return AmplificationResult(list(alphas), [], [], [], len(failed), [list(h) for h in heads])
+    facts = lens.facts
+    pool = [(layer, h) for layer in facts.attention_layers for h in range(facts.heads(layer)[0])]
+    rng = random.Random(seed)
+    randoms = [sorted(rng.sample(pool, len(heads))) for _ in range(n_random)]
+    restored, r_mean, r_sd = [], [], []
+    for a in alphas:
+        pi = _mfr_under(lens, failed, [list(heads)] + randoms, float(a), batch_size, chunk, dataset)
+        ok = (pi > 0.5).float().mean(1)
+        restored.append(float(ok[0]))
+        r_mean.append(float(ok[1:].mean()))
+        r_sd.append(float(ok[1:].std(unbiased=True)) if n_random > 1 else 0.0)
+    return AmplificationResult(list(alphas), restored, r_mean, r_sd, len(failed), [list(h) for h in heads])
