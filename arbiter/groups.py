@@ -69,6 +69,8 @@ class TokenGroups:
                 if m.any():
                     masks[name] = masks.get(name, torch.zeros(b, s, dtype=torch.bool)) | m
                     modal |= m
+        for name in ("image", "video", "audio"):   # always present, empty when the model has no such tokens
+            masks.setdefault(name, torch.zeros(b, s, dtype=torch.bool))
         masks["pad"] = ~real
         masks["text"] = real & ~modal
         last = torch.zeros(b, s, dtype=torch.bool)

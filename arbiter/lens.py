@@ -572,9 +572,7 @@ class Lens:
 
 def _seq_dim(x: torch.Tensor, rt: _Runtime) -> int:
     """Sequence dim of a residual-like tensor: 1, or 2 for stacked streams [n, batch, seq, hidden] (Gemma 3n AltUp)."""
-    if x.dim() == 4 and x.shape[1] == rt.batch and x.shape[2] == rt.q_len and x.shape[0] != rt.batch:
-        return 2
-    return 1
+    return 2 if (x.dim() == 4 and rt.lens.facts.resid_stacked) else 1
 
 
 def _cache_length(cache) -> int:

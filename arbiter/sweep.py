@@ -94,7 +94,7 @@ def _clean_outputs(lens, inputs: dict) -> tuple[torch.Tensor, dict[int, object]]
     for lf in lens.facts.layers:
         def hook(mod, args, output, _i=lf.index):
             t = output[0] if isinstance(output, tuple) else output
-            stacked = t.dim() == 4 and t.shape[0] != batch and t.shape[1] == batch
+            stacked = t.dim() == 4 and lens.facts.resid_stacked
             t = t.detach().clone()
             if stacked:
                 t._arbiter_stacked = True
@@ -130,7 +130,8 @@ def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = la
     for idx in it:
         n = len(idx)
         big = {k: _repeat(v, n) for k, v in inputs.items()}
-        first = min(settings[i].first_layer for i in idx) if reuse_prefix else 0
+        replay = reuse_prefix and lens.facts.prefix_replay
+        first = min(settings[i].first_layer for i in idx) if replay else 0
         with contextlib.ExitStack() as stack:
             saved = lens.groups
             if saved is not None and saved.batch_size == b:

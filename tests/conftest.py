@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
+
+torch.set_num_threads(1)  # tiny models: one thread is faster and steadier on a shared 2-core machine
 
 from helpers import FAMILIES, MULTIMODAL, _tiny
 

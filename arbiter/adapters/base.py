@@ -52,6 +52,8 @@ class ModelFacts:
     modality_token_ids: dict[str, list[int]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     prefix_bidirectional: bool = False
+    resid_stacked: bool = False      # residual sites are [n_streams, batch, seq, hidden] (Gemma 3n AltUp)
+    prefix_replay: bool = True       # layers depend only on their input (sweeps may replay a clean prefix)
 
     @property
     def n_layers(self) -> int:
@@ -132,6 +134,8 @@ class Adapter:
     model_types: ClassVar[tuple[str, ...]] = ()
     notes: ClassVar[tuple[str, ...]] = ()
     prefix_bidirectional: ClassVar[bool] = False
+    resid_stacked: ClassVar[bool] = False
+    prefix_replay: ClassVar[bool] = True
     # default user turn: where the image goes relative to the text ("before" or "after")
     image_position: ClassVar[str] = "before"
 
@@ -186,7 +190,8 @@ class Adapter:
             family=self.name, model=model, text_config=cfg, decoder=decoder, layers=layers,
             final_norm=_child(decoder, _FINAL_NORM_NAMES), lm_head=lm_head,
             modality_token_ids=self.token_ids(model), notes=list(self.notes),
-            prefix_bidirectional=self.prefix_bidirectional)
+            prefix_bidirectional=self.prefix_bidirectional,
+            resid_stacked=self.resid_stacked, prefix_replay=self.prefix_replay)
 
 
 def _find_layers(decoder: nn.Module, cfg) -> nn.ModuleList | None:

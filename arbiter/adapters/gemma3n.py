@@ -14,3 +14,5 @@ class Gemma3nAdapter(Adapter):
     notes = ("resid.pre / resid.post carry the AltUp streams [n_altup, batch, seq, hidden] (sequence is dim 2)",
              "late layers share the KV cache of earlier ones: their recorded keys/values are the shared ones",)
 
+    resid_stacked = True
+    prefix_replay = False  # KV-sharing layers read keys that earlier layers leave in a side dict
