@@ -72,6 +72,56 @@ def _demo(args) -> int:
     return _run(model, processor, ds, args, report_mod, diagnose)
 
 
+def _steer(args) -> int:
+    from .experiments.diagnose import _atomic_json
+    from .data import load_jsonl
+    from .lens import attach
+    from .report import Report
+    from .steer import SteeringPlan, steering_experiment
+
+    torch.manual_seed(args.seed)
+    model, processor = load_model(args.model, args.device, args.dtype)
+    ds = load_jsonl(args.data)
+    report = Report.load(args.report)
+    alphas = [float(a) for a in args.alpha.split(",")]
+    with attach(model, processor) as lens:
+        res = steering_experiment(lens, ds, report, alphas=alphas, top=args.top, n_random=args.random_draws,
+                                  batch_size=args.batch_size, limit=args.limit)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if res["best"] is not None:
+        SteeringPlan(**res["best"]).save(out / "steering.json")
+    _atomic_json(out / "steering_report.json", res)
+    _plot_steering(res, out / "steering.png")
+    for r in res["sweep"]:
+        print(f"[arbiter] alpha {r['alpha']}: restored {r['restored']:.3f} (random {r['restored_random_mean']:.3f} "
+              f"± {r['restored_random_sd']:.3f}); correct MFR {r['correct_mfr']:.3f}; agreement accuracy "
+              f"{r['agreement_accuracy']:.3f}")
+    return 0
+
+
+def _plot_steering(res: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    a = [r["alpha"] for r in res["sweep"]]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(a, [r["restored"] for r in res["sweep"]], "-o", label="restored (TopG)")
+    ax.errorbar(a, [r["restored_random_mean"] for r in res["sweep"]],
+                yerr=[r["restored_random_sd"] for r in res["sweep"]], fmt="-s", label="restored (random heads)")
+    ax.plot(a, [r["correct_mfr"] for r in res["sweep"]], "--", label="MFR on already-correct")
+    ax.plot(a, [r["agreement_accuracy"] for r in res["sweep"]], ":", label="agreement accuracy")
+    ax.set(xlabel="alpha", ylim=(0, 1.05), title=f"Steering ({res['n_failed']} failures)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _common(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
     p.add_argument("--out", required=out_default is None, default=out_default, help="output folder")
     p.add_argument("--limit", type=int, default=None, help="use the first N conflict samples")
@@ -98,6 +148,15 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--organism", default="llava_tiny")
     _common(m, out_default="arbiter-demo")
     m.set_defaults(fn=_demo)
+    s = sub.add_parser("steer", help="amplify the diagnosis' TopG heads on failures; measure gain and side effects")
+    s.add_argument("--model", required=True)
+    s.add_argument("--data", required=True)
+    s.add_argument("--report", required=True, help="report.json (or its folder) from arbiter diagnose")
+    s.add_argument("--alpha", default="1.5,2,3,5", help="comma-separated alphas")
+    s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    _common(s)
+    s.set_defaults(fn=_steer)
     return ap
 
 

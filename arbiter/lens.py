@@ -557,6 +557,12 @@ class Lens:
 
         return self.probe(ResidPatch(site, source, rows=rows, batch_rows=batch_rows), layers=[layer], steps=steps)
 
+    def steer(self, plan, steps: str = "all"):
+        """Apply a SteeringPlan (from ``Report.steering``) for the ``with`` block; works in generate()."""
+        plan.check(self.model)
+        p = plan.probe()
+        return self.probe(p, layers=p.layer_list, steps=steps)
+
     def encode(self, samples, **kw):
         """Conflict samples -> model inputs + TokenGroups (see arbiter.encode.encode_samples)."""
         from .encode import encode_samples

@@ -40,6 +40,12 @@ class Report:
     def __getitem__(self, key):
         return self.data[key]
 
+    def steering(self, top: float = 0.05, alpha: float = 2.0, toward: str = "instruction", rows: str = "all"):
+        """A SteeringPlan amplifying the TopG heads of this report's ranking (see arbiter.steer)."""
+        from .steer import plan_from_report
+
+        return plan_from_report(self, top=top, alpha=alpha, toward=toward, rows=rows)
+
 
 def _plots(report: dict, out: Path) -> list[Path]:
     try:

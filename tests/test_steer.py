@@ -1,0 +1,105 @@
+"""Steering plans: runtime == baked weights on every family, reload with from_pretrained, clear errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import arbiter
+from arbiter.errors import InterventionError
+from arbiter.experiments.diagnose import config_hash
+from arbiter.report import Report
+from arbiter.steer import SteeringPlan, head_roles, plan_from_report
+
+from helpers import FAMILIES, _tiny, inputs_for, logits
+
+
+def _plan(tm, alpha=2.5):
+    with arbiter.attach(tm.model) as lens:
+        layers = lens.facts.attention_layers
+        heads = [[layers[0], 1], [layers[-1], 0]]
+    return SteeringPlan(heads, [alpha, 1.5], "all", type(tm.model).__name__, config_hash(tm.model))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_baked_model_equals_runtime_steering(family):
+    tm = _tiny(family)
+    plan = _plan(tm)
+    inputs = inputs_for(tm, n=2)
+    with arbiter.attach(tm.model, tm.processor) as lens, lens.steer(plan):
+        steered = logits(tm.model, inputs)
+        with torch.no_grad():
+            gen_rt = tm.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    baked = plan.bake(tm.model)
+    out = logits(baked, inputs)
+    with torch.no_grad():
+        gen_b = baked.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert (out - steered).abs().max().item() <= 1e-5
+    assert torch.equal(gen_rt, gen_b)
+    assert (steered - logits(tm.model, inputs)).abs().max().item() > 1e-6  # the original is untouched
+
+
+def test_baked_model_reloads_with_plain_from_pretrained(tmp_path):
+    tm = _tiny("llava")
+    plan = _plan(tm)
+    baked = plan.bake(tm.model)
+    baked.save_pretrained(tmp_path)
+    again = type(tm.model).from_pretrained(tmp_path).eval()
+    inputs = inputs_for(tm)
+    assert (logits(again, inputs) - logits(baked, inputs)).abs().max().item() <= 1e-6
+
+
+def test_plan_json_round_trip(tmp_path):
+    plan = _plan(_tiny("qwen2_vl"))
+    plan.save(tmp_path / "steer.json")
+    assert SteeringPlan.load(tmp_path / "steer.json") == plan
+
+
+def test_plan_for_another_model_is_refused():
+    plan = _plan(_tiny("llava"))
+    other = _tiny("qwen2_vl")
+    with arbiter.attach(other.model, other.processor) as lens:
+        with pytest.raises(InterventionError, match="not for"):
+            with lens.steer(plan):
+                pass
+    with pytest.raises(InterventionError, match="not for"):
+        plan.bake(other.model)
+
+
+@pytest.mark.parametrize("alpha", [0.0, -1.0, math.inf, math.nan])
+def test_bad_alpha_is_refused(alpha):
+    with pytest.raises(InterventionError, match="alpha"):
+        SteeringPlan([[0, 0]], [alpha])
+
+
+def test_out_of_range_head_and_row_restricted_bake_are_refused():
+    tm = _tiny("llava")
+    bad = SteeringPlan([[0, 9]], [2.0], "all", type(tm.model).__name__, config_hash(tm.model))
+    with pytest.raises(InterventionError, match="out of range"):
+        bad.bake(tm.model)
+    rows = SteeringPlan([[0, 1]], [2.0], "generated", type(tm.model).__name__, config_hash(tm.model))
+    with pytest.raises(InterventionError, match="cannot be baked"):
+        rows.bake(tm.model)
+    before = [p.clone() for p in tm.model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(before, tm.model.parameters()))
+
+
+def test_head_roles_rule():
+    by = {"vision": [[3.0, 1.0, 0.5]], "text": [[0.5, 1.0, 2.0]]}
+    roles = head_roles(by, [(0, 0), (0, 1), (0, 2)])
+    assert roles == {"0,0": "vision-expert", "0,1": "shared-hub", "0,2": "text-expert"}
+
+
+def test_plan_from_report_toward_a_modality():
+    rep = Report({"model": {"class": "X", "config_hash": "h"}, "mfr": {},
+                  "heads": {"method": "exhaustive",
+                            "ranking": [{"layer": 0, "head": h, "score": 3 - h} for h in range(3)] +
+                                       [{"layer": 1, "head": h, "score": -h} for h in range(17)],
+                            "scores": {"exhaustive": {"vision": [[3.0, 1.0, 0.5] + [0] * 17, [0] * 20],
+                                                      "text": [[0.5, 1.0, 2.0] + [0] * 17, [0] * 20]}}}})
+    plan = plan_from_report(rep, top=0.1, alpha=2.0)
+    assert plan.heads == [[0, 0], [0, 1]] and plan.alphas == [2.0, 2.0]
+    assert plan_from_report(rep, top=0.1, toward="text").heads == [[0, 1]]
+    assert rep.steering(top=0.1).heads == plan.heads
