@@ -125,10 +125,10 @@ def dla_ranking(lens, samples: Sequence[ConflictSample], batch_size: int = 8, da
     layers = facts.attention_layers
     W_U = facts.lm_head.weight.detach()
     norm = facts.final_norm
-    gamma = getattr(norm, "weight", None)
-    gamma = torch.ones(W_U.shape[1]) if gamma is None else gamma.detach().float()
-    if "gemma" in type(norm).__name__.lower() and getattr(facts.text_config, "model_type", "").startswith("gemma"):
-        gamma = 1.0 + gamma  # Gemma RMSNorm scales by (1 + weight)
+    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 0.0)) or 0.0)
+    with torch.no_grad():  # effective scale, read off the norm itself (Gemma-style norms scale by 1 + weight)
+        probe_in = torch.ones(1, W_U.shape[1], dtype=W_U.dtype, device=W_U.device)
+        gamma = (norm(probe_in)[0].float() * (1.0 + eps) ** 0.5) if norm is not None else torch.ones(W_U.shape[1])
     per, targets = [], []
     for item in batches(lens, samples, batch_size, dataset):
         with torch.no_grad(), lens.record("attn.head_out", rows="last") as rec, \
@@ -143,8 +143,7 @@ def dla_ranking(lens, samples: Sequence[ConflictSample], batch_size: int = 8, da
             W_O[layer, :, :w.shape[1]] = w
         h_final = fin.trace[f"L{L - 1}.resid.post"]
         h_final = (h_final[0] if h_final.dim() == 4 else h_final)[:, 0]
-        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 0.0)) or 0.0
-        hs = head_scores(ho, W_O, W_U, item.ids_p, item.ids_c, gamma, h_final, item.targets, eps=float(eps))
+        hs = head_scores(ho, W_O, W_U, item.ids_p, item.ids_c, gamma, h_final, item.targets, eps=eps)
         per.append(hs.per_sample.float())
         targets.extend(item.targets)
     score, by = _target_avg(torch.cat(per), targets)
