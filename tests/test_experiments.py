@@ -134,6 +134,10 @@ def test_cli_diagnose_writes_reports_and_resumes_after_interrupt(synth, tmp_path
     for name in ("report.json", "report.md", "report.html", "mam_ldar.png", "knockout_map.png", "heads.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     assert "data:image/png;base64," in (tmp_path / "out" / "report.html").read_text()
+    from arbiter.trace import read_trace_dir
+
+    tr = read_trace_dir(tmp_path / "out" / "traces" / "baseline")
+    assert tr["resid_last"].shape[:2] == (4, 4) and tr["pi"].shape == (4,)
     assert arbiter.report.Report.load(tmp_path / "out")["n_samples"] == 4
 
 

@@ -65,8 +65,16 @@ def _rows_of(rec_trace, site: str):
 
 
 def evaluate(lens, samples: Sequence[ConflictSample], batch_size: int = 8, dataset=None, generate: bool = True,
-             max_new_tokens: int = 4, k: int = 2, progress: bool = False) -> BaselineResult:
-    """Run the clean model on the conflict samples and compute MFR, π, MAM per layer (+ split) and LDAR."""
+             max_new_tokens: int = 4, k: int = 2, progress: bool = False, trace_dir=None) -> BaselineResult:
+    """Run the clean model on the conflict samples and compute MFR, π, MAM per layer (+ split) and LDAR.
+
+    ``trace_dir``: also stream the last-token residuals of every layer, π and MAM to sharded trace files there."""
+    writer = None
+    if trace_dir is not None:
+        from ..trace import TraceWriter
+
+        writer = TraceWriter(trace_dir, {"what": "baseline: resid.post at last per layer, pi, mam_last",
+                                         "model": lens.facts.summary()}, resume=False)
     samples = require_conflicts(samples, "evaluate()")
     facts = lens.facts
     W_U = facts.lm_head.weight.detach()
@@ -123,6 +131,14 @@ def evaluate(lens, samples: Sequence[ConflictSample], batch_size: int = 8, datas
         ids.extend(s.id for s in b.samples)
         targets.extend(item.targets)
         pis.append(pi)
+        if writer is not None:
+            last_rows = torch.tensor([int((pos == int(last_pos[i].nonzero()[-1])).nonzero()[0])
+                                      for i in range(len(b.samples))])
+            resid = h_out[torch.arange(len(b.samples)), :, last_rows]           # [b, L, d]
+            writer.add([s.id for s in b.samples], {"resid_last": resid.float(), "pi": pi.float(),
+                                                   "mam_last": torch.stack(mam_last[-len(b.samples):])})
+    if writer is not None:
+        writer.close()
     mam_last_t = torch.stack(mam_last)
     final = mam_last_t[:, -1]
     usable = [i for i, mi in enumerate(mam_instr) if mi.shape[-1] > 0]

@@ -84,7 +84,8 @@ def diagnose(model, processor, dataset: ConflictDataset, out: str | os.PathLike,
         base_obj = {}
 
         def baseline():
-            r = evaluate(lens, samples, batch_size, dataset, generate=generate, progress=progress)
+            r = evaluate(lens, samples, batch_size, dataset, generate=generate, progress=progress,
+                         trace_dir=out / "traces" / "baseline")
             base_obj["r"] = r
             d = r.to_dict()
             d["per_sample"] = {"ids": r.sample_ids, "targets": r.targets, "pi": r.pi.tolist(),
