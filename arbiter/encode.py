@@ -107,7 +107,10 @@ def build_prompt(lens, sample: ConflictSample, template: str | None) -> tuple[st
     if start < 0:
         raise DataError(f"sample {sample.id}: the chat template changed the prompt text, so its parts cannot be "
                         "located; give the data file a template.")
-    return full, {k: [(s + start, e + start) for s, e in v] for k, v in spans.items()}
+    out = {k: [(s + start, e + start) for s, e in v] for k, v in spans.items()}
+    for m in modal:  # placed by the chat template / placeholder: no character span of its own
+        out.setdefault(m, [])
+    return full, out
 
 
 def _align(unexpanded: list[int], expanded: list[int]) -> dict[int, int]:
@@ -140,6 +143,35 @@ def _part_masks(tok, prompt: str, spans: dict, ids: list[int], length: int, pad_
     return masks
 
 
+def load_audio(sample: ConflictSample, processor):
+    """A 1-D float waveform: arrays pass through; .npy and .wav paths are read (wav resampled if needed)."""
+    a = sample.audio
+    if not isinstance(a, (str, os.PathLike)):
+        return a
+    import numpy as np
+
+    path = str(a)
+    try:
+        if path.endswith(".npy"):
+            return np.load(path, allow_pickle=False).astype("float32")
+        from scipy.io import wavfile
+
+        rate, data = wavfile.read(path)
+    except (OSError, ValueError) as e:
+        raise DataError(f"sample {sample.id}: cannot read audio {path}: {e}") from None
+    data = data.astype("float32")
+    if data.ndim > 1:
+        data = data.mean(axis=1)
+    if np.abs(data).max(initial=0) > 1.0:
+        data = data / 32768.0
+    target = getattr(getattr(processor, "feature_extractor", None), "sampling_rate", rate)
+    if target != rate:
+        from scipy.signal import resample_poly
+
+        data = resample_poly(data, target, rate).astype("float32")
+    return data
+
+
 def encode_samples(lens, samples: Sequence[ConflictSample] | ConflictSample, template: str | None = None,
                    images: Sequence | None = None, dataset=None, return_tensors: str = "pt",
                    device=None, dtype=None) -> Batch:
@@ -162,6 +194,7 @@ def encode_samples(lens, samples: Sequence[ConflictSample] | ConflictSample, tem
         p, sp = build_prompt(lens, s, tpl)
         prompts.append(p)
         spans_all.append(sp)
+    placed = {m: all(m in sp for sp in spans_all) for m in ("image", "audio")}
     has_img = [s.image is not None for s in samples]
     if any(has_img) and not all(has_img):
         raise DataError("encode(): mix of samples with and without images in one batch; encode them separately.")
@@ -174,7 +207,10 @@ def encode_samples(lens, samples: Sequence[ConflictSample] | ConflictSample, tem
         imgs = list(images) if images is not None else [s.load_image() for s in samples]
         kwargs["images"] = [[im] for im in imgs]
     if any(s.audio is not None for s in samples) and supports(proc, "audio"):
-        kwargs["audio"] = [s.load_audio() if hasattr(s, "load_audio") else s.audio for s in samples]
+        if not placed["audio"]:
+            raise DataError("encode(): samples carry audio but their prompt has no {audio} placeholder; add "
+                            "{audio} to the template (or drop the audio).")
+        kwargs["audio"] = [load_audio(s, proc) for s in samples]
     if proc is tok:
         inputs = tok(prompts, **kwargs)
     else:
