@@ -1,0 +1,412 @@
+"""Benchmarks: arbiter against plain forwards and nnsight 0.8 on a tiny random LLaVA (fp32, CPU).
+
+    python benchmarks/run.py --json OUT.json           # the benchmark model (~6-8 minutes on 2 busy cores)
+    python -m benchmarks.run --quick --json OUT.json   # smoke test: small model, batch 2, 3 repeats
+
+Every time is a median over ``repeats`` round-robin rounds (each round runs every compared path once, so load
+changes on a shared machine hit them alike), after warm-up calls, under ``torch.no_grad()``, in one process.
+Ratios are ``time / plain SDPA forward time`` of the same batch. What each figure measures: benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+import arbiter
+from arbiter.sweep import head_sweep
+from arbiter.testing.tiny import tiny
+from arbiter.trace import Trace
+
+FULL = dict(model=dict(hidden=512, layers=8, heads=8, kv_heads=8, image_tokens=576), batch=4, repeats=5,
+            sweep_samples=1, sweep_heads_per_layer=1, sweep_repeats=3, trace_mb=100)
+QUICK = dict(model=dict(hidden=128, layers=4, heads=4, kv_heads=4, image_tokens=64), batch=2, repeats=3,
+             sweep_samples=2, sweep_heads_per_layer=1, sweep_repeats=3, trace_mb=10)
+QUESTION = "In case there is an inconsistency between the text context and the image content, which colour " \
+           "is the shape in the image?"
+PENDING = ("attribution_forward_equivalents", "attribution_spearman", "stream_memory_ratio")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+def _median_times(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, tuple[float, Any]]:
+    """Round-robin timing: each round calls every fn once, so load changes on a shared machine hit them alike.
+    {name: (median seconds over ``repeats`` rounds after ``warmup`` untimed rounds, the last call's result)}."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    last: dict[str, Any] = {}
+    for i in range(warmup + repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            last[name] = fn()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(times[name]), last[name]) for name in fns}
+
+
+def _median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[float, Any]:
+    """(median seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls, the last call's result)."""
+    return _median_times({"fn": fn}, repeats, warmup)["fn"]
+
+
+_T0 = time.perf_counter()
+
+
+def _section(name: str) -> None:
+    gc.collect()
+    print(f"[bench {time.perf_counter() - _T0:6.1f}s] {name} ...", file=sys.stderr, flush=True)
+
+
+def _batch_inputs(tm, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Processor inputs for n prompts of different lengths (one image each; left padding)."""
+    tm.tokenizer.padding_side = "left"
+    prompts = [tm.prompt(QUESTION + " ok" * i) for i in range(n)]
+    return dict(tm.inputs(prompts, image_seeds=[seed + i for i in range(n)], padding=True))
+
+
+def _forward(model, inputs):
+    return model(**inputs, use_cache=False).logits
+
+
+def _machine() -> str:
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"{name}, {os.cpu_count()} CPUs (nproc), torch threads {torch.get_num_threads()}"
+
+
+def _load() -> float | None:
+    """1-minute load average (the machine is shared: read the timings against it)."""
+    with contextlib.suppress(OSError, AttributeError):
+        return round(os.getloadavg()[0], 2)
+    return None
+
+
+def _nnsight_version() -> str | None:
+    try:
+        import nnsight
+    except ImportError:
+        return None
+    return nnsight.__version__
+
+
+# ------------------------------------------------------------------------------------------------ probes
+
+class ImageGaze(arbiter.Probe):
+    """InstructionGaze-like: the last token's attention mass on the image keys, per layer -> [batch, heads]."""
+
+    reads: ClassVar = {"attn.probs": "last"}
+
+    def attn_probs(self, ctx, probs):  # [batch, heads, 1, keys]
+        image = ctx.group("image", over="keys").to(probs.dtype)[:, None, None, :]
+        self.emit(ctx.layer, (probs * image).sum(-1)[..., 0])
+
+
+# ------------------------------------------------------------------------------------------------ nnsight
+
+def _nn_layers(nm):
+    return nm.model.language_model.layers
+
+
+def _nnsight_record(nm, inputs):
+    """Every decoder layer's output (all positions) and the last row of each layer's attention weights."""
+    import nnsight
+
+    with nm.trace(**inputs, use_cache=False):
+        resid, probs = nnsight.save([]), nnsight.save([])
+        for layer in _nn_layers(nm):
+            probs.append(layer.self_attn.output[1][:, :, -1])   # eager weights [batch, heads, q, keys] -> last row
+            resid.append(layer.output)
+    return resid, probs
+
+
+def _nnsight_gaze(nm, inputs, image_keys):
+    """Per layer (probs[:, :, -1] * image_keys).sum(-1) -> [batch, heads], as ImageGaze."""
+    import nnsight
+
+    with nm.trace(**inputs, use_cache=False):
+        gaze = nnsight.save([])
+        for layer in _nn_layers(nm):
+            gaze.append((layer.self_attn.output[1][:, :, -1] * image_keys).sum(-1))
+    return gaze
+
+
+def _nnsight_block(nm, inputs, layer: int, head: int, head_dim: int):
+    """Zero one head's slice of the o_proj input; last-token logits."""
+    with nm.trace(**inputs, use_cache=False):
+        x = _nn_layers(nm)[layer].self_attn.o_proj.input
+        x[..., head * head_dim:(head + 1) * head_dim] = 0
+        logits = nm.output.logits[:, -1].save()
+    return logits
+
+
+def _model_copy(tm, impl: str):
+    """A copy of the model (nnsight instruments every module it wraps: keep the arbiter model clean)."""
+    model = copy.deepcopy(tm.model)
+    model.set_attn_implementation(impl)
+    return model
+
+
+def _wrap(model):
+    from nnsight import NNsight
+
+    return NNsight(model)
+
+
+# ------------------------------------------------------------------------------------------------ forwards
+
+def _arbiter_paths(tm, inputs) -> dict[str, Callable[[], Any]]:
+    """Arbiter record / knockout / probe forwards; each attaches and detaches (its cost is included)."""
+    model, proc = tm.model, tm.processor
+
+    def record():
+        with arbiter.attach(model, proc) as lens, lens.record("resid.post", rows="all") as res, \
+                lens.record("attn.probs", rows="last") as att:
+            _forward(model, inputs)
+        return res.trace, att.trace
+
+    def knockout():
+        with arbiter.attach(model, proc) as lens, lens.knockout("image", "last", layers="all"):
+            return _forward(model, inputs)
+
+    def probe():
+        with arbiter.attach(model, proc) as lens, lens.probe(ImageGaze(), layers="all") as gaze:
+            _forward(model, inputs)
+        return gaze.result()
+
+    return {"record_s": record, "knockout_s": knockout, "probe_s": probe}
+
+
+def _nnsight_paths(nm, tm, inputs) -> dict[str, Callable[[], Any]]:
+    image_keys = (inputs["input_ids"] == tm.config.image_token_id).to(torch.float32)[:, None, :]
+    return {"nnsight_record_s": lambda: _nnsight_record(nm, inputs),
+            "nnsight_probe_s": lambda: _nnsight_gaze(nm, inputs, image_keys)}
+
+
+def _one_sample(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v[:1] for k, v in inputs.items()}
+
+
+def bench_forwards(tm, inputs, cfg) -> dict[str, Any]:
+    """Plain SDPA and eager forwards, arbiter record / knockout / probe, nnsight record / probe (eager: nnsight
+    sees no probabilities under SDPA), all timed round-robin."""
+    eager = _model_copy(tm, "eager")
+    nm = _wrap(_model_copy(tm, "eager"))
+    fns = {"plain_forward_s": lambda: _forward(tm.model, inputs), **_arbiter_paths(tm, inputs),
+           "plain_forward_eager_s": lambda: _forward(eager, inputs), **_nnsight_paths(nm, tm, inputs)}
+    _section("warm-up: every path once on one sample, one plain forward on the batch")
+    small = _one_sample(inputs)
+    for fn in {**_arbiter_paths(tm, small), **_nnsight_paths(nm, tm, small)}.values():
+        fn()
+    _forward(eager, small)
+    _forward(tm.model, inputs)
+    _section(f"{len(fns)} paths round-robin, {cfg['repeats']} rounds")
+    timed = _median_times(fns, cfg["repeats"], warmup=0)
+    out = {name: t for name, (t, _) in timed.items()}
+    out.update(_agreement(tm, inputs, {name: v for name, (_, v) in timed.items()}))
+    return out
+
+
+def _agreement(tm, inputs, last: dict[str, Any]) -> dict[str, Any]:
+    """Arbiter and nnsight saw the same values (padded rows excluded: they differ between eager and SDPA)."""
+    res, att = last["record_s"]
+    nn_resid, nn_probs = last["nnsight_record_s"]
+    real = inputs["attention_mask"].bool()
+    resid_diff = (torch.stack(nn_resid) - res.stack("resid.post"))[:, real].abs().max()
+    probs_diff = (torch.stack(nn_probs) - att.stack("attn.probs")[:, :, :, 0]).abs().max()
+    return {"nnsight_record_max_abs_diff": max(float(resid_diff), float(probs_diff)),
+            "nnsight_probe_max_abs_diff": float((torch.stack(last["nnsight_probe_s"]) - last["probe_s"]).abs().max()),
+            "knockout_changes_logits": bool((last["knockout_s"] - last["plain_forward_s"]).abs().max() > 0)}
+
+
+# ------------------------------------------------------------------------------------------------ sweep
+
+def _sweep_heads(tm, per_layer: int) -> list[tuple[int, int]]:
+    n_layers, n_heads = tm.config.text_config.num_hidden_layers, tm.config.text_config.num_attention_heads
+    step = n_heads // per_layer
+    return [(layer, h) for layer in range(n_layers) for h in range(0, n_heads, step)[:per_layer]]
+
+
+def bench_sweep(tm, cfg) -> dict[str, Any]:
+    """Single-head blocking: head_sweep (one chunk per layer) vs a naive loop of forwards vs an nnsight loop, on a
+    subset of heads (``sweep_heads_per_layer`` per layer; times scaled to all heads, speedups need no scaling)."""
+    tc = tm.config.text_config
+    total = tc.num_hidden_layers * tc.num_attention_heads
+    heads = _sweep_heads(tm, cfg["sweep_heads_per_layer"])
+    scale = total / len(heads)
+    chunk = cfg["sweep_heads_per_layer"]       # settings are sorted by layer: one chunk = one layer's heads
+    inputs = _batch_inputs(tm, cfg["sweep_samples"], seed=100)
+    head_dim = tc.hidden_size // tc.num_attention_heads
+    model, nm = tm.model, _wrap(_model_copy(tm, "sdpa"))
+    with arbiter.attach(model, tm.processor) as lens:
+        def sweep():
+            return head_sweep(lens, inputs, heads=heads, chunk=chunk)
+
+        def naive():
+            vals = []
+            for layer, head in heads:
+                with lens.block_heads([(layer, head)]):
+                    vals.append(_forward(model, inputs)[:, -1])
+            return torch.stack(vals)
+
+        def nnsight_loop():
+            return torch.stack([_nnsight_block(nm, inputs, layer, head, head_dim) for layer, head in heads])
+
+        _section(f"warm-up: nnsight block once; sweep, naive loop, nnsight loop over {len(heads)} heads "
+                 f"round-robin, {cfg['sweep_repeats']} rounds")
+        _nnsight_block(nm, _one_sample(inputs), *heads[0], head_dim)
+        timed = _median_times({"sweep": sweep, "naive": naive, "nnsight": nnsight_loop}, cfg["sweep_repeats"], 0)
+    (sweep_s, res), (naive_s, naive_vals), (nn_s, nn_vals) = timed["sweep"], timed["naive"], timed["nnsight"]
+    n_layers = tc.num_hidden_layers
+    sweep_layer_forwards = n_layers * (res.forwards + 1) - res.layers_skipped   # + the clean run
+    return {"sweep_samples": cfg["sweep_samples"], "sweep_heads_total": total, "sweep_heads_timed": len(heads),
+            "sweep_chunk": chunk, "sweep_repeats": cfg["sweep_repeats"], "sweep_forwards": res.forwards,
+            "sweep_layers_skipped": res.layers_skipped,
+            "sweep_layer_forward_ratio": len(heads) * n_layers / sweep_layer_forwards,
+            "sweep_s": sweep_s * scale, "naive_loop_s": naive_s * scale, "nnsight_loop_s": nn_s * scale,
+            "sweep_speedup": naive_s / sweep_s, "nnsight_sweep_speedup": nn_s / sweep_s,
+            "nnsight_sweep_heads_timed": len(heads),
+            "sweep_max_abs_diff": float((res.values - naive_vals).abs().max()),
+            "nnsight_sweep_max_abs_diff": float((nn_vals - naive_vals).abs().max())}
+
+
+# ------------------------------------------------------------------------------------------------ trace I/O
+
+def _fake_trace(inputs_shape: tuple[int, int], hidden: int, mb: float) -> Trace:
+    b, s = inputs_shape
+    one = b * s * hidden * 4
+    n = max(1, round(mb * 1e6 / one))
+    gen = torch.Generator().manual_seed(0)
+    return Trace({f"L{i}.resid.post": torch.randn(b, s, hidden, generator=gen) for i in range(n)},
+                 {"arbiter": "trace", "note": "benchmark"})
+
+
+def _torch_save_synced(tensors, path) -> None:
+    with open(path, "wb") as f:
+        torch.save(tensors, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _touch(tensors: dict[str, torch.Tensor]) -> float:
+    """Read every element once (safetensors maps the file lazily; a load is only done once the data is read)."""
+    return sum(float(t.sum()) for t in tensors.values())
+
+
+def bench_trace_io(inputs, hidden: int, cfg) -> dict[str, Any]:
+    _section("trace I/O")
+    trace = _fake_trace(tuple(inputs["input_ids"].shape), hidden, cfg["trace_mb"])
+    tensors = dict(trace.items())
+    mb = sum(t.numel() * t.element_size() for t in tensors.values()) / 1e6
+    reps = cfg["repeats"]
+    with tempfile.TemporaryDirectory(prefix="arbiter-bench-") as tmp:
+        st, pt = Path(tmp) / "trace.safetensors", Path(tmp) / "trace.pt"
+        write_s, _ = _median_time(lambda: trace.save(st), reps, 1)
+        read_s, _ = _median_time(lambda: _touch(dict(Trace.load(st).items())), reps, 1)
+        tsave_s, _ = _median_time(lambda: _torch_save_synced(tensors, pt), reps, 1)
+        tload_s, _ = _median_time(lambda: _touch(torch.load(pt, weights_only=True)), reps, 1)
+    return {"trace_mb": round(mb, 1), "trace_write_mb_s": mb / write_s, "trace_read_mb_s": mb / read_s,
+            "torch_save_mb_s": mb / tsave_s, "torch_load_mb_s": mb / tload_s}
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+def _ratios(r: dict[str, Any]) -> None:
+    plain = r["plain_forward_s"]
+    for key, src in (("record_overhead", "record_s"), ("knockout_overhead", "knockout_s"),
+                     ("probe_overhead", "probe_s"), ("eager_forward_overhead", "plain_forward_eager_s"),
+                     ("nnsight_record_overhead", "nnsight_record_s"), ("nnsight_probe_overhead", "nnsight_probe_s")):
+        r[key] = r[src] / plain if r.get(src) is not None else None
+
+
+ROWS = [("plain SDPA forward", "plain_forward_s", None),
+        ("arbiter record (resid all rows + probs last row)", "record_s", "record_overhead"),
+        ("arbiter knockout image->last, all layers", "knockout_s", "knockout_overhead"),
+        ("arbiter probe (image gaze of last row)", "probe_s", "probe_overhead"),
+        ("plain eager forward", "plain_forward_eager_s", "eager_forward_overhead"),
+        ("nnsight record (eager)", "nnsight_record_s", "nnsight_record_overhead"),
+        ("nnsight probe (eager)", "nnsight_probe_s", "nnsight_probe_overhead"),
+        ("naive loop, one forward per head", "naive_loop_s", None),
+        ("arbiter head_sweep", "sweep_s", "sweep_speedup"),
+        ("nnsight loop, one trace per head", "nnsight_loop_s", "nnsight_sweep_speedup")]
+
+
+def format_table(r: dict[str, Any]) -> str:
+    lines = [f"{'measurement':<50} {'seconds':>9} {'ratio':>8}", "-" * 69]
+    for label, key, ratio in ROWS:
+        if r.get(key) is None:
+            continue
+        rt = f"{r[ratio]:8.2f}" if ratio and r.get(ratio) is not None else f"{'':>8}"
+        lines.append(f"{label:<50} {r[key]:9.3f} {rt}")
+    lines.append("(ratios: time / plain SDPA forward; sweep rows: speedup = naive loop time / head_sweep time)")
+    for key in ("trace_write_mb_s", "trace_read_mb_s", "torch_save_mb_s", "torch_load_mb_s"):
+        lines.append(f"{key:<50} {r[key]:9.1f} MB/s")
+    return "\n".join(lines)
+
+
+def run(quick: bool = False, **overrides: Any) -> dict[str, Any]:
+    cfg = {**(QUICK if quick else FULL), **{k: v for k, v in overrides.items() if v is not None}}
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    tm = tiny("llava", **cfg["model"])
+    inputs = _batch_inputs(tm, cfg["batch"])
+    r: dict[str, Any] = {"quick": quick, "batch": cfg["batch"], "seq_len": int(inputs["input_ids"].shape[1]),
+                         "repeats": cfg["repeats"], "load_avg_start": _load()}
+    r.update({f"model_{k}": v for k, v in cfg["model"].items()})
+    with torch.no_grad():
+        r.update(bench_forwards(tm, inputs, cfg))
+        r.update(bench_sweep(tm, cfg))
+    r.update(bench_trace_io(inputs, cfg["model"]["hidden"], cfg))
+    _ratios(r)
+    r.update({k: None for k in PENDING})
+    r.update({"machine": _machine(), "torch": torch.__version__, "transformers": _transformers_version(),
+              "nnsight": _nnsight_version(), "python": platform.python_version(),
+              "date": datetime.date.today().isoformat(), "load_avg_end": _load(),
+              "total_s": time.perf_counter() - started})
+    return r
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", type=Path, help="write the flat JSON result here")
+    ap.add_argument("--quick", action="store_true", help="smoke test: small model, batch 2, 3 repeats")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
+    ap.add_argument("--sweep-samples", type=int, help="samples in the sweep batch (default 1; quick: 2)")
+    ap.add_argument("--sweep-heads-per-layer", type=int,
+                    help="heads per layer timed in the sweep section (default 1; all heads: no scaling)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    r = run(quick=args.quick, sweep_samples=args.sweep_samples, sweep_heads_per_layer=args.sweep_heads_per_layer)
+    print(format_table(r))
+    if args.json:
+        args.json.write_text(json.dumps(r, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
