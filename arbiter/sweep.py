@@ -87,7 +87,16 @@ def _rep_batch(t: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([t] * n, dim=1) if getattr(t, "_arbiter_stacked", False) else torch.cat([t] * n, dim=0)
 
 
-def _clean_outputs(lens, inputs: dict) -> tuple[torch.Tensor, dict[int, object]]:
+def _forward_kwargs(lens, last_only: bool) -> dict:
+    """``logits_to_keep=1`` where the model takes it (transformers convention): the metric reads the last row only."""
+    import inspect
+
+    if last_only and "logits_to_keep" in inspect.signature(lens.model.forward).parameters:
+        return {"use_cache": False, "logits_to_keep": 1}
+    return {"use_cache": False}
+
+
+def _clean_outputs(lens, inputs: dict, last_only: bool = True) -> tuple[torch.Tensor, dict[int, object]]:
     outs: dict[int, object] = {}
     handles = []
     batch = next(v for v in inputs.values() if isinstance(v, torch.Tensor)).shape[0]
@@ -102,7 +111,7 @@ def _clean_outputs(lens, inputs: dict) -> tuple[torch.Tensor, dict[int, object]]
         handles.append(lf.layer.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            logits = lens.model(**inputs, use_cache=False).logits
+            logits = lens.model(**inputs, **_forward_kwargs(lens, last_only)).logits
     finally:
         for h in handles:
             h.remove()
@@ -110,12 +119,17 @@ def _clean_outputs(lens, inputs: dict) -> tuple[torch.Tensor, dict[int, object]]
 
 
 def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = last_token_logits,
-          chunk: int = 16, reuse_prefix: bool = True, progress: bool = False) -> SweepResult:
+          chunk: int = 16, reuse_prefix: bool = True, progress: bool = False, last_only: bool = True) -> SweepResult:
     """Evaluate ``settings`` on ``inputs`` (a batch of b samples): ``chunk`` settings per forward, each setting
-    on its own copy of the b rows. Equals a loop of separate forwards to float rounding."""
+    on its own copy of the b rows. Equals a loop of separate forwards to float rounding.
+
+    ``last_only`` (default): the metric sees logits of the last position only ([rows, 1, vocab]), so the
+    unembedding runs on one row; pass False for a metric that reads other positions."""
     if not settings:
         raise InterventionError("sweep() got no settings.")
-    logits, outs = _clean_outputs(lens, inputs)
+    fkw = _forward_kwargs(lens, last_only)
+    inputs = {k: v for k, v in inputs.items() if k != "labels"}  # no loss: logits only
+    logits, outs = _clean_outputs(lens, inputs, last_only)
     baseline = metric(logits)
     order = sorted(range(len(settings)), key=lambda i: settings[i].first_layer)
     values: list[torch.Tensor | None] = [None] * len(settings)
@@ -143,7 +157,7 @@ def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = la
                     stack.enter_context(lens.probe(probe, layers=layers))
             stack.enter_context(_replay_prefix(lens, outs, first, n))
             with torch.no_grad():
-                out = metric(lens.model(**big, use_cache=False).logits)
+                out = metric(lens.model(**big, **fkw).logits)
         forwards += 1
         skipped += first
         for j, i in enumerate(idx):

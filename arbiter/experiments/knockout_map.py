@@ -65,11 +65,15 @@ def knockout_map(lens, samples: Sequence[ConflictSample], edges: Sequence[tuple[
         settings = knockout_settings(lens, edges, window, centers)
         settings_meta = [s.meta for s in settings]
         res = sweep(lens, item.batch.inputs, settings, metric_pi_and_margin(item.ids_p, item.ids_c), chunk=chunk)
-        pis.append(res.baseline[:, 0])
-        pis_ko.append(res.values[:, :, 0])                         # [settings, b]
-        targets.extend(item.targets)
         g = item.batch.groups
-        ne = torch.tensor([[bool((g[m["src"]] .any(1) & g[m["dst"]].any(1)).any())] for m in settings_meta])
+        present = torch.stack([g[m["src"]].any(1) & g[m["dst"]].any(1) for m in settings_meta])  # [settings, b]
+        ko = res.values[:, :, 0]
+        # a sample without the edge is untouched by construction: its π' is its π exactly (I_NSSD exactly 0)
+        ko = torch.where(present, ko, res.baseline[None, :, 0])
+        pis.append(res.baseline[:, 0])
+        pis_ko.append(ko)                                           # [settings, b]
+        targets.extend(item.targets)
+        ne = present.any(1, keepdim=True)
         nonempty = ne if nonempty is None else nonempty | ne
     pi = torch.cat(pis)
     pi_ko = torch.cat(pis_ko, dim=1)
