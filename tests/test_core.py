@@ -143,7 +143,9 @@ def test_left_padded_batch_equals_unbatched_for_last_row_attention(mm):
 
 
 def test_bfloat16_recording_is_bit_identical():
-    tm = _tiny("llava")
+    from arbiter.testing import tiny
+
+    tm = tiny("llava")  # a fresh copy: casting the shared one would round its buffers (rotary inv_freq)
     model = tm.model.to(torch.bfloat16)
     try:
         inputs = inputs_for(tm, n=2)
