@@ -157,6 +157,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     _common(s)
     s.set_defaults(fn=_steer)
+    from .surrogate.cli import add_parser as add_surrogate
+
+    add_surrogate(sub)
     return ap
 
 
