@@ -63,7 +63,12 @@ def _run(model, processor, ds, args, report_mod, diagnose) -> int:
 
 
 def _demo(args) -> int:
-    from . import organisms
+    try:
+        from . import organisms
+    except ImportError:
+        raise DataError("this install ships no trained model organism yet, so `arbiter demo` cannot run; try "
+                        "`python examples/00_quickstart.py`, or `arbiter diagnose --model DIR --data FILE.jsonl`."
+                        ) from None
     from . import report as report_mod
     from .experiments.diagnose import diagnose
 
