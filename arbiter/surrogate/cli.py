@@ -92,7 +92,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, help="output folder (fit.json)")
     f.add_argument("--x", default="image", help="token group of modality X (default image)")
     f.add_argument("--y", default="text", help="token group of modality Y (default text)")
-    f.add_argument("--sweep", default=None, help="sweep.json (or its folder) to take the c(β) curves from")
+    f.add_argument("--sweep", default=None, help="sweep.json (or its folder) of `surrogate sweep --preset responsive` "
+                   "to take the c(β) curves and seeds from; without it fit runs that sweep first (long on a CPU)")
     f.add_argument("--preset", default="responsive", choices=["paper", "responsive"])
     f.add_argument("--grid", type=int, default=5)
     f.add_argument("--seeds", type=int, default=10)

@@ -282,7 +282,8 @@ def fit(trace, *, x: str = "image", y: str = "text", sweep_result=None, preset: 
     """Fit β_self, β_cross to a recorded MLLM (SPEC 11, proposed): modality X = ``x`` and Y = ``y`` token groups.
 
     1. :func:`trace_concentrations` per layer; 2. the c(β) curves of ``sweep_result`` (a SweepResult, dict or
-    sweep.json path; default: :func:`cached_sweep` of ``preset``, ``grid``, ``seeds``); 3. invert per layer and
+    sweep.json path; default: :func:`cached_sweep` of ``preset``, ``grid``, ``seeds``, which integrates the whole
+    grid: about an hour of CPU for the 5 x 5 ``responsive`` grid with 5 seeds); 3. invert per layer and
     for the layer means (monotone PCHIP in log β; outside the table: clipped to its end and flagged, never
     extrapolated); 4. simulate the preset at the overall β with the table's seeds (angle ``how``).
     Caveats (in the flags): the MLLM's c is normalised by its own key counts, the oscillators' by N = 50; the
