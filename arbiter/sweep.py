@@ -1,6 +1,7 @@
 """Batched sweeps: many intervention settings in one forward (one setting per group of batch rows).
 
-Layers below a chunk's first intervened layer are not recomputed: their outputs from one clean run are replayed."""
+Layers below a chunk's first intervened layer are not recomputed: their outputs from one clean run are replayed;
+so are the outputs of the encoders that run before the decoder (vision / audio towers, projectors)."""
 
 from __future__ import annotations
 
@@ -82,6 +83,55 @@ def _replay_prefix(lens, outputs: dict[int, object], upto: int, n: int) -> Itera
                 layer.forward = fwd
 
 
+def _map_tensors(obj, fn):
+    """Apply ``fn`` to every tensor in a (nested) output: tensors, tuples, lists, dicts and ModelOutputs."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):  # ModelOutput is an OrderedDict subclass; rebuilt with its own type
+        mapped = {k: _map_tensors(v, fn) for k, v in obj.items()}
+        try:
+            return type(obj)(**mapped)
+        except TypeError:
+            return type(obj)(mapped)
+    if isinstance(obj, tuple):
+        return tuple(_map_tensors(v, fn) for v in obj)
+    if isinstance(obj, list):
+        return [_map_tensors(v, fn) for v in obj]
+    return obj
+
+
+def _encoder_modules(lens) -> list[torch.nn.Module]:
+    """Siblings of the decoder (children of its parent module): the candidates that may run before it."""
+    decoder = lens.facts.decoder
+    for mod in lens.model.modules():
+        kids = list(mod.children())
+        if any(k is decoder for k in kids):
+            return [k for k in kids if k is not decoder]
+    return []
+
+
+@contextlib.contextmanager
+def _replay_encoders(outputs: dict[torch.nn.Module, object], n: int) -> Iterator[None]:
+    """Replace each encoder that ran once before the decoder by a stub returning its clean output repeated n
+    times along dim 0: an encoder in eval mode treats the images of a batch independently, so its output for
+    ``cat([x] * n)`` is ``cat([f(x)] * n)`` (flattened-patch towers such as Qwen2-VL's included)."""
+    saved = []
+    try:
+        for mod, out in outputs.items():
+            def stub(*args, _out=out, **kwargs):
+                return _map_tensors(_out, lambda t: _repeat(t, n))
+
+            saved.append((mod, mod.__dict__.get("forward")))
+            mod.forward = stub
+        yield
+    finally:
+        for mod, fwd in saved:
+            if fwd is None:
+                mod.__dict__.pop("forward", None)
+            else:
+                mod.forward = fwd
+
+
 def _rep_batch(t: torch.Tensor, n: int) -> torch.Tensor:
     # stacked streams [k, batch, seq, hidden] (Gemma 3n AltUp) repeat along dim 1
     return torch.cat([t] * n, dim=1) if getattr(t, "_arbiter_stacked", False) else torch.cat([t] * n, dim=0)
@@ -96,9 +146,21 @@ def _forward_kwargs(lens, last_only: bool) -> dict:
     return {"use_cache": False}
 
 
-def _clean_outputs(lens, inputs: dict, last_only: bool = True) -> tuple[torch.Tensor, dict[int, object]]:
+def _clean_outputs(lens, inputs: dict, last_only: bool = True
+                   ) -> tuple[torch.Tensor, dict[int, object], dict[torch.nn.Module, object]]:
+    """The clean run: last-row logits, every decoder layer's output, and the outputs of the encoders that ran
+    exactly once before the decoder started."""
     outs: dict[int, object] = {}
-    handles = []
+    enc: dict[torch.nn.Module, object] = {}
+    calls: dict[torch.nn.Module, int] = {}
+    started = [False]
+    handles = [lens.facts.decoder.register_forward_pre_hook(lambda *_: started.__setitem__(0, True))]
+    for mod in _encoder_modules(lens):
+        def enc_hook(m, args, output):
+            calls[m] = calls.get(m, 0) + 1
+            if not started[0]:
+                enc[m] = _map_tensors(output, lambda t: t.detach())
+        handles.append(mod.register_forward_hook(enc_hook))
     batch = next(v for v in inputs.values() if isinstance(v, torch.Tensor)).shape[0]
     for lf in lens.facts.layers:
         def hook(mod, args, output, _i=lf.index):
@@ -115,7 +177,8 @@ def _clean_outputs(lens, inputs: dict, last_only: bool = True) -> tuple[torch.Te
     finally:
         for h in handles:
             h.remove()
-    return logits, outs
+    enc = {m: o for m, o in enc.items() if calls.get(m) == 1}
+    return logits, outs, enc
 
 
 def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = last_token_logits,
@@ -129,7 +192,7 @@ def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = la
         raise InterventionError("sweep() got no settings.")
     fkw = _forward_kwargs(lens, last_only)
     inputs = {k: v for k, v in inputs.items() if k != "labels"}  # no loss: logits only
-    logits, outs = _clean_outputs(lens, inputs, last_only)
+    logits, outs, enc = _clean_outputs(lens, inputs, last_only)
     baseline = metric(logits)
     order = sorted(range(len(settings)), key=lambda i: settings[i].first_layer)
     values: list[torch.Tensor | None] = [None] * len(settings)
@@ -156,6 +219,8 @@ def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = la
                 for probe, layers in settings[i].probes(rows):
                     stack.enter_context(lens.probe(probe, layers=layers))
             stack.enter_context(_replay_prefix(lens, outs, first, n))
+            if reuse_prefix:
+                stack.enter_context(_replay_encoders(enc, n))
             with torch.no_grad():
                 out = metric(lens.model(**big, **fkw).logits)
         forwards += 1

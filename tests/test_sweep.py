@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import arbiter
 from arbiter.data import ConflictSample
-from arbiter.sweep import head_sweep, knockout_sweep
+from arbiter.sweep import _clean_outputs, _encoder_modules, head_sweep, knockout_sweep
 
-from helpers import _tiny, inputs_for, logits
+from helpers import MULTIMODAL, _tiny, inputs_for, logits
 
 
 def test_head_sweep_equals_naive_loop():
@@ -43,3 +44,33 @@ def test_knockout_map_equals_naive_loop_with_text_groups():
     assert (res.values - torch.stack(naive)).abs().max().item() <= 1e-5
     assert (res.values - res.baseline).abs().amax(dim=(1, 2)).min().item() >= 0.0
     assert (res.values[0] - res.baseline).abs().max().item() > 0  # image -> instruction at layer 0 matters
+
+
+@pytest.mark.parametrize("family", MULTIMODAL + ["llama"])
+def test_head_sweep_replays_encoders_and_equals_naive_loop(family):
+    tm = _tiny(family)
+    inputs = inputs_for(tm, n=2)
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        last = lens.facts.attention_layers[-1]
+        heads = [(lens.facts.attention_layers[0], 0), (last, 0), (last, 1)]
+        _, _, replayed = _clean_outputs(lens, {k: v for k, v in inputs.items() if k != "labels"})
+        encoders = [m for m in _encoder_modules(lens) if m in replayed]
+        # a stub forward still runs the module's hooks, so count calls of a submodule (the real work)
+        # (leaf siblings such as lm_head are skipped: they run after the decoder and are never replayed)
+        inner = [next(m.children()) for m in encoders if next(m.children(), None) is not None]
+        calls = {id(m): 0 for m in inner}
+        handles = [m.register_forward_pre_hook(lambda m, a: calls.__setitem__(id(m), calls[id(m)] + 1))
+                   for m in inner]
+        try:
+            res = head_sweep(lens, inputs, heads=heads, chunk=2)
+        finally:
+            for h in handles:
+                h.remove()
+        naive = []
+        for s in res.settings:
+            with lens.block_heads([(s.meta["layer"], s.meta["head"])]):
+                naive.append(logits(tm.model, inputs)[:, -1])
+    assert (res.values - torch.stack(naive)).abs().max().item() <= 1e-5
+    # each replayed encoder ran once (the clean run), not once per sweep forward; the vision tower is one
+    assert all(c <= 1 for c in calls.values()), calls
+    assert max(calls.values(), default=0) == (0 if family == "llama" else 1)
