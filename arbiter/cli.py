@@ -54,9 +54,18 @@ def _diagnose(args) -> int:
 
 def _run(model, processor, ds, args, report_mod, diagnose) -> int:
     rep = diagnose(model, processor, ds, args.out, limit=args.limit, window=args.window, top=args.top,
-                   batch_size=args.batch_size, n_random=args.random_draws, generate=not args.no_generate)
+                   batch_size=args.batch_size, n_random=args.random_draws, generate=not args.no_generate,
+                   skip=args.skip, modality_limit=args.modality_limit or None, shapley_removal=args.shapley_removal,
+                   keyspace_max_n=args.keyspace_max_n, keyspace_permutations=args.keyspace_permutations,
+                   calibration=args.calibration,
+                   surrogate_predict="simulate" if args.surrogate_simulate else "table")
     paths = report_mod.write(rep, args.out)
     m = rep["mfr"]
+    sh, su = rep.get("shapley") or {}, rep.get("surrogate") or {}
+    fmt = lambda v: "n/a" if v is None else f"{v:.3g}"
+    if "skipped" not in sh and "skipped" not in su and sh and su:
+        print(f"[arbiter] modality Shapley angle {fmt(sh.get('angle'))}°; surrogate β_self {fmt(su.get('beta_self'))}, "
+              f"β_cross {fmt(su.get('beta_cross'))}, predicted angle {fmt(su.get('angle_pred'))}°")
     print(f"[arbiter] MFR overall {m['overall']:.3f} (vision {m['vision']}, text {m['text']}); "
           f"report: {paths['html']}")
     return 0
@@ -138,6 +147,24 @@ def _common(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _modality_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of the modality steps of diagnose / demo (shapley, keyspace, imbalance, surrogate)."""
+    g = p.add_argument_group("modality steps (SPEC 8-11)")
+    g.add_argument("--skip", default="", help="comma-separated steps to leave out: shapley,keyspace,imbalance,surrogate")
+    g.add_argument("--modality-limit", type=int, default=32,
+                   help="conflict samples with an image used by the modality steps, alternating vision- and "
+                        "text-instructed (default 32; 0 = all)")
+    g.add_argument("--shapley-removal", default="knockout", choices=["knockout", "neutral"],
+                   help="remove a modality by attention knockout (default) or a neutral input (black image, empty text)")
+    g.add_argument("--keyspace-max-n", type=int, default=1000, help="keys per modality and layer (SPEC 9: 5000)")
+    g.add_argument("--keyspace-permutations", type=int, default=100, help="MMD permutation test (SPEC 9: 200)")
+    g.add_argument("--calibration", default="responsive_5x5_5seeds",
+                   help="c(β) table of the surrogate fit: a shipped name or a JSON file "
+                        "(python -m arbiter.surrogate.calibration builds one)")
+    g.add_argument("--surrogate-simulate", action="store_true",
+                   help="simulate the surrogate at the fitted β (5 seeds; minutes) instead of reading the calibration")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="arbiter", description="Diagnose how a multimodal LLM arbitrates between "
                                                              "modalities (see SPEC.md for every measure).")
@@ -148,10 +175,12 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     d.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     _common(d)
+    _modality_flags(d)
     d.set_defaults(fn=_diagnose)
     m = sub.add_parser("demo", help="diagnose the shipped trained organism on its data (no download)")
     m.add_argument("--organism", default="llava_tiny")
     _common(m, out_default="arbiter-demo")
+    _modality_flags(m)
     m.set_defaults(fn=_demo)
     s = sub.add_parser("steer", help="amplify the diagnosis' TopG heads on failures; measure gain and side effects")
     s.add_argument("--model", required=True)

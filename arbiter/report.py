@@ -136,7 +136,103 @@ def _plots(report: dict, out: Path) -> list[Path]:
     ax[1].set(title=f"Amplification on failures (n={a.get('n_failed')})", xlabel="alpha",
               ylabel="restored fraction", ylim=(0, 1.05))
     save(fig, "blocking_amplification.png")
+    _modality_plots(report, plt, save)
     return paths
+
+
+def _ok(report: dict, key: str) -> dict | None:
+    """A modality section of the report when it ran (not absent, not skipped)."""
+    d = report.get(key)
+    return d if isinstance(d, dict) and "skipped" not in d else None
+
+
+def _modality_plots(report: dict, plt, save) -> None:
+    import numpy as np
+
+    sh = _ok(report, "shapley")
+    if sh and sh.get("mean"):
+        players = list(sh["players"])
+        groups = [("all", sh["mean"], sh.get("angle"))] + [
+            (f"{t}-instructed", sh["mean_by_target"][t], (sh.get("angle_by_target") or {}).get(t))
+            for t in ("vision", "text") if t in (sh.get("mean_by_target") or {})]
+        fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(groups) * len(players) / 2 + 3), 3.6))
+        w = 0.8 / len(players)
+        for k, p in enumerate(players):
+            ax.bar(np.arange(len(groups)) + (k - (len(players) - 1) / 2) * w, [g[1].get(p, 0.0) for g in groups], w,
+                   label=p)
+        ax.set_xticks(range(len(groups)),
+                      [f"{g[0]}\nangle {_fmt(g[2])}°" if g[2] is not None else f"{g[0]}\nangle n/a" for g in groups])
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set(title=f"Modality Shapley values (v = {sh['value']} of the {sh['reference']} answer, removal "
+                     f"{sh['removal']}, n={sh['n_samples']})", ylabel="mean φ")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=8)
+        save(fig, "shapley.png")
+
+    ks = _ok(report, "keyspace")
+    if ks and ks.get("layers"):
+        nan = lambda v: [x if x is not None else np.nan for x in v]
+        pca = ks.get("pca2")
+        fig, axes = plt.subplots(1, 2 if pca else 1, figsize=(10 if pca else 5.5, 3.6), squeeze=False)
+        ax = axes[0, 0]
+        m1, m2 = ks["modalities"]
+        ax.plot(ks["layers"], nan(ks["mmd"]), "-o", label=f"cross ({m1} vs {m2})")
+        ax.plot(ks["layers"], nan(ks["intra_a"]), "--s", label=f"intra {m1} (random halves)")
+        ax.plot(ks["layers"], nan(ks["intra_b"]), "--^", label=f"intra {m2} (random halves)")
+        ax.set(title=f"Key-space MMD per layer ({ks['keys']})", xlabel="layer", ylabel="MMD")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=8)
+        if pca:
+            ax = axes[0, 1]
+            a, b = np.asarray(pca["a"], dtype=float).reshape(-1, 2), np.asarray(pca["b"], dtype=float).reshape(-1, 2)
+            ax.scatter(a[:, 0], a[:, 1], s=6, alpha=0.6, label=m1)
+            ax.scatter(b[:, 0], b[:, 1], s=6, alpha=0.6, label=m2)
+            ex = pca.get("explained") or [0, 0]
+            ax.set(title=f"layer {pca['layer']} keys, first two pooled PCs", xlabel=f"PC1 ({100 * ex[0]:.1f}%)",
+                   ylabel=f"PC2 ({100 * ex[1]:.1f}%)" if len(ex) > 1 else "PC2")
+            ax.legend(fontsize=8)
+        save(fig, "keyspace.png")
+
+    im = _ok(report, "imbalance")
+    if im and im.get("heat"):
+        import torch
+
+        from .experiments.modality import ImbalanceExperimentResult, plot_imbalance
+        from .metrics.imbalance import ImbalanceResult
+
+        t = lambda k: torch.tensor(np.asarray(_nan_grid(im[k]), dtype=np.float64))
+        res = ImbalanceExperimentResult(im["layers"], tuple(im["modalities"]), im["query"], im.get("sample_ids", []),
+                                        ImbalanceResult(t("heat"), im["scalar"] if im["scalar"] is not None else
+                                                        float("nan"), t("mass_1"), t("mass_2"), t("norm_1"),
+                                                        t("norm_2"), t("heat")[None], im["how"], im["per_token"]))
+        heat = res.heat
+        fig, ax = plt.subplots(figsize=(max(6.0, 2.5 + 0.4 * heat.shape[1]), 1.8 + 0.3 * heat.shape[0]))
+        plot_imbalance(res, ax=ax)
+        save(fig, "imbalance.png")
+
+    su = _ok(report, "surrogate")
+    tab = (su or {}).get("table") or {}
+    if su and tab.get("beta"):
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        ax.semilogx(tab["beta"], tab["c_self"], "-o", label="c_self(β) (calibration)")
+        ax.semilogx(tab["beta"], tab["c_cross"], "-s", label="c_cross(β) (calibration)")
+        c = su.get("concentrations") or {}
+        for k, b, st in (("c_self", su.get("beta_self"), "C0"), ("c_cross", su.get("beta_cross"), "C1")):
+            if c.get(k) is not None and b is not None:
+                ax.plot([b], [c[k]], "*", ms=14, color=st, label=f"MLLM {k} = {c[k]:.3f} → β = {b:.3g}")
+        ax.set(title=f"Surrogate fit: angle pred {_fmt(su.get('angle_pred'))}° vs measured "
+                     f"{_fmt(su.get('angle_measured'))}°", xlabel="β", ylabel="attention concentration c",
+               ylim=(0, 1.05))
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=7)
+        save(fig, "surrogate.png")
+
+
+def _nan_grid(v):
+    """Nested lists with None (JSON for nan) back to floats."""
+    if isinstance(v, list):
+        return [_nan_grid(x) for x in v]
+    return float("nan") if v is None else v
 
 
 def _fmt(x) -> str:
@@ -173,9 +269,80 @@ def markdown(report: dict) -> str:
     for e in ko:
         lines.append(f"- {e['src']} → {e['dst']} around layer {e['center']}: I_NSSD {_fmt(e['nssd'])}, "
                      f"MFR {_fmt(e['mfr'])}")
-    lines += ["", "Definitions: ../shared/SPEC.md sections 3–7 (MAM, I_NSSD, LDAR, MFR, head scores); choices "
-              "marked proposed there are documented in arbiter.metrics.", ""]
+    lines += _modality_markdown(report)
+    lines += ["", "Definitions: ../shared/SPEC.md sections 3–11 (MAM, I_NSSD, LDAR, MFR, head scores, imbalance, "
+              "key space, modality Shapley, surrogate); choices marked proposed there are documented in "
+              "arbiter.metrics and arbiter.surrogate.", ""]
     return "\n".join(lines)
+
+
+def _skipped(report: dict, key: str) -> str | None:
+    d = report.get(key)
+    if d is None:
+        return "not run"
+    return d.get("skipped") if isinstance(d, dict) else None
+
+
+def _modality_markdown(report: dict) -> list[str]:
+    if not any(k in report for k in ("shapley", "keyspace", "imbalance", "surrogate")):
+        return []
+    lines = ["", "## Modalities", ""]
+    sh = _ok(report, "shapley")
+    if sh:
+        mean = ", ".join(f"φ({p}) {_fmt(v)}" for p, v in sh["mean"].items())
+        by = "; ".join(f"{t}-instructed: " + ", ".join(f"φ({p}) {_fmt(v)}" for p, v in m.items()) +
+                       f", angle {_fmt((sh.get('angle_by_target') or {}).get(t))}°"
+                       for t, m in (sh.get("mean_by_target") or {}).items())
+        x, y = sh.get("angle_players") or ("X", "Y")
+        lines += [f"- Modality Shapley ({sh['n_samples']} samples, removal {sh['removal']}, v = {sh['value']} of the "
+                  f"{sh['reference']} answer): {mean}; preference angle {_fmt(sh.get('angle'))}° (+90° only {y}, "
+                  f"−90° only {x}); {by}. Efficiency gap {_fmt(sh.get('efficiency_gap'))}."]
+    else:
+        lines += [f"- Modality Shapley: skipped ({_skipped(report, 'shapley')})."]
+    ks = _ok(report, "keyspace")
+    if ks:
+        sm = ks.get("summary") or {}
+        lines += [f"- Key space ({ks['modalities'][0]} vs {ks['modalities'][1]} keys, {ks['keys']}): cross-modal MMD "
+                  f"{_fmt(sm.get('mmd_mean'))} (mean over layers; max {_fmt(sm.get('mmd_max'))} at layer "
+                  f"{sm.get('layer_max')}) vs intra-modal {_fmt(sm.get('intra_mean'))} (ratio {_fmt(sm.get('ratio'))}); "
+                  f"JSD {_fmt(sm.get('jsd_mean'))} bits. Paper: ≈ 0.408 vs ≈ 0.012."]
+    else:
+        lines += [f"- Key space: skipped ({_skipped(report, 'keyspace')})."]
+    im = _ok(report, "imbalance")
+    if im:
+        pl = im.get("per_layer_mean") or []
+        lines += [f"- Attention imbalance log(N_{im['modalities'][0]} / N_{im['modalities'][1]}) at the {im['query']} "
+                  f"token: mean |imbalance| {_fmt(im.get('scalar'))}; per layer "
+                  f"{[round(v, 2) if v is not None else None for v in pl]}; "
+                  f"share of heads with N_{im['modalities'][0]} > N_{im['modalities'][1]}: "
+                  f"{_fmt(im.get('share_m1_larger'))}."]
+    else:
+        lines += [f"- Attention imbalance: skipped ({_skipped(report, 'imbalance')})."]
+    su = _ok(report, "surrogate")
+    if su:
+        cal = su.get("calibration") or {}
+        ratio = su.get("angle_identifiability_ratio")
+        note = " (≤ 2: the predicted angle does not depend on β here)" if ratio is None or ratio <= 2 else ""
+        lines += [f"- Surrogate (SPEC 11, {cal.get('preset')} preset, calibration {cal.get('name')}: "
+                  f"{cal.get('grid')} × {cal.get('grid')} grid, seeds {cal.get('seeds')}; prediction "
+                  f"{su.get('prediction')}): β_self {_fmt(su.get('beta_self'))}, β_cross {_fmt(su.get('beta_cross'))}"
+                  f"; predicted angle {_fmt(su.get('angle_pred'))}° (NMSE {_fmt(su.get('nmse'))}) vs measured "
+                  f"{_fmt(su.get('angle_measured'))}°; angle identifiability ratio "
+                  f"{_fmt(ratio)}{note}; {len(su.get('flags') or [])} flags in report.json."]
+    else:
+        lines += [f"- Surrogate: skipped ({_skipped(report, 'surrogate')})."]
+    return lines
+
+
+def _html_line(line: str) -> str:
+    if line.startswith("|"):
+        return f"<pre>{html.escape(line)}</pre>"
+    if line.startswith("#"):
+        level = min(3, len(line) - len(line.lstrip("#")))
+        return f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>"
+    if line.startswith("- "):
+        return f"<p>• {html.escape(line[2:])}</p>"
+    return f"<p>{html.escape(line)}</p>"
 
 
 def write(report: dict, out: str | os.PathLike) -> dict[str, Path]:
@@ -190,8 +357,7 @@ def write(report: dict, out: str | os.PathLike) -> dict[str, Path]:
     (out / "report.md").write_text(md + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n")
     imgs = "".join(f'<h3>{html.escape(p.stem)}</h3><img alt="{html.escape(p.stem)}" '
                    f'src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}"/>' for p in pngs)
-    body = "".join(f"<p>{html.escape(line)}</p>" if not line.startswith("|") else
-                   f"<pre>{html.escape(line)}</pre>" for line in md.splitlines() if line)
+    body = "".join(_html_line(line) for line in md.splitlines() if line)
     (out / "report.html").write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>arbiter report</title>"
         "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}img{max-width:100%}"

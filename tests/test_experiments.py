@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 
 import pytest
 import torch
+from helpers import FAMILIES, MULTIMODAL, _tiny
 
 import arbiter
-from arbiter.data import generate_synthetic
+import arbiter.errors
+import arbiter.report
+from arbiter.data import ConflictDataset, ConflictSample, generate_synthetic
 from arbiter.experiments.baseline import evaluate
 from arbiter.experiments.common import batches, pi_from_logits
 from arbiter.experiments.diagnose import diagnose
-from arbiter.experiments.heads import attribution_ranking, compare_rankings, dla_ranking, exhaustive_ranking
+from arbiter.experiments.heads import (
+    attribution_ranking,
+    compare_rankings,
+    dla_ranking,
+    exhaustive_ranking,
+)
 from arbiter.experiments.knockout_map import knockout_map
 from arbiter.metrics import i_nssd
-
-from helpers import FAMILIES, _tiny
 
 
 @pytest.fixture(scope="module")
@@ -90,15 +98,63 @@ def test_attribution_of_last_layer_heads_tracks_exact_effect(synth):
     assert (a - b).abs().max().item() <= 0.25 * a.abs().max().item() + 1e-4
 
 
-REPORT_KEYS = {"model", "n_samples", "mfr", "mam", "ldar", "knockout", "heads", "blocking", "amplification"}
+REPORT_KEYS = {"model", "n_samples", "mfr", "mam", "ldar", "knockout", "heads", "blocking", "amplification",
+               "shapley", "keyspace", "imbalance", "surrogate"}
+FAST = {"limit": 4, "window": 3, "n_random": 2, "alphas": (2.0,), "batch_size": 4, "generate": False,
+        "progress": False, "head_methods": ("exhaustive",), "keyspace_max_n": 300, "keyspace_permutations": 20}
+
+
+def check_modality_sections(rep: dict, n_heads: int) -> None:
+    """Values of the shapley / keyspace / imbalance / surrogate sections (or a skip with a reason)."""
+    sh = rep["shapley"]
+    if "skipped" in sh:
+        assert isinstance(sh["skipped"], str) and sh["skipped"]
+    else:
+        assert sh["players"][:1] == ["image"] and len(sh["players"]) >= 2 and sh["n_samples"] >= 1
+        ps = sh["per_sample"]
+        for phi, v0, v1 in zip(ps["phi"], ps["v_empty"], ps["v_full"]):  # efficiency, per sample
+            assert abs(sum(phi) - (v1 - v0)) <= 1e-6
+        assert abs(sum(sh["mean"].values()) - (sh["v_full_mean"] - sh["v_empty_mean"])) <= 1e-6
+        assert sh["efficiency_gap"] <= 1e-6
+        for t, m in sh["mean_by_target"].items():  # the split by target averages the per-sample values
+            rows = [p for p, tt in zip(ps["phi"], ps["targets"]) if tt == t]
+            assert m[sh["players"][0]] == pytest.approx(sum(r[0] for r in rows) / len(rows), abs=1e-9)
+            a = sh["angle_by_target"][t]
+            assert a is None or -90.0 <= a <= 90.0
+        assert sh["angle"] is None or -90.0 <= sh["angle"] <= 90.0
+    ks = rep["keyspace"]
+    if "skipped" in ks:
+        assert ks["skipped"]
+    else:
+        assert len(ks["mmd"]) == len(ks["intra"]) == len(ks["layers"]) >= 1
+        assert all(v is None or v >= 0 for v in ks["mmd"] + ks["intra_a"] + ks["intra_b"])
+        assert ks["summary"]["mmd_mean"] is not None and ks["summary"]["intra_mean"] is not None
+    im = rep["imbalance"]
+    if "skipped" in im:
+        assert im["skipped"]
+    else:
+        assert len(im["heat"]) == len(im["layers"]) >= 1 and all(len(row) == n_heads for row in im["heat"])
+        finite = [v for row in im["heat"] for v in row if v is not None]
+        assert im["scalar"] == pytest.approx(sum(abs(v) for v in finite) / len(finite), rel=1e-6)
+    su = rep["surrogate"]
+    if "skipped" in su:
+        assert isinstance(su["skipped"], str) and su["skipped"]
+    else:
+        for b in (su["beta_self"], su["beta_cross"]):
+            assert b is not None and math.isfinite(b) and b > 0
+        assert su["angle_pred"] is None or -90.0 <= su["angle_pred"] <= 90.0
+        assert su["nmse"] is not None and 0 < su["nmse"] < 1
+        assert su["angle_measured"] == (None if "skipped" in sh else sh["angle"])
+        assert su["calibration"]["name"] == "responsive_5x5_5seeds" and su["prediction"] == "table"
+        assert su["calibration"]["seeds"] and su["calibration"]["preset"] == "responsive"
+        lo, hi = min(su["table"]["beta"]), max(su["table"]["beta"])
+        assert all(lo <= e["beta_self"] <= hi for e in su["layers"] if e["beta_self"] is not None)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_diagnose_produces_a_complete_report_on_every_family(family, synth, tmp_path):
     tm = _tiny(family)
-    rep = diagnose(tm.model, tm.processor, synth, tmp_path, limit=4, window=3, n_random=2, alphas=(2.0,),
-                   batch_size=4, generate=False, progress=False, log=lambda s: None,
-                   head_methods=("exhaustive",))
+    rep = diagnose(tm.model, tm.processor, synth, tmp_path, log=lambda s: None, **FAST)
     assert REPORT_KEYS <= set(rep)
     assert rep["n_samples"] == 4
     assert len(rep["mam"]["vision"]) + len(rep["mam"]["text"]) > 0
@@ -106,7 +162,103 @@ def test_diagnose_produces_a_complete_report_on_every_family(family, synth, tmp_
     assert len(rep["heads"]["ranking"]) == sum(1 for _ in rep["heads"]["ranking"]) > 0
     assert set(rep["blocking"]) >= {"fraction", "heads", "mfr_top", "mfr_random"}
     assert set(rep["amplification"]) >= {"alpha", "restored", "n_failed"}
-    json.dumps(rep)
+    check_modality_sections(rep, rep["model"]["n_heads"])
+    if family in MULTIMODAL:  # tiny random models all have an image and a context: every step runs
+        assert not [k for k in ("shapley", "keyspace", "imbalance", "surrogate") if "skipped" in rep[k]]
+    else:
+        assert all("no image token" in rep[k]["skipped"] for k in ("shapley", "keyspace", "imbalance", "surrogate"))
+    assert set(rep["timing_s"]) >= {"shapley", "keyspace", "imbalance", "surrogate"}
+    json.dumps(rep, allow_nan=False)
+
+
+def test_diagnose_resumes_the_modality_steps_and_reruns_only_what_changed(synth, tmp_path):
+    tm = _tiny("llava")
+    logs = []
+    first = diagnose(tm.model, tm.processor, synth, tmp_path, log=logs.append, **FAST)
+    logs.clear()
+    again = diagnose(tm.model, tm.processor, synth, tmp_path, log=logs.append, **FAST)
+    for step in ("baseline", "shapley", "keyspace", "imbalance", "surrogate"):
+        assert any(f"{step}: done earlier" in line for line in logs), step
+        assert again[step if step != "baseline" else "mfr"] == first[step if step != "baseline" else "mfr"]
+    logs.clear()  # a modality setting changes: only the modality steps run again
+    other = diagnose(tm.model, tm.processor, synth, tmp_path, log=logs.append, **{**FAST, "keyspace_permutations": 10})
+    assert any("keyspace: done earlier" not in line and line.startswith("[arbiter] keyspace:") for line in logs)
+    assert any("shapley: done earlier" in line for line in logs)
+    assert other["keyspace"]["settings"]["n_permutations"] == 10
+    logs.clear()
+    skipped = diagnose(tm.model, tm.processor, synth, tmp_path, log=logs.append, skip="keyspace,surrogate", **FAST)
+    assert "skip" in skipped["keyspace"]["skipped"] and "skip" in skipped["surrogate"]["skipped"]
+    assert skipped["shapley"] == first["shapley"]
+    with pytest.raises(arbiter.errors.DataError, match="can be skipped"):
+        diagnose(tm.model, tm.processor, synth, tmp_path, log=logs.append, skip=("heads",), **FAST)
+
+
+def test_diagnose_records_a_reason_when_the_data_has_no_image(synth, tmp_path):
+    tm = _tiny("llava")
+    text_only = ConflictDataset([dataclasses.replace(s, image=None) for s in synth.samples], template=synth.template,
+                                path=synth.path)
+    rep = diagnose(tm.model, tm.processor, text_only, tmp_path, log=lambda s: None, **FAST)
+    for step in ("shapley", "keyspace", "imbalance", "surrogate"):
+        assert set(rep[step]) == {"skipped", "seconds"} and "no conflict sample has an image" in rep[step]["skipped"]
+    md = arbiter.report.markdown(rep)  # the report says so instead of failing
+    assert "Modality Shapley: skipped (no conflict sample has an image" in md and "Surrogate: skipped (" in md
+
+
+def test_modality_samples_alternate_targets_and_skip_imageless():
+    from arbiter.experiments.diagnose import modality_samples
+
+    mk = lambda i, t, img=True: ConflictSample(id=f"s{i}", image="x.png" if img else None, context="c",
+                                               instruction="i", question="q", target=t, answer_vision="a",
+                                               answer_text="b")
+    ss = [mk(0, "vision"), mk(1, "vision"), mk(2, "vision"), mk(3, "text"), mk(4, "text", img=False), mk(5, "text")]
+    assert [s.id for s in modality_samples(ss, 3)] == ["s0", "s3", "s1"]
+    assert [s.id for s in modality_samples(ss, None)] == ["s0", "s3", "s1", "s5", "s2"]
+
+
+def test_streamed_concentrations_equal_trace_concentrations_of_a_recorded_trace(synth):
+    """diagnose's surrogate step measures c per sample as the rows pass (no attention map kept); merged over
+    batches of 2 it equals arbiter.surrogate.trace_concentrations on one recorded trace of all samples."""
+    from arbiter.experiments.diagnose import lens_concentrations
+    from arbiter.surrogate import trace_concentrations
+
+    tm = _tiny("llava")
+    samples = [s for s in synth.samples if s.conflict][:4]
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        streamed = lens_concentrations(lens, samples, 2, synth)
+        batch = lens.encode(samples, dataset=synth)
+        with torch.no_grad(), lens.record("attn.probs", rows="all") as rec:
+            tm.model(**batch.inputs)
+    ref = trace_concentrations(rec.trace)
+    assert streamed["layers"] == ref["layers"] == list(range(tm.model.config.text_config.num_hidden_layers))
+    for layer in ref["layers"]:
+        for k in ("c_self", "c_cross", "c_self_x", "c_self_y", "c_cross_x", "c_cross_y", "n_rows_x", "n_rows_y"):
+            a, b = streamed["per_layer"][layer][k], ref["per_layer"][layer][k]
+            assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-9), (layer, k)
+    assert streamed["overall"]["c_self"] == pytest.approx(ref["overall"]["c_self"], abs=1e-9)
+
+
+def test_shipped_calibration_reproduces_its_cells_and_fits_without_simulating():
+    from arbiter.surrogate import fit, load_calibration, table_point
+    from arbiter.surrogate.calibration import calibration_info
+
+    cal = load_calibration()
+    assert cal.params["preset"] == "responsive" and len(cal.points) == 25 and cal.params["seeds"] == [0, 1, 2, 3, 4]
+    assert calibration_info(cal, "responsive_5x5_5seeds")["identifiability_ratio"]["c_self"] > 2
+    for p in cal.points[::6]:  # on a grid cell the table gives that cell's sweep values
+        t = table_point(cal, p["beta_self"], p["beta_cross"])
+        assert t["nmse"] == pytest.approx(p["nmse"], rel=1e-9)
+        assert (t["angle"] is None and p["angle"] is None) or t["angle"] == pytest.approx(p["angle"], abs=1e-6)
+    curves = cal.params["concentration_curves"]
+    beta, cs, cc = curves["beta"], curves["c_self_marginal"], curves["c_cross_marginal"]
+    mid_c = (cs[2] + cs[3]) / 2
+    conc = {"layers": [0], "x": "image", "y": "text", "count": "visible", "min_keys": 2,
+            "per_layer": {0: {"c_self": mid_c, "c_cross": cc[1], "c_self_x": mid_c, "c_self_y": mid_c,
+                              "c_cross_x": cc[1], "c_cross_y": cc[1]}}}
+    conc["overall"] = dict(conc["per_layer"][0])
+    r = fit(None, concentrations=conc, sweep_result=cal, predict="table", angle_measured=12.0)
+    assert beta[2] < r.beta_self < beta[3] and r.beta_cross == pytest.approx(beta[1], rel=1e-6)
+    assert r.angle_measured == 12.0 and r.params["predict"] == "table" and 0 < r.nmse < 1
+    assert any("identifiability ratio" in f for f in r.flags)
 
 
 def test_cli_diagnose_writes_reports_and_resumes_after_interrupt(synth, tmp_path, monkeypatch, capsys):
@@ -131,9 +283,11 @@ def test_cli_diagnose_writes_reports_and_resumes_after_interrupt(synth, tmp_path
     assert cli.main(args) == 0
     log = capsys.readouterr().out
     assert "baseline: done earlier" in log
-    for name in ("report.json", "report.md", "report.html", "mam_ldar.png", "knockout_map.png", "heads.png"):
+    for name in ("report.json", "report.md", "report.html", "mam_ldar.png", "knockout_map.png", "heads.png",
+                 "shapley.png", "keyspace.png", "imbalance.png", "surrogate.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
-    assert "data:image/png;base64," in (tmp_path / "out" / "report.html").read_text()
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "data:image/png;base64," in html and "Modality Shapley" in html and "calibration responsive_5x5_5seeds" in html
     from arbiter.trace import read_trace_dir
 
     tr = read_trace_dir(tmp_path / "out" / "traces" / "baseline")

@@ -1,6 +1,25 @@
 """diagnose: the whole arbitration diagnosis of a model on a conflict data set, step by step and resumable.
 
-Each finished step is written atomically to OUT/steps/<step>.json; a rerun with the same settings skips it."""
+Each finished step is written atomically to OUT/steps/<step>.json; a rerun with the same settings skips it.
+
+Steps: baseline, knockout, heads, blocking, amplification (every conflict sample, after ``limit``), then the
+modality steps on at most ``modality_limit`` (default 32) conflict samples that have an image, taken alternately
+from the vision- and the text-instructed ones:
+
+* ``shapley``: exact modality Shapley values (SPEC 10) of the players present (image, audio, context), removal by
+  knockout (default) or neutral input, v = log P(compliant answer); mean φ and the preference angle (X = image,
+  Y = context) overall and split by target.
+* ``keyspace``: key-space MMD / JSD per layer, image vs text keys (SPEC 9), with at most ``keyspace_max_n``
+  (1,000) keys per modality per layer and ``keyspace_permutations`` (100) permutations (SPEC 9's defaults are
+  5,000 and 200: slower, same estimator).
+* ``imbalance``: attention imbalance log(N_image / N_context) per (layer, head) at the last token (SPEC 8).
+* ``surrogate``: per-layer attention concentrations (image / text queries over image / text keys) inverted
+  through the c(β) curves of a shipped calibration (``arbiter.surrogate.calibration``, no integration), the
+  surrogate's angle at the fitted β read from the calibration's cells (``surrogate_predict="table"``, default) or
+  simulated (``"simulate"``: 5 seeds, about 1-10 min of CPU depending on β), next to the ``shapley`` angle.
+
+A modality step that cannot run on a model or data set (no image, one modality, a token group missing) records
+``{"skipped": reason}``; ``skip=("keyspace", ...)`` skips steps on request."""
 
 from __future__ import annotations
 
@@ -8,20 +27,32 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, ClassVar
 
 import torch
 
 from ..data import ConflictDataset
+from ..errors import ArbiterError, DataError
 from ..lens import attach
 from ..metrics._common import jsonable
+from ..probes.base import Probe
 from .baseline import evaluate
-from .heads import (amplification_experiment, attribution_ranking, blocking_experiment, compare_rankings,
-                    dla_ranking, exhaustive_ranking)
+from .heads import (
+    amplification_experiment,
+    attribution_ranking,
+    blocking_experiment,
+    compare_rankings,
+    dla_ranking,
+    exhaustive_ranking,
+)
 from .knockout_map import knockout_map
 
-STEPS = ("baseline", "knockout", "heads", "blocking", "amplification")
+STEPS = ("baseline", "knockout", "heads", "blocking", "amplification", "shapley", "keyspace", "imbalance",
+         "surrogate")
+MODALITY_STEPS = ("shapley", "keyspace", "imbalance", "surrogate")
+"""Steps that ``skip=`` may leave out (the first five feed each other and the report)."""
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
@@ -47,12 +78,14 @@ class _Steps:
         self.key = key
         self.log = log
 
-    def run(self, name: str, fn: Callable[[], dict]) -> dict:
+    def run(self, name: str, fn: Callable[[], dict], settings: dict | None = None) -> dict:
+        """``settings``: this step's own settings, added to the run's key (changing them reruns only this step)."""
+        key = jsonable({**self.key, **settings}) if settings else self.key
         path = self.dir / f"{name}.json"
         if path.exists():
             try:
                 saved = json.loads(path.read_text())
-                if saved.get("key") == self.key:
+                if saved.get("key") == key:
                     self.log(f"[arbiter] {name}: done earlier, reusing {path}")
                     return saved["result"]
             except (OSError, json.JSONDecodeError):
@@ -60,16 +93,211 @@ class _Steps:
         t = time.perf_counter()
         result = jsonable(fn())
         result["seconds"] = round(time.perf_counter() - t, 3)
-        _atomic_json(path, {"key": self.key, "result": result})
+        _atomic_json(path, {"key": key, "result": result})
         self.log(f"[arbiter] {name}: {result['seconds']:.1f} s")
         return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# modality steps (SPEC 8-11)
+
+
+def modality_samples(samples, limit: int | None) -> list:
+    """The samples of the modality steps: those with an image, at most ``limit``, taken alternately from the
+    vision- and the text-instructed ones (each keeps its order) so that a cap keeps both targets."""
+    import itertools
+
+    with_image = [s for s in samples if s.image is not None]
+    v = [s for s in with_image if s.target == "vision"]
+    t = [s for s in with_image if s.target == "text"]
+    rest = [s for s in with_image if s.target not in ("vision", "text")]
+    out = [s for pair in itertools.zip_longest(v, t) for s in pair if s is not None] + rest
+    return out if limit is None else out[:limit]
+
+
+def _no_image_reason(lens, msamples, all_samples, dataset) -> str | None:
+    """Why the image-vs-text steps cannot run here (None: they can)."""
+    if not all_samples:
+        return "no conflict sample"
+    if not msamples:
+        return "no conflict sample has an image: the modality steps compare image and text"
+    batch = lens.encode(msamples[:1], dataset=dataset)
+    if "image" not in batch.groups or not bool(batch.groups["image"].any()):
+        return ("the encoded prompt has no image token (a text-only model, or the processor dropped the image): "
+                "the modality steps compare image and text")
+    return None
+
+
+def _shapley_summary(r) -> dict:
+    from ..metrics.shapley import preference_angle
+
+    d = r.to_dict()
+
+    def angle(rows) -> float | None:
+        if r.angle_players is None or not rows:
+            return None
+        x, y = (r.players.index(p) for p in r.angle_players)
+        m = r.phi[rows].mean(dim=0)
+        return preference_angle(float(m[x]), float(m[y]), r.angle_how)
+    by = {t: [i for i, x in enumerate(r.targets) if x == t] for t in ("vision", "text")}
+    return {
+        "players": d["players"], "removal": d["removal"], "value": d["value"], "reference": d["reference"],
+        "n_samples": d["n_samples"], "n_by_target": {t: len(v) for t, v in by.items()},
+        "mean": d["mean"], "mean_by_target": d["mean_by_target"],
+        "angle": d["angle"], "angle_by_target": {t: angle(v) for t, v in by.items() if v},
+        "angle_players": d["angle_players"], "angle_how": d["angle_how"],
+        "efficiency_gap": d["efficiency_gap"],
+        "v_empty_mean": float(r.v_empty.mean()), "v_full_mean": float(r.v_full.mean()),
+        "per_sample": {"ids": d["sample_ids"], "targets": d["targets"], "phi": d["phi"], "v_empty": d["v_empty"],
+                       "v_full": d["v_full"], "angle": d["per_sample_angle"]},
+        "reading": "phi: contribution of each modality to log P(compliant answer), exact Shapley over all "
+                   "coalitions (SPEC 10); angle +90 = only Y (text context) matters, -90 = only X (image)",
+    }
+
+
+def _keyspace_summary(k, plot_points: int) -> dict:
+    import numpy as np
+
+    d = k.to_dict()
+    d.pop("per_layer", None)
+    intra = [(a + b) / 2 if a is not None and b is not None else None for a, b in zip(d["intra_a"], d["intra_b"])]
+    mmd = np.array([x if x is not None else np.nan for x in d["mmd"]], dtype=np.float64)
+    itr = np.array([x if x is not None else np.nan for x in intra], dtype=np.float64)
+    ok = np.isfinite(mmd)
+    summary = {"mmd_mean": float(np.nanmean(mmd)) if ok.any() else None,
+               "intra_mean": float(np.nanmean(itr)) if np.isfinite(itr).any() else None,
+               "mmd_max": float(np.nanmax(mmd)) if ok.any() else None,
+               "layer_max": int(k.layers[int(np.nanargmax(mmd))]) if ok.any() else None,
+               "jsd_mean": float(np.nanmean(k.jsd)) if np.isfinite(k.jsd).any() else None}
+    if summary["mmd_mean"] is not None and summary["intra_mean"]:
+        summary["ratio"] = summary["mmd_mean"] / summary["intra_mean"]
+    pca = None
+    if summary["layer_max"] is not None and summary["layer_max"] in k.pca2:
+        a, b, expl = k.pca2[summary["layer_max"]]
+        pca = {"layer": summary["layer_max"], "a": np.round(a[:plot_points], 4), "b": np.round(b[:plot_points], 4),
+               "explained": expl}
+    return {**d, "intra": intra, "summary": summary, "pca2": pca,
+            "reading": "MMD between image and text keys per layer (cross) vs between random halves of one "
+                       "modality (intra, the baseline); SPEC 9"}
+
+
+def _imbalance_summary(im) -> dict:
+    d = im.to_dict()
+    d.pop("per_sample", None)
+    d["heat"] = d.pop("imbalance", None)
+    heat = im.heat.detach().to("cpu").double()
+    finite = torch.isfinite(heat)
+    per_layer = [float(row[f].mean()) if bool(f.any()) else None for row, f in zip(heat, finite)]
+    abs_layer = [float(row[f].abs().mean()) if bool(f.any()) else None for row, f in zip(heat, finite)]
+    return {**d, "per_layer_mean": per_layer, "per_layer_abs_mean": abs_layer,
+            "share_m1_larger": float((heat[finite] > 0).double().mean()) if bool(finite.any()) else None,
+            "reading": f"log(N_{im.modalities[0]} / N_{im.modalities[1]}) of the output norms per (layer, head) "
+                       f"at the {im.query} token, mean over samples; scalar = mean |log ratio| (SPEC 8)"}
+
+
+class _Concentrations(Probe):
+    """Per layer and sample, trace_concentrations of the attention rows (image / text queries over image / text
+    keys), computed as the rows pass and dropped: one layer's probabilities in memory at a time."""
+
+    reads: ClassVar = {"attn.probs": "all"}
+
+    def __init__(self, x: str, y: str):
+        super().__init__()
+        self.x, self.y = x, y
+        self.parts: list[tuple[int, dict]] = []
+        self._groups = (None, None)
+
+    def attn_probs(self, ctx, probs):
+        from ..surrogate.fit import trace_concentrations
+        from ..trace import Trace
+
+        if ctx.cross:
+            return
+        if self._groups[0] is not ctx.groups:
+            g = ctx.groups.to_dict()
+            self._groups = (ctx.groups, [{"prompt_length": g["prompt_length"], "sample_ids": [sid],
+                                          "groups": {k: [v[i]] for k, v in g["groups"].items()}}
+                                         for i, sid in enumerate(g["sample_ids"])])
+        probs = probs.detach().to("cpu", torch.float32)
+        rows, rmask = ctx.positions.detach().cpu(), ctx.row_mask.cpu()
+        for i, gi in enumerate(self._groups[1]):  # one part per sample: the merge is then exact
+            tr = Trace({f"L{ctx.layer}.attn.probs": probs[i:i + 1], "rows.attn.probs": rows,
+                        "rowmask.attn.probs": rmask[i:i + 1]}, {"groups": gi})
+            self.parts.append((1.0, trace_concentrations(tr, self.x, self.y, layers=[ctx.layer])))
+
+
+def lens_concentrations(lens, samples, batch_size: int, dataset=None, x: str = "image", y: str = "text",
+                        progress: bool = False) -> dict:
+    """SPEC 11's attention concentrations (:func:`arbiter.surrogate.trace_concentrations`) of a model on samples,
+    computed batch by batch without keeping attention maps, merged over samples."""
+    from ..surrogate.fit import merge_concentrations
+
+    probe = _Concentrations(x, y)
+    chunks = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc="concentrations", unit="batch")
+    for chunk in chunks:
+        batch = lens.encode(chunk, dataset=dataset)
+        with torch.no_grad(), lens.probe(probe, layers="all"):
+            lens.model(**batch.inputs, use_cache=False)
+    if not probe.parts:
+        raise DataError("no self-attention layer gave attention rows for the concentrations.")
+    out = merge_concentrations(probe.parts)  # one part per (sample, layer)
+    out.pop("parts", None)
+    out["n_samples"] = len(samples)
+    return out
+
+
+def _surrogate_summary(fr, calib: dict, predict: str, n: int) -> dict:
+    d = fr.to_dict()
+    ident = d.get("identifiability") or {}
+    pt = d["params"].get("simulated_point") or {}
+    return {
+        "beta_self": d["beta_self"], "beta_cross": d["beta_cross"], "angle_pred": d["angle_pred"],
+        "angle_measured": d["angle_measured"], "nmse": d["nmse"],
+        "angle_identifiability_ratio": (ident.get("angle") or {}).get("ratio"),
+        "c_identifiability_ratio": {k: (ident.get(k) or {}).get("ratio") for k in ("c_self", "c_cross")},
+        "prediction": predict,
+        "prediction_method": pt.get("method", "simulation of the preset at the fitted β with the table's seeds"),
+        "calibration": calib, "n_samples": n, "x": d["params"]["x"], "y": d["params"]["y"],
+        "concentrations": d["concentrations"].get("overall"),
+        "layers": [{k: e.get(k) for k in ("layer", "c_self", "c_cross", "beta_self", "beta_cross")}
+                   for e in d["layers"]],
+        "point": {k: v for k, v in pt.items() if k not in ("per_seed", "spread")},
+        "table": {k: d["table"].get(k) for k in ("beta", "c_self", "c_cross", "curve")},
+        "flags": d["flags"], "beta_label": d["params"].get("beta_label"),
+        "reading": "β fitted to the MLLM's attention concentration (SPEC 11, proposed bridge); angle_pred is the "
+                   "surrogate's dynamical-SHAP angle there, angle_measured the MLLM's modality Shapley angle "
+                   "(image vs context, SPEC 10): different quantities, and an angle identifiability ratio <= 2 "
+                   "means angle_pred does not depend on β",
+    }
 
 
 def diagnose(model, processor, dataset: ConflictDataset, out: str | os.PathLike, limit: int | None = None,
              window: int = 9, top: float = 0.05, batch_size: int = 8, n_random: int = 10,
              alphas=(1.5, 2.0, 3.0, 5.0), head_methods=("exhaustive", "attribution", "dla"),
-             generate: bool = True, progress: bool = True, log: Callable[[str], None] = print) -> dict:
-    """Run every step and return the report dict (also written to OUT/report.json by arbiter.report)."""
+             generate: bool = True, progress: bool = True, log: Callable[[str], None] = print,
+             skip=(), modality_limit: int | None = 32, shapley_removal: str = "knockout",
+             keyspace_max_n: int = 1000, keyspace_permutations: int = 100,
+             calibration: str = "responsive_5x5_5seeds", surrogate_predict: str = "table") -> dict:
+    """Run every step and return the report dict (also written to OUT/report.json by arbiter.report).
+
+    Modality steps (see the module docstring): ``skip`` names steps of :data:`MODALITY_STEPS` to leave out;
+    ``modality_limit`` caps their samples (None: every conflict sample with an image); ``shapley_removal``
+    ``"knockout"`` or ``"neutral"``; ``keyspace_max_n`` / ``keyspace_permutations``: keys per modality and layer,
+    permutations of the MMD test; ``calibration``: the c(β) table (a shipped name or a JSON path, see
+    :mod:`arbiter.surrogate.calibration`); ``surrogate_predict``: ``"table"`` (interpolate the calibration's cells)
+    or ``"simulate"`` (integrate the surrogate at the fitted β: minutes)."""
+    skip = tuple(x.strip() for x in (skip.split(",") if isinstance(skip, str) else skip) if x and x.strip())
+    bad = [x for x in skip if x not in MODALITY_STEPS]
+    if bad:
+        raise DataError(f"skip={bad}: only the steps {', '.join(MODALITY_STEPS)} can be skipped.")
+    if surrogate_predict not in ("table", "simulate"):
+        raise DataError(f"surrogate_predict={surrogate_predict!r} is not 'table' or 'simulate'.")
+    if modality_limit is not None and modality_limit < 1:
+        raise DataError(f"modality_limit={modality_limit} must be >= 1 (or None for every sample).")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     samples = [s for s in dataset.samples if s.conflict]
@@ -116,6 +344,77 @@ def diagnose(model, processor, dataset: ConflictDataset, out: str | os.PathLike,
         amp = steps.run("amplification", lambda: amplification_experiment(
             lens, samples, correct, topg, alphas=alphas, n_random=n_random, batch_size=batch_size,
             dataset=dataset).to_dict())
+        msamples = modality_samples(samples, modality_limit)
+        mkey = {"modality_limit": modality_limit, "modality_ids": [x.id for x in msamples]}
+        reason = _no_image_reason(lens, msamples, samples, dataset)
+
+        def guarded(name, fn):
+            def run():
+                if reason is not None:
+                    return {"skipped": reason}
+                try:
+                    return fn()
+                except ArbiterError as e:  # the model or data cannot give this measure: say why, go on
+                    log(f"[arbiter] {name}: skipped ({type(e).__name__}: {e})")
+                    return {"skipped": f"{type(e).__name__}: {e}"}
+            return run
+
+        def user_skipped(name):
+            return {"skipped": f"skipped on request (skip={name!r})", "seconds": 0.0}
+
+        def shapley():
+            from .modality import modality_shapley, present_players
+
+            players = present_players(msamples)
+            if "image" not in players or len(players) < 2:
+                return {"skipped": f"modality Shapley needs the image and another modality in every sample; "
+                                   f"present: {players}"}
+            angle = ("image", "context") if "context" in players else (players[0], players[1])
+            r = modality_shapley(lens, msamples, players=players, removal=shapley_removal, batch_size=batch_size,
+                                 dataset=dataset, angle=angle, progress=progress)
+            return _shapley_summary(r)
+        shap = user_skipped("shapley") if "shapley" in skip else steps.run(
+            "shapley", guarded("shapley", shapley), {**mkey, "removal": shapley_removal})
+
+        def keyspace_step():
+            from .modality import keyspace
+
+            pts = 300
+            k = keyspace(lens, msamples, modalities=("image", "text"), batch_size=batch_size, dataset=dataset,
+                         max_n=keyspace_max_n, n_permutations=keyspace_permutations, plot_points=pts,
+                         progress=progress)
+            return _keyspace_summary(k, pts)
+        ks = user_skipped("keyspace") if "keyspace" in skip else steps.run(
+            "keyspace", guarded("keyspace", keyspace_step),
+            {**mkey, "max_n": keyspace_max_n, "permutations": keyspace_permutations})
+
+        def imbalance_step():
+            from .modality import imbalance
+
+            return _imbalance_summary(imbalance(lens, msamples, modalities=("image", "context"), query="last",
+                                                batch_size=batch_size, dataset=dataset, progress=progress))
+        imb = user_skipped("imbalance") if "imbalance" in skip else steps.run(
+            "imbalance", guarded("imbalance", imbalance_step), mkey)
+
+        angle_measured = shap.get("angle") if "skipped" not in shap else None
+
+        def surrogate_step():
+            from ..surrogate.calibration import calibration_info, load_calibration
+            from ..surrogate.fit import fit
+
+            conc = lens_concentrations(lens, msamples, batch_size, dataset, x="image", y="text", progress=progress)
+            calib = load_calibration(calibration)
+            fr = fit(None, concentrations=conc, sweep_result=calib, angle_measured=angle_measured,
+                     predict=surrogate_predict, how="ratio", log=None if not progress else log)
+            res = _surrogate_summary(fr, calibration_info(calib, calibration), surrogate_predict, len(msamples))
+            if res["beta_self"] is None or res["beta_cross"] is None:
+                why = [f for f in res["flags"] if "overall" in f] or res["flags"][:2]
+                return {"skipped": "β could not be fitted: " + "; ".join(why), **{k: res[k] for k in (
+                    "concentrations", "layers", "calibration", "flags", "angle_measured")}}
+            return res
+        sur = user_skipped("surrogate") if "surrogate" in skip else steps.run(
+            "surrogate", guarded("surrogate", surrogate_step),
+            {**mkey, "calibration": calibration, "predict": surrogate_predict, "angle_measured": angle_measured})
         summary = lens.facts.summary()
     summary["config_hash"] = key["config"]
     return {
@@ -134,6 +433,13 @@ def diagnose(model, processor, dataset: ConflictDataset, out: str | os.PathLike,
                   "rankings": {m: v["ranking"] for m, v in hd["scores"].items()}},
         "blocking": block,
         "amplification": amp,
-        "timing_s": {s: r["seconds"] for s, r in zip(STEPS, (base, kmap, hd, block, amp))},
-        "settings": key,
+        "shapley": shap,
+        "keyspace": ks,
+        "imbalance": imb,
+        "surrogate": sur,
+        "timing_s": {s: r.get("seconds") for s, r in zip(STEPS, (base, kmap, hd, block, amp, shap, ks, imb, sur))},
+        "settings": {**key, "modality_limit": modality_limit, "n_modality_samples": len(msamples),
+                     "skip": list(skip), "shapley_removal": shapley_removal, "keyspace_max_n": keyspace_max_n,
+                     "keyspace_permutations": keyspace_permutations, "calibration": calibration,
+                     "surrogate_predict": surrogate_predict},
     }

@@ -25,6 +25,7 @@ __all__ = [
     "concentration",
     "concentration_table",
     "fit",
+    "merge_concentrations",
     "trace_concentrations",
 ]
 
@@ -125,6 +126,44 @@ def trace_concentrations(trace, x: str = "image", y: str = "text", *, count: str
                                                                  "c_cross_x", "c_cross_y")}
     return {"layers": [int(l) for l in layers], "per_layer": per, "overall": overall, "x": x, "y": y,
             "count": count, "min_keys": min_keys}
+
+
+_C_KEYS = ("c_self", "c_cross", "c_self_x", "c_self_y", "c_cross_x", "c_cross_y")
+
+
+def merge_concentrations(parts: Sequence[tuple[float, dict]]) -> dict:
+    """One :func:`trace_concentrations` dict from several (weight, dict) parts, e.g. one per sample (weight 1) or
+    per batch (weight = its samples): per layer, each of c_self_x, c_self_y, c_cross_x, c_cross_y is the weighted
+    mean over the parts where it is finite, then c_self / c_cross are the means of their x and y parts (as in
+    :func:`trace_concentrations`; with one part per sample the result equals that function on one trace of all
+    the samples); row counts add up; ``overall`` is again the mean over layers. The parts must share x, y, count
+    and min_keys."""
+    parts = [(float(w), d) for w, d in parts if d is not None]
+    if not parts:
+        fail("merge_concentrations: no parts.")
+    first = parts[0][1]
+    for _, d in parts[1:]:
+        for k in ("x", "y", "count", "min_keys"):
+            if d.get(k) != first.get(k):
+                fail(f"merge_concentrations: parts disagree on {k!r} ({first.get(k)!r} vs {d.get(k)!r}).")
+    layers = sorted({int(l) for _, d in parts for l in d["layers"]})
+    per = {}
+    for layer in layers:
+        have = [(w, d["per_layer"].get(layer, d["per_layer"].get(str(layer)))) for w, d in parts]
+        have = [(w, e) for w, e in have if e is not None]
+        entry = {}
+        for k in _C_KEYS[2:]:
+            vw = [(e[k], w) for w, e in have if e.get(k) is not None and math.isfinite(e[k])]
+            entry[k] = sum(v * w for v, w in vw) / sum(w for _, w in vw) if vw and sum(w for _, w in vw) > 0 \
+                else math.nan
+        entry["c_self"] = _nanmean([entry["c_self_x"], entry["c_self_y"]])
+        entry["c_cross"] = _nanmean([entry["c_cross_x"], entry["c_cross_y"]])
+        entry["n_rows_x"] = sum(int(e.get("n_rows_x", 0)) for _, e in have)
+        entry["n_rows_y"] = sum(int(e.get("n_rows_y", 0)) for _, e in have)
+        per[layer] = entry
+    overall = {k: _nanmean([per[l][k] for l in per]) for k in _C_KEYS}
+    return {"layers": layers, "per_layer": per, "overall": overall, "x": first.get("x"), "y": first.get("y"),
+            "count": first.get("count"), "min_keys": first.get("min_keys"), "parts": len(parts)}
 
 
 def _nanmean(v) -> float:
@@ -275,9 +314,13 @@ class FitResult(ToDict):
     params: dict
 
 
+PREDICTS = ("simulate", "table")
+
+
 def fit(trace, *, x: str = "image", y: str = "text", sweep_result=None, preset: str | Preset = "responsive",
         grid: int = 5, seeds=10, curve: str = "marginal", angle_measured: float | None = None, how: str = "ratio",
         count: str = "visible", min_keys: int = 2, cache_dir: str | Path | None = None,
+        concentrations: dict | None = None, predict: str = "simulate",
         log: Callable[[str], None] | None = None) -> FitResult:
     """Fit β_self, β_cross to a recorded MLLM (SPEC 11, proposed): modality X = ``x`` and Y = ``y`` token groups.
 
@@ -287,8 +330,18 @@ def fit(trace, *, x: str = "image", y: str = "text", sweep_result=None, preset: 
     for the layer means (monotone PCHIP in log β; outside the table: clipped to its end and flagged, never
     extrapolated); 4. simulate the preset at the overall β with the table's seeds (angle ``how``).
     Caveats (in the flags): the MLLM's c is normalised by its own key counts, the oscillators' by N = 50; the
-    surrogate angle is a readout-restriction SHAP, not SPEC 10's input-removal Shapley."""
-    conc = trace_concentrations(trace, x, y, count=count, min_keys=min_keys)
+    surrogate angle is a readout-restriction SHAP, not SPEC 10's input-removal Shapley.
+
+    Options: ``concentrations``: a precomputed :func:`trace_concentrations` dict (e.g. merged over batches; then
+    ``trace`` is not read and may be None); ``predict``: ``"simulate"`` (default, step 4) or ``"table"``: the angle
+    and NMSE at the fitted β are read from the sweep's cells (:func:`arbiter.surrogate.calibration.table_point`,
+    bilinear in log β per seed; no integration), e.g. with the shipped calibration
+    (:func:`arbiter.surrogate.calibration.load_calibration`)."""
+    check_choice("predict", predict, PREDICTS)
+    if concentrations is not None:
+        conc = concentrations
+    else:
+        conc = trace_concentrations(trace, x, y, count=count, min_keys=min_keys)
     sw = _load_sweep(sweep_result) if sweep_result is not None else cached_sweep(preset, grid, seeds, cache_dir, log)
     p = get_preset(sw.params.get("preset_params") or sw.params.get("preset", "responsive"))
     table = concentration_table(sw, curve)
@@ -319,14 +372,21 @@ def fit(trace, *, x: str = "image", y: str = "text", sweep_result=None, preset: 
                  f"{p.n_x}/{p.n_y}: the bridge assumes the fraction of effectively attended keys transfers")
     angle_pred = nm = None
     sim_point = None
-    if bs is not None and bc is not None:
+    if bs is not None and bc is not None and predict == "table":
+        from .calibration import table_point
+
+        sim_point = table_point(sw, bs, bc, how=how)
+        angle_pred, nm = sim_point["angle"], sim_point["nmse"]
+        flags += [f"table: {m}" for m in sim_point["flags"]]
+    elif bs is not None and bc is not None:
         pts, _, _, _ = evaluate_cells(p, [(bs, bc)], table.seeds, how=how, log=log)
         sim_point = pts[0]
         angle_pred, nm = sim_point["angle"], sim_point["nmse"]
         flags += [f"simulation: {m}" for m in sim_point["flags"]]
     else:
         flags.append("β could not be fitted (see above): no simulation")
-    params = {"x": x, "y": y, "curve": curve, "count": count, "min_keys": min_keys, "angle_method": how,
+    params = {"x": conc.get("x", x), "y": conc.get("y", y), "curve": curve, "count": conc.get("count", count),
+              "min_keys": conc.get("min_keys", min_keys), "angle_method": how, "predict": predict,
               "preset": p.name, "seeds": table.seeds, "simulated_point": sim_point,
               "beta_label": "attention concentration and synchrony"}
     return FitResult(bs, bc, angle_pred, nm, angle_measured, jsonable(ident), flags, layers, conc, table.to_dict(),
