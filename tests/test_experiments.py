@@ -53,6 +53,15 @@ def test_knockout_map_equals_loop_of_single_knockouts(synth):
     assert system and all(e["nssd"] == 0.0 and not e["edge_present"] for e in system)  # absent edge: exact no-op
 
 
+def test_knockout_map_of_edges_absent_everywhere_is_exactly_zero_without_running_them(synth):
+    tm = _tiny("llava")
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        km = knockout_map(lens, synth.samples, edges=[("image", "system")], window=3, batch_size=4, dataset=synth)
+        base = evaluate(lens, [s for s in synth.samples if s.conflict], 4, synth, generate=False)
+    assert all(e["nssd"] == 0.0 and not e["edge_present"] for e in km.entries)
+    assert all(abs(e["pi"] - float(base.pi.mean())) < 1e-6 for e in km.entries)
+
+
 def test_baseline_pi_and_final_mam_equal_direct_computation(synth):
     tm = _tiny("qwen2_vl")
     with arbiter.attach(tm.model, tm.processor) as lens:

@@ -24,6 +24,14 @@ EDGE_FAMILIES: tuple[tuple[str, str], ...] = (
 )
 
 
+def _clean_metric(lens, inputs: dict, metric) -> torch.Tensor:
+    from ..sweep import _forward_kwargs
+
+    with torch.no_grad():
+        logits = lens.model(**{k: v for k, v in inputs.items() if k != "labels"}, **_forward_kwargs(lens, True)).logits
+    return metric(logits)
+
+
 @dataclass
 class KnockoutMap:
     """``entries``: one per (src, dst, centre) with I_NSSD, MFR (π > 0.5) and π' per target."""
@@ -64,13 +72,22 @@ def knockout_map(lens, samples: Sequence[ConflictSample], edges: Sequence[tuple[
     for item in it:
         settings = knockout_settings(lens, edges, window, centers)
         settings_meta = [s.meta for s in settings]
-        res = sweep(lens, item.batch.inputs, settings, metric_pi_and_margin(item.ids_p, item.ids_c), chunk=chunk)
         g = item.batch.groups
         present = torch.stack([g[m["src"]].any(1) & g[m["dst"]].any(1) for m in settings_meta])  # [settings, b]
-        ko = res.values[:, :, 0]
+        # settings whose edge no row of the batch has (e.g. -> system without a system prompt) are not run
+        run = [j for j in range(len(settings)) if bool(present[j].any())]
+        metric = metric_pi_and_margin(item.ids_p, item.ids_c)
+        if run:
+            res = sweep(lens, item.batch.inputs, [settings[j] for j in run], metric, chunk=chunk)
+            base = res.baseline[:, 0]
+        else:
+            base = _clean_metric(lens, item.batch.inputs, metric)[:, 0]
+        ko = base[None].repeat(len(settings), 1)
+        if run:
+            ko[torch.tensor(run)] = res.values[:, :, 0].to(ko.dtype)
         # a sample without the edge is untouched by construction: its π' is its π exactly (I_NSSD exactly 0)
-        ko = torch.where(present, ko, res.baseline[None, :, 0])
-        pis.append(res.baseline[:, 0])
+        ko = torch.where(present, ko, base[None])
+        pis.append(base)
         pis_ko.append(ko)                                           # [settings, b]
         targets.extend(item.targets)
         ne = present.any(1, keepdim=True)
