@@ -553,7 +553,8 @@ def load_jsonl(path: str | os.PathLike[str], check_images: bool = True) -> Confl
     except FileNotFoundError as exc:
         raise DataError(f"{p}: no such data file; check the path") from exc
     except UnicodeDecodeError as exc:
-        raise DataError(f"{p}: not UTF-8 text ({exc}); save the data file as UTF-8 JSON Lines") from exc
+        line = bytes(exc.object[: exc.start]).count(b"\n") + 1
+        raise DataError(f"{_where(p, line)}: not UTF-8 text ({exc}); save the data file as UTF-8 JSON Lines") from exc
     except OSError as exc:
         raise DataError(f"{p}: cannot read the data file ({exc})") from exc
     base = p.parent.resolve()
@@ -563,7 +564,9 @@ def load_jsonl(path: str | os.PathLike[str], check_images: bool = True) -> Confl
     samples: list[ConflictSample] = []
     first_line: dict[str, int] = {}
     seen_content = False
-    for lineno, line in enumerate(raw.splitlines(), start=1):
+    # JSON Lines ends lines with \n (or \r\n, \r); str.splitlines() would also split inside a string at
+    # U+2028, U+0085, \x1c..\x1e (legal raw in JSON), breaking valid lines and shifting line numbers
+    for lineno, line in enumerate(re.split(r"\r\n|\r|\n", raw), start=1):
         if not line.strip():
             continue
         where = _where(p, lineno)
@@ -572,6 +575,10 @@ def load_jsonl(path: str | os.PathLike[str], check_images: bool = True) -> Confl
         except json.JSONDecodeError as exc:
             raise DataError(
                 f"{where}: invalid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON object"
+            ) from exc
+        except (ValueError, RecursionError) as exc:  # an integer over 4300 digits, nesting past the recursion limit
+            raise DataError(
+                f"{where}: invalid JSON ({type(exc).__name__}: {str(exc)[:200]}); each line must be one JSON object"
             ) from exc
         if not isinstance(obj, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}; write one object per line")

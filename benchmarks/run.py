@@ -6,6 +6,9 @@
 Every time is a median over ``repeats`` round-robin rounds (each round runs every compared path once, so load
 changes on a shared machine hit them alike), after warm-up calls, under ``torch.no_grad()``, in one process.
 Ratios are ``time / plain SDPA forward time`` of the same batch. What each figure measures: benchmarks/RESULTS.md.
+Attribution patching (all heads) is timed against a plain forward of the same encoded synthetic batch and ranked
+against the exhaustive single-head ranking (Spearman); the streamed-memory ratio is the peak RSS of the baseline
+evaluation with ``trace_dir`` over 1,000 vs 10 samples, each in a fresh process (small model, one thread).
 """
 
 from __future__ import annotations
@@ -34,12 +37,15 @@ from arbiter.testing.tiny import tiny
 from arbiter.trace import Trace
 
 FULL = dict(model=dict(hidden=512, layers=8, heads=8, kv_heads=8, image_tokens=576), batch=4, repeats=5,
-            sweep_samples=1, sweep_heads_per_layer=1, sweep_repeats=3, trace_mb=100)
+            sweep_samples=1, sweep_heads_per_layer=1, sweep_repeats=3, trace_mb=100, attribution_samples=2,
+            stream_samples=(10, 1000))
 QUICK = dict(model=dict(hidden=128, layers=4, heads=4, kv_heads=4, image_tokens=64), batch=2, repeats=3,
-             sweep_samples=2, sweep_heads_per_layer=1, sweep_repeats=3, trace_mb=10)
+             sweep_samples=2, sweep_heads_per_layer=1, sweep_repeats=3, trace_mb=10, attribution_samples=2,
+             stream_samples=(10, 1000))
+# the streamed evaluation runs a small model in fresh processes (1 thread): memory, not speed, is measured
+STREAM_MODEL = dict(hidden=64, layers=4, heads=4, kv_heads=2, image_tokens=16)
 QUESTION = "In case there is an inconsistency between the text context and the image content, which colour " \
            "is the shape in the image?"
-PENDING = ("attribution_forward_equivalents", "attribution_spearman", "stream_memory_ratio")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -326,6 +332,141 @@ def bench_trace_io(inputs, hidden: int, cfg) -> dict[str, Any]:
             "torch_save_mb_s": mb / tsave_s, "torch_load_mb_s": mb / tload_s}
 
 
+# ------------------------------------------------------------------------------------------------ attribution
+
+def _conflict_samples(folder: Path, n: int, seed: int = 0):
+    """(data set, its first n conflict samples): the synthetic colour / shape data of arbiter.data."""
+    from arbiter.data import generate_synthetic
+
+    ds = generate_synthetic(folder, n + n // 3 + 2, seed=seed, image_size=32, p_noisy=0.0)
+    samples = [x for x in ds.samples if x.conflict][:n]
+    assert len(samples) == n, f"{len(samples)} conflict samples, wanted {n}"
+    return ds, samples
+
+
+def bench_attribution(tm, cfg) -> dict[str, Any]:
+    """Attribution patching (all heads ranked by one forward + one backward) against a plain SDPA forward of the
+    same encoded batch, round-robin; then its Spearman against the exhaustive single-head ranking (the
+    reference, n_heads + 1 forward-equivalents) on ``attribution_samples`` samples of the same data."""
+    from arbiter.experiments.heads import attribution_ranking, compare_rankings, exhaustive_ranking
+
+    model, proc = tm.model, tm.processor
+    with tempfile.TemporaryDirectory(prefix="arbiter-bench-") as tmp:
+        ds, samples = _conflict_samples(Path(tmp) / "data", max(cfg["batch"], cfg["attribution_samples"]))
+        batch_samples = samples[:cfg["batch"]]
+        with arbiter.attach(model, proc) as lens:
+            inputs = dict(lens.encode(batch_samples, dataset=ds).inputs)
+
+        def plain():
+            with torch.no_grad():
+                return _forward(model, inputs)
+
+        def attribution():  # attach + encode + answer ids + forward + backward, as a user calls it
+            with arbiter.attach(model, proc) as lens:
+                return attribution_ranking(lens, batch_samples, batch_size=len(batch_samples), dataset=ds)
+
+        _section(f"attribution patching vs plain forward, batch {len(batch_samples)}, round-robin, "
+                 f"{cfg['repeats']} rounds")
+        timed = _median_times({"plain": plain, "attribution": attribution}, cfg["repeats"], warmup=1)
+        k = cfg["attribution_samples"]
+        _section(f"exhaustive single-head ranking vs attribution on {k} samples (Spearman)")
+        with arbiter.attach(model, proc) as lens:
+            ref = exhaustive_ranking(lens, samples[:k], batch_size=k, dataset=ds)
+            att = attribution_ranking(lens, samples[:k], batch_size=k, dataset=ds)
+        agree = compare_rankings(ref, att, 0.05)
+    plain_s, attr_s = timed["plain"][0], timed["attribution"][0]
+    return {"attribution_batch": len(batch_samples), "attribution_seq_len": int(inputs["input_ids"].shape[1]),
+            "attribution_plain_forward_s": plain_s, "attribution_s": attr_s,
+            "attribution_forward_equivalents": attr_s / plain_s,
+            "attribution_spearman": agree["spearman"], "attribution_topg_overlap": agree["topg_overlap"],
+            "attribution_top3_overlap": agree["top3_overlap"], "attribution_spearman_samples": k}
+
+
+# ------------------------------------------------------------------------------------------------ streaming memory
+
+def _status_kib(field: str) -> int | None:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process from /proc/self/status, KiB."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def _stream_child(n: int, data: str, out: str) -> int:
+    """In a fresh process: the streamed baseline evaluation of the first n conflict samples with trace_dir;
+    prints one JSON line with peak RSS figures in KiB. ``process_maxrss_kib`` is ``ru_maxrss`` of the whole
+    process; imports, the model build and data loading peak higher than the evaluation itself, so
+    ``maxrss_kib`` is the peak during the evaluation: the kernel's high-water mark ``VmHWM`` reset just before it
+    (Linux ``/proc/self/clear_refs``; ``ru_maxrss`` cannot be reset once a thread has exited). Where the reset
+    is not possible, ``rss_reset`` is false and ``maxrss_kib`` is ``ru_maxrss``."""
+    import resource
+
+    from arbiter.data import load_jsonl
+    from arbiter.experiments.baseline import evaluate
+    from arbiter.trace import read_trace_dir
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    tm = tiny("llava", **STREAM_MODEL)
+    ds = load_jsonl(data)
+    samples = [x for x in ds.samples if x.conflict][:n]
+    gc.collect()
+    setup_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    reset = False
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")   # reset VmHWM, the peak-RSS high-water mark
+        reset = _status_kib("VmHWM") is not None and _status_kib("VmHWM") <= _status_kib("VmRSS") + 1024
+    start_rss = _status_kib("VmRSS")
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        evaluate(lens, samples, batch_size=8, dataset=ds, generate=False, trace_dir=out)
+    process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_kib("VmHWM") if reset else process_peak
+    written = len(read_trace_dir(out).meta["sample_ids"])
+    print(json.dumps({"n": len(samples), "written": written, "maxrss_kib": peak, "process_maxrss_kib": process_peak,
+                      "setup_maxrss_kib": setup_peak, "start_rss_kib": start_rss, "rss_reset": reset,
+                      "seconds": time.perf_counter() - started}))
+    return 0
+
+
+def bench_stream_memory(cfg) -> dict[str, Any]:
+    """Peak RSS of the streamed baseline evaluation (arbiter.experiments.baseline.evaluate with trace_dir) over
+    many vs few conflict samples, each in a fresh subprocess: it must not grow with the sample count.
+    ``stream_memory_ratio`` = peak RSS during the evaluation (the model and libraries resident included) with
+    1,000 samples / with 10; ``stream_growth_mb_*``: that peak minus the RSS when the evaluation started;
+    ``stream_process_maxrss_ratio``: the same ratio of the whole processes' ``ru_maxrss`` (set by the start-up)."""
+    import subprocess
+
+    small, large = cfg["stream_samples"]
+    out: dict[str, Any] = {"stream_samples": large, "stream_small_samples": small,
+                           "stream_model": ", ".join(f"{k}={v}" for k, v in STREAM_MODEL.items())}
+    with tempfile.TemporaryDirectory(prefix="arbiter-bench-") as tmp:
+        _section(f"streaming memory: synthetic data ({large} conflict samples)")
+        ds, _ = _conflict_samples(Path(tmp) / "data", large)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                          os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+        for n in (small, large):
+            _section(f"streaming memory: baseline evaluation of {n} samples in a fresh process")
+            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--stream-child", str(n),
+                                   str(ds.path), str(Path(tmp) / f"traces{n}")], env=env, capture_output=True,
+                                  text=True, timeout=900)
+            if proc.returncode != 0:
+                raise RuntimeError(f"stream child ({n} samples) failed:\n{proc.stderr[-3000:]}")
+            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            assert res["n"] == res["written"] == n, res
+            tag = "large" if n == large else "small"
+            out[f"stream_peak_rss_mb_{tag}"] = res["maxrss_kib"] / 1024
+            out[f"stream_process_maxrss_mb_{tag}"] = res["process_maxrss_kib"] / 1024
+            if res["start_rss_kib"] is not None:
+                out[f"stream_growth_mb_{tag}"] = (res["maxrss_kib"] - res["start_rss_kib"]) / 1024
+            out[f"stream_{tag}_s"] = res["seconds"]
+            out["stream_rss_reset"] = bool(res["rss_reset"]) and out.get("stream_rss_reset", True)
+    out["stream_memory_ratio"] = out["stream_peak_rss_mb_large"] / out["stream_peak_rss_mb_small"]
+    out["stream_process_maxrss_ratio"] = out["stream_process_maxrss_mb_large"] / out["stream_process_maxrss_mb_small"]
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ report
 
 def _ratios(r: dict[str, Any]) -> None:
@@ -358,6 +499,16 @@ def format_table(r: dict[str, Any]) -> str:
     lines.append("(ratios: time / plain SDPA forward; sweep rows: speedup = naive loop time / head_sweep time)")
     for key in ("trace_write_mb_s", "trace_read_mb_s", "torch_save_mb_s", "torch_load_mb_s"):
         lines.append(f"{key:<50} {r[key]:9.1f} MB/s")
+    if r.get("attribution_s") is not None:
+        label = f"attribution patching, all heads, batch {r['attribution_batch']}"
+        lines.append(f"{label:<50} {r['attribution_s']:9.3f} {r['attribution_forward_equivalents']:8.2f}"
+                     "  (attribution_forward_equivalents)")
+        label = f"attribution vs exhaustive, Spearman ({r['attribution_spearman_samples']} samples)"
+        lines.append(f"{label:<50} {r['attribution_spearman']:9.3f}           (random weights: weakly meaningful)")
+    if r.get("stream_memory_ratio") is not None:
+        label = f"streamed baseline peak RSS, {r['stream_samples']} vs {r['stream_small_samples']} samples"
+        lines.append(f"{label:<50} {r['stream_peak_rss_mb_large']:7.0f}MB {r['stream_memory_ratio']:8.3f}"
+                     f"  (stream_memory_ratio; {r['stream_peak_rss_mb_small']:.0f} MB for {r['stream_small_samples']})")
     return "\n".join(lines)
 
 
@@ -374,8 +525,9 @@ def run(quick: bool = False, **overrides: Any) -> dict[str, Any]:
         r.update(bench_forwards(tm, inputs, cfg))
         r.update(bench_sweep(tm, cfg))
     r.update(bench_trace_io(inputs, cfg["model"]["hidden"], cfg))
+    r.update(bench_attribution(tm, cfg))
+    r.update(bench_stream_memory(cfg))
     _ratios(r)
-    r.update({k: None for k in PENDING})
     r.update({"machine": _machine(), "torch": torch.__version__, "transformers": _transformers_version(),
               "nnsight": _nnsight_version(), "python": platform.python_version(),
               "date": datetime.date.today().isoformat(), "load_avg_end": _load(),
@@ -397,7 +549,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep-samples", type=int, help="samples in the sweep batch (default 1; quick: 2)")
     ap.add_argument("--sweep-heads-per-layer", type=int,
                     help="heads per layer timed in the sweep section (default 1; all heads: no scaling)")
+    ap.add_argument("--stream-child", nargs=3, metavar=("N", "DATA", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.stream_child:
+        n, data, out = args.stream_child
+        return _stream_child(int(n), data, out)
     if args.threads:
         torch.set_num_threads(args.threads)
     r = run(quick=args.quick, sweep_samples=args.sweep_samples, sweep_heads_per_layer=args.sweep_heads_per_layer)

@@ -13,7 +13,7 @@ from ..data import ConflictSample
 from ..encode import tokenizer_of
 from ..metrics import answer_follows, ldar, mam_from_hidden
 from ..metrics._common import jsonable
-from .common import batches, by_target, pi_from_logits, require_conflicts
+from .common import batch_plan, batches, by_target, module_weight, per_sample, pi_from_logits, require_conflicts
 
 
 @dataclass
@@ -69,80 +69,95 @@ def evaluate(lens, samples: Sequence[ConflictSample], batch_size: int = 8, datas
     """Run the clean model on the conflict samples and compute MFR, π, MAM per layer (+ split) and LDAR.
 
     ``trace_dir``: also stream the last-token residuals of every layer, π and MAM to sharded trace files there."""
+    from .. import distributed
+
     writer = None
     if trace_dir is not None:
         from ..trace import TraceWriter
 
-        writer = TraceWriter(trace_dir, {"what": "baseline: resid.post at last per layer, pi, mam_last",
-                                         "model": lens.facts.summary()}, resume=False)
+        # in a distributed diagnosis each rank streams its own samples to trace_dir/rank{r}
+        writer = TraceWriter(distributed.rank_dir(trace_dir),
+                             {"what": "baseline: resid.post at last per layer, pi, mam_last",
+                              "model": lens.facts.summary()}, resume=False)
     samples = require_conflicts(samples, "evaluate()")
     facts = lens.facts
-    W_U = facts.lm_head.weight.detach()
+    W_U = module_weight(facts.lm_head)
     norm = facts.final_norm if facts.final_norm is not None else (lambda x: x)
     tok = tokenizer_of(lens.processor)
-    ids, targets, pis, follows, answers = [], [], [], [], []
-    mam_last, mam_attn, mam_mlp, mam_instr = [], [], [], []
-    it = batches(lens, samples, batch_size, dataset)
-    if progress:
-        from tqdm.auto import tqdm
 
-        it = tqdm(it, total=(len(samples) + batch_size - 1) // batch_size, desc="baseline", unit="batch")
-    for item in it:
-        b = item.batch
-        with torch.no_grad(), lens.record("resid.pre", "resid.mid", "resid.post", rows="last|instruction") as rec:
-            logits = lens.model(**b.inputs).logits[:, -1]
-        pi = pi_from_logits(logits, item.ids_p, item.ids_c)
-        tr = rec.trace
-        pos, rmask = _rows_of(tr, "resid.post")
-        last_pos = b.groups["last"]
-        instr = b.groups["instruction"]
-        L = facts.n_layers
+    def run(part):  # per-sample results of ``part``, in batch order
+        ids, targets, pis, follows, answers = [], [], [], [], []
+        mam_last, mam_attn, mam_mlp, mam_instr = [], [], [], []
+        it = batches(lens, part, batch_size, dataset)
+        if progress:
+            from tqdm.auto import tqdm
 
-        def stack(site):  # [b, L, R, d]; Gemma 3n's AltUp streams [n, b, R, d]: the first (main) stream
-            return torch.stack([tr[f"L{layer}.{site}"][0] if tr[f"L{layer}.{site}"].dim() == 4 else
-                                tr[f"L{layer}.{site}"] for layer in range(L)], 1)
-        h_in, h_mid, h_out = stack("resid.pre"), stack("resid.mid") if f"L0.resid.mid" in tr else None, \
-            stack("resid.post")
-        for i, s in enumerate(b.samples):
-            r_last = int((pos == int(last_pos[i].nonzero()[-1])).nonzero()[0])
-            p, c = item.ids_p[i], item.ids_c[i]
-            m = lambda h: mam_from_hidden(h, norm, W_U, p, c)  # noqa: E731
-            with torch.no_grad():
-                ml_out = m(h_out[i, :, r_last])
-                ml_in = m(h_in[i, :, r_last])
-                ml_mid = m(h_mid[i, :, r_last]) if h_mid is not None else ml_out
-                ipos = [int((pos == q).nonzero()[0]) for q in instr[i].nonzero().flatten().tolist()]
-                mi = m(h_out[i][:, ipos]) if ipos else torch.zeros(L, 0)
-            mam_last.append(ml_out)
-            mam_attn.append(ml_mid - ml_in)
-            mam_mlp.append(ml_out - ml_mid)
-            mam_instr.append(mi)
-        if generate:
-            with torch.no_grad():
-                gen = lens.model.generate(**b.inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            new = gen[:, b.inputs["input_ids"].shape[1]:]
-            texts = tok.batch_decode(new, skip_special_tokens=True)
-            for s, t in zip(b.samples, texts):
-                answers.append(t)
-                follows.append(answer_follows(t, s.forms_compliant, s.forms_competitor))
-        else:
-            follows.extend([1 if float(x) > 0.5 else -1 for x in pi])
-            answers.extend([""] * len(b.samples))
-        ids.extend(s.id for s in b.samples)
-        targets.extend(item.targets)
-        pis.append(pi)
+            it = tqdm(it, total=len(batch_plan(part, batch_size)), desc="baseline", unit="batch")
+        for item in it:
+            b = item.batch
+            with torch.no_grad(), lens.record("resid.pre", "resid.mid", "resid.post", rows="last|instruction") as rec:
+                logits = lens.model(**b.inputs).logits[:, -1]
+            pi = pi_from_logits(logits, item.ids_p, item.ids_c)
+            tr = rec.trace
+            pos, rmask = _rows_of(tr, "resid.post")
+            last_pos = b.groups["last"]
+            instr = b.groups["instruction"]
+            L = facts.n_layers
+
+            def stack(site):  # [b, L, R, d]; Gemma 3n's AltUp streams [n, b, R, d]: the first (main) stream
+                return torch.stack([tr[f"L{layer}.{site}"][0] if tr[f"L{layer}.{site}"].dim() == 4 else
+                                    tr[f"L{layer}.{site}"] for layer in range(L)], 1)
+            h_in, h_mid, h_out = stack("resid.pre"), stack("resid.mid") if f"L0.resid.mid" in tr else None, \
+                stack("resid.post")
+            for i, s in enumerate(b.samples):
+                r_last = int((pos == int(last_pos[i].nonzero()[-1])).nonzero()[0])
+                p, c = item.ids_p[i], item.ids_c[i]
+                m = lambda h: mam_from_hidden(h, norm, W_U, p, c)  # noqa: E731
+                with torch.no_grad():
+                    ml_out = m(h_out[i, :, r_last])
+                    ml_in = m(h_in[i, :, r_last])
+                    ml_mid = m(h_mid[i, :, r_last]) if h_mid is not None else ml_out
+                    ipos = [int((pos == q).nonzero()[0]) for q in instr[i].nonzero().flatten().tolist()]
+                    mi = m(h_out[i][:, ipos]) if ipos else torch.zeros(L, 0)
+                mam_last.append(ml_out)
+                mam_attn.append(ml_mid - ml_in)
+                mam_mlp.append(ml_out - ml_mid)
+                mam_instr.append(mi)
+            if generate:
+                with torch.no_grad():
+                    gen = lens.model.generate(**b.inputs, max_new_tokens=max_new_tokens, do_sample=False)
+                new = gen[:, b.inputs["input_ids"].shape[1]:]
+                texts = tok.batch_decode(new, skip_special_tokens=True)
+                for s, t in zip(b.samples, texts):
+                    answers.append(t)
+                    follows.append(answer_follows(t, s.forms_compliant, s.forms_competitor))
+            else:
+                follows.extend([1 if float(x) > 0.5 else -1 for x in pi])
+                answers.extend([""] * len(b.samples))
+            ids.extend(s.id for s in b.samples)
+            targets.extend(item.targets)
+            pis.append(pi)
+            if writer is not None:
+                last_rows = torch.tensor([int((pos == int(last_pos[i].nonzero()[-1])).nonzero()[0])
+                                          for i in range(len(b.samples))])
+                resid = h_out[torch.arange(len(b.samples)), :, last_rows]           # [b, L, d]
+                writer.add([s.id for s in b.samples], {"resid_last": resid.float(), "pi": pi.float(),
+                                                       "mam_last": torch.stack(mam_last[-len(b.samples):])})
         if writer is not None:
-            last_rows = torch.tensor([int((pos == int(last_pos[i].nonzero()[-1])).nonzero()[0])
-                                      for i in range(len(b.samples))])
-            resid = h_out[torch.arange(len(b.samples)), :, last_rows]           # [b, L, d]
-            writer.add([s.id for s in b.samples], {"resid_last": resid.float(), "pi": pi.float(),
-                                                   "mam_last": torch.stack(mam_last[-len(b.samples):])})
+            writer.close()  # before the gather of a distributed run: rank 0 then merges the rank folders
+        return {"ids": ids, "targets": targets, "pi": torch.cat(pis), "follows": follows, "answers": answers,
+                "mam_last": torch.stack(mam_last), "mam_attn": torch.stack(mam_attn),
+                "mam_mlp": torch.stack(mam_mlp), "mam_instr": mam_instr}
+
+    r = per_sample(run, samples, batch_size)
     if writer is not None:
         writer.close()
-    mam_last_t = torch.stack(mam_last)
+        distributed.merge_rank_traces(trace_dir)
+    ids, targets, follows, answers, mam_instr = r["ids"], r["targets"], r["follows"], r["answers"], r["mam_instr"]
+    mam_last_t = r["mam_last"]
     final = mam_last_t[:, -1]
     usable = [i for i, mi in enumerate(mam_instr) if mi.shape[-1] > 0]
     rate = (ldar([mam_instr[i] for i in usable], final[usable], k=k).rate.tolist() if usable
             else [float("nan")] * facts.n_layers)
-    return BaselineResult(ids, targets, torch.cat(pis), follows, answers, mam_last_t, torch.stack(mam_attn),
-                          torch.stack(mam_mlp), mam_instr, rate, "generation" if generate else "pi")
+    return BaselineResult(ids, targets, r["pi"], follows, answers, mam_last_t, r["mam_attn"], r["mam_mlp"],
+                          mam_instr, rate, "generation" if generate else "pi")

@@ -5,7 +5,7 @@ Everything here is architecture-agnostic: it uses only the Lens, TokenGroups and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -33,18 +33,53 @@ def answer_ids(lens, sample: ConflictSample) -> tuple[list[int], list[int]]:
     return list(d.ids_p), list(d.ids_c)
 
 
+def batch_plan(samples: Sequence[ConflictSample], batch_size: int = 8) -> list[list[int]]:
+    """Indices of the batches :func:`batches` runs: samples with and without images in separate batches."""
+    groups: dict[bool, list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(s.image is not None, []).append(i)
+    return [same[i:i + batch_size] for same in groups.values() for i in range(0, len(same), batch_size)]
+
+
 def batches(lens, samples: Sequence[ConflictSample], batch_size: int = 8, dataset=None,
             device=None, dtype=None) -> Iterator[Item]:
     """Encode samples in batches (samples with and without images go to separate batches)."""
-    groups: dict[bool, list[ConflictSample]] = {}
-    for s in samples:
-        groups.setdefault(s.image is not None, []).append(s)
-    for same in groups.values():
-        for i in range(0, len(same), batch_size):
-            chunk = same[i:i + batch_size]
-            batch = lens.encode(chunk, dataset=dataset, device=device, dtype=dtype)
-            ids = [answer_ids(lens, s) for s in chunk]
-            yield Item(batch, [p for p, _ in ids], [c for _, c in ids], [s.target for s in chunk])
+    for idx in batch_plan(samples, batch_size):
+        chunk = [samples[i] for i in idx]
+        batch = lens.encode(chunk, dataset=dataset, device=device, dtype=dtype)
+        ids = [answer_ids(lens, s) for s in chunk]
+        yield Item(batch, [p for p, _ in ids], [c for _, c in ids], [s.target for s in chunk])
+
+
+def per_sample(fn: Callable[[list[ConflictSample]], Any], samples: Sequence[ConflictSample], batch_size: int = 8,
+               dim: int = 0) -> Any:
+    """``fn(samples)``, where ``fn`` runs ``batches(lens, samples, batch_size, ...)`` and returns per-sample
+    results in batch order (tensors with the samples along ``dim``, lists, or tuples / dicts of them).
+
+    In a distributed diagnosis (inside :func:`arbiter.distributed.sharding`) each rank runs ``fn`` on its own
+    whole batches and gets every rank's results back in the same order: the same value as one process."""
+    from .. import distributed
+
+    g = distributed.active()
+    if g is None:
+        return fn(list(samples))
+    return distributed.map_batches(g, fn, samples, batch_plan(samples, batch_size), dim)
+
+
+def module_weight(module: torch.nn.Module, name: str = "weight") -> torch.Tensor:
+    """``module.<name>`` detached, also when accelerate offloaded it (``device_map`` with "disk" / "cpu"
+    offload leaves a meta tensor on the module and the real one in its hook's weights map)."""
+    w = getattr(module, name)
+    if w.device.type == "meta":
+        hook = getattr(module, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or [hook]:  # a SequentialHook holds several
+            wmap = getattr(h, "weights_map", None)
+            if wmap is not None and name in wmap:
+                real = wmap[name]
+                return real.detach().to(getattr(h, "execution_device", None) or real.device)
+        raise DataError(f"{type(module).__name__}.{name} is on the meta device and no accelerate offload hook "
+                        "holds its value; load the model's weights before running experiments.")
+    return w.detach()
 
 
 def answer_logsumexp(logits: torch.Tensor, ids: Sequence[Sequence[int]]) -> torch.Tensor:

@@ -19,7 +19,11 @@ from the vision- and the text-instructed ones:
   simulated (``"simulate"``: 5 seeds, about 1-10 min of CPU depending on β), next to the ``shapley`` angle.
 
 A modality step that cannot run on a model or data set (no image, one modality, a token group missing) records
-``{"skipped": reason}``; ``skip=("keyspace", ...)`` skips steps on request."""
+``{"skipped": reason}``; ``skip=("keyspace", ...)`` skips steps on request.
+
+Under torchrun (an initialised process group with several ranks, see :mod:`arbiter.distributed`) the first five
+steps shard their per-sample work over the ranks by whole batches and gather it before reducing (the same
+numbers as one process); the modality steps run on rank 0 only; rank 0 reads and writes ``OUT/steps``."""
 
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from .. import distributed
 from ..data import ConflictDataset
 from ..errors import ArbiterError, DataError
 from ..lens import attach
@@ -78,22 +83,32 @@ class _Steps:
         self.key = key
         self.log = log
 
-    def run(self, name: str, fn: Callable[[], dict], settings: dict | None = None) -> dict:
-        """``settings``: this step's own settings, added to the run's key (changing them reruns only this step)."""
+    def run(self, name: str, fn: Callable[[], dict], settings: dict | None = None, collective: bool = True) -> dict:
+        """``settings``: this step's own settings, added to the run's key (changing them reruns only this step).
+
+        In a distributed diagnosis rank 0 decides whether the step is reused and writes its file; a
+        ``collective`` step runs on every rank (its per-sample work sharded), another one on rank 0 only, its
+        result broadcast."""
         key = jsonable({**self.key, **settings}) if settings else self.key
         path = self.dir / f"{name}.json"
-        if path.exists():
+        g = distributed.active()
+        saved = None
+        if (g is None or g.is_main) and path.exists():
             try:
                 saved = json.loads(path.read_text())
-                if saved.get("key") == key:
-                    self.log(f"[arbiter] {name}: done earlier, reusing {path}")
-                    return saved["result"]
-            except (OSError, json.JSONDecodeError):
-                pass
+                saved = saved["result"] if saved.get("key") == key else None
+            except (OSError, json.JSONDecodeError, KeyError, AttributeError):
+                saved = None
+        if g is not None:
+            saved = g.broadcast(saved)
+        if saved is not None:
+            self.log(f"[arbiter] {name}: done earlier, reusing {path}")
+            return saved
         t = time.perf_counter()
-        result = jsonable(fn())
+        result = jsonable(fn() if g is None or collective else distributed.run_on_main(g, fn))
         result["seconds"] = round(time.perf_counter() - t, 3)
-        _atomic_json(path, {"key": key, "result": result})
+        if g is None or g.is_main:
+            _atomic_json(path, {"key": key, "result": result})
         self.log(f"[arbiter] {name}: {result['seconds']:.1f} s")
         return result
 
@@ -306,9 +321,12 @@ def diagnose(model, processor, dataset: ConflictDataset, out: str | os.PathLike,
     key = {"config": config_hash(model), "data": str(getattr(dataset, "path", "")), "n": len(samples),
            "window": window, "top": top, "n_random": n_random, "alphas": list(alphas), "generate": generate,
            "dtype": str(next(model.parameters()).dtype)}
+    g = distributed.group()  # torchrun: samples sharded over the ranks, same numbers (see arbiter.distributed)
+    if g is not None and not g.is_main:
+        log, progress = (lambda *a, **k: None), False
     steps = _Steps(out, key, log)
     model.eval()
-    with attach(model, processor) as lens:
+    with attach(model, processor) as lens, distributed.sharding(g):
         base_obj = {}
 
         def baseline():
@@ -374,7 +392,7 @@ def diagnose(model, processor, dataset: ConflictDataset, out: str | os.PathLike,
                                  dataset=dataset, angle=angle, progress=progress)
             return _shapley_summary(r)
         shap = user_skipped("shapley") if "shapley" in skip else steps.run(
-            "shapley", guarded("shapley", shapley), {**mkey, "removal": shapley_removal})
+            "shapley", guarded("shapley", shapley), {**mkey, "removal": shapley_removal}, collective=False)
 
         def keyspace_step():
             from .modality import keyspace
@@ -386,7 +404,7 @@ def diagnose(model, processor, dataset: ConflictDataset, out: str | os.PathLike,
             return _keyspace_summary(k, pts)
         ks = user_skipped("keyspace") if "keyspace" in skip else steps.run(
             "keyspace", guarded("keyspace", keyspace_step),
-            {**mkey, "max_n": keyspace_max_n, "permutations": keyspace_permutations})
+            {**mkey, "max_n": keyspace_max_n, "permutations": keyspace_permutations}, collective=False)
 
         def imbalance_step():
             from .modality import imbalance
@@ -394,7 +412,7 @@ def diagnose(model, processor, dataset: ConflictDataset, out: str | os.PathLike,
             return _imbalance_summary(imbalance(lens, msamples, modalities=("image", "context"), query="last",
                                                 batch_size=batch_size, dataset=dataset, progress=progress))
         imb = user_skipped("imbalance") if "imbalance" in skip else steps.run(
-            "imbalance", guarded("imbalance", imbalance_step), mkey)
+            "imbalance", guarded("imbalance", imbalance_step), mkey, collective=False)
 
         angle_measured = shap.get("angle") if "skipped" not in shap else None
 
@@ -414,7 +432,8 @@ def diagnose(model, processor, dataset: ConflictDataset, out: str | os.PathLike,
             return res
         sur = user_skipped("surrogate") if "surrogate" in skip else steps.run(
             "surrogate", guarded("surrogate", surrogate_step),
-            {**mkey, "calibration": calibration, "predict": surrogate_predict, "angle_measured": angle_measured})
+            {**mkey, "calibration": calibration, "predict": surrogate_predict, "angle_measured": angle_measured},
+            collective=False)
         summary = lens.facts.summary()
     summary["config_hash"] = key["config"]
     return {

@@ -15,7 +15,7 @@ from ..metrics._common import jsonable
 from ..probes.base import Probe
 from ..probes.heads import HeadScale
 from ..sweep import Setting, head_sweep, sweep
-from .common import batches, margin_from_logits, metric_pi_and_margin, require_conflicts
+from .common import batches, margin_from_logits, metric_pi_and_margin, module_weight, per_sample, require_conflicts
 
 
 @dataclass
@@ -64,16 +64,19 @@ def exhaustive_ranking(lens, samples: Sequence[ConflictSample], batch_size: int 
     target then across targets. The reference ranking (SPEC 7)."""
     samples = require_conflicts(samples, "exhaustive_ranking()")
     L, H = _layers_heads(lens)
-    drops, targets = [], []
-    for item in batches(lens, samples, batch_size, dataset):
-        res = head_sweep(lens, item.batch.inputs, metric=metric_pi_and_margin(item.ids_p, item.ids_c),
-                         chunk=chunk, progress=progress)
-        d = torch.full((item.size, L, H), float("nan"))
-        for j, s in enumerate(res.settings):
-            d[:, s.meta["layer"], s.meta["head"]] = res.baseline[:, 1] - res.values[j][:, 1]
-        drops.append(d)
-        targets.extend(item.targets)
-    score, by = _target_avg(torch.cat(drops), targets)
+
+    def part_results(part):  # per-sample drops [n, L, H], targets
+        drops, targets = [], []
+        for item in batches(lens, part, batch_size, dataset):
+            res = head_sweep(lens, item.batch.inputs, metric=metric_pi_and_margin(item.ids_p, item.ids_c),
+                             chunk=chunk, progress=progress)
+            d = torch.full((item.size, L, H), float("nan"))
+            for j, s in enumerate(res.settings):
+                d[:, s.meta["layer"], s.meta["head"]] = res.baseline[:, 1] - res.values[j][:, 1]
+            drops.append(d)
+            targets.extend(item.targets)
+        return torch.cat(drops), targets
+    score, by = _target_avg(*per_sample(part_results, samples, batch_size))
     n_heads = sum(lens.facts.heads(layer)[0] for layer in lens.facts.attention_layers)
     return HeadRanking("exhaustive", score, by, cost_forward_equivalents=float(n_heads + 1))
 
@@ -99,21 +102,24 @@ def attribution_ranking(lens, samples: Sequence[ConflictSample], batch_size: int
     always report its agreement with the exhaustive ranking."""
     samples = require_conflicts(samples, "attribution_ranking()")
     L, H = _layers_heads(lens)
-    per, targets = [], []
-    for item in batches(lens, samples, batch_size, dataset):
-        probe = _LeafHeads()
-        with torch.enable_grad(), lens.probe(probe):
-            logits = lens.model(**item.batch.inputs).logits[:, -1]
-            m = margin_from_logits(logits, item.ids_p, item.ids_c)
-            m.sum().backward()
-        est = torch.full((item.size, L, H), float("nan"))
-        for layer, leaf in probe.leaves.items():
-            g = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-            nh = leaf.shape[2]
-            est[:, layer, :nh] = -(g * (0 - leaf.detach())).sum(dim=(1, 3))      # predicted drop of m
-        per.append(est)
-        targets.extend(item.targets)
-    score, by = _target_avg(torch.cat(per), targets)
+
+    def part_results(part):  # per-sample estimates [n, L, H], targets
+        per, targets = [], []
+        for item in batches(lens, part, batch_size, dataset):
+            probe = _LeafHeads()
+            with torch.enable_grad(), lens.probe(probe):
+                logits = lens.model(**item.batch.inputs).logits[:, -1]
+                m = margin_from_logits(logits, item.ids_p, item.ids_c)
+                m.sum().backward()
+            est = torch.full((item.size, L, H), float("nan"))
+            for layer, leaf in probe.leaves.items():
+                g = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+                nh = leaf.shape[2]
+                est[:, layer, :nh] = -(g * (0 - leaf.detach())).sum(dim=(1, 3))      # predicted drop of m
+            per.append(est)
+            targets.extend(item.targets)
+        return torch.cat(per), targets
+    score, by = _target_avg(*per_sample(part_results, samples, batch_size))
     return HeadRanking("attribution", score, by, cost_forward_equivalents=3.0)
 
 
@@ -123,30 +129,33 @@ def dla_ranking(lens, samples: Sequence[ConflictSample], batch_size: int = 8, da
     facts = lens.facts
     L, H = _layers_heads(lens)
     layers = facts.attention_layers
-    W_U = facts.lm_head.weight.detach()
+    W_U = module_weight(facts.lm_head)
     norm = facts.final_norm
     eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 0.0)) or 0.0)
     with torch.no_grad():  # effective scale, read off the norm itself (Gemma-style norms scale by 1 + weight)
         probe_in = torch.ones(1, W_U.shape[1], dtype=W_U.dtype, device=W_U.device)
         gamma = (norm(probe_in)[0].float() * (1.0 + eps) ** 0.5) if norm is not None else torch.ones(W_U.shape[1])
-    per, targets = [], []
-    for item in batches(lens, samples, batch_size, dataset):
-        with torch.no_grad(), lens.record("attn.head_out", rows="last") as rec, \
-                lens.record("resid.post", rows="last", layers=[L - 1]) as fin:
-            lens.model(**item.batch.inputs)
-        ho = torch.zeros(item.size, L, H, facts.heads(layers[0])[2])
-        W_O = torch.zeros(L, W_U.shape[1], H * facts.heads(layers[0])[2])
-        for layer in layers:
-            t = rec.trace[f"L{layer}.attn.head_out"][:, 0]               # [b, H, d]
-            ho[:, layer, :t.shape[1]] = t
-            w = facts.layers[layer].out_proj.weight.detach()
-            W_O[layer, :, :w.shape[1]] = w
-        h_final = fin.trace[f"L{L - 1}.resid.post"]
-        h_final = (h_final[0] if h_final.dim() == 4 else h_final)[:, 0]
-        hs = head_scores(ho, W_O, W_U, item.ids_p, item.ids_c, gamma, h_final, item.targets, eps=eps)
-        per.append(hs.per_sample.float())
-        targets.extend(item.targets)
-    score, by = _target_avg(torch.cat(per), targets)
+
+    def part_results(part):  # per-sample DLA scores [n, L, H], targets
+        per, targets = [], []
+        for item in batches(lens, part, batch_size, dataset):
+            with torch.no_grad(), lens.record("attn.head_out", rows="last") as rec, \
+                    lens.record("resid.post", rows="last", layers=[L - 1]) as fin:
+                lens.model(**item.batch.inputs)
+            ho = torch.zeros(item.size, L, H, facts.heads(layers[0])[2])
+            W_O = torch.zeros(L, W_U.shape[1], H * facts.heads(layers[0])[2])
+            for layer in layers:
+                t = rec.trace[f"L{layer}.attn.head_out"][:, 0]               # [b, H, d]
+                ho[:, layer, :t.shape[1]] = t
+                w = module_weight(facts.layers[layer].out_proj)
+                W_O[layer, :, :w.shape[1]] = w
+            h_final = fin.trace[f"L{L - 1}.resid.post"]
+            h_final = (h_final[0] if h_final.dim() == 4 else h_final)[:, 0]
+            hs = head_scores(ho, W_O, W_U, item.ids_p, item.ids_c, gamma, h_final, item.targets, eps=eps)
+            per.append(hs.per_sample.float())
+            targets.extend(item.targets)
+        return torch.cat(per), targets
+    score, by = _target_avg(*per_sample(part_results, samples, batch_size))
     return HeadRanking("dla", score, by, cost_forward_equivalents=1.0)
 
 
@@ -175,12 +184,14 @@ def _head_set_settings(head_sets: Sequence[Sequence[tuple[int, int]]], alpha: fl
 
 def _mfr_under(lens, samples, head_sets, alpha, batch_size, chunk, dataset) -> torch.Tensor:
     """[len(head_sets), samples] π' under each head set scaled by alpha."""
-    vals = []
-    for item in batches(lens, samples, batch_size, dataset):
-        res = sweep(lens, item.batch.inputs, _head_set_settings(head_sets, alpha),
-                    metric_pi_and_margin(item.ids_p, item.ids_c), chunk=chunk)
-        vals.append(res.values[:, :, 0])
-    return torch.cat(vals, dim=1)
+    def part_results(part):
+        vals = []
+        for item in batches(lens, part, batch_size, dataset):
+            res = sweep(lens, item.batch.inputs, _head_set_settings(head_sets, alpha),
+                        metric_pi_and_margin(item.ids_p, item.ids_c), chunk=chunk)
+            vals.append(res.values[:, :, 0])
+        return torch.cat(vals, dim=1)
+    return per_sample(part_results, samples, batch_size, dim=1)
 
 
 @dataclass

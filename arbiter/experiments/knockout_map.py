@@ -13,7 +13,7 @@ from ..data import ConflictSample
 from ..metrics import i_nssd
 from ..metrics._common import jsonable
 from ..sweep import knockout_settings, sweep
-from .common import batches, metric_pi_and_margin, require_conflicts
+from .common import batch_plan, batches, metric_pi_and_margin, per_sample, require_conflicts
 
 # SPEC section 4: the standard edge families (src, dst); the -> constraint / -> system ones are controls
 EDGE_FAMILIES: tuple[tuple[str, str], ...] = (
@@ -62,38 +62,41 @@ def knockout_map(lens, samples: Sequence[ConflictSample], edges: Sequence[tuple[
     """For each edge family and centre layer: knock out in lens.window(centre, window) and measure
     I_NSSD (signed binary JSD of π, SPEC 5) and the MFR under the knockout (π' > 0.5)."""
     samples = require_conflicts(samples, "knockout_map()")
-    pis, pis_ko, targets, nonempty = [], [], [], None
-    settings_meta = None
-    it = batches(lens, samples, batch_size, dataset)
-    if progress:
-        from tqdm.auto import tqdm
+    settings_meta = [s.meta for s in knockout_settings(lens, edges, window, centers)]
 
-        it = tqdm(it, total=(len(samples) + batch_size - 1) // batch_size, desc="knockout map", unit="batch")
-    for item in it:
-        settings = knockout_settings(lens, edges, window, centers)
-        settings_meta = [s.meta for s in settings]
-        g = item.batch.groups
-        present = torch.stack([g[m["src"]].any(1) & g[m["dst"]].any(1) for m in settings_meta])  # [settings, b]
-        # settings whose edge no row of the batch has (e.g. -> system without a system prompt) are not run
-        run = [j for j in range(len(settings)) if bool(present[j].any())]
-        metric = metric_pi_and_margin(item.ids_p, item.ids_c)
-        if run:
-            res = sweep(lens, item.batch.inputs, [settings[j] for j in run], metric, chunk=chunk)
-            base = res.baseline[:, 0]
-        else:
-            base = _clean_metric(lens, item.batch.inputs, metric)[:, 0]
-        ko = base[None].repeat(len(settings), 1)
-        if run:
-            ko[torch.tensor(run)] = res.values[:, :, 0].to(ko.dtype)
-        # a sample without the edge is untouched by construction: its π' is its π exactly (I_NSSD exactly 0)
-        ko = torch.where(present, ko, base[None])
-        pis.append(base)
-        pis_ko.append(ko)                                           # [settings, b]
-        targets.extend(item.targets)
-        ne = present.any(1, keepdim=True)
-        nonempty = ne if nonempty is None else nonempty | ne
-    pi = torch.cat(pis)
-    pi_ko = torch.cat(pis_ko, dim=1)
+    def part_results(part):  # per sample: π, π' per setting, whether it has the setting's edge; targets
+        pis, pis_ko, presents, targets = [], [], [], []
+        it = batches(lens, part, batch_size, dataset)
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, total=len(batch_plan(part, batch_size)), desc="knockout map", unit="batch")
+        for item in it:
+            settings = knockout_settings(lens, edges, window, centers)
+            g = item.batch.groups
+            present = torch.stack([g[m["src"]].any(1) & g[m["dst"]].any(1) for m in settings_meta])  # [settings, b]
+            # settings whose edge no row of the batch has (e.g. -> system without a system prompt) are not run
+            run = [j for j in range(len(settings)) if bool(present[j].any())]
+            metric = metric_pi_and_margin(item.ids_p, item.ids_c)
+            if run:
+                res = sweep(lens, item.batch.inputs, [settings[j] for j in run], metric, chunk=chunk)
+                base = res.baseline[:, 0]
+            else:
+                base = _clean_metric(lens, item.batch.inputs, metric)[:, 0]
+            ko = base[None].repeat(len(settings), 1)
+            if run:
+                ko[torch.tensor(run)] = res.values[:, :, 0].to(ko.dtype)
+            # a sample without the edge is untouched by construction: its π' is its π exactly (I_NSSD exactly 0)
+            ko = torch.where(present, ko, base[None])
+            pis.append(base)
+            pis_ko.append(ko.T)                                         # [b, settings]
+            presents.append(present.T)
+            targets.extend(item.targets)
+        return torch.cat(pis), torch.cat(pis_ko), torch.cat(presents), targets
+
+    pi, pi_ko, present, targets = per_sample(part_results, samples, batch_size)
+    pi_ko = pi_ko.T.contiguous()                                        # [settings, samples]
+    nonempty = present.any(0)
     entries = []
     for j, meta in enumerate(settings_meta):
         r = i_nssd(pi, pi_ko[j])

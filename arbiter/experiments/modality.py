@@ -34,7 +34,7 @@ from ..metrics.keyspace import KeySpaceResult, keyspace_analysis, pooled_pca, su
 from ..metrics.shapley import ANGLE_METHODS, preference_angle, shapley
 from ..probes.base import Ctx, Probe
 from ..probes.knockout import Knockout
-from .common import answer_ids
+from .common import answer_ids, module_weight
 
 __all__ = [
     "KEY_KINDS",
@@ -791,7 +791,7 @@ def imbalance(lens, samples, modalities: tuple[GroupSpec, GroupSpec] = ("image",
     chosen = _self_attention_layers(lens, layers)
     if not chosen:
         raise SiteError("this model has no self-attention layer.")
-    W_O = torch.stack([lens.facts.layers[l].out_proj.weight.detach().to("cpu", torch.float64) for l in chosen])
+    W_O = torch.stack([module_weight(lens.facts.layers[l].out_proj).to("cpu", torch.float64) for l in chosen])
     parts: list[tuple[int, ImbalanceResult]] = []
     order: list[int] = []
     chunks = _index_chunks(samples, batch_size)

@@ -52,6 +52,13 @@ def path(name: str) -> Path:
     return ROOT / name
 
 
+def train_command(name: str) -> str:
+    """The command that trains organism ``name`` into its package folder."""
+    if name == "omni_emotion_tiny":
+        return f"python -m arbiter.organisms.train_omni --out {path(name)}"
+    return f"python -m arbiter.organisms.train --name {name} --out {path(name)}"
+
+
 def available() -> list[str]:
     """Names of the organisms whose weights are present, sorted."""
     return sorted(n for n in ORGANISMS if (ROOT / n / "config.json").is_file())
@@ -81,7 +88,7 @@ def load(name: str, dtype: torch.dtype = torch.float32):
     if not (d / "config.json").is_file():
         raise DataError(
             f"organism {name!r} is not installed (no {d / 'config.json'}); train it with "
-            f"`python -m arbiter.organisms.train --name {name} --out {d}` (available: {available()})"
+            f"`{train_command(name)}` (available: {available()})"
         )
     return load_dir(d, dtype=dtype)
 
