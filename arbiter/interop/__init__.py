@@ -1,0 +1,1 @@
+"""Interop with other interpretability libraries (nnsight: ``arbiter.interop.nnsight``)."""
