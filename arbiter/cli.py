@@ -62,7 +62,8 @@ def _run(model, processor, ds, args, report_mod, diagnose) -> int:
                    skip=args.skip, modality_limit=args.modality_limit or None, shapley_removal=args.shapley_removal,
                    keyspace_max_n=args.keyspace_max_n, keyspace_permutations=args.keyspace_permutations,
                    calibration=args.calibration,
-                   surrogate_predict="simulate" if args.surrogate_simulate else "table")
+                   surrogate_predict="simulate" if args.surrogate_simulate else "table",
+                   attractor_limit=args.attractor_limit or None, attractor_subsets=args.attractor_subsets or None)
     if not distributed.is_main():  # torchrun: rank 0 writes the report
         return 0
     paths = report_mod.write(rep, args.out)
@@ -72,8 +73,11 @@ def _run(model, processor, ds, args, report_mod, diagnose) -> int:
     if "skipped" not in sh and "skipped" not in su and sh and su:
         print(f"[arbiter] modality Shapley angle {fmt(sh.get('angle'))}°; surrogate β_self {fmt(su.get('beta_self'))}, "
               f"β_cross {fmt(su.get('beta_cross'))}, predicted angle {fmt(su.get('angle_pred'))}°")
-    print(f"[arbiter] MFR overall {m['overall']:.3f} (vision {m['vision']}, text {m['text']}); "
-          f"report: {paths['html']}")
+    if "skipped" in m:  # a data set without conflict samples
+        print(f"[arbiter] conflict steps skipped ({m['skipped']}); report: {paths['html']}")
+    else:
+        print(f"[arbiter] MFR overall {m['overall']:.3f} (vision {m['vision']}, text {m['text']}); "
+              f"report: {paths['html']}")
     return 0
 
 
@@ -151,9 +155,11 @@ def _common(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
 
 
 def _modality_flags(p: argparse.ArgumentParser) -> None:
-    """Flags of the modality steps of diagnose / demo (shapley, keyspace, imbalance, surrogate)."""
+    """Flags of the modality steps of diagnose / demo (shapley, keyspace, imbalance, surrogate) and of the
+    attractors step."""
     g = p.add_argument_group("modality steps (SPEC 8-11)")
-    g.add_argument("--skip", default="", help="comma-separated steps to leave out: shapley,keyspace,imbalance,surrogate")
+    g.add_argument("--skip", default="",
+                   help="comma-separated steps to leave out: shapley,keyspace,imbalance,surrogate,attractors")
     g.add_argument("--modality-limit", type=int, default=32,
                    help="conflict samples with an image used by the modality steps, alternating vision- and "
                         "text-instructed (default 32; 0 = all)")
@@ -166,6 +172,12 @@ def _modality_flags(p: argparse.ArgumentParser) -> None:
                         "(python -m arbiter.surrogate.calibration builds one)")
     g.add_argument("--surrogate-simulate", action="store_true",
                    help="simulate the surrogate at the fitted β (5 seeds; minutes) instead of reading the calibration")
+    a = p.add_argument_group("attractors step (SPEC 10; runs when the data file declares a label set)")
+    a.add_argument("--attractor-limit", type=int, default=24,
+                   help="labelled samples (conflict or not), round-robin over the labels (default 24; 0 = all)")
+    a.add_argument("--attractor-subsets", type=int, default=20,
+                   help="removal sets drawn (seed 0) from the 1-4-label subsets (default 20; 0 = all: 56 with six "
+                        "labels)")
 
 
 def parser() -> argparse.ArgumentParser:

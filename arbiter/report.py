@@ -64,6 +64,46 @@ def _plots(report: dict, out: Path) -> list[Path]:
         plt.close(fig)
         paths.append(p)
 
+    if _conflict_ran(report):
+        _conflict_plots(report, plt, save)
+    _modality_plots(report, plt, save)
+    at = _ok(report, "attractors")
+    if at and at.get("per_condition"):
+        p = out / "attractors.png"
+        _attractor_result(at).plot(p)  # a matplotlib Figure (no pyplot state to close)
+        paths.append(p)
+    return paths
+
+
+def _conflict_ran(report: dict) -> bool:
+    """The conflict steps ran (a data set without conflict samples records them as skipped)."""
+    m = report.get("mfr")
+    return isinstance(m, dict) and "skipped" not in m
+
+
+def _attractor_result(d: dict):
+    """An :class:`arbiter.experiments.attractors.AttractorResult` back from its ``to_dict()`` (predictions only:
+    the label scores are not in the report, and the plot does not need them)."""
+    import torch
+
+    from .experiments.attractors import AttractorResult
+
+    labels = list(d["labels"])
+    index = {lab: j for j, lab in enumerate(labels)}
+    conds = {c: list(v) for c, v in d["conditions"].items()}
+    pred = torch.tensor([[[index[p] if p is not None else -1 for p in row]
+                          for row in d["per_condition"][c]["predictions"]] for c in conds], dtype=torch.long)
+    pred = pred.reshape(len(conds), len(d["sample_ids"]), len(d["subsets"]))
+    return AttractorResult(labels=labels, conditions=conds, players=list(d["players"]),
+                           subsets=[tuple(x) for x in d["subsets"]], sample_ids=list(d["sample_ids"]),
+                           true=torch.tensor([index[t] for t in d["true_labels"]], dtype=torch.long),
+                           predicted=pred, label_logprobs=torch.full((*pred.shape, len(labels)), float("nan"),
+                                                                     dtype=torch.float64),
+                           threshold=float(d["threshold"]), hierarchy_how=d["hierarchy_how"], forced=d["forced"],
+                           settings=dict(d.get("settings") or {}))
+
+
+def _conflict_plots(report: dict, plt, save) -> None:
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     for t, style in (("vision", "-o"), ("text", "-s")):
         v = report["mam"].get(t) or []
@@ -136,8 +176,6 @@ def _plots(report: dict, out: Path) -> list[Path]:
     ax[1].set(title=f"Amplification on failures (n={a.get('n_failed')})", xlabel="alpha",
               ylabel="restored fraction", ylim=(0, 1.05))
     save(fig, "blocking_amplification.png")
-    _modality_plots(report, plt, save)
-    return paths
 
 
 def _ok(report: dict, key: str) -> dict | None:
@@ -240,17 +278,33 @@ def _fmt(x) -> str:
 
 
 def markdown(report: dict) -> str:
-    m, b, a = report["mfr"], report["blocking"], report["amplification"]
-    ld = [x for x in report["ldar"] if x is not None]
-    ko = sorted((e for e in report["knockout"] if e["nssd"] is not None), key=lambda e: e["nssd"])[:5]
-    agree = "; ".join(f"{g['method']}: Spearman {_fmt(g['spearman'])}, TopG overlap {_fmt(g['topg_overlap'])}"
-                      for g in report["heads"].get("agreement", []))
     lines = [
         f"# arbiter diagnosis: {report['model']['class']}",
         "",
         f"{report['n_samples']} conflict samples; model {report['model']['n_layers']} layers × "
         f"{report['model']['n_heads']} heads.",
         "",
+    ]
+    if _conflict_ran(report):
+        lines += _conflict_markdown(report)
+    else:
+        lines += ["The conflict steps (baseline, knockout map, head rankings, blocking, amplification) were skipped: "
+                  f"{_skipped(report, 'mfr')}."]
+    lines += _modality_markdown(report)
+    lines += _attractor_markdown(report)
+    lines += ["", "Definitions: ../shared/SPEC.md sections 3–11 (MAM, I_NSSD, LDAR, MFR, head scores, imbalance, "
+              "key space, modality Shapley, surrogate); choices marked proposed there are documented in "
+              "arbiter.metrics and arbiter.surrogate.", ""]
+    return "\n".join(lines)
+
+
+def _conflict_markdown(report: dict) -> list[str]:
+    m, b, a = report["mfr"], report["blocking"], report["amplification"]
+    ld = [x for x in report["ldar"] if x is not None]
+    ko = sorted((e for e in report["knockout"] if e["nssd"] is not None), key=lambda e: e["nssd"])[:5]
+    agree = "; ".join(f"{g['method']}: Spearman {_fmt(g['spearman'])}, TopG overlap {_fmt(g['topg_overlap'])}"
+                      for g in report["heads"].get("agreement", []))
+    lines = [
         "| measure | value |", "|---|---|",
         f"| MFR overall / vision / text ({report.get('mfr_source')}) | {_fmt(m['overall'])} / {_fmt(m['vision'])} / "
         f"{_fmt(m['text'])} |",
@@ -269,11 +323,7 @@ def markdown(report: dict) -> str:
     for e in ko:
         lines.append(f"- {e['src']} → {e['dst']} around layer {e['center']}: I_NSSD {_fmt(e['nssd'])}, "
                      f"MFR {_fmt(e['mfr'])}")
-    lines += _modality_markdown(report)
-    lines += ["", "Definitions: ../shared/SPEC.md sections 3–11 (MAM, I_NSSD, LDAR, MFR, head scores, imbalance, "
-              "key space, modality Shapley, surrogate); choices marked proposed there are documented in "
-              "arbiter.metrics and arbiter.surrogate.", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def _skipped(report: dict, key: str) -> str | None:
@@ -331,6 +381,31 @@ def _modality_markdown(report: dict) -> list[str]:
                   f"{_fmt(ratio)}{note}; {len(su.get('flags') or [])} flags in report.json."]
     else:
         lines += [f"- Surrogate: skipped ({_skipped(report, 'surrogate')})."]
+    return lines
+
+
+def _attractor_markdown(report: dict) -> list[str]:
+    if "attractors" not in report:
+        return []
+    at = _ok(report, "attractors")
+    if not at:
+        return ["", "## Label attractors", "", f"- Label perturbation: skipped ({_skipped(report, 'attractors')})."]
+    st = at.get("settings") or {}
+    lines = ["", "## Label attractors", "",
+             f"- Label perturbation (SPEC 10): {len(at['sample_ids'])} labelled samples × {at['n_subsets']} removal "
+             f"sets (sizes {st.get('sizes')}{', all' if st.get('exhaustive') else ', seeded sample'}) of the labels "
+             f"{', '.join(at['labels'])}; a removed true label counts as an error ({at['forced']}); hierarchy by "
+             f"{at['hierarchy_how']}; edges shown at ≥ {100 * at['threshold']:g}% of a condition's errors."]
+    for c, sm in (at.get("summary") or {}).items():
+        edges = ", ".join(f"{e['source']} → {e['target']} {100 * e['weight']:.0f}%" for e in sm["top_edges"]) or "none"
+        kept = "+".join(at["conditions"].get(c) or []) or "nothing"
+        lines.append(f"- {c} ({kept} kept): accuracy {_fmt(sm['accuracy'])} (true label offered: "
+                     f"{_fmt(sm.get('accuracy_offered'))}), {sm['n_errors']} errors of {sm['n_rows']}; top edges "
+                     f"{edges}; attractors {' > '.join(sm['hierarchy'])}.")
+    sim = (at.get("similarity") or {}).get("all") or {}
+    if len(sim) > 1:
+        lines.append("- Error-pattern similarity with all (cosine of the error weights): "
+                     + ", ".join(f"{c} {_fmt(v)}" for c, v in sim.items() if c != "all") + ".")
     return lines
 
 

@@ -304,3 +304,137 @@ def test_tiny_llava_image_and_context():
     assert r.predicted.shape == (3, 1, 2) and bool((r.predicted >= 0).all())
     assert all(bool(r.offered[p, r.predicted[c, 0, p]]) for c in range(3) for p in range(2))
     assert torch.isfinite(r.label_logprobs).all()
+
+
+# ----------------------------------------------------------------------------------------------- in diagnose
+
+DIAG_FAST = {"limit": 4, "window": 3, "n_random": 2, "alphas": (2.0,), "batch_size": 8, "generate": False,
+             "progress": False, "head_methods": ("exhaustive",), "keyspace_max_n": 200, "keyspace_permutations": 10,
+             "modality_limit": 2}
+
+
+def _labelled_file(tmp_path, tm, labels, n=6, n_conflict=2, header=True):
+    """A classification data file (labels header): n samples, the first n_conflict of them conflict samples."""
+    (tmp_path / "img").mkdir(exist_ok=True)
+    lines = [{"arbiter_dataset": 1, "labels": labels}] if header else []
+    for i in range(n):
+        lab, other = labels[i % len(labels)], labels[(i + 1) % len(labels)]
+        tm.make_image(i).save(tmp_path / "img" / f"{i}.png")
+        conflict = i < n_conflict
+        lines.append({"id": f"c{i}", "context": f"The shape is {other if conflict else lab}.",
+                      "instruction": "Look at the image." if conflict else "", "question": "What colour is the shape?",
+                      "target": "vision", "answer_vision": lab, "answer_text": other if conflict else lab,
+                      "conflict": conflict, "image": f"img/{i}.png", "label": lab})
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return load_jsonl(path)
+
+
+def test_diagnose_runs_the_attractors_step_when_the_data_declares_labels(tmp_path):
+    from arbiter.experiments.diagnose import attractor_samples, diagnose
+    from arbiter.report import markdown, write
+
+    tm = _tiny("llava")
+    labels = ["red", "green", "blue", "yellow"]
+    ds = _labelled_file(tmp_path, tm, labels)
+    logs = []
+    rep = diagnose(tm.model, tm.processor, ds, tmp_path / "out", log=logs.append, attractor_limit=5,
+                   attractor_subsets=3, **DIAG_FAST)
+    assert rep["n_samples"] == 2 and "skipped" not in rep["mfr"]          # the conflict steps ran as before
+    at = rep["attractors"]
+    json.dumps(rep, allow_nan=False)
+    assert "label_logprobs" not in at and at["labels"] == labels
+    # round-robin over the labels, conflict samples included; 4 labels: removal sets of 1-3 labels
+    assert at["sample_ids"] == ["c0", "c1", "c2", "c3", "c4"] == [s.id for s in attractor_samples(ds, labels, 5)]
+    assert at["n_subsets"] == 3 and all(1 <= len(s) <= 3 for s in at["subsets"])
+    assert at["settings"]["sizes"] == [1, 2, 3] and rep["settings"]["n_attractor_samples"] == 5
+    assert list(at["conditions"]) == list(at["summary"]) == ["all", "image_only", "context_only"]
+    for c, sm in at["summary"].items():
+        pc = at["per_condition"][c]
+        conf = torch.tensor(pc["confusion"])
+        assert int(conf.sum()) == 5 * 3 == sm["n_rows"] == pc["n_rows"]                 # samples x subsets
+        assert sm["n_errors"] == int(conf.sum() - conf.trace())
+        assert sm["accuracy"] == pytest.approx(float(conf.trace()) / 15)
+        assert sorted(sm["hierarchy"]) == sorted(labels) and sm["hierarchy"] == [h["label"] for h in pc["hierarchy"]]
+        shown = [e for e in pc["edges"] if e["shown"]]
+        assert len(sm["top_edges"]) == min(5, len(shown))
+        assert [e["weight"] for e in sm["top_edges"]] == sorted((e["weight"] for e in shown), reverse=True)[:5]
+        assert all(e["weight"] >= at["threshold"] for e in sm["top_edges"])
+        assert sum(e["count"] for e in pc["edges"]) == sm["n_errors"]
+    paths = write(rep, tmp_path / "out")
+    assert paths["attractors"].stat().st_size > 0 and paths["mam_ldar"].exists()
+    md = markdown(rep)
+    assert "## Label attractors" in md and "- context_only (context kept): accuracy" in md
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "Label attractors" in html and 'alt="attractors"' in html
+    logs.clear()  # resumed; a new cap reruns only this step; skip= names it
+    again = diagnose(tm.model, tm.processor, ds, tmp_path / "out", log=logs.append, attractor_limit=5,
+                     attractor_subsets=3, **DIAG_FAST)
+    assert any("attractors: done earlier" in x for x in logs) and again["attractors"] == at
+    logs.clear()
+    other = diagnose(tm.model, tm.processor, ds, tmp_path / "out", log=logs.append, attractor_limit=4,
+                     attractor_subsets=1, skip="keyspace", **DIAG_FAST)
+    assert any(x.startswith("[arbiter] attractors:") and "done earlier" not in x for x in logs)
+    assert all("done earlier" in x for x in logs if x.startswith("[arbiter] baseline"))
+    assert other["attractors"]["summary"]["all"]["n_rows"] == 4 * 1
+    off = diagnose(tm.model, tm.processor, ds, tmp_path / "out", log=logs.append, skip="attractors", **DIAG_FAST)
+    assert "skip" in off["attractors"]["skipped"] and "Label perturbation: skipped (skipped on request" in markdown(off)
+
+
+def test_diagnose_on_a_data_set_without_conflict_samples_runs_only_the_attractors(tmp_path, capsys):
+    """The shipped omni emotion organism's data: classification only (every sample "conflict": false), six labels,
+    face + voice. Through the CLI's runner (flags -> diagnose -> report); each clip's features computed once."""
+    from arbiter import cli, organisms
+    from arbiter import report as report_mod
+    from arbiter.encode import load_audio
+    from arbiter.experiments.diagnose import (
+        CONFLICT_STEPS,
+        MODALITY_STEPS,
+        attractor_samples,
+        diagnose,
+    )
+
+    if "omni_emotion_tiny" not in organisms.available():
+        pytest.skip("the omni_emotion_tiny organism is not installed")
+    model, proc, ds = organisms.load("omni_emotion_tiny")
+    assert ds.labels == list(CREMA_D_LABELS) and not any(s.conflict for s in ds.samples)
+
+    class Counting:  # the feature extractor, counting the clips it featurises
+        def __init__(self, fe):
+            self.fe, self.clips = fe, 0
+
+        def __call__(self, audio, **kw):
+            self.clips += len(audio)
+            return self.fe(audio, **kw)
+
+        def __getattr__(self, name):
+            return getattr(self.__dict__["fe"], name)
+
+    fe = proc.feature_extractor
+    proc.feature_extractor = counting = Counting(fe)
+    out = tmp_path / "out"
+    args = cli.parser().parse_args(["demo", "--out", str(out), "--no-generate", "--attractor-limit", "6",
+                                    "--attractor-subsets", "2", "--batch-size", "16"])
+    try:
+        assert cli._run(model, proc, ds, args, report_mod, diagnose) == 0
+    finally:
+        proc.feature_extractor = fe
+    assert "conflict steps skipped (no conflict sample)" in capsys.readouterr().out
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["n_samples"] == 0 and rep["knockout"] == [] and rep["ldar"] == []
+    for k in ("mfr", "heads", "blocking", "amplification", *MODALITY_STEPS):
+        assert rep[k]["skipped"] == "no conflict sample", k
+    assert all((out / "steps" / f"{k}.json").exists() for k in CONFLICT_STEPS)
+    at = rep["attractors"]
+    assert list(at["summary"]) == ["all", "image_only", "audio_only"] and at["n_subsets"] == 2
+    assert sorted(at["true_labels"]) == sorted(CREMA_D_LABELS)                  # round-robin: one per label
+    assert all(sm["n_rows"] == 6 * 2 for sm in at["summary"].values())
+    # one featurisation per distinct clip: the voices (all + audio_only) and silence (image_only)
+    clips = [load_audio(s, proc) for s in attractor_samples(ds, ds.labels, 6)]
+    distinct = len({a.tobytes() for a in clips}) + len({len(a) for a in clips})
+    assert counting.clips == distinct < 6 * 3 * 2
+    md = (out / "report.md").read_text()
+    assert "conflict steps (baseline, knockout map, head rankings, blocking, amplification) were skipped" in md
+    assert "## Label attractors" in md and (out / "attractors.png").stat().st_size > 0
+    assert not (out / "mam_ldar.png").exists()
+    assert report_mod.Report.load(out)["attractors"]["labels"] == list(CREMA_D_LABELS)

@@ -177,6 +177,7 @@ def test_diagnose_produces_a_complete_report_on_every_family(family, synth, tmp_
     else:
         assert all("no image token" in rep[k]["skipped"] for k in ("shapley", "keyspace", "imbalance", "surrogate"))
     assert set(rep["timing_s"]) >= {"shapley", "keyspace", "imbalance", "surrogate"}
+    assert rep["attractors"]["skipped"] == "the data file declares no label set"  # synth declares no labels
     json.dumps(rep, allow_nan=False)
 
 

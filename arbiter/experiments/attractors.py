@@ -8,7 +8,8 @@ distribution restricted to the labels still offered. Errors give, per condition,
 error-attractor graph and an attractor hierarchy.
 
 * :func:`label_perturbation` -- runs the model (batched: one prompt row per sample x condition x removal set,
-  ``batch_size`` rows per forward) and returns an :class:`AttractorResult` (``to_dict()``, ``plot()``).
+  ``batch_size`` rows per forward; a clip's audio features computed once for all its rows) and returns an
+  :class:`AttractorResult` (``to_dict()``, ``plot()``).
 * :func:`removal_subsets`, :func:`label_token_ids`, :func:`offered_sample` -- the pieces, usable alone.
 * :func:`error_graph`, :func:`attraction` -- the pure computations on counts / predictions.
 
@@ -54,9 +55,12 @@ a :class:`arbiter.errors.DataError` says what to pass. :data:`CREMA_D_LABELS` ho
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import itertools
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -424,11 +428,72 @@ def _model_device_dtype(model) -> tuple[Any, Any]:
     return None, None
 
 
+class _AudioFeatureCache:
+    """Stands in for the processor's feature extractor while the scorer encodes a batch: each distinct waveform
+    (keyed by its content and the call's options) is featurised once and its rows reused, so the prompt rows of one
+    sample and condition (which differ only in the offered labels) share one log-mel computation. Cached only for
+    ``padding="max_length"`` calls (Qwen2.5-Omni pads every clip to 30 s: about 40 ms per clip), where a clip's
+    features do not depend on the other clips of the batch; any other call goes straight through. ``size``: clips
+    kept (the rows of a sample and condition are consecutive, so a few suffice)."""
+
+    def __init__(self, fe, size: int = 32):
+        self.fe, self.size = fe, size
+        self.store: OrderedDict[tuple, dict] = OrderedDict()
+        self.calls = self.clips = 0  # clips featurised / clips asked for (tests, diagnostics)
+
+    def __getattr__(self, name):
+        fe = self.__dict__.get("fe")
+        if fe is None:
+            raise AttributeError(name)
+        return getattr(fe, name)
+
+    def __call__(self, audio, *args, **kwargs):
+        from transformers import BatchFeature
+
+        if (args or kwargs.get("padding") != "max_length" or not isinstance(audio, (list, tuple)) or not audio
+                or not all(isinstance(a, np.ndarray) and a.ndim == 1 for a in audio)):
+            return self.fe(audio, *args, **kwargs)
+        opts = repr(sorted(kwargs.items()))
+        keys = [(hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest(), str(a.dtype), a.shape, opts)
+                for a in audio]
+        new = {k: a for k, a in zip(keys, audio) if k not in self.store}
+        if new:
+            out = self.fe(list(new.values()), **kwargs)
+            if not all(hasattr(v, "shape") and len(v.shape) and v.shape[0] == len(new) for v in out.values()):
+                return self.fe(audio, **kwargs)  # not one row per clip: no cache
+            for i, k in enumerate(new):
+                self.store[k] = {name: v[i] for name, v in out.items()}
+            self.calls += len(new)
+        self.clips += len(keys)
+        rows = [self.store[k] for k in keys]
+        for k in keys:
+            self.store.move_to_end(k)
+        while len(self.store) > max(self.size, len(set(keys))):
+            self.store.popitem(last=False)
+        stack = lambda v: torch.stack(v) if isinstance(v[0], torch.Tensor) else np.stack(v)
+        return BatchFeature({name: stack([r[name] for r in rows]) for name in rows[0]})
+
+    @contextlib.contextmanager
+    def installed(self, processor):
+        """The processor calls this cache instead of its feature extractor inside the block."""
+        names = [n for n in ("feature_extractor", "audio_processor") if vars(processor).get(n) is self.fe]
+        for n in names:
+            setattr(processor, n, self)
+        try:
+            yield
+        finally:
+            for n in names:
+                setattr(processor, n, self.fe)
+
+
 class _LensScorer:
-    """Label log-probabilities at the last prompt position from one batched forward."""
+    """Label log-probabilities at the last prompt position from one batched forward (audio features cached per
+    waveform: :class:`_AudioFeatureCache`)."""
 
     def __init__(self, lens, ids: list[list[int]], dataset):
         self.lens, self.dataset = lens, dataset
+        fe = getattr(lens.processor, "feature_extractor", None)
+        self.features = _AudioFeatureCache(fe) if fe is not None and callable(fe) else None
         m = max(len(x) for x in ids)
         self.index = torch.tensor([x + [x[0]] * (m - len(x)) for x in ids], dtype=torch.long)       # [L, m]
         self.valid = torch.tensor([[k < len(x) for k in range(m)] for x in ids], dtype=torch.bool)
@@ -441,8 +506,9 @@ class _LensScorer:
             self.kwargs["logits_to_keep"] = 1  # only the last row is read: no [batch, seq, vocab] logits
 
     def __call__(self, rows: list[PromptRow]) -> torch.Tensor:
-        batch = self.lens.encode([r.sample for r in rows], dataset=self.dataset, device=self.device,
-                                 dtype=self.dtype)
+        with self.features.installed(self.lens.processor) if self.features is not None else contextlib.nullcontext():
+            batch = self.lens.encode([r.sample for r in rows], dataset=self.dataset, device=self.device,
+                                     dtype=self.dtype)
         with torch.no_grad():
             z = self.lens.model(**batch.inputs, **self.kwargs).logits[:, -1]
         logp = torch.log_softmax(z.detach().to("cpu", torch.float64), dim=-1)

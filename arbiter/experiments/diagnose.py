@@ -18,12 +18,26 @@ from the vision- and the text-instructed ones:
   surrogate's angle at the fitted β read from the calibration's cells (``surrogate_predict="table"``, default) or
   simulated (``"simulate"``: 5 seeds, about 1-10 min of CPU depending on β), next to the ``shapley`` angle.
 
+Then, when the data file declares a label set (its header ``{"arbiter_dataset": 1, "labels": [...]}``, i.e.
+``ConflictDataset.labels``; otherwise it records ``{"skipped": "the data file declares no label set"}``):
+
+* ``attractors``: label perturbation and error attractors (SPEC 10,
+  :func:`arbiter.experiments.attractors.label_perturbation`) on at most ``attractor_limit`` (24) samples that carry
+  a ``label`` (every sample, conflict or not; taken round-robin over the labels so that a cap keeps every label),
+  ``attractor_subsets`` (20, seed 0) of the removal sets of 1-4 labels (at most n_labels - 1), every condition
+  (all modalities, each one alone); the result's ``to_dict()`` (no per-row scores) plus a short ``summary`` per
+  condition (accuracy, the top 5 edges at or above the 2% display threshold, the attractor hierarchy).
+
 A modality step that cannot run on a model or data set (no image, one modality, a token group missing) records
-``{"skipped": reason}``; ``skip=("keyspace", ...)`` skips steps on request.
+``{"skipped": reason}``; ``skip=("keyspace", ...)`` skips steps on request. A data set without conflict samples
+(a pure classification set, e.g. the shipped ``omni_emotion_tiny`` organism's data) records
+``{"skipped": "no conflict sample"}`` for the five conflict steps and the modality steps, and runs the
+``attractors`` step.
 
 Under torchrun (an initialised process group with several ranks, see :mod:`arbiter.distributed`) the first five
 steps shard their per-sample work over the ranks by whole batches and gather it before reducing (the same
-numbers as one process); the modality steps run on rank 0 only; rank 0 reads and writes ``OUT/steps``."""
+numbers as one process); the modality and attractors steps run on rank 0 only; rank 0 reads and writes
+``OUT/steps``."""
 
 from __future__ import annotations
 
@@ -55,9 +69,12 @@ from .heads import (
 from .knockout_map import knockout_map
 
 STEPS = ("baseline", "knockout", "heads", "blocking", "amplification", "shapley", "keyspace", "imbalance",
-         "surrogate")
+         "surrogate", "attractors")
+CONFLICT_STEPS = ("baseline", "knockout", "heads", "blocking", "amplification")
 MODALITY_STEPS = ("shapley", "keyspace", "imbalance", "surrogate")
+SKIPPABLE_STEPS = (*MODALITY_STEPS, "attractors")
 """Steps that ``skip=`` may leave out (the first five feed each other and the report)."""
+NO_CONFLICT = "no conflict sample"
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
@@ -128,6 +145,36 @@ def modality_samples(samples, limit: int | None) -> list:
     rest = [s for s in with_image if s.target not in ("vision", "text")]
     out = [s for pair in itertools.zip_longest(v, t) for s in pair if s is not None] + rest
     return out if limit is None else out[:limit]
+
+
+def attractor_samples(samples, labels, limit: int | None) -> list:
+    """The samples of the ``attractors`` step: those with a ``label``, at most ``limit``, taken round-robin over the
+    labels (in the label set's order, labels outside it last; each label keeps its samples' order) so that a cap
+    keeps every label."""
+    import itertools
+
+    with_label = [s for s in samples if s.label is not None]
+    order = list(labels or []) + [x for x in dict.fromkeys(s.label for s in with_label) if x not in (labels or [])]
+    by = [[s for s in with_label if s.label == lab] for lab in order]
+    out = [s for group in itertools.zip_longest(*by) for s in group if s is not None]
+    return out if limit is None else out[:limit]
+
+
+def _attractor_summary(r, top: int = 5) -> dict:
+    d = r.to_dict()  # scores=False: no per-row label log-probabilities
+    summary = {}
+    for c, pc in d["per_condition"].items():
+        shown = sorted((e for e in pc["edges"] if e["shown"]), key=lambda e: (-e["weight"], e["source"], e["target"]))
+        summary[c] = {"accuracy": pc["accuracy"], "accuracy_offered": pc["accuracy_offered"],
+                      "n_rows": pc["n_rows"], "n_errors": pc["n_errors"],
+                      "top_edges": [{k: e[k] for k in ("source", "target", "count", "weight")} for e in shown[:top]],
+                      "hierarchy": [h["label"] for h in pc["hierarchy"]]}
+    return {**d, "summary": summary,
+            "reading": "labels removed from the prompt's option list (SPEC 10, [PB]); per condition (all modalities, "
+                       "or one alone with the others neutral) the confusion (rows truth, columns prediction), the "
+                       f"error-attractor edges truth -> prediction (weight = share of the condition's errors; shown "
+                       f">= {100 * r.threshold:g}%) and the labels ranked by the errors they attract "
+                       f"({r.hierarchy_how})"}
 
 
 def _no_image_reason(lens, msamples, all_samples, dataset) -> str | None:
@@ -290,13 +337,55 @@ def _surrogate_summary(fr, calib: dict, predict: str, n: int) -> dict:
     }
 
 
+def _conflict_steps(lens, samples, dataset, steps, out, window, top, batch_size, n_random, alphas, head_methods,
+                    generate, progress):
+    """The five conflict steps (baseline, knockout, heads, blocking, amplification), each resumable."""
+    base_obj = {}
+
+    def baseline():
+        r = evaluate(lens, samples, batch_size, dataset, generate=generate, progress=progress,
+                     trace_dir=out / "traces" / "baseline")
+        base_obj["r"] = r
+        d = r.to_dict()
+        d["per_sample"] = {"ids": r.sample_ids, "targets": r.targets, "pi": r.pi.tolist(),
+                           "follows": r.follows, "answers": r.answers}
+        return d
+    base = steps.run("baseline", baseline)
+    correct = [f == 1 for f in base["per_sample"]["follows"]]
+    kmap = steps.run("knockout", lambda: knockout_map(lens, samples, window=window, batch_size=batch_size,
+                                                      dataset=dataset, progress=progress).to_dict())
+
+    def heads():
+        rankings = {}
+        fns = {"exhaustive": lambda: exhaustive_ranking(lens, samples, batch_size, dataset=dataset,
+                                                        progress=progress),
+               "attribution": lambda: attribution_ranking(lens, samples, batch_size, dataset=dataset),
+               "dla": lambda: dla_ranking(lens, samples, batch_size, dataset=dataset)}
+        for m in head_methods:
+            rankings[m] = fns[m]()
+        ref = rankings[head_methods[0]]
+        return {"method": ref.method, "ranking": ref.ranking(), "top": [list(h) for h in ref.top(top)],
+                "scores": {m: r.to_dict() for m, r in rankings.items()},
+                "agreement": [compare_rankings(ref, r, top) for m, r in rankings.items() if r is not ref]}
+    hd = steps.run("heads", heads)
+    topg = [tuple(h) for h in hd["top"]]
+    block = steps.run("blocking", lambda: blocking_experiment(
+        lens, samples, correct, topg, fraction=top, n_random=n_random, batch_size=batch_size,
+        dataset=dataset).to_dict())
+    amp = steps.run("amplification", lambda: amplification_experiment(
+        lens, samples, correct, topg, alphas=alphas, n_random=n_random, batch_size=batch_size,
+        dataset=dataset).to_dict())
+    return base, kmap, hd, block, amp
+
+
 def diagnose(model, processor, dataset: ConflictDataset, out: str | os.PathLike, limit: int | None = None,
              window: int = 9, top: float = 0.05, batch_size: int = 8, n_random: int = 10,
              alphas=(1.5, 2.0, 3.0, 5.0), head_methods=("exhaustive", "attribution", "dla"),
              generate: bool = True, progress: bool = True, log: Callable[[str], None] = print,
              skip=(), modality_limit: int | None = 32, shapley_removal: str = "knockout",
              keyspace_max_n: int = 1000, keyspace_permutations: int = 100,
-             calibration: str = "responsive_5x5_5seeds", surrogate_predict: str = "table") -> dict:
+             calibration: str = "responsive_5x5_5seeds", surrogate_predict: str = "table",
+             attractor_limit: int | None = 24, attractor_subsets: int | None = 20) -> dict:
     """Run every step and return the report dict (also written to OUT/report.json by arbiter.report).
 
     Modality steps (see the module docstring): ``skip`` names steps of :data:`MODALITY_STEPS` to leave out;
@@ -304,15 +393,20 @@ def diagnose(model, processor, dataset: ConflictDataset, out: str | os.PathLike,
     ``"knockout"`` or ``"neutral"``; ``keyspace_max_n`` / ``keyspace_permutations``: keys per modality and layer,
     permutations of the MMD test; ``calibration``: the c(β) table (a shipped name or a JSON path, see
     :mod:`arbiter.surrogate.calibration`); ``surrogate_predict``: ``"table"`` (interpolate the calibration's cells)
-    or ``"simulate"`` (integrate the surrogate at the fitted β: minutes)."""
+    or ``"simulate"`` (integrate the surrogate at the fitted β: minutes). ``attractor_limit`` /
+    ``attractor_subsets``: labelled samples and removal sets of the ``attractors`` step (None: all); ``skip`` may
+    name it too."""
     skip = tuple(x.strip() for x in (skip.split(",") if isinstance(skip, str) else skip) if x and x.strip())
-    bad = [x for x in skip if x not in MODALITY_STEPS]
+    bad = [x for x in skip if x not in SKIPPABLE_STEPS]
     if bad:
-        raise DataError(f"skip={bad}: only the steps {', '.join(MODALITY_STEPS)} can be skipped.")
+        raise DataError(f"skip={bad}: only the steps {', '.join(SKIPPABLE_STEPS)} can be skipped.")
     if surrogate_predict not in ("table", "simulate"):
         raise DataError(f"surrogate_predict={surrogate_predict!r} is not 'table' or 'simulate'.")
     if modality_limit is not None and modality_limit < 1:
         raise DataError(f"modality_limit={modality_limit} must be >= 1 (or None for every sample).")
+    for name, v in (("attractor_limit", attractor_limit), ("attractor_subsets", attractor_subsets)):
+        if v is not None and v < 1:
+            raise DataError(f"{name}={v} must be >= 1 (or None for all).")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     samples = [s for s in dataset.samples if s.conflict]
@@ -327,41 +421,11 @@ def diagnose(model, processor, dataset: ConflictDataset, out: str | os.PathLike,
     steps = _Steps(out, key, log)
     model.eval()
     with attach(model, processor) as lens, distributed.sharding(g):
-        base_obj = {}
-
-        def baseline():
-            r = evaluate(lens, samples, batch_size, dataset, generate=generate, progress=progress,
-                         trace_dir=out / "traces" / "baseline")
-            base_obj["r"] = r
-            d = r.to_dict()
-            d["per_sample"] = {"ids": r.sample_ids, "targets": r.targets, "pi": r.pi.tolist(),
-                               "follows": r.follows, "answers": r.answers}
-            return d
-        base = steps.run("baseline", baseline)
-        correct = [f == 1 for f in base["per_sample"]["follows"]]
-        kmap = steps.run("knockout", lambda: knockout_map(lens, samples, window=window, batch_size=batch_size,
-                                                          dataset=dataset, progress=progress).to_dict())
-
-        def heads():
-            rankings = {}
-            fns = {"exhaustive": lambda: exhaustive_ranking(lens, samples, batch_size, dataset=dataset,
-                                                            progress=progress),
-                   "attribution": lambda: attribution_ranking(lens, samples, batch_size, dataset=dataset),
-                   "dla": lambda: dla_ranking(lens, samples, batch_size, dataset=dataset)}
-            for m in head_methods:
-                rankings[m] = fns[m]()
-            ref = rankings[head_methods[0]]
-            return {"method": ref.method, "ranking": ref.ranking(), "top": [list(h) for h in ref.top(top)],
-                    "scores": {m: r.to_dict() for m, r in rankings.items()},
-                    "agreement": [compare_rankings(ref, r, top) for m, r in rankings.items() if r is not ref]}
-        hd = steps.run("heads", heads)
-        topg = [tuple(h) for h in hd["top"]]
-        block = steps.run("blocking", lambda: blocking_experiment(
-            lens, samples, correct, topg, fraction=top, n_random=n_random, batch_size=batch_size,
-            dataset=dataset).to_dict())
-        amp = steps.run("amplification", lambda: amplification_experiment(
-            lens, samples, correct, topg, alphas=alphas, n_random=n_random, batch_size=batch_size,
-            dataset=dataset).to_dict())
+        if not samples:  # a pure classification data set: nothing to arbitrate; the attractors step still runs
+            base, kmap, hd, block, amp = (steps.run(n, lambda: {"skipped": NO_CONFLICT}) for n in CONFLICT_STEPS)
+        else:
+            base, kmap, hd, block, amp = _conflict_steps(lens, samples, dataset, steps, out, window, top, batch_size,
+                                                         n_random, alphas, head_methods, generate, progress)
         msamples = modality_samples(samples, modality_limit)
         mkey = {"modality_limit": modality_limit, "modality_ids": [x.id for x in msamples]}
         reason = _no_image_reason(lens, msamples, samples, dataset)
@@ -434,31 +498,66 @@ def diagnose(model, processor, dataset: ConflictDataset, out: str | os.PathLike,
             "surrogate", guarded("surrogate", surrogate_step),
             {**mkey, "calibration": calibration, "predict": surrogate_predict, "angle_measured": angle_measured},
             collective=False)
+
+        labels = getattr(dataset, "labels", None)
+        asamples = attractor_samples(dataset.samples, labels, attractor_limit) if labels else []
+
+        def attractors_step():
+            from .attractors import label_perturbation
+
+            if not labels:
+                return {"skipped": "the data file declares no label set"}
+            if not asamples:
+                return {"skipped": "no sample carries a label"}
+            try:
+                sizes = [k for k in (1, 2, 3, 4) if k < len(labels)]  # at least one label stays offered
+                r = label_perturbation(lens, asamples, labels, dataset=dataset, sizes=sizes or (1,),
+                                       max_subsets=attractor_subsets, seed=0, batch_size=batch_size, progress=progress)
+            except ArbiterError as e:  # e.g. labels without a first token of their own: say why, go on
+                log(f"[arbiter] attractors: skipped ({type(e).__name__}: {e})")
+                return {"skipped": f"{type(e).__name__}: {e}"}
+            return _attractor_summary(r)
+        att = user_skipped("attractors") if "attractors" in skip else steps.run(
+            "attractors", attractors_step, {"attractor_limit": attractor_limit, "attractor_subsets": attractor_subsets,
+                                            "labels": labels, "attractor_ids": [x.id for x in asamples]},
+            collective=False)
         summary = lens.facts.summary()
     summary["config_hash"] = key["config"]
+    if "skipped" in base:  # no conflict sample: the conflict measures are absent, said so
+        why = {"skipped": base["skipped"]}
+        main = {"n_samples": 0, "mfr": why, "mfr_pi": why, "mfr_source": None, "mam": why, "mam_components": why,
+                "ldar": [], "knockout": [], "knockout_window": window, "heads": why, "blocking": block,
+                "amplification": amp}
+    else:
+        main = {
+            "n_samples": base["n_samples"],
+            "mfr": base["mfr"],
+            "mfr_pi": base["mfr_pi"],
+            "mfr_source": base["mfr_source"],
+            "mam": base["mam"],
+            "mam_components": base["mam_components"],
+            "ldar": base["ldar"],
+            "knockout": kmap["entries"],
+            "knockout_window": window,
+            "heads": {"method": hd["method"], "ranking": hd["ranking"], "agreement": hd["agreement"],
+                      "scores": {m: v["by_target"] for m, v in hd["scores"].items()},
+                      "rankings": {m: v["ranking"] for m, v in hd["scores"].items()}},
+            "blocking": block,
+            "amplification": amp,
+        }
     return {
         "model": summary,
-        "n_samples": base["n_samples"],
-        "mfr": base["mfr"],
-        "mfr_pi": base["mfr_pi"],
-        "mfr_source": base["mfr_source"],
-        "mam": base["mam"],
-        "mam_components": base["mam_components"],
-        "ldar": base["ldar"],
-        "knockout": kmap["entries"],
-        "knockout_window": window,
-        "heads": {"method": hd["method"], "ranking": hd["ranking"], "agreement": hd["agreement"],
-                  "scores": {m: v["by_target"] for m, v in hd["scores"].items()},
-                  "rankings": {m: v["ranking"] for m, v in hd["scores"].items()}},
-        "blocking": block,
-        "amplification": amp,
+        **main,
         "shapley": shap,
         "keyspace": ks,
         "imbalance": imb,
         "surrogate": sur,
-        "timing_s": {s: r.get("seconds") for s, r in zip(STEPS, (base, kmap, hd, block, amp, shap, ks, imb, sur))},
+        "attractors": att,
+        "timing_s": {s: r.get("seconds") for s, r in zip(STEPS, (base, kmap, hd, block, amp, shap, ks, imb, sur,
+                                                                  att))},
         "settings": {**key, "modality_limit": modality_limit, "n_modality_samples": len(msamples),
                      "skip": list(skip), "shapley_removal": shapley_removal, "keyspace_max_n": keyspace_max_n,
                      "keyspace_permutations": keyspace_permutations, "calibration": calibration,
-                     "surrogate_predict": surrogate_predict},
+                     "surrogate_predict": surrogate_predict, "attractor_limit": attractor_limit,
+                     "attractor_subsets": attractor_subsets, "n_attractor_samples": len(asamples)},
     }
