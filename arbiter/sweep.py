@@ -59,28 +59,32 @@ def _repeat(x, n: int):
 
 
 @contextlib.contextmanager
-def _replay_prefix(lens, outputs: dict[int, object], upto: int, n: int) -> Iterator[None]:
-    """Replace decoder layers < upto by stubs returning their recorded clean outputs, repeated n times."""
+def _stub_forwards(stubs: list[tuple[torch.nn.Module, Callable]]) -> Iterator[None]:
+    """Give each module an instance-level ``forward`` (its hooks still run); the class forward is restored on exit."""
     saved = []
     try:
-        for i in range(upto):
-            layer = lens.facts.layers[i].layer
-            out = outputs[i]
-
-            def stub(*args, _out=out, **kwargs):
-                if isinstance(_out, tuple):
-                    return (_rep_batch(_out[0], n), *_out[1:])
-                return _rep_batch(_out, n)
-
-            saved.append((layer, layer.__dict__.get("forward")))
-            layer.forward = stub
+        for mod, stub in stubs:
+            saved.append((mod, mod.__dict__.get("forward")))
+            mod.forward = stub
         yield
     finally:
-        for layer, fwd in saved:
+        for mod, fwd in saved:
             if fwd is None:
-                layer.__dict__.pop("forward", None)
+                mod.__dict__.pop("forward", None)
             else:
-                layer.forward = fwd
+                mod.forward = fwd
+
+
+def _replay_prefix(lens, outputs: dict[int, object], upto: int, n: int):
+    """Replace decoder layers < upto by stubs returning their recorded clean outputs, repeated n times."""
+    def stub_for(out):
+        def stub(*args, **kwargs):
+            if isinstance(out, tuple):
+                return (_rep_batch(out[0], n), *out[1:])
+            return _rep_batch(out, n)
+        return stub
+
+    return _stub_forwards([(lens.facts.layers[i].layer, stub_for(outputs[i])) for i in range(upto)])
 
 
 def _map_tensors(obj, fn):
@@ -110,26 +114,14 @@ def _encoder_modules(lens) -> list[torch.nn.Module]:
     return []
 
 
-@contextlib.contextmanager
-def _replay_encoders(outputs: dict[torch.nn.Module, object], n: int) -> Iterator[None]:
+def _replay_encoders(outputs: dict[torch.nn.Module, object], n: int):
     """Replace each encoder that ran once before the decoder by a stub returning its clean output repeated n
     times along dim 0: an encoder in eval mode treats the images of a batch independently, so its output for
     ``cat([x] * n)`` is ``cat([f(x)] * n)`` (flattened-patch towers such as Qwen2-VL's included)."""
-    saved = []
-    try:
-        for mod, out in outputs.items():
-            def stub(*args, _out=out, **kwargs):
-                return _map_tensors(_out, lambda t: _repeat(t, n))
+    def stub_for(out):
+        return lambda *args, **kwargs: _map_tensors(out, lambda t: _repeat(t, n))
 
-            saved.append((mod, mod.__dict__.get("forward")))
-            mod.forward = stub
-        yield
-    finally:
-        for mod, fwd in saved:
-            if fwd is None:
-                mod.__dict__.pop("forward", None)
-            else:
-                mod.forward = fwd
+    return _stub_forwards([(mod, stub_for(out)) for mod, out in outputs.items()])
 
 
 def _rep_batch(t: torch.Tensor, n: int) -> torch.Tensor:
