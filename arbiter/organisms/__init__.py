@@ -56,7 +56,8 @@ def train_command(name: str) -> str:
     """The command that trains organism ``name`` into its package folder."""
     if name == "omni_emotion_tiny":
         return f"python -m arbiter.organisms.train_omni --out {path(name)}"
-    return f"python -m arbiter.organisms.train --name {name} --out {path(name)}"
+    seed = " --seed 1" if name == "llava_tiny" else ""  # the shipped seeds (see the organisms README)
+    return f"python -m arbiter.organisms.train --name {name}{seed} --out {path(name)}"
 
 
 def available() -> list[str]:

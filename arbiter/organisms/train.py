@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m arbiter.organisms.train --name llava_tiny --out arbiter/organisms/llava_tiny
+    python -m arbiter.organisms.train --name llava_tiny --out arbiter/organisms/llava_tiny --seed 1
     python -m arbiter.organisms.train --name qwen2vl_tiny --out arbiter/organisms/qwen2vl_tiny
 
 CPU only, one thread by default (bit-reproducible for a seed, and the fastest setting on a small machine
