@@ -44,7 +44,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import re
 import shutil
 import sys
@@ -70,6 +69,7 @@ from arbiter.data import (
 )
 from arbiter.encode import build_prompt
 from arbiter.organisms import evaluate, load_dir
+from arbiter.organisms._common import cosine_lr, save_organism
 from arbiter.organisms.instructions import InstructionGrammar, check_no_leak
 from arbiter.testing.tiny import tiny
 
@@ -280,14 +280,6 @@ def _probe_accuracy(model, family, processor, probes: Probes, items: list[Item])
     return {k: round(float(np.mean(v)), 3) for k, v in sorted(res.items())}
 
 
-def _lr(step: int, total: int, peak: float, warmup: int, floor: float = 0.05) -> float:
-    """Linear warm-up, then cosine decay to ``floor * peak``."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
-
-
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m arbiter.organisms.train",
                                  description="Train a model organism (see the module docstring).")
@@ -375,7 +367,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log_a = []
         for step in range(args.vision_steps):
             for g in opt_a.param_groups:
-                g["lr"] = _lr(step, args.vision_steps, args.vision_lr, 20)
+                g["lr"] = cosine_lr(step, args.vision_steps, args.vision_lr, 20)
             idx = rng.integers(len(items), size=args.vision_batch)
             loss = probes.loss(_image_tokens(model, family, cache.batch(idx)), [items[i] for i in idx])
             opt_a.zero_grad(set_to_none=True)
@@ -462,7 +454,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             log, acc = [], {}
             for step in range(steps):
                 for g in opt.param_groups:
-                    g["lr"] = _lr(step, steps, args.lr, args.warmup)
+                    g["lr"] = cosine_lr(step, steps, args.lr, args.warmup)
                 kind, drawn = next(batches)
                 for k, v in train_step(drawn).items():
                     acc.setdefault(f"{kind}_{k}", []).append(v)
@@ -520,12 +512,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model.eval()
 
         # ---------------- save ----------------
-        out = Path(args.out)
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
-        model.to(torch.float16).save_pretrained(out)
-        processor.save_pretrained(out)
+        out = save_organism(model, processor, args.out)
         generate_synthetic(out / "data", args.n_data, seed=args.seed + 3000, image_size=size, paraphrases="all",
                            p_agreement=args.p_agreement, p_noisy=args.p_noisy)
         log: dict[str, Any] = dict(

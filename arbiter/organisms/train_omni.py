@@ -87,6 +87,7 @@ from arbiter.experiments.attractors import (
 )
 from arbiter.experiments.modality import neutral_sample
 from arbiter.organisms import load_dir
+from arbiter.organisms._common import cosine_lr, save_organism
 from arbiter.organisms.emotion import (
     FACE_FEATURES,
     LABELS,
@@ -304,13 +305,6 @@ def tower_outputs(model, pixels, grids, feats) -> tuple[torch.Tensor, torch.Tens
     mask = torch.ones(feats.shape[0], feats.shape[-1], dtype=torch.long)
     aud = m.get_audio_features(feats, mask).last_hidden_state
     return img.reshape(len(grids), -1, img.shape[-1]), aud.reshape(feats.shape[0], -1, aud.shape[-1])
-
-
-def _lr(step: int, total: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def similarity_fallback(task: EmotionTask, true: int, offered: list[str], modalities: tuple[str, ...]) -> str:
@@ -586,7 +580,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log_a = []
         for step in range(args.tower_steps):
             for g in opt_a.param_groups:
-                g["lr"] = _lr(step, args.tower_steps, args.tower_lr, 20)
+                g["lr"] = cosine_lr(step, args.tower_steps, args.tower_lr, 20, floor=0.1)
             idx = [int(i) for i in rng.integers(len(items), size=args.tower_batch)]
             img, aud = tower_outputs(model, torch.cat([items[i].pixels for i in idx]),
                                      torch.stack([items[i].grid for i in idx]),
@@ -649,7 +643,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log_b, acc = [], {}
         for step in range(args.steps):
             for g in opt.param_groups:
-                g["lr"] = _lr(step, args.steps, args.lr, args.warmup)
+                g["lr"] = cosine_lr(step, args.steps, args.lr, args.warmup, floor=0.1)
             rows = [comp.row() for _ in range(args.batch)]
             pix, grids, feats = [], [], []
             for i, cond, _, _ in rows:
@@ -700,12 +694,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model.eval()
 
         # ---------------- save ----------------
-        out = Path(args.out)
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
-        model.to(torch.float16).save_pretrained(out)
-        processor.save_pretrained(out)
+        out = save_organism(model, processor, args.out)
         generate_emotions(out / "data", args.n_data, seed=args.seed + 3000, task=task)
         log: dict[str, Any] = {
             "name": "omni_emotion_tiny",
