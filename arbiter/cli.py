@@ -59,6 +59,7 @@ def _run(model, processor, ds, args, report_mod, diagnose) -> int:
     distributed.init(getattr(args, "device", "cpu"))  # torchrun: joined by _diagnose already; `demo` joins here
     rep = diagnose(model, processor, ds, args.out, limit=args.limit, window=args.window, top=args.top,
                    batch_size=args.batch_size, n_random=args.random_draws, generate=not args.no_generate,
+                   head_methods=tuple(m.strip() for m in args.head_methods.split(",") if m.strip()),
                    skip=args.skip, modality_limit=args.modality_limit or None, shapley_removal=args.shapley_removal,
                    keyspace_max_n=args.keyspace_max_n, keyspace_permutations=args.keyspace_permutations,
                    calibration=args.calibration,
@@ -150,6 +151,9 @@ def _common(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
     p.add_argument("--top", type=float, default=0.05, help="TopG fraction of heads")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--random-draws", type=int, default=10, help="random head sets for the controls")
+    p.add_argument("--head-methods", default="exhaustive,attribution,attribution-ig,dla",
+                   help="comma-separated head rankings; the first is the reference (choices: exhaustive, "
+                   "attribution, attribution-ig, attribution-ig-layer, dla)")
     p.add_argument("--no-generate", action="store_true", help="MFR from π > 0.5 instead of greedy generation")
     p.add_argument("--seed", type=int, default=0)
 

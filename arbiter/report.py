@@ -302,8 +302,13 @@ def _conflict_markdown(report: dict) -> list[str]:
     m, b, a = report["mfr"], report["blocking"], report["amplification"]
     ld = [x for x in report["ldar"] if x is not None]
     ko = sorted((e for e in report["knockout"] if e["nssd"] is not None), key=lambda e: e["nssd"])[:5]
+    agreement = report["heads"].get("agreement", [])
     agree = "; ".join(f"{g['method']}: Spearman {_fmt(g['spearman'])}, TopG overlap {_fmt(g['topg_overlap'])}"
-                      for g in report["heads"].get("agreement", []))
+                      for g in agreement)
+    ceiling = next((g.get("reference_split_half") for g in agreement if g.get("reference_split_half")), None)
+    if ceiling:
+        agree += (f" (ceiling: the reference against itself on random halves, Spearman "
+                  f"{_fmt(ceiling['spearman_mean'])} ± {_fmt(ceiling['spearman_sd'])})")
     lines = [
         "| measure | value |", "|---|---|",
         f"| MFR overall / vision / text ({report.get('mfr_source')}) | {_fmt(m['overall'])} / {_fmt(m['vision'])} / "

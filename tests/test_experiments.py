@@ -107,6 +107,74 @@ def test_attribution_of_last_layer_heads_tracks_exact_effect(synth):
     assert (a - b).abs().max().item() <= 0.25 * a.abs().max().item() + 1e-4
 
 
+def test_attribution_is_the_total_derivative_through_later_attention(synth):
+    """AtP of a layer-0 head = the directional derivative of m along a -> (1 ± eps) a, measured by central
+    differences: the gradient must flow through every later layer (attention included), not stop at the next
+    head output (a detached leaf per layer gets −0.0020 where the derivative is −0.0296)."""
+    tm = _tiny("llava")
+    tm.model.double()
+    eps = 1e-2
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        at = attribution_ranking(lens, synth.samples, batch_size=8, dataset=synth)
+        ex = exhaustive_ranking(lens, synth.samples, batch_size=8, dataset=synth)  # the same samples, in order
+        for head in range(4):
+            from arbiter.experiments.common import metric_pi_and_margin
+            from arbiter.sweep import head_sweep
+            item = next(iter(batches(lens, [s for s in synth.samples if s.conflict], 8, synth)))
+            m = [head_sweep(lens, item.batch.inputs, heads=[(0, head)], alpha=a,
+                            metric=metric_pi_and_margin(item.ids_p, item.ids_c)).values[0][:, 1].double()
+                 for a in (1 + eps, 1 - eps)]
+            fd = (m[0] - m[1]) / (2 * eps)
+            assert torch.allclose(at.per_sample[:, 0, head].double(), fd, rtol=1e-2, atol=1e-4)
+    assert ex.per_sample.shape == at.per_sample.shape
+
+
+def test_layer_path_integrated_gradients_are_complete(synth):
+    """ig-layer: per layer, the heads' scores sum to the drop of m when the whole layer's heads are zeroed."""
+    tm = _tiny("llava")
+    tm.model.double()
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        ig = attribution_ranking(lens, synth.samples, batch_size=8, dataset=synth, method="ig-layer", steps=48)
+        from arbiter.experiments.common import metric_pi_and_margin
+        from arbiter.experiments.heads import _head_set_settings
+        from arbiter.sweep import sweep
+        item = next(iter(batches(lens, [s for s in synth.samples if s.conflict], 8, synth)))
+        res = sweep(lens, item.batch.inputs, _head_set_settings([[(l_, h) for h in range(4)] for l_ in range(4)], 0.0),
+                    metric_pi_and_margin(item.ids_p, item.ids_c))
+    drop = res.baseline[:, 1].double().unsqueeze(0) - res.values[:, :, 1].double()       # [layers, samples]
+    assert ig.cost_forward_equivalents == 3.0 * 48 * 4
+    assert torch.allclose(ig.per_sample.double().sum(-1).T, drop, atol=2e-3 * drop.abs().max().item() + 1e-6)
+
+
+def test_attribution_rejects_unknown_method_and_bad_steps(synth):
+    tm = _tiny("llava")
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        with pytest.raises(arbiter.errors.InterventionError, match="unknown"):
+            attribution_ranking(lens, synth.samples, dataset=synth, method="atp*")
+        with pytest.raises(arbiter.errors.InterventionError, match="steps"):
+            attribution_ranking(lens, synth.samples, dataset=synth, method="ig", steps=0)
+
+
+def test_split_half_reliability_is_one_for_identical_samples_and_lower_for_noise():
+    from arbiter.experiments.heads import HeadRanking
+    g = torch.Generator().manual_seed(0)
+    base = torch.arange(12.0).view(3, 4)
+    targets = ["vision", "text"] * 10
+    same = HeadRanking("exhaustive", base, per_sample=base.expand(20, 3, 4).clone(), targets=targets)
+    assert same.split_half(n_splits=5)["spearman_mean"] == pytest.approx(1.0)
+    noisy = base + 20 * torch.randn(20, 3, 4, generator=g)
+    rel = HeadRanking("exhaustive", noisy.mean(0), per_sample=noisy, targets=targets).split_half(n_splits=10)
+    assert rel["spearman_mean"] < 0.9 and rel["n_samples"] == 20
+    assert HeadRanking("dla", base).split_half() is None
+
+
+def test_diagnose_rejects_an_unknown_head_method_before_running(synth, tmp_path):
+    tm = _tiny("llava")
+    with pytest.raises(arbiter.errors.DataError, match="head ranking methods"):
+        diagnose(tm.model, tm.processor, synth, tmp_path, **{**FAST, "head_methods": ("exhaustive", "atp*")})
+    assert not (tmp_path / "report.json").exists()
+
+
 REPORT_KEYS = {"model", "n_samples", "mfr", "mam", "ldar", "knockout", "heads", "blocking", "amplification",
                "shapley", "keyspace", "imbalance", "surrogate"}
 FAST = {"limit": 4, "window": 3, "n_random": 2, "alphas": (2.0,), "batch_size": 4, "generate": False,

@@ -360,6 +360,10 @@ def _conflict_steps(lens, samples, dataset, steps, out, window, top, batch_size,
         fns = {"exhaustive": lambda: exhaustive_ranking(lens, samples, batch_size, dataset=dataset,
                                                         progress=progress),
                "attribution": lambda: attribution_ranking(lens, samples, batch_size, dataset=dataset),
+               "attribution-ig": lambda: attribution_ranking(lens, samples, batch_size, dataset=dataset,
+                                                             method="ig", steps=4),
+               "attribution-ig-layer": lambda: attribution_ranking(lens, samples, batch_size, dataset=dataset,
+                                                                   method="ig-layer", steps=4),
                "dla": lambda: dla_ranking(lens, samples, batch_size, dataset=dataset)}
         for m in head_methods:
             rankings[m] = fns[m]()
@@ -378,9 +382,14 @@ def _conflict_steps(lens, samples, dataset, steps, out, window, top, batch_size,
     return base, kmap, hd, block, amp
 
 
+HEAD_METHODS = ("exhaustive", "attribution", "attribution-ig", "dla")
+"""Default head rankings of the heads step; the first is the reference (SPEC 7: the exhaustive sweep)."""
+HEAD_METHOD_NAMES = ("exhaustive", "attribution", "attribution-ig", "attribution-ig-layer", "dla")
+
+
 def diagnose(model, processor, dataset: ConflictDataset, out: str | os.PathLike, limit: int | None = None,
              window: int = 9, top: float = 0.05, batch_size: int = 8, n_random: int = 10,
-             alphas=(1.5, 2.0, 3.0, 5.0), head_methods=("exhaustive", "attribution", "dla"),
+             alphas=(1.5, 2.0, 3.0, 5.0), head_methods=HEAD_METHODS,
              generate: bool = True, progress: bool = True, log: Callable[[str], None] = print,
              skip=(), modality_limit: int | None = 32, shapley_removal: str = "knockout",
              keyspace_max_n: int = 1000, keyspace_permutations: int = 100,
@@ -396,6 +405,10 @@ def diagnose(model, processor, dataset: ConflictDataset, out: str | os.PathLike,
     or ``"simulate"`` (integrate the surrogate at the fitted β: minutes). ``attractor_limit`` /
     ``attractor_subsets``: labelled samples and removal sets of the ``attractors`` step (None: all); ``skip`` may
     name it too."""
+    unknown = [m for m in head_methods if m not in HEAD_METHOD_NAMES]
+    if unknown or not head_methods:
+        raise DataError(f"head ranking methods {list(head_methods)!r}: use some of {list(HEAD_METHOD_NAMES)} "
+                        "(the first one is the reference the others are compared with).")
     skip = tuple(x.strip() for x in (skip.split(",") if isinstance(skip, str) else skip) if x and x.strip())
     bad = [x for x in skip if x not in SKIPPABLE_STEPS]
     if bad:

@@ -3,6 +3,7 @@ blocking (TopG vs random heads) and amplification (alpha sweep on failures) expe
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -14,7 +15,8 @@ from ..metrics import head_scores, spearman, top_g, topk_overlap
 from ..metrics._common import jsonable
 from ..probes.base import Probe
 from ..probes.heads import HeadScale
-from ..sweep import Setting, head_sweep, sweep
+from ..errors import InterventionError
+from ..sweep import Setting, _repeat, head_sweep, sweep
 from .common import batches, margin_from_logits, metric_pi_and_margin, module_weight, per_sample, require_conflicts
 
 
@@ -26,6 +28,32 @@ class HeadRanking:
     scores: torch.Tensor                          # [layers, heads]
     by_target: dict = field(default_factory=dict)  # target -> [layers, heads]
     cost_forward_equivalents: float | None = None
+    per_sample: torch.Tensor | None = field(default=None, repr=False)  # [samples, layers, heads]
+    targets: list | None = field(default=None, repr=False)
+
+    def split_half(self, n_splits: int = 20, seed: int = 0) -> dict | None:
+        """Split-half reliability (proposed): Spearman between the scores of two random halves of the samples
+        (each half split within each target), mean and sd over ``n_splits`` splits. It bounds the agreement any
+        other ranking can reach with this one on the same data (a noise ceiling). None without per-sample
+        scores or with fewer than 4 samples."""
+        if self.per_sample is None or self.targets is None or len(self.targets) < 4:
+            return None
+        rng = random.Random(seed)
+        vals = []
+        for _ in range(n_splits):
+            half_a, half_b = [], []
+            for t in sorted(set(self.targets)):
+                idx = [i for i, x in enumerate(self.targets) if x == t]
+                rng.shuffle(idx)
+                half_a += idx[:len(idx) // 2]
+                half_b += idx[len(idx) // 2:]
+            sa = _target_avg(self.per_sample[half_a], [self.targets[i] for i in half_a])[0].flatten()
+            sb = _target_avg(self.per_sample[half_b], [self.targets[i] for i in half_b])[0].flatten()
+            ok = torch.isfinite(sa) & torch.isfinite(sb)
+            vals.append(spearman(sa[ok], sb[ok]))
+        t = torch.tensor(vals, dtype=torch.float64)
+        return {"spearman_mean": float(t.mean()), "spearman_sd": float(t.std()) if n_splits > 1 else 0.0,
+                "n_splits": n_splits, "n_samples": len(self.targets)}
 
     def ranking(self) -> list[dict]:
         L, H = self.scores.shape
@@ -40,7 +68,8 @@ class HeadRanking:
     def to_dict(self) -> dict:
         return jsonable({"method": self.method, "ranking": self.ranking(),
                          "by_target": {k: v.tolist() for k, v in self.by_target.items()},
-                         "cost_forward_equivalents": self.cost_forward_equivalents})
+                         "cost_forward_equivalents": self.cost_forward_equivalents,
+                         "split_half": self.split_half()})
 
 
 def _layers_heads(lens):
@@ -76,51 +105,109 @@ def exhaustive_ranking(lens, samples: Sequence[ConflictSample], batch_size: int 
             drops.append(d)
             targets.extend(item.targets)
         return torch.cat(drops), targets
-    score, by = _target_avg(*per_sample(part_results, samples, batch_size))
+    per, targets = per_sample(part_results, samples, batch_size)
+    score, by = _target_avg(per, targets)
     n_heads = sum(lens.facts.heads(layer)[0] for layer in lens.facts.attention_layers)
-    return HeadRanking("exhaustive", score, by, cost_forward_equivalents=float(n_heads + 1))
+    return HeadRanking("exhaustive", score, by, float(n_heads + 1), per, list(targets))
 
 
-class _LeafHeads(Probe):
-    """Replaces each layer's head outputs by a leaf tensor that keeps its gradient (values unchanged)."""
+class _HeadPath(Probe):
+    """Scales head outputs along an attribution path and adds a zero ``delta`` leaf per layer, so that the
+    gradient of the metric w.r.t. ``delta`` is the *total* derivative w.r.t. the head outputs (through every
+    later attention, MLP and norm), at the scaled point. ``alpha`` is one factor per batch row ([rows]);
+    ``layers`` (None = all) are the layers whose heads are scaled; the others run clean."""
 
     edits = {"attn.head_out": "all"}
 
-    def __init__(self):
+    def __init__(self, alpha: torch.Tensor, layers=None):
         super().__init__()
-        self.leaves: dict[int, torch.Tensor] = {}
+        self.alpha = alpha
+        self.layers = None if layers is None else set(layers)
+        self.acts: dict[int, torch.Tensor] = {}
+        self.deltas: dict[int, torch.Tensor] = {}
 
     def attn_head_out(self, ctx, x):
-        leaf = x.detach().requires_grad_(True)
-        self.leaves[ctx.layer] = leaf
-        return leaf
+        if self.layers is not None and ctx.layer not in self.layers:
+            return x
+        self.acts[ctx.layer] = x.detach()
+        delta = torch.zeros_like(x, requires_grad=True)
+        self.deltas[ctx.layer] = delta
+        a = self.alpha.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        return a * x + delta
 
 
-def attribution_ranking(lens, samples: Sequence[ConflictSample], batch_size: int = 8, dataset=None) -> HeadRanking:
-    """Attribution patching (first order): Δm ≈ ∂m/∂a · (0 − a) for zeroing head a, m = final MAM; one forward
-    and one backward per batch. Score = −Δm (predicted drop). SPEC 7 warns it can miss decisive early heads:
-    always report its agreement with the exhaustive ranking."""
+ATTRIBUTION_METHODS = ("atp", "ig", "ig-layer")
+
+
+def _attribution_alphas(method: str, steps: int) -> list[float]:
+    if method == "atp":
+        return [1.0]
+    return [(i + 0.5) / steps for i in range(steps)]                      # midpoint rule on [0, 1]
+
+
+def attribution_ranking(lens, samples: Sequence[ConflictSample], batch_size: int = 8, dataset=None,
+                        method: str = "atp", steps: int = 4) -> HeadRanking:
+    """Attribution patching: a gradient estimate of each head's zero-ablation effect on m = final MAM (the
+    quantity :func:`exhaustive_ranking` measures exactly). Score = predicted drop of m; the gradient is the
+    total derivative (through all later layers), taken w.r.t. the head outputs at every position.
+
+    ``method`` (the path options are proposed, SPEC 7 names the family):
+
+    - ``"atp"``: first order at the clean point, ∂m/∂a · a (Nanda's attribution patching); one forward and
+      one backward per batch (3 forward-equivalents).
+    - ``"ig"``: integrated gradients on the joint path that scales every head by α from 1 to 0 (midpoint rule,
+      ``steps`` points, run as one batch of ``steps`` copies); 3·steps forward-equivalents. Per layer the
+      scores sum to the effect of zeroing *all* heads (completeness), not to single-head effects.
+    - ``"ig-layer"``: integrated gradients on one path per attention layer (that layer's heads scaled
+      together, the others clean): within-layer interactions only; 3·steps·layers forward-equivalents.
+
+    SPEC 7 warns that gradient estimators can miss decisive early heads (saturated downstream attention and
+    MLPs); report their agreement with :func:`exhaustive_ranking` (:func:`compare_rankings`) and never use one
+    in its place silently."""
     samples = require_conflicts(samples, "attribution_ranking()")
+    if method not in ATTRIBUTION_METHODS:
+        raise InterventionError(f"attribution method {method!r} is unknown; use one of {ATTRIBUTION_METHODS}.")
+    if int(steps) < 1:
+        raise InterventionError(f"steps must be >= 1, got {steps}.")
     L, H = _layers_heads(lens)
+    alphas = _attribution_alphas(method, int(steps))
+    paths = [list(lens.facts.attention_layers)] if method != "ig-layer" else \
+        [[layer] for layer in lens.facts.attention_layers]
 
     def part_results(part):  # per-sample estimates [n, L, H], targets
         per, targets = [], []
         for item in batches(lens, part, batch_size, dataset):
-            probe = _LeafHeads()
-            with torch.enable_grad(), lens.probe(probe):
-                logits = lens.model(**item.batch.inputs).logits[:, -1]
-                m = margin_from_logits(logits, item.ids_p, item.ids_c)
-                m.sum().backward()
-            est = torch.full((item.size, L, H), float("nan"))
-            for layer, leaf in probe.leaves.items():
-                g = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-                nh = leaf.shape[2]
-                est[:, layer, :nh] = -(g * (0 - leaf.detach())).sum(dim=(1, 3))      # predicted drop of m
+            b, k = item.size, len(alphas)
+            est = torch.zeros(b, L, H)
+            big = {key: _repeat(v, k) for key, v in item.batch.inputs.items() if key != "labels"}
+            alpha = torch.tensor(alphas).repeat_interleave(b)                     # rows: copy-major
+            for layers in paths:
+                probe = _HeadPath(alpha, None if method != "ig-layer" else layers)
+                with contextlib.ExitStack() as stack:
+                    saved = lens.groups
+                    if k > 1 and saved is not None and saved.batch_size == b:
+                        lens.use(saved.tile(k))
+                        stack.callback(lens.use, saved)
+                    stack.enter_context(torch.enable_grad())
+                    stack.enter_context(lens.probe(probe))
+                    logits = lens.model(**big, use_cache=False).logits[:, -1]
+                    m = margin_from_logits(logits, item.ids_p * k, item.ids_c * k)
+                    got = sorted(probe.deltas)
+                    grads = torch.autograd.grad(m.sum(), [probe.deltas[x] for x in got], allow_unused=True)
+                for layer, g in zip(got, grads):
+                    a = probe.acts[layer]
+                    contrib = (g * a).sum(dim=(1, 3)) if g is not None else torch.zeros(a.shape[0], a.shape[2])
+                    est[:, layer, :a.shape[2]] += contrib.float().view(k, b, -1).mean(0)   # mean over the path
+            for layer in range(L):  # heads a layer lacks (and non-attention layers) have no score
+                nh = lens.facts.heads(layer)[0] if layer in lens.facts.attention_layers else 0
+                est[:, layer, nh:] = float("nan")
             per.append(est)
             targets.extend(item.targets)
         return torch.cat(per), targets
-    score, by = _target_avg(*per_sample(part_results, samples, batch_size))
-    return HeadRanking("attribution", score, by, cost_forward_equivalents=3.0)
+    per, targets = per_sample(part_results, samples, batch_size)
+    score, by = _target_avg(per, targets)
+    name = {"atp": "attribution", "ig": "attribution-ig", "ig-layer": "attribution-ig-layer"}[method]
+    return HeadRanking(name, score, by, 3.0 * len(alphas) * len(paths), per, list(targets))
 
 
 def dla_ranking(lens, samples: Sequence[ConflictSample], batch_size: int = 8, dataset=None) -> HeadRanking:
@@ -155,12 +242,14 @@ def dla_ranking(lens, samples: Sequence[ConflictSample], batch_size: int = 8, da
             per.append(hs.per_sample.float())
             targets.extend(item.targets)
         return torch.cat(per), targets
-    score, by = _target_avg(*per_sample(part_results, samples, batch_size))
-    return HeadRanking("dla", score, by, cost_forward_equivalents=1.0)
+    per, targets = per_sample(part_results, samples, batch_size)
+    score, by = _target_avg(per, targets)
+    return HeadRanking("dla", score, by, 1.0, per, list(targets))
 
 
 def compare_rankings(reference: HeadRanking, other: HeadRanking, fraction: float = 0.05) -> dict:
-    """Spearman over all heads, top-k overlap at TopG size and at 3."""
+    """Spearman over all heads, top-k overlap at TopG size and at 3, and the reference's split-half
+    reliability (the ceiling for the Spearman: what the reference reaches against itself on half the data)."""
     a, b = reference.scores.flatten(), other.scores.flatten()
     ok = torch.isfinite(a) & torch.isfinite(b)
     k = len(reference.top(fraction))
@@ -168,7 +257,8 @@ def compare_rankings(reference: HeadRanking, other: HeadRanking, fraction: float
             "topg_overlap": topk_overlap(reference.scores.nan_to_num(float("-inf")),
                                          other.scores.nan_to_num(float("-inf")), k),
             "top3_overlap": topk_overlap(reference.scores.nan_to_num(float("-inf")),
-                                         other.scores.nan_to_num(float("-inf")), 3), "k": k}
+                                         other.scores.nan_to_num(float("-inf")), 3), "k": k,
+            "reference_split_half": reference.split_half()}
 
 
 def _head_set_settings(head_sets: Sequence[Sequence[tuple[int, int]]], alpha: float) -> list[Setting]:
