@@ -24,7 +24,7 @@ def _plan(tm, alpha=2.5):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_baked_model_equals_runtime_steering(family):
+def test_baked_model_equals_runtime_steering_and_reloads(family, tmp_path):
     tm = _tiny(family)
     plan = _plan(tm)
     inputs = inputs_for(tm, n=2)
@@ -39,16 +39,9 @@ def test_baked_model_equals_runtime_steering(family):
     assert (out - steered).abs().max().item() <= 1e-5
     assert torch.equal(gen_rt, gen_b)
     assert (steered - logits(tm.model, inputs)).abs().max().item() > 1e-6  # the original is untouched
-
-
-def test_baked_model_reloads_with_plain_from_pretrained(tmp_path):
-    tm = _tiny("llava")
-    plan = _plan(tm)
-    baked = plan.bake(tm.model)
-    baked.save_pretrained(tmp_path)
+    baked.save_pretrained(tmp_path)  # any engine can serve it: plain transformers, no arbiter
     again = type(tm.model).from_pretrained(tmp_path).eval()
-    inputs = inputs_for(tm)
-    assert (logits(again, inputs) - logits(baked, inputs)).abs().max().item() <= 1e-6
+    assert (logits(again, inputs) - out).abs().max().item() <= 1e-6
 
 
 def test_plan_json_round_trip(tmp_path):
