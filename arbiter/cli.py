@@ -114,6 +114,9 @@ def _steer(args) -> int:
     if res["best"] is not None:
         SteeringPlan(**res["best"]).save(out / "steering.json")
     _atomic_json(out / "steering_report.json", res)
+    # the diagnosis with its steering section added (the input report is left as it was)
+    _atomic_json(out / "report.json", {**report.data, "steering": {**res, "data": str(args.data),
+                                                                   "diagnosis": str(report.path)}})
     _plot_steering(res, out / "steering.png")
     for r in res["sweep"]:
         print(f"[arbiter] alpha {r['alpha']}: restored {r['restored']:.3f} (random {r['restored_random_mean']:.3f} "

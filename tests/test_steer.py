@@ -96,3 +96,53 @@ def test_plan_from_report_toward_a_modality():
     assert plan.heads == [[0, 0], [0, 1]] and plan.alphas == [2.0, 2.0]
     assert plan_from_report(rep, top=0.1, toward="text").heads == [[0, 1]]
     assert rep.steering(top=0.1).heads == plan.heads
+
+
+def test_cli_steer_writes_the_plan_report_and_plot(tmp_path):
+    """`arbiter steer` after `arbiter diagnose`: the saved best plan reproduces its restored fraction, failures
+    and already-correct samples partition the conflict samples, and report.json gains a steering section."""
+    import json
+
+    from arbiter import cli
+    from arbiter.data import generate_synthetic
+    from arbiter.experiments.common import batches, pi_from_logits
+
+    data = generate_synthetic(tmp_path / "data", 12, seed=3, image_size=64)
+    tm = _tiny("llava")
+    model_dir = tmp_path / "model"
+    tm.model.save_pretrained(model_dir)
+    tm.processor.save_pretrained(model_dir)
+    common = ["--batch-size", "4", "--random-draws", "2", "--seed", "0"]
+    assert cli.main(["diagnose", "--model", str(model_dir), "--data", str(data.path), "--out", str(tmp_path / "d"),
+                     "--window", "3", "--no-generate", "--head-methods", "exhaustive",
+                     "--skip", "shapley,keyspace,imbalance,surrogate,attractors", *common]) == 0
+    assert cli.main(["steer", "--model", str(model_dir), "--data", str(data.path), "--report",
+                     str(tmp_path / "d"), "--out", str(tmp_path / "s"), "--alpha", "0.5,3", "--top", "0.25",
+                     *common]) == 0
+    out = tmp_path / "s"
+    rep = json.loads((out / "report.json").read_text())
+    st = rep["steering"]
+    assert rep["heads"] == json.loads((tmp_path / "d" / "report.json").read_text())["heads"]
+    assert st["n_failed"] + st["n_correct"] == sum(s.conflict for s in data.samples)
+    assert len(st["heads"]) == 4 and [r["alpha"] for r in st["sweep"]] == [0.5, 3.0]
+    assert (out / "steering.png").stat().st_size > 0
+    plan = SteeringPlan.load(out / "steering.json")
+    row = next(r for r in st["sweep"] if r["alpha"] == plan.alphas[0])
+    model = type(tm.model).from_pretrained(model_dir).eval()
+    conflict = [s for s in data.samples if s.conflict]
+    with arbiter.attach(model, tm.processor) as lens:
+        pis = {}
+        for item in batches(lens, conflict, 4, data):
+            with torch.no_grad():
+                pi = pi_from_logits(model(**item.batch.inputs).logits[:, -1], item.ids_p, item.ids_c)
+            pis.update({s.id: float(p) for s, p in zip(item.batch.samples, pi)})
+        failed = [s for s in conflict if pis[s.id] <= 0.5]
+        assert len(failed) == st["n_failed"] > 0   # a random model fails about half of them
+        if failed:
+            ok = []
+            with lens.steer(plan):
+                for item in batches(lens, failed, 4, data):
+                    with torch.no_grad():
+                        lg = model(**item.batch.inputs).logits[:, -1]
+                    ok += (pi_from_logits(lg, item.ids_p, item.ids_c) > 0.5).tolist()
+            assert row["restored"] == pytest.approx(sum(ok) / len(ok))
