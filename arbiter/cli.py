@@ -108,7 +108,7 @@ def _steer(args) -> int:
     alphas = [float(a) for a in args.alpha.split(",")]
     with attach(model, processor) as lens:
         res = steering_experiment(lens, ds, report, alphas=alphas, top=args.top, n_random=args.random_draws,
-                                  batch_size=args.batch_size, limit=args.limit)
+                                  batch_size=args.batch_size, limit=args.limit, progress=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if res["best"] is not None:

@@ -161,13 +161,21 @@ class _null:
 
 
 def steering_experiment(lens, dataset, report, alphas=(1.5, 2.0, 3.0, 5.0), top: float = 0.05,
-                        n_random: int = 10, seed: int = 0, batch_size: int = 8, limit: int | None = None) -> dict:
+                        n_random: int = 10, seed: int = 0, batch_size: int = 8, limit: int | None = None,
+                        chunk: int = 11, progress: bool = False) -> dict:
     """On a data set: failures (conflict samples not followed, π ≤ 0.5), already-correct conflict samples and
     agreement samples. For each alpha: restored fraction of failures with the TopG plan and with random head sets
-    of the same size (mean ± sd), and the side effects (correct-sample MFR, agreement accuracy) under the plan."""
+    of the same size (mean ± sd), and the side effects (correct-sample MFR, agreement accuracy) under the plan.
+
+    The plan and the random sets run as settings of one batched sweep per batch (:func:`arbiter.sweep.sweep`);
+    the report's model must be this model (class and config hash), else InterventionError."""
+    from .experiments.heads import _mfr_under
+
     samples = list(dataset.samples)[:limit] if limit else list(dataset.samples)
     conflict = [s for s in samples if s.conflict]
     agreement = [s for s in samples if not s.conflict]
+    base_plan = plan_from_report(report, top=top, alpha=1.0)
+    base_plan.check(lens.model)
     # split conflicts by the clean model
     failed, correct = [], []
     for item in batches(lens, conflict, batch_size, dataset):
@@ -182,18 +190,23 @@ def steering_experiment(lens, dataset, report, alphas=(1.5, 2.0, 3.0, 5.0), top:
     rng = random.Random(seed)
     rows = []
     best = None
-    base_plan = plan_from_report(report, top=top, alpha=1.0)
     k = len(base_plan.heads)
     randoms = [sorted(rng.sample(pool, k)) for _ in range(n_random)]
-    for a in alphas:
+    topg = [tuple(h) for h in base_plan.heads]
+    it = alphas
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(alphas, desc="steering alphas", unit="alpha")
+    for a in it:
         plan = SteeringPlan(base_plan.heads, [float(a)] * k, "all", base_plan.model_class, base_plan.config_hash,
                             base_plan.roles, base_plan.meta)
-        restored, _ = _follow_rate(lens, failed, plan, batch_size, dataset)
-        rnd = []
-        for hs in randoms:
-            rp = SteeringPlan([list(h) for h in hs], [float(a)] * k)
-            rnd.append(_follow_rate(lens, failed, rp, batch_size, dataset)[0])
-        keep, _ = _follow_rate(lens, correct, plan, batch_size, dataset)
+        restored, rnd = float("nan"), []
+        if failed:
+            ok = (_mfr_under(lens, failed, [topg] + randoms, float(a), batch_size, chunk, dataset) > 0.5).float()
+            restored, rnd = float(ok[0].mean()), ok[1:].mean(1).tolist()
+        keep = float((_mfr_under(lens, correct, [topg], float(a), batch_size, chunk, dataset) > 0.5).float().mean()) \
+            if correct else float("nan")
         agree, _ = _follow_rate(lens, agreement, plan, batch_size, dataset)
         t = torch.tensor(rnd) if rnd else torch.tensor([float("nan")])
         row = {"alpha": a, "restored": restored, "restored_random_mean": float(t.mean()),
@@ -205,4 +218,5 @@ def steering_experiment(lens, dataset, report, alphas=(1.5, 2.0, 3.0, 5.0), top:
             best = (score, plan)
     return {"n_failed": len(failed), "n_correct": len(correct), "n_agreement": len(agreement),
             "agreement_accuracy_base": base_agree, "heads": base_plan.heads, "roles": base_plan.roles,
+            "random_heads": [[list(h) for h in r] for r in randoms],
             "sweep": rows, "best": best[1].to_dict() if best else None}

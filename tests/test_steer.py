@@ -146,3 +146,16 @@ def test_cli_steer_writes_the_plan_report_and_plot(tmp_path):
                         lg = model(**item.batch.inputs).logits[:, -1]
                     ok += (pi_from_logits(lg, item.ids_p, item.ids_c) > 0.5).tolist()
             assert row["restored"] == pytest.approx(sum(ok) / len(ok))
+
+
+def test_steering_experiment_refuses_a_report_of_another_model(tmp_path):
+    from arbiter.data import generate_synthetic
+    from arbiter.steer import steering_experiment
+
+    data = generate_synthetic(tmp_path / "data", 4, seed=0, image_size=64)
+    tm = _tiny("llava")
+    report = {"model": {"class": "Qwen2VLForConditionalGeneration", "config_hash": "0" * 12}, "mfr": {},
+              "heads": {"method": "exhaustive", "ranking": [{"layer": 0, "head": 0, "score": 1.0}]}}
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        with pytest.raises(InterventionError, match="build a plan from this model's diagnosis"):
+            steering_experiment(lens, data, report)
