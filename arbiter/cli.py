@@ -108,7 +108,7 @@ def _steer(args) -> int:
     alphas = [float(a) for a in args.alpha.split(",")]
     with attach(model, processor) as lens:
         res = steering_experiment(lens, ds, report, alphas=alphas, top=args.top, n_random=args.random_draws,
-                                  batch_size=args.batch_size, limit=args.limit, progress=True)
+                                  batch_size=args.batch_size, limit=args.limit, progress=True, toward=args.toward)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if res["best"] is not None:
@@ -211,6 +211,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True)
     s.add_argument("--report", required=True, help="report.json (or its folder) from arbiter diagnose")
     s.add_argument("--alpha", default="1.5,2,3,5", help="comma-separated alphas")
+    s.add_argument("--toward", default="instruction", choices=["instruction", "vision", "text"],
+                   help="steer all TopG heads, or only one modality's experts and the shared hubs among them")
     s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     _common(s)

@@ -162,20 +162,24 @@ class _null:
 
 def steering_experiment(lens, dataset, report, alphas=(1.5, 2.0, 3.0, 5.0), top: float = 0.05,
                         n_random: int = 10, seed: int = 0, batch_size: int = 8, limit: int | None = None,
-                        chunk: int = 11, progress: bool = False) -> dict:
+                        chunk: int = 11, progress: bool = False, toward: str = "instruction") -> dict:
     """On a data set: failures (conflict samples not followed, π ≤ 0.5), already-correct conflict samples and
     agreement samples. For each alpha: restored fraction of failures with the TopG plan and with random head sets
     of the same size (mean ± sd), and the side effects (correct-sample MFR, agreement accuracy) under the plan.
 
     The plan and the random sets run as settings of one batched sweep per batch (:func:`arbiter.sweep.sweep`);
-    the report's model must be this model (class and config hash), else InterventionError."""
+    the report's model must be this model (class and config hash), else InterventionError. ``toward``: as in
+    :func:`plan_from_report` ("vision" / "text": that modality's experts and the shared hubs among TopG)."""
     from .experiments.heads import _mfr_under
 
     samples = list(dataset.samples)[:limit] if limit else list(dataset.samples)
     conflict = [s for s in samples if s.conflict]
     agreement = [s for s in samples if not s.conflict]
-    base_plan = plan_from_report(report, top=top, alpha=1.0)
+    base_plan = plan_from_report(report, top=top, alpha=1.0, toward=toward)
     base_plan.check(lens.model)
+    if not base_plan.heads:
+        raise InterventionError(f"no {toward}-expert or shared-hub head among the top {top:g} of the ranking; "
+                                "raise --top or steer toward 'instruction'.")
     # split conflicts by the clean model
     failed, correct = [], []
     for item in batches(lens, conflict, batch_size, dataset):
@@ -218,5 +222,6 @@ def steering_experiment(lens, dataset, report, alphas=(1.5, 2.0, 3.0, 5.0), top:
             best = (score, plan)
     return {"n_failed": len(failed), "n_correct": len(correct), "n_agreement": len(agreement),
             "agreement_accuracy_base": base_agree, "heads": base_plan.heads, "roles": base_plan.roles,
+            "toward": toward, "top": top,
             "random_heads": [[list(h) for h in r] for r in randoms],
             "sweep": rows, "best": best[1].to_dict() if best else None}

@@ -159,3 +159,21 @@ def test_steering_experiment_refuses_a_report_of_another_model(tmp_path):
     with arbiter.attach(tm.model, tm.processor) as lens:
         with pytest.raises(InterventionError, match="build a plan from this model's diagnosis"):
             steering_experiment(lens, data, report)
+
+
+def test_steering_toward_a_modality_without_experts_is_refused(tmp_path):
+    from arbiter.data import generate_synthetic
+    from arbiter.steer import steering_experiment
+
+    data = generate_synthetic(tmp_path / "data", 4, seed=0, image_size=64)
+    tm = _tiny("llava")
+    by_target = {"vision": [[0.0] * 4 for _ in range(4)], "text": [[0.0] * 4 for _ in range(4)]}
+    by_target["text"][0][0] = 1.0                                   # the only TopG head is a text expert
+    report = {"model": {"class": type(tm.model).__name__, "config_hash": config_hash(tm.model)}, "mfr": {},
+              "heads": {"method": "exhaustive", "ranking": [{"layer": 0, "head": 0, "score": 1.0}],
+                        "scores": {"exhaustive": by_target}}}
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        with pytest.raises(InterventionError, match="no vision-expert or shared-hub head"):
+            steering_experiment(lens, data, report, toward="vision")
+        res = steering_experiment(lens, data, report, toward="text", alphas=(2.0,), n_random=2)
+    assert res["heads"] == [[0, 0]] and res["toward"] == "text" and res["roles"] == {"0,0": "text-expert"}
