@@ -89,6 +89,13 @@ def _ridge_svd(X: torch.Tensor, yc: torch.Tensor, lams: torch.Tensor) -> torch.T
     return torch.einsum("blr,brp->blp", coef, Vh)
 
 
+def _as_slice(idx: np.ndarray):
+    """A contiguous index range as a slice (indexing with it gives a view); other index arrays unchanged."""
+    if len(idx) and np.all(np.diff(idx) == 1):
+        return slice(int(idx[0]), int(idx[-1]) + 1)
+    return idx
+
+
 def ridge_readout(F: np.ndarray, z: np.ndarray, times: np.ndarray, *, t_fit: float = 20.0, t_train: float = 30.0,
                   t_end: float = 80.0, lambdas: Sequence[float] = tuple(10.0 ** k for k in range(-8, 1)),
                   keep_prediction: bool = False, keep_weights: bool = False, chunk: int = 16):
@@ -112,7 +119,7 @@ def ridge_readout(F: np.ndarray, z: np.ndarray, times: np.ndarray, *, t_fit: flo
     lams = np.asarray(list(lambdas), dtype=np.float64)
     if lams.size == 0 or np.any(lams < 0):
         fail("ridge_readout: lambdas must be a non-empty list of values >= 0.")
-    w = windows(times, t_fit, t_train, t_end)
+    w = {k: _as_slice(v) for k, v in windows(times, t_fit, t_train, t_end).items()}  # views, not copies
     zt = torch.as_tensor(z)
     lt = torch.as_tensor(lams)
     test_z = z[w["test"]]
