@@ -31,7 +31,7 @@ def run_sweep(args) -> int:
     _log(f"sweep: preset {args.preset}, {args.grid} x {args.grid} grid{' (extended)' if args.extended else ''}, "
          f"{args.seeds} seeds")
     r = sweep(args.preset, args.grid, args.seeds, extended=args.extended, angle=args.angle, printed=args.printed,
-              shap_mode=args.shap, log=_log)
+              shap_mode=args.shap, dtype=args.dtype, workers=args.workers, log=_log)
     d = r.to_dict()
     _write_json(out / "sweep.json", d)
     try:
@@ -86,6 +86,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--printed", action="store_true", help="the paper's printed SHAP formula (cancels: φ(X) = φ(Y))")
     s.add_argument("--shap", default="readout", choices=["readout", "knockout"],
                    help="readout: restrict the readout (SPEC 11 default); knockout: zero one population's drive")
+    s.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                   help="vector field dtype; phases and RK4 sums stay float64 (float32: about twice as fast, NMSE "
+                        "within 3e-5 and angles within 0.004 deg of float64 on the default sweep)")
+    s.add_argument("--workers", type=int, default=None,
+                   help="threads integrating shares of the batch (default: torch's thread count, i.e. the cores)")
     s.set_defaults(fn=run_sweep)
     f = sub.add_parser("fit", help="fit β_self, β_cross to a recorded trace's attention concentration, then simulate")
     f.add_argument("trace", help="trace file (.safetensors) or a TraceWriter folder, with attn.probs and groups")
