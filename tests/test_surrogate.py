@@ -18,9 +18,11 @@ from arbiter.surrogate import (
     identifiability_ratio,
     lorenz,
     nmse,
+    oscillators,
     ridge_readout,
     simulate,
     substeps_for,
+    sweep,
 )
 from arbiter.surrogate.oscillators import OscillatorBatch, _integrate, series_terms, ws_adjacency
 
@@ -275,3 +277,89 @@ def test_preset_checks_and_dict_round_trip():
         PAPER.replace(n_x=10, n_y=12)
     with pytest.raises(DataError):
         simulate(PAPER.replace(**TINY), [400.0], [0.0], [0], t_end=-9.9)
+
+
+# ------------------------------------------------------------------------------------- fast paths (issue #7)
+
+MID = {"n_x": 16, "n_y": 16, "ws_k": 4, "ws_p": 0.1}  # ring lattice plus a few rewired edges
+
+
+@pytest.mark.parametrize("cross_adjacency", ["independent", "blocks"])
+def test_fast_paths_equal_reference_path(cross_adjacency, monkeypatch):
+    # the ring-lattice views + power-by-power series loop (large batches) and the general edge list + batched
+    # product (small batches) give the same field and concentrations as the plain edge-list reference, in values
+    p = PAPER.replace(cross_adjacency=cross_adjacency, **MID)
+    d = draw(p, [3, 4, 5])
+    cells = ([0.0, 1e-3, 0.5, 1.9], [1.0, 0.02, 1.5, 0.0])
+    gen = torch.Generator().manual_seed(2)
+    for method in ("series", "dense"):
+        ref = OscillatorBatch(p, d, *cells, method=method, lattice=False, large=False)
+        th = torch.rand(ref.B, p.n, generator=gen, dtype=torch.float64) * 20 - 10
+        v_ref = ref.velocity(th, 3.0, -7.0)
+        c_ref = ref.concentration(th)
+        for lattice, large in ((True, True), (False, True), (True, False)):
+            b = OscillatorBatch(p, d, *cells, method=method, lattice=lattice, large=large)
+            if lattice and cross_adjacency == "independent":
+                assert {blk["kind"] for blk in b.ring} == {"self", "cross"} and b.n_edges < 32  # of 128
+            v = b.velocity(th, 3.0, -7.0)
+            assert torch.allclose(v, v_ref, rtol=0, atol=1e-12 * float(v_ref.abs().max())), (method, lattice, large)
+            for x, y in zip(b.concentration(th), c_ref):
+                assert torch.allclose(x, y, rtol=0, atol=1e-13)
+        monkeypatch.setattr(oscillators, "SMALL_SCATTER", 0)  # the sparse-product scatter of many edges
+        b = OscillatorBatch(p, d, *cells, method=method, lattice=False)
+        assert not b.scatter_small
+        assert torch.allclose(b.velocity(th, 3.0, -7.0), v_ref, rtol=0, atol=1e-12 * float(v_ref.abs().max()))
+        monkeypatch.undo()
+    # and the fast path against the term-by-term loop of SPEC 11
+    b = OscillatorBatch(p, d, [0.7], [1.3], lattice=True, large=True)
+    th = torch.rand(b.B, p.n, generator=gen, dtype=torch.float64) * 7
+    v = b.velocity(th, 0.4, 2.0).numpy()
+    for s in range(3):
+        ref = loop_velocity(p, d, s, 0.7, 1.3, th[s].numpy(), 0.4, 2.0)
+        assert np.abs(v[s] - ref).max() < 1e-11 * max(1.0, np.abs(ref).max())
+
+
+def test_float32_field_tolerance():
+    # the float32 field (phases and RK4 sums stay float64) follows the float64 run to ~1e-6 rad here; the default
+    # paper sweep agrees within 3e-7 rad and NMSE within 1e-5 (CHANGELOG)
+    p = PAPER.replace(**MID)
+    d = draw(p, [0, 1])
+    b64 = OscillatorBatch(p, d, [0.1, 1.0], [1.0, 1e-3])
+    b32 = OscillatorBatch(p, d, [0.1, 1.0], [1.0, 1e-3], dtype="float32")
+    th = torch.rand(b64.B, p.n, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 6.3
+    v64, v32 = b64.velocity(th, 1.5, -2.0), b32.velocity(th, 1.5, -2.0)
+    assert v32.dtype == torch.float32
+    assert (v32.double() - v64).abs().max() < 1e-5 * v64.abs().max()
+    kw = {"t_end": -8.0, "record_from": -10.0, "store": "float64", "workers": 1}
+    a = simulate(p, [0.1, 1.0], [1.0, 1e-3], [0, 1], **kw)
+    f = simulate(p, [0.1, 1.0], [1.0, 1e-3], [0, 1], dtype="float32", **kw)
+    dphi = np.abs(np.angle(np.exp(1j * (a.theta - f.theta))))
+    assert 0 < dphi.max() < 1e-5, dphi.max()
+    assert np.allclose(a.c_self, f.c_self, atol=1e-6) and np.allclose(a.c_cross, f.c_cross, atol=1e-6)
+    with pytest.raises(DataError):
+        OscillatorBatch(p, d, [50.0], [0.0], dtype="float32")  # exp(-2β) must stay a normal float32
+
+
+def test_workers_batches_and_per_point_loop_agree():
+    # the systems are independent: how they are split into batches (one batch, a per-point loop) and worker
+    # threads changes nothing beyond rounding
+    p = RESPONSIVE.replace(**MID)
+    cells = [(0.1, 0.1), (1.0, 0.3), (5.0, 3.0), (0.2, 1.5)]  # series, series, dense, series
+    bs, bc = [c[0] for c in cells], [c[1] for c in cells]
+    kw = {"t_end": -9.0, "record_from": -9.5, "store": "float64"}
+    one = simulate(p, bs, bc, [2, 9, 4], workers=1, **kw)
+    for extra in ({"workers": 2}, {"workers": 3, "batch_cells": 1}, {"workers": 1, "batch_cells": 1}):
+        other = simulate(p, bs, bc, [2, 9, 4], **extra, **kw)
+        assert np.allclose(other.theta, one.theta, atol=1e-10, rtol=0), extra
+        assert np.allclose(other.c_self, one.c_self, atol=1e-12) and np.allclose(other.c_cross, one.c_cross, atol=1e-12)
+        assert other.method == one.method and list(other.substeps) == list(one.substeps)
+    assert torch.get_num_threads() >= 1  # restored after the worker threads
+
+
+def test_sweep_threaded_readout_matches_serial():
+    p = PAPER.replace(t_start=-1.0, t_fit=2.0, t_train=3.0, t_end=5.0, **MID)
+    a = sweep(p, betas=[1e-3, 1.0], seeds=[0, 1], workers=1, dtype="float64").to_dict()["points"]
+    b = sweep(p, betas=[1e-3, 1.0], seeds=[0, 1], workers=2, dtype="float64").to_dict()["points"]
+    for x, y in zip(a, b):
+        for k in ("nmse", "nmse_x", "nmse_y", "angle", "c_self", "c_cross", "R_X", "R_Y", "drift"):
+            assert x[k] == pytest.approx(y[k], rel=1e-9, abs=1e-12), k
