@@ -2,6 +2,7 @@
 
     python benchmarks/run.py --json OUT.json           # the benchmark model (~6-8 minutes on 2 busy cores)
     python -m benchmarks.run --quick --json OUT.json   # smoke test: small model, batch 2, 3 repeats
+    python benchmarks/run.py --only surrogate          # one section (or a comma list): SECTIONS below
 
 Every time is a median over ``repeats`` round-robin rounds (each round runs every compared path once, so load
 changes on a shared machine hit them alike), after warm-up calls, under ``torch.no_grad()``, in one process.
@@ -9,6 +10,8 @@ Ratios are ``time / plain SDPA forward time`` of the same batch. What each figur
 Attribution patching (all heads) is timed against a plain forward of the same encoded synthetic batch and ranked
 against the exhaustive single-head ranking (Spearman); the streamed-memory ratio is the peak RSS of the baseline
 evaluation with ``trace_dir`` over 1,000 vs 10 samples, each in a fresh process (small model, one thread).
+The surrogate section times the default β sweep of the physics surrogate and batched-grid vs per-point-loop
+integration (``bench_surrogate``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 import arbiter
@@ -38,10 +42,13 @@ from arbiter.trace import Trace
 
 FULL = dict(model=dict(hidden=512, layers=8, heads=8, kv_heads=8, image_tokens=576), batch=4, repeats=5,
             sweep_samples=1, sweep_heads_per_layer=1, sweep_repeats=3, trace_mb=100, attribution_samples=2,
-            stream_samples=(10, 1000))
+            stream_samples=(10, 1000),
+            surrogate=dict(grid=5, seeds=10, horizon=2.0, loop_cells=5, repeats=3))
 QUICK = dict(model=dict(hidden=128, layers=4, heads=4, kv_heads=4, image_tokens=64), batch=2, repeats=3,
              sweep_samples=2, sweep_heads_per_layer=1, sweep_repeats=3, trace_mb=10, attribution_samples=2,
-             stream_samples=(10, 1000))
+             stream_samples=(10, 1000),
+             surrogate=dict(grid=2, seeds=2, horizon=0.5, loop_cells=2, repeats=1))
+SECTIONS = ("forwards", "sweep", "trace_io", "attribution", "stream_memory", "surrogate")
 # the streamed evaluation runs a small model in fresh processes (1 thread): memory, not speed, is measured
 STREAM_MODEL = dict(hidden=64, layers=4, heads=4, kv_heads=2, image_tokens=16)
 QUESTION = "In case there is an inconsistency between the text context and the image content, which colour " \
@@ -467,6 +474,47 @@ def bench_stream_memory(cfg) -> dict[str, Any]:
     return out
 
 
+# ------------------------------------------------------------------------------------------------ surrogate
+
+def bench_surrogate(cfg) -> dict[str, Any]:
+    """The physics surrogate (SPEC 11, issue #7): wall time of the default β sweep (`arbiter surrogate sweep
+    --grid 5 --seeds 10`: 25 cells x 10 seeds, RK4 over t in [-10, 80], ridge readouts), and the speed-up of
+    integrating the whole grid as one batch over a per-point loop (one cell at a time, same seeds, same code and
+    threads), both over the first ``horizon`` time units; the loop is timed on ``loop_cells`` cells spread over the
+    grid and scaled to the whole grid."""
+    from arbiter.surrogate import PAPER, simulate, sweep
+    from arbiter.surrogate.oscillators import make_signal, resolve_workers
+    from arbiter.surrogate.sweep import beta_grid
+
+    sc = cfg["surrogate"]
+    r: dict[str, Any] = {"surrogate_grid": sc["grid"], "surrogate_seeds": sc["seeds"],
+                         "surrogate_workers": resolve_workers(None), "surrogate_load_avg_start": _load()}
+    _section(f"surrogate sweep ({sc['grid']} x {sc['grid']} x {sc['seeds']} seeds)")
+    start = time.perf_counter()
+    res = sweep("paper", sc["grid"], sc["seeds"])
+    r["surrogate_sweep_s"] = time.perf_counter() - start
+    r["surrogate_integration_s"] = res.params["timings"]["integration_s"]
+    r["surrogate_readout_s"] = res.params["timings"]["readout_s"]
+    r["surrogate_dtype"] = res.params["numerics"]["integrator"]
+    _section("surrogate: batched grid vs per-point loop")
+    axis = beta_grid(sc["grid"])
+    cells = np.array([(a, b) for a in axis for b in axis])
+    pick = np.linspace(0, len(cells) - 1, min(sc["loop_cells"], len(cells))).round().astype(int)
+    t_end = PAPER.t_start + sc["horizon"]
+    sig = make_signal(PAPER, t_end)
+    seeds = range(sc["seeds"])
+    kw = {"signal": sig, "t_end": t_end, "record_from": t_end}
+    times = _median_times({
+        "batch": lambda: simulate(PAPER, cells[:, 0], cells[:, 1], seeds, **kw),
+        "loop": lambda: simulate(PAPER, cells[pick, 0], cells[pick, 1], seeds, batch_cells=1, **kw)},
+        sc["repeats"], warmup=0)
+    r["surrogate_batch_s"] = times["batch"][0]
+    r["surrogate_loop_s"] = times["loop"][0] * len(cells) / len(pick)
+    r["surrogate_batch_speedup"] = r["surrogate_loop_s"] / r["surrogate_batch_s"]
+    r.update(surrogate_horizon=sc["horizon"], surrogate_loop_cells_timed=len(pick), surrogate_load_avg_end=_load())
+    return r
+
+
 # ------------------------------------------------------------------------------------------------ report
 
 def _ratios(r: dict[str, Any]) -> None:
@@ -496,9 +544,11 @@ def format_table(r: dict[str, Any]) -> str:
             continue
         rt = f"{r[ratio]:8.2f}" if ratio and r.get(ratio) is not None else f"{'':>8}"
         lines.append(f"{label:<50} {r[key]:9.3f} {rt}")
-    lines.append("(ratios: time / plain SDPA forward; sweep rows: speedup = naive loop time / head_sweep time)")
+    if r.get("plain_forward_s") is not None:
+        lines.append("(ratios: time / plain SDPA forward; sweep rows: speedup = naive loop time / head_sweep time)")
     for key in ("trace_write_mb_s", "trace_read_mb_s", "torch_save_mb_s", "torch_load_mb_s"):
-        lines.append(f"{key:<50} {r[key]:9.1f} MB/s")
+        if r.get(key) is not None:
+            lines.append(f"{key:<50} {r[key]:9.1f} MB/s")
     if r.get("attribution_s") is not None:
         label = f"attribution patching, all heads, batch {r['attribution_batch']}"
         lines.append(f"{label:<50} {r['attribution_s']:9.3f} {r['attribution_forward_equivalents']:8.2f}"
@@ -509,25 +559,50 @@ def format_table(r: dict[str, Any]) -> str:
         label = f"streamed baseline peak RSS, {r['stream_samples']} vs {r['stream_small_samples']} samples"
         lines.append(f"{label:<50} {r['stream_peak_rss_mb_large']:7.0f}MB {r['stream_memory_ratio']:8.3f}"
                      f"  (stream_memory_ratio; {r['stream_peak_rss_mb_small']:.0f} MB for {r['stream_small_samples']})")
+    if r.get("surrogate_sweep_s") is not None:
+        g, n = r["surrogate_grid"], r["surrogate_seeds"]
+        label = f"surrogate sweep {g}x{g}x{n} seeds (surrogate_sweep_s)"
+        lines.append(f"{label:<50} {r['surrogate_sweep_s']:9.1f}"
+                     f"  (integration {r['surrogate_integration_s']:.1f} s, readout {r['surrogate_readout_s']:.1f} s,"
+                     f" {r['surrogate_workers']} workers, load {r['surrogate_load_avg_start']} -> "
+                     f"{r['surrogate_load_avg_end']})")
+        label = f"surrogate per-point loop, t < {-10 + r['surrogate_horizon']:g}, scaled"
+        lines.append(f"{label:<50} {r['surrogate_loop_s']:9.2f}")
+        lines.append(f"{'surrogate batched grid, same span':<50} {r['surrogate_batch_s']:9.2f} "
+                     f"{r['surrogate_batch_speedup']:8.2f}  (surrogate_batch_speedup)")
     return "\n".join(lines)
 
 
-def run(quick: bool = False, **overrides: Any) -> dict[str, Any]:
+def run(quick: bool = False, only: Any = None, **overrides: Any) -> dict[str, Any]:
+    """Every section of SECTIONS, or those named in ``only``."""
     cfg = {**(QUICK if quick else FULL), **{k: v for k, v in overrides.items() if v is not None}}
+    todo = set(SECTIONS if not only else only)
+    unknown = todo - set(SECTIONS)
+    if unknown:
+        raise SystemExit(f"unknown section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     torch.manual_seed(0)
     started = time.perf_counter()
-    tm = tiny("llava", **cfg["model"])
-    inputs = _batch_inputs(tm, cfg["batch"])
-    r: dict[str, Any] = {"quick": quick, "batch": cfg["batch"], "seq_len": int(inputs["input_ids"].shape[1]),
-                         "repeats": cfg["repeats"], "load_avg_start": _load()}
-    r.update({f"model_{k}": v for k, v in cfg["model"].items()})
+    r: dict[str, Any] = {"quick": quick, "sections": [s for s in SECTIONS if s in todo], "load_avg_start": _load()}
+    if todo - {"stream_memory", "surrogate"}:
+        tm = tiny("llava", **cfg["model"])
+        inputs = _batch_inputs(tm, cfg["batch"])
+        r.update({"batch": cfg["batch"], "seq_len": int(inputs["input_ids"].shape[1]), "repeats": cfg["repeats"]})
+        r.update({f"model_{k}": v for k, v in cfg["model"].items()})
     with torch.no_grad():
-        r.update(bench_forwards(tm, inputs, cfg))
-        r.update(bench_sweep(tm, cfg))
-    r.update(bench_trace_io(inputs, cfg["model"]["hidden"], cfg))
-    r.update(bench_attribution(tm, cfg))
-    r.update(bench_stream_memory(cfg))
-    _ratios(r)
+        if "forwards" in todo:
+            r.update(bench_forwards(tm, inputs, cfg))
+        if "sweep" in todo:
+            r.update(bench_sweep(tm, cfg))
+    if "trace_io" in todo:
+        r.update(bench_trace_io(inputs, cfg["model"]["hidden"], cfg))
+    if "attribution" in todo:
+        r.update(bench_attribution(tm, cfg))
+    if "stream_memory" in todo:
+        r.update(bench_stream_memory(cfg))
+    if "surrogate" in todo:
+        r.update(bench_surrogate(cfg))
+    if "forwards" in todo:
+        _ratios(r)
     r.update({"machine": _machine(), "torch": torch.__version__, "transformers": _transformers_version(),
               "nnsight": _nnsight_version(), "python": platform.python_version(),
               "date": datetime.date.today().isoformat(), "load_avg_end": _load(),
@@ -549,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep-samples", type=int, help="samples in the sweep batch (default 1; quick: 2)")
     ap.add_argument("--sweep-heads-per-layer", type=int,
                     help="heads per layer timed in the sweep section (default 1; all heads: no scaling)")
+    ap.add_argument("--only", help=f"comma-separated sections to run (default all): {', '.join(SECTIONS)}")
     ap.add_argument("--stream-child", nargs=3, metavar=("N", "DATA", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.stream_child:
@@ -556,7 +632,9 @@ def main(argv: list[str] | None = None) -> int:
         return _stream_child(int(n), data, out)
     if args.threads:
         torch.set_num_threads(args.threads)
-    r = run(quick=args.quick, sweep_samples=args.sweep_samples, sweep_heads_per_layer=args.sweep_heads_per_layer)
+    only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
+    r = run(quick=args.quick, only=only, sweep_samples=args.sweep_samples,
+            sweep_heads_per_layer=args.sweep_heads_per_layer)
     print(format_table(r))
     if args.json:
         args.json.write_text(json.dumps(r, indent=2) + "\n")
