@@ -167,7 +167,8 @@ def steering_experiment(lens, dataset, report, alphas=(1.5, 2.0, 3.0, 5.0), top:
     agreement samples. For each alpha: restored fraction of failures with the TopG plan and with random head sets
     of the same size (mean ± sd), and the side effects (correct-sample MFR, agreement accuracy) under the plan.
 
-    The plan and the random sets run as settings of one batched sweep per batch (:func:`arbiter.sweep.sweep`);
+    On the failures the plan and the random sets run as settings of one batched sweep per batch
+    (:func:`arbiter.sweep.sweep`);
     the report's model must be this model (class and config hash), else InterventionError. ``toward``: as in
     :func:`plan_from_report` ("vision" / "text": that modality's experts and the shared hubs among TopG)."""
     from .experiments.heads import _mfr_under
@@ -209,8 +210,7 @@ def steering_experiment(lens, dataset, report, alphas=(1.5, 2.0, 3.0, 5.0), top:
         if failed:
             ok = (_mfr_under(lens, failed, [topg] + randoms, float(a), batch_size, chunk, dataset) > 0.5).float()
             restored, rnd = float(ok[0].mean()), ok[1:].mean(1).tolist()
-        keep = float((_mfr_under(lens, correct, [topg], float(a), batch_size, chunk, dataset) > 0.5).float().mean()) \
-            if correct else float("nan")
+        keep, _ = _follow_rate(lens, correct, plan, batch_size, dataset)  # one setting: a plain forward per batch
         agree, _ = _follow_rate(lens, agreement, plan, batch_size, dataset)
         t = torch.tensor(rnd) if rnd else torch.tensor([float("nan")])
         row = {"alpha": a, "restored": restored, "restored_random_mean": float(t.mean()),
