@@ -920,8 +920,9 @@ def simulate(preset: str | Preset = "paper", beta_self: Sequence[float] | float 
     [0, 2π), so the field's inputs are rounded by at most 2.4e-7 rad, the resolution of the float32 store: over the
     default paper run the phases stay within 3e-7 rad of float64; chaotic cells, e.g. ``responsive`` at large β,
     amplify any rounding difference, so there only statistics over seeds agree, as between float64 runs with
-    reordered sums); ``workers`` threads each integrate a share of the batch with torch's intra-op threading off
-    (one fat task per core instead of a synchronisation per array operation; None = torch.get_num_threads());
+    reordered sums); ``workers`` threads each integrate a share of the batch, torch's intra-op threading off in
+    every case (one fat task per core instead of a synchronisation per array operation; None =
+    torch.get_num_threads());
     ``log`` receives a progress line every 10% of each batch."""
     p = get_preset(preset)
     check_choice("store", store, ("float32", "float64"))
@@ -988,14 +989,18 @@ def simulate(preset: str | Preset = "paper", beta_self: Sequence[float] | float 
 
         parts = _parts(cells, S, workers)
         n_parts = max(n_parts, len(parts))
-        if len(parts) == 1:
-            run_part(s_, m_, parts[0][0], parts[0][1], progress if log else None)
-            continue
-        with torch_threads(1), ThreadPoolExecutor(len(parts)) as ex:  # one task per core, no per-op barriers
-            futs = [ex.submit(run_part, s_, m_, cl, sl, progress if (log and j == 0) else None)
-                    for j, (cl, sl) in enumerate(parts)]
-            for fu in futs:
-                fu.result()
+        # torch's intra-op threads stay off: the arrays are small, so splitting each operation over threads buys
+        # little and costs a synchronisation per operation, which on a shared machine can cost a scheduler slice
+        # (observed: 50x slower); the parallelism is one fat task per worker instead
+        with torch_threads(1):
+            if len(parts) == 1:
+                run_part(s_, m_, parts[0][0], parts[0][1], progress if log else None)
+                continue
+            with ThreadPoolExecutor(len(parts)) as ex:
+                futs = [ex.submit(run_part, s_, m_, cl, sl, progress if (log and j == 0) else None)
+                        for j, (cl, sl) in enumerate(parts)]
+                for fu in futs:
+                    fu.result()
     times = record_from + p.dt * np.arange(n_t)
     return SimResult(theta, times, c_self, c_cross, sub, meth, draws.seeds, np.stack([bs, bc], 1), signal, p,
                      time.perf_counter() - t0, extra={"dtype": dtype, "workers": n_parts, "batches": len(batches)})

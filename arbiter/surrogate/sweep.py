@@ -245,11 +245,12 @@ def evaluate_cells(preset: str | Preset, cells, seeds: Iterable[int], *, signal=
             return res, drift, R_X, R_Y
 
         idx = range(len(chunk))
-        if workers > 1 and len(chunk) > 1:
-            with torch_threads(1), ThreadPoolExecutor(min(workers, len(chunk))) as pool:
-                scored = list(pool.map(score, idx))
-        else:
-            scored = [score(k) for k in idx]
+        with torch_threads(1):  # parallel over cells, not inside each operation (see simulate)
+            if workers > 1 and len(chunk) > 1:
+                with ThreadPoolExecutor(min(workers, len(chunk))) as pool:
+                    scored = list(pool.map(score, idx))
+            else:
+                scored = [score(k) for k in idx]
         for k, (res, drift, R_X, R_Y) in enumerate(scored):
             c = a + k
             nx_s = np.array([r.nmse for r in res["x"]])
