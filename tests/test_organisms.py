@@ -13,6 +13,7 @@ from arbiter.organisms import ORGANISMS, available, evaluate, load
 EXPECTED = {
     "llava_tiny": ("LlavaForConditionalGeneration", "LlavaProcessor"),
     "qwen2vl_tiny": ("Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
+    "llava_tiny_s0": ("LlavaForConditionalGeneration", "LlavaProcessor"),
 }
 
 

@@ -39,6 +39,8 @@ ORGANISMS: dict[str, str] = {
     "llava_tiny": "LlavaForConditionalGeneration: CLIP ViT (patch 14, 56 px, 16 image tokens) + Llama (6 layers)",
     "qwen2vl_tiny": "Qwen2VLForConditionalGeneration: Qwen2-VL ViT (56 px, patch 14, 2x2 merge, 4 image tokens) + "
     "Qwen2 (6 layers, M-RoPE)",
+    "llava_tiny_s0": "llava_tiny's recipe with seed 0: it generalises worse to the held-out instruction paraphrases "
+    "(follows the text for 7.8% of vision-instructed conflicts there): real arbitration failures for steering",
     "omni_emotion_tiny": "Qwen2_5OmniThinkerForConditionalGeneration: six emotions from a face (56 px, 4 image tokens) "
     "and a voice (0.5 s, 12 audio tokens) + Qwen2 (6 layers); trained by arbiter.organisms.train_omni",
 }
@@ -56,8 +58,9 @@ def train_command(name: str) -> str:
     """The command that trains organism ``name`` into its package folder."""
     if name == "omni_emotion_tiny":
         return f"python -m arbiter.organisms.train_omni --out {path(name)}"
-    seed = " --seed 1" if name == "llava_tiny" else ""  # the shipped seeds (see the organisms README)
-    return f"python -m arbiter.organisms.train --name {name}{seed} --out {path(name)}"
+    recipe, seed = {"llava_tiny": ("llava_tiny", " --seed 1"),  # the shipped seeds (see the organisms README)
+                    "llava_tiny_s0": ("llava_tiny", " --seed 0")}.get(name, (name, ""))
+    return f"python -m arbiter.organisms.train --name {recipe}{seed} --out {path(name)}"
 
 
 def available() -> list[str]:
