@@ -90,7 +90,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="vector field dtype; phases and RK4 sums stay float64 (float32: about twice as fast, NMSE "
                         "within 3e-5 and angles within 0.004 deg of float64 on the default sweep)")
     s.add_argument("--workers", type=int, default=None,
-                   help="threads integrating shares of the batch (default: torch's thread count, i.e. the cores)")
+                   help="threads integrating shares of the batch (default: torch's thread count, capped by the "
+                        "cores the load average leaves idle)")
     s.set_defaults(fn=run_sweep)
     f = sub.add_parser("fit", help="fit β_self, β_cross to a recorded trace's attention concentration, then simulate")
     f.add_argument("trace", help="trace file (.safetensors) or a TraceWriter folder, with attn.probs and groups")
