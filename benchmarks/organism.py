@@ -1,7 +1,7 @@
 """Benchmark section on the shipped trained organism (llava_tiny): the full knockout map and the exhaustive
 head ranking against their naive loops (one forward per setting and batch), and attribution patching's cost.
 
-    python benchmarks/organism.py [--samples 96] [--window 3] [--json OUT.json]
+    python benchmarks/organism.py [--samples 96] [--window 3] [--threads 1] [--json OUT.json]
 
 Same run, same encoded batches; the batched and loop paths are timed round-robin (one untimed warm-up round),
 and their values are compared (max |Δπ|, max |Δ head drop|): the speed-up is only reported for equal results.
@@ -129,8 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=96)
     ap.add_argument("--window", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     r = bench_organism(args.name, args.samples, args.window, repeats=args.repeats)
     for k, v in r.items():
         print(f"{k:<48} {v:.4g}" if isinstance(v, float) else f"{k:<48} {v}")
