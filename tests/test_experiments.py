@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -112,9 +113,9 @@ def test_attribution_is_the_total_derivative_through_later_attention(synth):
     differences: the gradient must flow through every later layer (attention included), not stop at the next
     head output (a detached leaf per layer gets −0.0020 where the derivative is −0.0296)."""
     tm = _tiny("llava")
-    tm.model.double()
+    model = copy.deepcopy(tm.model).double()  # the cached model stays as it is for other tests
     eps = 1e-2
-    with arbiter.attach(tm.model, tm.processor) as lens:
+    with arbiter.attach(model, tm.processor) as lens:
         at = attribution_ranking(lens, synth.samples, batch_size=8, dataset=synth)
         ex = exhaustive_ranking(lens, synth.samples, batch_size=8, dataset=synth)  # the same samples, in order
         for head in range(4):
@@ -132,8 +133,8 @@ def test_attribution_is_the_total_derivative_through_later_attention(synth):
 def test_layer_path_integrated_gradients_are_complete(synth):
     """ig-layer: per layer, the heads' scores sum to the drop of m when the whole layer's heads are zeroed."""
     tm = _tiny("llava")
-    tm.model.double()
-    with arbiter.attach(tm.model, tm.processor) as lens:
+    model = copy.deepcopy(tm.model).double()
+    with arbiter.attach(model, tm.processor) as lens:
         ig = attribution_ranking(lens, synth.samples, batch_size=8, dataset=synth, method="ig-layer", steps=48)
         from arbiter.experiments.common import metric_pi_and_margin
         from arbiter.experiments.heads import _head_set_settings
