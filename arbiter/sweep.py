@@ -129,6 +129,21 @@ def _rep_batch(t: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([t] * n, dim=1) if getattr(t, "_arbiter_stacked", False) else torch.cat([t] * n, dim=0)
 
 
+@contextlib.contextmanager
+def tiled_groups(lens, b: int, n: int) -> Iterator[None]:
+    """While inputs of ``b`` rows run as ``n`` stacked copies, the lens's token groups are tiled to match
+    (restored on exit); groups of another batch size are left alone."""
+    saved = lens.groups
+    if n > 1 and saved is not None and saved.batch_size == b:
+        lens.use(saved.tile(n))
+        try:
+            yield
+        finally:
+            lens.use(saved)
+    else:
+        yield
+
+
 def _forward_kwargs(lens, last_only: bool) -> dict:
     """``logits_to_keep=1`` where the model takes it (transformers convention): the metric reads the last row only."""
     import inspect
@@ -202,10 +217,7 @@ def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = la
         replay = reuse_prefix and lens.facts.prefix_replay
         first = min(settings[i].first_layer for i in idx) if replay else 0
         with contextlib.ExitStack() as stack:
-            saved = lens.groups
-            if saved is not None and saved.batch_size == b:
-                lens.use(saved.tile(n))
-                stack.callback(lens.use, saved)
+            stack.enter_context(tiled_groups(lens, b, n))
             for j, i in enumerate(idx):
                 rows = list(range(j * b, (j + 1) * b))
                 for probe, layers in settings[i].probes(rows):

@@ -16,7 +16,7 @@ from ..metrics._common import jsonable
 from ..probes.base import Probe
 from ..probes.heads import HeadScale
 from ..errors import InterventionError
-from ..sweep import Setting, _repeat, head_sweep, sweep
+from ..sweep import Setting, _repeat, head_sweep, sweep, tiled_groups
 from .common import batches, margin_from_logits, metric_pi_and_margin, module_weight, per_sample, require_conflicts
 
 
@@ -184,10 +184,7 @@ def attribution_ranking(lens, samples: Sequence[ConflictSample], batch_size: int
             for layers in paths:
                 probe = _HeadPath(alpha, None if method != "ig-layer" else layers)
                 with contextlib.ExitStack() as stack:
-                    saved = lens.groups
-                    if k > 1 and saved is not None and saved.batch_size == b:
-                        lens.use(saved.tile(k))
-                        stack.callback(lens.use, saved)
+                    stack.enter_context(tiled_groups(lens, b, k))
                     stack.enter_context(torch.enable_grad())
                     stack.enter_context(lens.probe(probe))
                     logits = lens.model(**big, use_cache=False).logits[:, -1]
