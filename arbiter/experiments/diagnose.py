@@ -371,7 +371,7 @@ def _conflict_steps(lens, samples, dataset, steps, out, window, top, batch_size,
         return {"method": ref.method, "ranking": ref.ranking(), "top": [list(h) for h in ref.top(top)],
                 "scores": {m: r.to_dict() for m, r in rankings.items()},
                 "agreement": [compare_rankings(ref, r, top) for m, r in rankings.items() if r is not ref]}
-    hd = steps.run("heads", heads)
+    hd = steps.run("heads", heads, {"head_methods": list(head_methods)})
     topg = [tuple(h) for h in hd["top"]]
     block = steps.run("blocking", lambda: blocking_experiment(
         lens, samples, correct, topg, fraction=top, n_random=n_random, batch_size=batch_size,
