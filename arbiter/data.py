@@ -987,6 +987,15 @@ def _render(
     return im
 
 
+def write_jsonl_lines(out: Path, lines: Sequence[str]) -> ConflictDataset:
+    """Write ``out/data.jsonl`` atomically (a temporary file, then a rename) and load it back."""
+    path = out / "data.jsonl"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return load_jsonl(path)
+
+
 def _balanced(rng: np.random.Generator, values: Sequence[Any], n: int) -> list[Any]:
     """``n`` items cycling through ``values`` (counts differ by at most one), shuffled."""
     items = [values[i % len(values)] for i in range(n)]
@@ -1126,8 +1135,4 @@ def generate_synthetic(
             },
         )
         lines.append(json.dumps(sample.to_dict(), ensure_ascii=False))
-    path = out / "data.jsonl"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return load_jsonl(path)
+    return write_jsonl_lines(out, lines)

@@ -57,7 +57,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from arbiter.data import FORMAT_VERSION, ConflictDataset, ConflictSample, load_jsonl
+from arbiter.data import (
+    FORMAT_VERSION,
+    ConflictDataset,
+    ConflictSample,
+    write_jsonl_lines,
+)
 from arbiter.errors import DataError
 
 __all__ = [
@@ -350,8 +355,4 @@ def generate_emotions(out_dir: str | os.PathLike[str], n: int, seed: int = 0, ta
                    "voice": {k: float(x) for k, x in zip(VOICE_FEATURES, voice)}},
         )
         lines.append(json.dumps(sample.to_dict(), ensure_ascii=False))
-    path = out / "data.jsonl"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return load_jsonl(path)
+    return write_jsonl_lines(out, lines)
