@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,17 +26,8 @@ from arbiter.experiments.knockout_map import EDGE_FAMILIES, knockout_map
 from arbiter.probes.heads import HeadScale
 from arbiter.sweep import knockout_settings
 
-
-def _round_robin(fns: dict, repeats: int) -> dict[str, tuple[float, Any]]:
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    last: dict[str, Any] = {}
-    for i in range(repeats + 1):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            last[k] = fn()
-            if i:
-                times[k].append(time.perf_counter() - t0)
-    return {k: (statistics.median(v), last[k]) for k, v in times.items()}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import _median_times  # noqa: E402  (round-robin timing, shared with benchmarks/run.py)
 
 
 def bench_organism(name: str = "llava_tiny", samples: int = 96, window: int = 3, batch_size: int = 8,
@@ -90,7 +80,7 @@ def bench_organism(name: str = "llava_tiny", samples: int = 96, window: int = 3,
                 row += it.size
             return drops
 
-        t = _round_robin({"plain": plain, "kmap": kmap, "kloop": kloop, "hsweep": hsweep, "hloop": hloop}, repeats)
+        t = _median_times({"plain": plain, "kmap": kmap, "kloop": kloop, "hsweep": hsweep, "hloop": hloop}, repeats)
     # equal results first
     km = t["kmap"][1]
     loop_pi: dict[tuple, list] = {}
