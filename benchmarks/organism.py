@@ -27,7 +27,7 @@ from arbiter.probes.heads import HeadScale
 from arbiter.sweep import knockout_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import _median_times  # noqa: E402  (round-robin timing, shared with benchmarks/run.py)
+from run import _median_times  # round-robin timing, shared with benchmarks/run.py
 
 
 def bench_organism(name: str = "llava_tiny", samples: int = 96, window: int = 3, batch_size: int = 8,
