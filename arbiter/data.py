@@ -890,7 +890,12 @@ COLOUR_RGB: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "star", "cross")
 """Shape names the generator draws and asks about."""
 
-_BACKGROUND = (224, 224, 224)
+BACKGROUND: tuple[int, int, int] = (224, 224, 224)
+"""Background RGB of the generator's images."""
+NOISY_CONTRAST = 0.35
+"""A noisy image's shape colour lies this fraction of the way from the background to the clean colour."""
+NOISY_SIGMA = 45.0
+"""Standard deviation (grey levels) of the Gaussian noise added to every channel of a noisy image."""
 
 VISION_INSTRUCTIONS: tuple[Instruction, ...] = (
     Instruction(IA_VISION_INSTRUCTION),
@@ -974,15 +979,15 @@ def _render(
     strong Gaussian noise."""
     fill = COLOUR_RGB[colour]
     if noisy:
-        fill = tuple(int(round(b + 0.35 * (c - b))) for c, b in zip(fill, _BACKGROUND))  # type: ignore[assignment]
+        fill = tuple(int(round(b + NOISY_CONTRAST * (c - b))) for c, b in zip(fill, BACKGROUND))  # type: ignore[assignment]
     r = float(rng.uniform(0.22, 0.36)) * size
     margin = r + 1
     cx = float(rng.uniform(margin, size - margin))
     cy = float(rng.uniform(margin, size - margin))
-    im = Image.new("RGB", (size, size), _BACKGROUND)
+    im = Image.new("RGB", (size, size), BACKGROUND)
     _draw_shape(ImageDraw.Draw(im), shape, cx, cy, r, fill)
     if noisy:
-        arr = np.asarray(im, dtype=np.float64) + rng.normal(0.0, 45.0, size=(size, size, 3))
+        arr = np.asarray(im, dtype=np.float64) + rng.normal(0.0, NOISY_SIGMA, size=(size, size, 3))
         im = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
     return im
 

@@ -120,8 +120,9 @@ def evaluate(model, processor, dataset: ConflictDataset, knockout: bool = False,
     Returns a dict: ``vision`` / ``text`` (MFR per target, all samples), ``vision_pi`` / ``text_pi`` (share
     with pi > 0.5), ``vision_conflict`` / ``text_conflict`` (MFR on conflict samples),
     ``vision_competitor_conflict`` / ``text_competitor_conflict`` (share answering the competitor), the
-    counts, and the same broken down by ``heldout`` paraphrase when the samples carry that flag
-    (``by_paraphrase``: {"train": {...}, "heldout": {...}})."""
+    counts, and the same broken down by ``heldout`` paraphrase and by ``noisy`` image when the samples carry
+    those flags (``by_paraphrase``: {"train": {...}, "heldout": {...}}; ``by_image``: {"clean": {...},
+    "noisy": {...}})."""
     import arbiter
 
     samples = list(dataset if samples is None else samples)
@@ -145,17 +146,17 @@ def evaluate(model, processor, dataset: ConflictDataset, knockout: bool = False,
                     target=s.target,
                     conflict=s.conflict,
                     heldout=s.extra.get("heldout"),
+                    noisy=s.extra.get("noisy"),
                     follows=int(top[j].item() == p_id),
                     pi=pp / (pp + pc) if pp + pc > 0 else 0.5,
                     competitor=int(s.conflict and top[j].item() == c_id),
                 ))
     out = _summary(records)
-    flags = {r["heldout"] for r in records}
-    if flags <= {True, False} and len(flags) == 2:
-        out["by_paraphrase"] = {
-            "train": _summary([r for r in records if not r["heldout"]]),
-            "heldout": _summary([r for r in records if r["heldout"]]),
-        }
+    for key, name, labels in (("heldout", "by_paraphrase", ("train", "heldout")),
+                              ("noisy", "by_image", ("clean", "noisy"))):
+        if {r[key] for r in records} == {True, False}:
+            out[name] = {lab: _summary([r for r in records if bool(r[key]) == flag])
+                         for lab, flag in zip(labels, (False, True))}
     return out
 
 

@@ -58,8 +58,11 @@ import torch.nn.functional as F
 
 import arbiter
 from arbiter.data import (
+    BACKGROUND,
     COLOURS,
     FORMAT_CONSTRAINT,
+    NOISY_CONTRAST,
+    NOISY_SIGMA,
     POSITION_TEMPLATES,
     SHAPES,
     TEXT_INSTRUCTIONS,
@@ -230,12 +233,57 @@ class PixelCache:
         if grids:
             self.grid = torch.cat(grids)
 
-    def batch(self, idx) -> dict[str, torch.Tensor]:
+    def batch(self, idx, aug: "NoisyAug | None" = None) -> dict[str, torch.Tensor]:
+        vals = [self.values[int(i)] for i in idx] if aug is None else aug(self, idx)
         if self.grid is None:
-            return {"pixel_values": torch.stack([self.values[int(i)] for i in idx])}
-        return {"pixel_values": torch.cat([self.values[int(i)].float().reshape(-1, self.values[0].shape[-1])
-                                           for i in idx]),
+            return {"pixel_values": torch.stack(vals)}
+        return {"pixel_values": torch.cat([v.float().reshape(-1, self.values[0].shape[-1]) for v in vals]),
                 "image_grid_thw": self.grid[torch.as_tensor(idx)]}
+
+
+class NoisyAug:
+    """Stage-A augmentation (``--vision-noise-aug P``): each drawn clean pool image is replaced, with probability
+    P, by a fresh noisy rendering of itself: the generator's noisy transform (``arbiter.data._render``: the shape's
+    colour moved to ``NOISY_CONTRAST`` of its contrast against the background, Gaussian noise of ``NOISY_SIGMA``
+    grey levels, clipped and rounded) applied in pixel space to the processor's output, with new noise at every
+    draw. Without it the tower sees the same few hundred noisy pool images again and again and learns their noise
+    (stage-A probe: shape on noisy held-out images 0.575). The processor output is exactly invertible here
+    (rescale + normalise, no resizing at the organisms' image size): CLIP-style [3, H, W], or Qwen2-VL-style
+    flattened patches [patches, 3 · T · P · P] whose T temporal copies get the same noise. Its own RNGs
+    (``seed``), so that P = 0 leaves the recipe bit for bit as it was."""
+
+    def __init__(self, p: float, items: list[Item], processor, seed: int):
+        ip = processor.image_processor
+        self.p, self.items = float(p), items
+        self.mean = torch.tensor(ip.image_mean, dtype=torch.float32)
+        self.std = torch.tensor(ip.image_std, dtype=torch.float32)
+        self.temporal = int(getattr(ip, "temporal_patch_size", 1) or 1)
+        self.bg = torch.tensor(BACKGROUND, dtype=torch.float32)
+        self.rng = np.random.default_rng(seed)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def noisy(self, v: torch.Tensor) -> torch.Tensor:
+        """A fresh noisy version of one clean image's processor output ``v`` (same layout, float32)."""
+        flat = v.dim() == 2  # [patches, 3 * T * P * P]
+        x = v.float().view(v.shape[0], 3, self.temporal, -1) if flat else v.float().view(3, -1)
+        shape = [1] * x.dim()
+        shape[1 if flat else 0] = 3
+        mean, std, bg = (t.view(shape) for t in (self.mean, self.std, self.bg))
+        pix = torch.round((x * std + mean) * 255.0)
+        pix = bg + NOISY_CONTRAST * (pix - bg)
+        noise_shape = (x.shape[0], 3, 1, x.shape[3]) if flat else tuple(x.shape)
+        pix = pix + NOISY_SIGMA * torch.randn(noise_shape, generator=self.gen)
+        pix = torch.round(pix.clamp(0.0, 255.0))
+        return ((pix / 255.0 - mean) / std).view(v.shape)
+
+    def __call__(self, cache: PixelCache, idx) -> list[torch.Tensor]:
+        out = []
+        for i in idx:
+            v = cache.values[int(i)]
+            if not self.items[int(i)].noisy and self.rng.random() < self.p:
+                v = self.noisy(v)
+            out.append(v)
+        return out
 
 
 def _image_tokens(model, family: str, pixel: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -291,6 +339,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--vision-steps", type=int, default=2400, help="stage A steps")
     ap.add_argument("--vision-batch", type=int, default=64)
     ap.add_argument("--vision-lr", type=float, default=4e-3)
+    ap.add_argument("--vision-noise-aug", type=float, default=0.0, metavar="P",
+                    help="stage A: replace a drawn clean image by a fresh noisy rendering with probability P")
     ap.add_argument("--instr-steps", type=int, default=250,
                     help="stage B0 steps: text-only skills (instruction alone; text context alone) in turn, before "
                     "stage B (cheap: no image)")
@@ -365,11 +415,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       if n.startswith(("model.vision_tower", "model.visual", "model.multi_modal_projector"))]
         opt_a = torch.optim.AdamW(vis_params + list(probes.parameters()), lr=args.vision_lr, weight_decay=0.0)
         log_a = []
+        aug = NoisyAug(args.vision_noise_aug, items, processor, args.seed + 4000) if args.vision_noise_aug > 0 else None
         for step in range(args.vision_steps):
             for g in opt_a.param_groups:
                 g["lr"] = cosine_lr(step, args.vision_steps, args.vision_lr, 20)
             idx = rng.integers(len(items), size=args.vision_batch)
-            loss = probes.loss(_image_tokens(model, family, cache.batch(idx)), [items[i] for i in idx])
+            loss = probes.loss(_image_tokens(model, family, cache.batch(idx, aug)), [items[i] for i in idx])
             opt_a.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vis_params, 1.0)
