@@ -84,3 +84,28 @@ def test_demo_diagnoses_the_shipped_organism(tmp_path):
     assert abs(sum(rep["shapley"]["mean"].values()) - (rep["shapley"]["v_full_mean"] - rep["shapley"]["v_empty_mean"])) < 1e-4
     for name in ("report.md", "report.html"):
         assert (out / name).stat().st_size > 0
+
+
+def test_wilson_interval_hand_values():
+    from arbiter.organisms.heldout import wilson
+
+    # (p + z²/2n ± z sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n), z = 1.96
+    assert wilson(50, 100) == pytest.approx([0.4038, 0.5962], abs=1e-4)
+    assert wilson(0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)
+    assert wilson(10, 10) == pytest.approx([0.7225, 1.0], abs=1e-4)
+    assert wilson(0, 0) is None
+
+
+def test_heldout_eval_splits_by_paraphrase_and_image():
+    from arbiter.organisms.heldout import heldout_eval
+
+    model, processor, _ = load("llava_tiny")
+    res = heldout_eval(model, processor, image_size=56, n=40, seed=5, p_noisy=0.25)
+    for split in ("train_paraphrases", "heldout_paraphrases"):
+        r = res[split]
+        assert r["n"] == 40 and set(r["by_image"]) == {"clean", "noisy"}
+        n = r["n_vision_conflict"]
+        assert r["by_image"]["clean"]["n_vision_conflict"] + r["by_image"]["noisy"]["n_vision_conflict"] == n
+        lo, hi = r["vision_conflict_ci95"]
+        assert lo <= r["vision_conflict"] <= hi
+        assert res[split + "_knockout"]["vision_conflict"] < r["vision_conflict"]

@@ -29,7 +29,7 @@ def wilson(k: float, n: int, z: float = 1.96) -> list[float] | None:
     den = 1 + z * z / n
     mid = (p + z * z / (2 * n)) / den
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return [round(mid - half, 4), round(mid + half, 4)]
+    return [round(max(0.0, mid - half), 4), round(min(1.0, mid + half), 4)]
 
 
 def _with_intervals(r: dict[str, Any]) -> dict[str, Any]:
