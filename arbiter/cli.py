@@ -12,6 +12,7 @@ import torch
 
 from . import distributed
 from .errors import ArbiterError, DataError
+from .experiments.diagnose import HEAD_METHOD_NAMES, HEAD_METHODS
 
 
 def load_model(path: str, device: str = "cpu", dtype: str = "float32"):
@@ -154,9 +155,9 @@ def _common(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
     p.add_argument("--top", type=float, default=0.05, help="TopG fraction of heads")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--random-draws", type=int, default=10, help="random head sets for the controls")
-    p.add_argument("--head-methods", default="exhaustive,attribution,attribution-ig,dla",
-                   help="comma-separated head rankings; the first is the reference (choices: exhaustive, "
-                   "attribution, attribution-ig, attribution-ig-layer, dla)")
+    p.add_argument("--head-methods", default=",".join(HEAD_METHODS),
+                   help="comma-separated head rankings; the first is the reference (choices: "
+                   + ", ".join(HEAD_METHOD_NAMES) + ")")
     p.add_argument("--no-generate", action="store_true", help="MFR from π > 0.5 instead of greedy generation")
     p.add_argument("--seed", type=int, default=0)
 

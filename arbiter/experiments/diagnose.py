@@ -364,6 +364,8 @@ def _conflict_steps(lens, samples, dataset, steps, out, window, top, batch_size,
                                                              method="ig", steps=4),
                "attribution-ig-layer": lambda: attribution_ranking(lens, samples, batch_size, dataset=dataset,
                                                                    method="ig-layer", steps=4),
+               "attribution-graddrop": lambda: attribution_ranking(lens, samples, batch_size, dataset=dataset,
+                                                                   method="graddrop"),
                "dla": lambda: dla_ranking(lens, samples, batch_size, dataset=dataset)}
         for m in head_methods:
             rankings[m] = fns[m]()
@@ -384,7 +386,8 @@ def _conflict_steps(lens, samples, dataset, steps, out, window, top, batch_size,
 
 HEAD_METHODS = ("exhaustive", "attribution", "attribution-ig", "dla")
 """Default head rankings of the heads step; the first is the reference (SPEC 7: the exhaustive sweep)."""
-HEAD_METHOD_NAMES = ("exhaustive", "attribution", "attribution-ig", "attribution-ig-layer", "dla")
+HEAD_METHOD_NAMES = ("exhaustive", "attribution", "attribution-ig", "attribution-ig-layer", "attribution-graddrop",
+                     "dla")
 
 
 def diagnose(model, processor, dataset: ConflictDataset, out: str | os.PathLike, limit: int | None = None,

@@ -136,11 +136,81 @@ class _HeadPath(Probe):
         return a * x + delta
 
 
-ATTRIBUTION_METHODS = ("atp", "ig", "ig-layer")
+class _DropSwitch:
+    """Which decoder layer's residual contribution :class:`_GradDrop` currently cuts in the backward pass
+    (None: none). One per GradDrop probe; read by its gates at backward time."""
+
+    __slots__ = ("layer",)
+
+    def __init__(self) -> None:
+        self.layer: int | None = None
+
+
+class _GradGate(torch.autograd.Function):
+    """Identity forward; backward passes the gradient unchanged unless ``switch.layer`` is this gate's layer,
+    then it passes zeros."""
+
+    @staticmethod
+    def forward(ctx, x, layer, switch):
+        ctx.layer, ctx.switch = layer, switch
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (torch.zeros_like(g) if ctx.switch.layer == ctx.layer else g), None, None
+
+
+class _GradDrop(Probe):
+    """AtP*'s GradDrop gates: every layer's ``attn.out`` and ``mlp.out`` (its contributions to the residual
+    stream) pass through a gate that leaves the forward value unchanged and, in the backward pass, zeroes the
+    gradient of the layer named by ``self.switch.layer``. Set the switch between ``autograd.grad(...,
+    retain_graph=True)`` calls to drop one layer after another on one forward graph. ``sites`` restricts the
+    gated sites (for layers that lack one of them: activate one probe per site on the layers that have it,
+    sharing ``switch``); ``layers_seen`` records the layers gated in the last forward."""
+
+    edits = {"attn.out": "all", "mlp.out": "all"}
+
+    def __init__(self, switch: _DropSwitch | None = None, sites: Sequence[str] = ("attn.out", "mlp.out")):
+        super().__init__()
+        self.switch = switch if switch is not None else _DropSwitch()
+        self._edits = {site: "all" for site in sites}
+        self.layers_seen: set[int] = set()
+
+    def _gate(self, ctx, x):
+        self.layers_seen.add(ctx.layer)
+        return _GradGate.apply(x, ctx.layer, self.switch)
+
+    def attn_out(self, ctx, x):
+        return self._gate(ctx, x)
+
+    def mlp_out(self, ctx, x):
+        return self._gate(ctx, x)
+
+
+def _graddrop_gates(lens) -> tuple[list[tuple[_GradDrop, list[int]]], list[int]]:
+    """[(probe, layers)] to activate (one probe when every gated layer has both sites, else one per site, all
+    sharing the first one's switch) and the layers that get dropped (those with an attn.out or an mlp.out)."""
+    layers = lens.facts.layers
+    have = {"attn.out": [lf.index for lf in layers if lf.attn is not None],
+            "mlp.out": [lf.index for lf in layers if lf.mlp is not None]}
+    dropped = sorted(set(have["attn.out"]) | set(have["mlp.out"]))
+    if have["attn.out"] == have["mlp.out"]:
+        return ([(_GradDrop(), have["attn.out"])] if dropped else []), dropped
+    first = None
+    gates = []
+    for site, where in have.items():
+        if where:
+            probe = _GradDrop(first.switch if first is not None else None, sites=(site,))
+            first = first or probe
+            gates.append((probe, where))
+    return gates, dropped
+
+
+ATTRIBUTION_METHODS = ("atp", "ig", "ig-layer", "graddrop")
 
 
 def _attribution_alphas(method: str, steps: int) -> list[float]:
-    if method == "atp":
+    if method in ("atp", "graddrop"):
         return [1.0]
     return [(i + 0.5) / steps for i in range(steps)]                      # midpoint rule on [0, 1]
 
@@ -160,6 +230,17 @@ def attribution_ranking(lens, samples: Sequence[ConflictSample], batch_size: int
       scores sum to the effect of zeroing *all* heads (completeness), not to single-head effects.
     - ``"ig-layer"``: integrated gradients on one path per attention layer (that layer's heads scaled
       together, the others clean): within-layer interactions only; 3·steps·layers forward-equivalents.
+    - ``"graddrop"``: AtP*'s GradDrop (Kramár et al. 2024, eq. 11; as in koayon/atp_star): for each of the L
+      decoder layers l' (those with an ``attn.out`` or ``mlp.out``), the AtP estimate I_l'(n) recomputed with
+      the gradient through l''s residual contribution (its ``attn.out`` and ``mlp.out``) zeroed; score of a
+      head n in layer l = (1/(L−1)) Σ_{l'≠l} |I_l'(n)| (its own layer's term is 0: dropping it cuts every
+      path), per sample, then averaged per target. It guards against paths that cancel (a head whose direct
+      and indirect effects offset each other gets a small AtP but a large score here). The scores are
+      magnitudes (AtP* ranks by |effect|), whereas :func:`exhaustive_ranking` is signed: a head whose zeroing
+      *helps* the compliant answer ranks high here and low there. Heads of the last dropped layer get exactly
+      |AtP| (no later layer to drop); with fewer than 2 droppable layers every score is |AtP|. Cost: one
+      forward and L backward passes (one per dropped layer, on the retained graph), nominally 1 + 2L
+      forward-equivalents.
 
     SPEC 7 warns that gradient estimators can miss decisive early heads (saturated downstream attention and
     MLPs); report their agreement with :func:`exhaustive_ranking` (:func:`compare_rankings`) and never use one
@@ -173,12 +254,14 @@ def attribution_ranking(lens, samples: Sequence[ConflictSample], batch_size: int
     alphas = _attribution_alphas(method, int(steps))
     paths = [list(lens.facts.attention_layers)] if method != "ig-layer" else \
         [[layer] for layer in lens.facts.attention_layers]
+    if method == "graddrop":
+        paths = []                                      # one forward, several backward passes: _graddrop_batch
 
     def part_results(part):  # per-sample estimates [n, L, H], targets
         per, targets = [], []
         for item in batches(lens, part, batch_size, dataset):
             b, k = item.size, len(alphas)
-            est = torch.zeros(b, L, H)
+            est = _graddrop_batch(lens, item, L, H) if method == "graddrop" else torch.zeros(b, L, H)
             big = {key: _repeat(v, k) for key, v in item.batch.inputs.items() if key != "labels"}
             alpha = torch.tensor(alphas).repeat_interleave(b)                     # rows: copy-major
             for layers in paths:
@@ -203,8 +286,51 @@ def attribution_ranking(lens, samples: Sequence[ConflictSample], batch_size: int
         return torch.cat(per), targets
     per, targets = per_sample(part_results, samples, batch_size)
     score, by = _target_avg(per, targets)
-    name = {"atp": "attribution", "ig": "attribution-ig", "ig-layer": "attribution-ig-layer"}[method]
-    return HeadRanking(name, score, by, 3.0 * len(alphas) * len(paths), per, list(targets))
+    name = {"atp": "attribution", "ig": "attribution-ig", "ig-layer": "attribution-ig-layer",
+            "graddrop": "attribution-graddrop"}[method]
+    if method == "graddrop":
+        n_drop = len(_graddrop_gates(lens)[1])
+        cost = 1.0 + 2.0 * (n_drop if n_drop >= 2 else 1)
+    else:
+        cost = 3.0 * len(alphas) * len(paths)
+    return HeadRanking(name, score, by, cost, per, list(targets))
+
+
+def _graddrop_batch(lens, item, L: int, H: int) -> torch.Tensor:
+    """GradDrop scores of one batch, [b, L, H]: one forward with the head-output delta leaves
+    (:class:`_HeadPath`, alpha = 1) and the gates (:class:`_GradDrop`), then one backward per dropped layer l'
+    on the retained graph, accumulating |AtP with l' dropped| / (L − 1) for the heads of every other layer."""
+    b = item.size
+    gates, dropped = _graddrop_gates(lens)
+    passes: list = dropped if len(dropped) >= 2 else [None]       # < 2 droppable layers: plain |AtP|
+    norm = float(max(len(dropped) - 1, 1))
+    head = _HeadPath(torch.ones(b), list(lens.facts.attention_layers))
+    switch = gates[0][0].switch if gates else _DropSwitch()
+    est = torch.zeros(b, L, H)
+    inputs = {key: v for key, v in item.batch.inputs.items() if key != "labels"}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(lens.probe(head))
+        for probe, where in gates:
+            stack.enter_context(lens.probe(probe, layers=where))
+        logits = lens.model(**inputs, use_cache=False).logits[:, -1]
+        m = margin_from_logits(logits, item.ids_p, item.ids_c).sum()
+        got = sorted(head.deltas)
+        try:
+            for i, drop in enumerate(passes):
+                want = [x for x in got if x != drop]          # a head's own layer contributes 0 by definition
+                if not want:
+                    continue
+                switch.layer = drop
+                grads = torch.autograd.grad(m, [head.deltas[x] for x in want], retain_graph=i < len(passes) - 1,
+                                            allow_unused=True)
+                for layer, g in zip(want, grads):
+                    if g is not None:
+                        a = head.acts[layer]
+                        est[:, layer, :a.shape[2]] += (g * a).sum(dim=(1, 3)).float().abs() / norm
+        finally:
+            switch.layer = None
+    return est
 
 
 def dla_ranking(lens, samples: Sequence[ConflictSample], batch_size: int = 8, dataset=None) -> HeadRanking:
