@@ -44,6 +44,10 @@ METHODS = ("auto", "series", "dense")
 BETA_LIMIT = 300.0  # exp(-2 beta) must stay a normal float64 in the dense normaliser
 BETA_LIMIT_F32 = 40.0  # the same for float32
 DTYPES = ("float64", "float32")
+SERIES_TOL = {"float64": 1e-17, "float32": 1e-10}
+"""Fourier-Bessel truncation (:func:`series_terms`) per field dtype: below the dtype's rounding (float32: 1.2e-7
+relative), so that truncating costs nothing measurable and a float32 field skips the terms it cannot resolve
+(M = 11 instead of 16 at β = 1: about 20% less time per field evaluation on the default grid)."""
 LARGE_BATCH = 64  # systems per batch from which OscillatorBatch uses its operation-heavy, byte-light paths
 SMALL_SCATTER = 2048  # (seed, edge) pairs up to which the general edges are scattered by index_add
 
@@ -288,7 +292,8 @@ class OscillatorBatch:
     Numerator Σ_j a_ij e^{β(cos δ_ij - 1)} sin δ_ij over graph edges only (each undirected edge once); normaliser
     Z_i = Σ_j e^{β(cos δ_ij - 1)} over the whole group, either ``"dense"`` (the softmax over all keys) or
     ``"series"`` (exact Fourier-Bessel sum N Σ_n ε_n ive(n, β) Re(e^{inθ_i} conj r_n), r_n the group's n-th
-    moment, truncated below 1e-17 relative: the same number up to rounding, much cheaper at small β).
+    moment, truncated below 1e-17 relative, 1e-10 for a float32 field (``SERIES_TOL``): the same number up to
+    rounding, much cheaper at small β).
     ``"auto"``: series when every β of the batch <= preset.series_max_beta (2: the cross normaliser stays far
     from cancellation), dense otherwise.
 
@@ -344,7 +349,8 @@ class OscillatorBatch:
                                         device=self.dev).expand(S, n, C).contiguous()
         # internal cell order: by the number of Fourier-Bessel terms each cell needs, so that the series loop
         # runs power n only over the (trailing) cells that need it
-        self.m_cell = np.array([max(series_terms(a), series_terms(b)) for a, b in zip(bs, bc)])
+        tol = SERIES_TOL[dtype]
+        self.m_cell = np.array([max(series_terms(a, tol), series_terms(b, tol)) for a, b in zip(bs, bc)])
         perm = np.argsort(self.m_cell, kind="stable") if method == "series" else np.arange(C)
         self._perm = None if np.array_equal(perm, np.arange(C)) else torch.as_tensor(perm, device=self.dev)
         self._inv = None if self._perm is None else torch.as_tensor(np.argsort(perm), device=self.dev)
