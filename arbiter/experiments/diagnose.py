@@ -384,7 +384,7 @@ def _conflict_steps(lens, samples, dataset, steps, out, window, top, batch_size,
     return base, kmap, hd, block, amp
 
 
-HEAD_METHODS = ("exhaustive", "attribution", "attribution-ig", "dla")
+HEAD_METHODS = ("exhaustive", "attribution", "attribution-ig", "attribution-graddrop", "dla")
 """Default head rankings of the heads step; the first is the reference (SPEC 7: the exhaustive sweep)."""
 HEAD_METHOD_NAMES = ("exhaustive", "attribution", "attribution-ig", "attribution-ig-layer", "attribution-graddrop",
                      "dla")
