@@ -60,7 +60,7 @@ def _plots(report: dict, out: Path) -> list[Path]:
     def save(fig, name):
         p = out / name
         fig.tight_layout()
-        fig.savefig(p, dpi=110)
+        fig.savefig(p, dpi=110, bbox_inches="tight")  # long tick labels (knockout edges) stay in the picture
         plt.close(fig)
         paths.append(p)
 
@@ -158,7 +158,12 @@ def _conflict_plots(report: dict, plt, save) -> None:
         fig.colorbar(im, ax=ax[0])
         counts = np.bincount([h[0] for h in top], minlength=L)
         ax[1].bar(range(L), counts)
-        ax[1].set(title=f"TopG heads per layer ({len(top)} heads)", xlabel="layer", ylabel="count")
+        ax[1].set(title=f"TopG heads per layer ({len(top)} head{'s' if len(top) != 1 else ''})", xlabel="layer",
+                  ylabel="count")
+        from matplotlib.ticker import MaxNLocator
+
+        for axis in (ax[0].xaxis, ax[0].yaxis, ax[1].xaxis, ax[1].yaxis):  # layers, heads and counts are integers
+            axis.set_major_locator(MaxNLocator(integer=True))
         save(fig, "heads.png")
 
     b, a = report["blocking"], report["amplification"]
@@ -173,6 +178,9 @@ def _conflict_plots(report: dict, plt, save) -> None:
         ax[1].errorbar(a["alpha"], a["restored_random_mean"], yerr=a["restored_random_sd"], fmt="-s",
                        label="random heads")
         ax[1].legend()
+    else:  # no failed sample among those diagnosed: say so instead of an empty panel
+        ax[1].text(0.5, 0.5, "no failures to restore among these samples\n(arbiter steer runs the same experiment "
+                   "on a\ndata set with failures)", ha="center", va="center", transform=ax[1].transAxes)
     ax[1].set(title=f"Amplification on failures (n={a.get('n_failed')})", xlabel="alpha",
               ylabel="restored fraction", ylim=(0, 1.05))
     save(fig, "blocking_amplification.png")
