@@ -262,8 +262,9 @@ def attribution_ranking(lens, samples: Sequence[ConflictSample], batch_size: int
         for item in batches(lens, part, batch_size, dataset):
             b, k = item.size, len(alphas)
             est = _graddrop_batch(lens, item, L, H) if method == "graddrop" else torch.zeros(b, L, H)
-            big = {key: _repeat(v, k) for key, v in item.batch.inputs.items() if key != "labels"}
-            alpha = torch.tensor(alphas).repeat_interleave(b)                     # rows: copy-major
+            if paths:  # the path methods (GradDrop has none: its one forward ran above)
+                big = {key: _repeat(v, k) for key, v in item.batch.inputs.items() if key != "labels"}
+                alpha = torch.tensor(alphas).repeat_interleave(b)                 # rows: copy-major
             for layers in paths:
                 probe = _HeadPath(alpha, None if method != "ig-layer" else layers)
                 with contextlib.ExitStack() as stack:
