@@ -161,49 +161,30 @@ class _GradGate(torch.autograd.Function):
 
 
 class _GradDrop(Probe):
-    """AtP*'s GradDrop gates: every layer's ``attn.out`` and ``mlp.out`` (its contributions to the residual
-    stream) pass through a gate that leaves the forward value unchanged and, in the backward pass, zeroes the
-    gradient of the layer named by ``self.switch.layer``. Set the switch between ``autograd.grad(...,
-    retain_graph=True)`` calls to drop one layer after another on one forward graph. ``sites`` restricts the
-    gated sites (for layers that lack one of them: activate one probe per site on the layers that have it,
-    sharing ``switch``); ``layers_seen`` records the layers gated in the last forward."""
+    """AtP*'s GradDrop gate on one residual contribution (``site``: ``attn.out`` or ``mlp.out``): the forward
+    value is unchanged; in the backward pass the gradient of the layer named by ``switch.layer`` is zeroed. Set
+    the switch between ``autograd.grad(..., retain_graph=True)`` calls to drop one layer after another on one
+    forward graph; the two sites' probes share one switch."""
 
-    edits = {"attn.out": "all", "mlp.out": "all"}
-
-    def __init__(self, switch: _DropSwitch | None = None, sites: Sequence[str] = ("attn.out", "mlp.out")):
+    def __init__(self, site: str, switch: _DropSwitch):
         super().__init__()
-        self.switch = switch if switch is not None else _DropSwitch()
-        self._edits = {site: "all" for site in sites}
-        self.layers_seen: set[int] = set()
+        self.switch = switch
+        self._edits = {site: "all"}
 
     def _gate(self, ctx, x):
-        self.layers_seen.add(ctx.layer)
         return _GradGate.apply(x, ctx.layer, self.switch)
 
-    def attn_out(self, ctx, x):
-        return self._gate(ctx, x)
-
-    def mlp_out(self, ctx, x):
-        return self._gate(ctx, x)
+    attn_out = mlp_out = _gate
 
 
 def _graddrop_gates(lens) -> tuple[list[tuple[_GradDrop, list[int]]], list[int]]:
-    """[(probe, layers)] to activate (one probe when every gated layer has both sites, else one per site, all
-    sharing the first one's switch) and the layers that get dropped (those with an attn.out or an mlp.out)."""
-    layers = lens.facts.layers
-    have = {"attn.out": [lf.index for lf in layers if lf.attn is not None],
-            "mlp.out": [lf.index for lf in layers if lf.mlp is not None]}
-    dropped = sorted(set(have["attn.out"]) | set(have["mlp.out"]))
-    if have["attn.out"] == have["mlp.out"]:
-        return ([(_GradDrop(), have["attn.out"])] if dropped else []), dropped
-    first = None
-    gates = []
-    for site, where in have.items():
-        if where:
-            probe = _GradDrop(first.switch if first is not None else None, sites=(site,))
-            first = first or probe
-            gates.append((probe, where))
-    return gates, dropped
+    """[(probe, layers)] to activate, one per site on the layers that have it (all sharing one switch), and the
+    layers that get dropped (those with an attn.out or an mlp.out)."""
+    switch = _DropSwitch()
+    have = {"attn.out": [lf.index for lf in lens.facts.layers if lf.attn is not None],
+            "mlp.out": [lf.index for lf in lens.facts.layers if lf.mlp is not None]}
+    gates = [(_GradDrop(site, switch), where) for site, where in have.items() if where]
+    return gates, sorted(set(have["attn.out"]) | set(have["mlp.out"]))
 
 
 ATTRIBUTION_METHODS = ("atp", "ig", "ig-layer", "graddrop")
@@ -252,10 +233,8 @@ def attribution_ranking(lens, samples: Sequence[ConflictSample], batch_size: int
         raise InterventionError(f"steps must be >= 1, got {steps}.")
     L, H = _layers_heads(lens)
     alphas = _attribution_alphas(method, int(steps))
-    paths = [list(lens.facts.attention_layers)] if method != "ig-layer" else \
-        [[layer] for layer in lens.facts.attention_layers]
-    if method == "graddrop":
-        paths = []                                      # one forward, several backward passes: _graddrop_batch
+    paths = {"ig-layer": [[layer] for layer in lens.facts.attention_layers],
+             "graddrop": []}.get(method, [list(lens.facts.attention_layers)])  # graddrop: _graddrop_batch
 
     def part_results(part):  # per-sample estimates [n, L, H], targets
         per, targets = [], []
@@ -306,7 +285,7 @@ def _graddrop_batch(lens, item, L: int, H: int) -> torch.Tensor:
     passes: list = dropped if len(dropped) >= 2 else [None]       # < 2 droppable layers: plain |AtP|
     norm = float(max(len(dropped) - 1, 1))
     head = _HeadPath(torch.ones(b), list(lens.facts.attention_layers))
-    switch = gates[0][0].switch if gates else _DropSwitch()
+    switch = gates[0][0].switch if gates else _DropSwitch()  # every gate shares it
     est = torch.zeros(b, L, H)
     inputs = {key: v for key, v in item.batch.inputs.items() if key != "labels"}
     with contextlib.ExitStack() as stack:
