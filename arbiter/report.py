@@ -166,6 +166,24 @@ def _conflict_plots(report: dict, plt, save) -> None:
             axis.set_major_locator(MaxNLocator(integer=True))
         save(fig, "heads.png")
 
+    ba = report["blocking"].get("by_ranking") or {}
+    if ba.get("curves"):
+        fig, ax = plt.subplots(1, 2, figsize=(10, 3.4))
+        for i, (m, c) in enumerate(ba["curves"].items()):
+            style = dict(lw=2.2, color="k") if m == ba["reference"] else dict(color=f"C{i}")
+            ax[0].plot(ba["ks"], c["margin_drop"], "-o", label=m, **style)
+            ax[1].plot(ba["ks"], c["mfr"], "-o", label=m, **style)
+        rnd = ba.get("random") or {}
+        if rnd.get("margin_drop_mean"):
+            ax[0].plot(ba["ks"], rnd["margin_drop_mean"], ":", color="grey", label=f"random ({rnd['n']} orders)")
+            ax[1].plot(ba["ks"], rnd["mfr_mean"], ":", color="grey", label=f"random ({rnd['n']} orders)")
+        ax[0].set(title="Deletion curves: each ranking's top k heads zeroed", xlabel="k (heads)",
+                  ylabel="drop of the final MAM")
+        ax[1].set(title=f"MFR on correct samples (n={ba.get('n_samples')})", xlabel="k (heads)", ylabel="MFR",
+                  ylim=(0, 1.05))
+        ax[0].legend(fontsize=8)
+        save(fig, "head_rankings_blocked.png")
+
     b, a = report["blocking"], report["amplification"]
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.4))
     if b.get("mfr_random"):
@@ -329,6 +347,7 @@ def _conflict_markdown(report: dict) -> list[str]:
         f"| Amplification: restored fraction by alpha {a.get('alpha')} | {a.get('restored')} (random "
         f"{[round(x, 3) for x in a.get('restored_random_mean', [])]}; {a.get('n_failed')} failures) |",
         f"| Head-ranking agreement with {report['heads']['method']} | {agree or 'n/a'} |",
+        *_blocking_agreement_rows(b.get("by_ranking")),
         "",
         "Most negative knockouts (I_NSSD < 0 hurts instruction following):",
         "",
@@ -337,6 +356,20 @@ def _conflict_markdown(report: dict) -> list[str]:
         lines.append(f"- {e['src']} → {e['dst']} around layer {e['center']}: I_NSSD {_fmt(e['nssd'])}, "
                      f"MFR {_fmt(e['mfr'])}")
     return lines
+
+
+def _blocking_agreement_rows(ba: dict | None) -> list[str]:
+    """Each ranking's own TopG blocked, and the share of the reference's deletion curve it reaches."""
+    if not ba or not ba.get("summary"):
+        return []
+    parts = [f"{m}: MFR {_fmt(v['topg_mfr'])}, captures {_fmt(v['captured'])}" for m, v in ba["summary"].items()
+             if m != ba["reference"]]
+    rnd = ba.get("random") or {}
+    chance = (f" (random head orders capture {_fmt(rnd['captured_mean'])} ± {_fmt(rnd.get('captured_sd'))})"
+              if rnd.get("captured_mean") is not None else "")
+    k = ba["k_topg"]
+    return [f"| Each ranking's TopG blocked ({k} head{'s' if k != 1 else ''}, {ba['n_samples']} correct samples), "
+            f"and its share of the {ba['reference']} deletion curve over k = {ba['ks']} | {'; '.join(parts)}{chance} |"]
 
 
 def _skipped(report: dict, key: str) -> str | None:

@@ -1,5 +1,6 @@
 """Benchmark section on the shipped trained organism (llava_tiny): the full knockout map and the exhaustive
-head ranking against their naive loops (one forward per setting and batch), and attribution patching's cost.
+head ranking against their naive loops (one forward per setting and batch), and attribution patching's cost
+(first order, 4-step integrated gradients, AtP* GradDrop).
 
     python benchmarks/organism.py [--samples 96] [--window 3] [--threads 1] [--json OUT.json]
 
@@ -102,11 +103,12 @@ def bench_organism(name: str = "llava_tiny", samples: int = 96, window: int = 3,
         "organism_head_max_abs_diff": float((sweep_drops - t["hloop"][1]).abs().max()),
     })
     with arbiter.attach(model, processor) as lens:  # attribution: time / plain forward time, same samples
-        for method, steps in (("atp", 1), ("ig", 4)):
+        for method, steps in (("atp", 1), ("ig", 4), ("graddrop", 1)):
             t0 = time.perf_counter()
             att = attribution_ranking(lens, conflict, batch_size, dataset=ds, method=method, steps=steps)
             s = time.perf_counter() - t0
-            key = "organism_attribution" if method == "atp" else "organism_attribution_ig4"
+            key = {"atp": "organism_attribution", "ig": "organism_attribution_ig4",
+                   "graddrop": "organism_attribution_graddrop"}[method]"
             r[f"{key}_s"] = s
             r[f"{key}_forward_equivalents_measured"] = s / t["plain"][0]
             r[f"{key}_forward_equivalents"] = att.cost_forward_equivalents

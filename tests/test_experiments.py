@@ -380,3 +380,21 @@ def test_cli_reports_a_missing_model_folder_clearly(tmp_path, capsys):
     assert cli.main(["diagnose", "--model", str(tmp_path / "nope"), "--data", "x.jsonl", "--out",
                      str(tmp_path)]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_diagnose_blocks_each_rankings_own_topg_and_reports_it(synth, tmp_path):
+    """SPEC 7: a cheap ranking is reported with the effect of blocking its own TopG; the reference's deletion
+    curve is its own (captured 1) and the markdown report says it."""
+    tm = _tiny("llava")
+    kw = {**FAST, "head_methods": ("exhaustive", "dla"), "skip": ("shapley", "keyspace", "imbalance", "surrogate")}
+    rep = diagnose(tm.model, tm.processor, synth, tmp_path, log=lambda s: None, **kw)
+    ba = rep["blocking"]["by_ranking"]
+    assert ba["reference"] == "exhaustive" and set(ba["summary"]) == {"exhaustive", "dla"}
+    assert ba["summary"]["dla"]["topg_heads"] == [[r["layer"], r["head"]] for r in rep["heads"]["rankings"]["dla"][:1]]
+    assert ba["summary"]["exhaustive"]["topg_heads"] == rep["blocking"]["heads"]
+    assert ba["summary"]["exhaustive"]["topg_mfr"] == pytest.approx(rep["blocking"]["mfr_top"])
+    assert ba["random"]["n"] == FAST["n_random"]
+    assert "Each ranking's TopG blocked (1 head, " in arbiter.report.markdown(rep)
+    kw["head_methods"] = ("exhaustive",)
+    only = diagnose(tm.model, tm.processor, synth, tmp_path, log=lambda s: None, **kw)
+    assert "by_ranking" not in only["blocking"]  # the blocking step reran: its settings name the head methods

@@ -61,6 +61,7 @@ from .baseline import evaluate
 from .heads import (
     amplification_experiment,
     attribution_ranking,
+    blocking_agreement,
     blocking_experiment,
     compare_rankings,
     dla_ranking,
@@ -375,9 +376,16 @@ def _conflict_steps(lens, samples, dataset, steps, out, window, top, batch_size,
                 "agreement": [compare_rankings(ref, r, top) for m, r in rankings.items() if r is not ref]}
     hd = steps.run("heads", heads, {"head_methods": list(head_methods)})
     topg = [tuple(h) for h in hd["top"]]
-    block = steps.run("blocking", lambda: blocking_experiment(
-        lens, samples, correct, topg, fraction=top, n_random=n_random, batch_size=batch_size,
-        dataset=dataset).to_dict())
+
+    def blocking():
+        res = blocking_experiment(lens, samples, correct, topg, fraction=top, n_random=n_random,
+                                  batch_size=batch_size, dataset=dataset).to_dict()
+        if len(hd["scores"]) > 1:  # SPEC 7: each cheap ranking's TopG blocked too (and its deletion curve)
+            res["by_ranking"] = blocking_agreement(lens, samples, correct, hd["scores"], fraction=top,
+                                                   n_random=n_random, batch_size=batch_size,
+                                                   dataset=dataset).to_dict()
+        return res
+    block = steps.run("blocking", blocking, {"head_methods": list(head_methods)})
     amp = steps.run("amplification", lambda: amplification_experiment(
         lens, samples, correct, topg, alphas=alphas, n_random=n_random, batch_size=batch_size,
         dataset=dataset).to_dict())

@@ -375,16 +375,23 @@ def _head_set_settings(head_sets: Sequence[Sequence[tuple[int, int]]], alpha: fl
     return out
 
 
-def _mfr_under(lens, samples, head_sets, alpha, batch_size, chunk, dataset) -> torch.Tensor:
-    """[len(head_sets), samples] π' under each head set scaled by alpha."""
+def _values_under(lens, samples, head_sets, alpha, batch_size, chunk, dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clean [samples, 2], scaled [samples, len(head_sets), 2]): (π, m) without intervention and with each head
+    set's outputs scaled by alpha, one batched sweep per batch."""
     def part_results(part):
-        vals = []
+        base, vals = [], []
         for item in batches(lens, part, batch_size, dataset):
             res = sweep(lens, item.batch.inputs, _head_set_settings(head_sets, alpha),
                         metric_pi_and_margin(item.ids_p, item.ids_c), chunk=chunk)
-            vals.append(res.values[:, :, 0])
-        return torch.cat(vals, dim=1)
-    return per_sample(part_results, samples, batch_size, dim=1)
+            base.append(res.baseline.float())
+            vals.append(res.values.float().transpose(0, 1))
+        return torch.cat(base), torch.cat(vals)
+    return per_sample(part_results, samples, batch_size)
+
+
+def _mfr_under(lens, samples, head_sets, alpha, batch_size, chunk, dataset) -> torch.Tensor:
+    """[len(head_sets), samples] π' under each head set scaled by alpha."""
+    return _values_under(lens, samples, head_sets, alpha, batch_size, chunk, dataset)[1][:, :, 0].T
 
 
 @dataclass
@@ -422,6 +429,115 @@ def blocking_experiment(lens, samples: Sequence[ConflictSample], correct: Sequen
     return BlockingResult(fraction, [list(h) for h in heads], len(chosen), base, float(mfr[0]), rnd.tolist(),
                           float((base - mfr[0]) / base), float(drop_r.mean()),
                           float(drop_r.std(unbiased=True)) if len(rnd) > 1 else 0.0)
+
+
+def deletion_ks(n_heads: int, k_topg: int, points: int = 8) -> list[int]:
+    """Head counts of the deletion curve (proposed): a geometric grid of ``points`` values from 1 to
+    K = min(n_heads, max(2·k_topg, 8)), rounded and deduplicated, plus the TopG size itself."""
+    if n_heads < 1 or k_topg < 1:
+        raise InterventionError(f"deletion_ks needs n_heads >= 1 and k_topg >= 1, got {n_heads} and {k_topg}.")
+    top = min(n_heads, max(2 * k_topg, 8))
+    grid = {int(round(top ** (i / (points - 1)))) for i in range(points)} if points > 1 else {top}
+    return sorted((grid | {min(k_topg, n_heads)}) - {0})
+
+
+@dataclass
+class BlockingAgreement:
+    """How far each ranking's own top heads reproduce the reference ranking's blocking effect.
+
+    ``curves[method]``: ``heads`` (the ranking's top ``max(ks)`` heads, in order), and per k in ``ks``, with its
+    top k heads zeroed together on the samples the model gets right: ``mfr`` (π > 0.5) and ``margin_drop`` (drop
+    of m, the final MAM, averaged per target then across targets: the quantity the exhaustive ranking scores
+    heads by). ``summary[method]``: its TopG blocked (``topg_mfr``, ``topg_relative_drop``; SPEC 7) and
+    ``captured`` = Σ_k margin_drop / Σ_k reference margin_drop over ``ks`` (proposed: the share of the
+    reference's deletion curve the ranking reaches; 1 = as effective, above 1 possible since single-head
+    effects do not add up). ``random``: the same for ``n`` random head orders (chance level): mean and sd of
+    ``captured``, mean ``mfr`` and ``margin_drop`` curves."""
+
+    reference: str
+    ks: list
+    k_topg: int
+    n_samples: int
+    mfr_base: float
+    curves: dict
+    summary: dict
+    random: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return jsonable(self.__dict__)
+
+
+def _ordered_heads(r) -> list[tuple[int, int]]:
+    if isinstance(r, HeadRanking):
+        return [(x["layer"], x["head"]) for x in r.ranking()]
+    if isinstance(r, dict) and "ranking" in r:  # HeadRanking.to_dict()
+        r = r["ranking"]
+    return [(int(x["layer"]), int(x["head"])) if isinstance(x, dict) else (int(x[0]), int(x[1])) for x in r]
+
+
+def blocking_agreement(lens, samples: Sequence[ConflictSample], correct: Sequence[bool], rankings: dict,
+                       reference: str | None = None, fraction: float = 0.05, ks: Sequence[int] | None = None,
+                       n_random: int = 10, seed: int = 0, batch_size: int = 8, chunk: int = 11,
+                       dataset=None) -> BlockingAgreement:
+    """SPEC 7's functional check of cheap head rankings: block each ranking's TopG (and, proposed, its top k for
+    every k of a deletion curve) on the samples the model gets right, next to the reference's.
+
+    ``rankings``: name -> :class:`HeadRanking`, its ``to_dict()``, or an ordered list of (layer, head);
+    ``reference`` (default: the first) is the ranking the others are measured against. ``ks`` default:
+    :func:`deletion_ks`; ``n_random`` random head orders (drawn with ``seed``) give the chance level. Every
+    distinct head set runs once, all in one batched sweep per batch. Unlike a rank correlation over all heads this
+    weighs what blocking the chosen heads does, so the order among heads with negligible effects does not count.
+    ``captured`` is None when the reference's curve does not hurt m (its area is not positive)."""
+    if not rankings:
+        raise InterventionError("blocking_agreement() needs at least one ranking.")
+    names = list(rankings)
+    reference = names[0] if reference is None else reference
+    if reference not in rankings:
+        raise InterventionError(f"reference {reference!r} is not among the rankings {names}.")
+    ordered = {m: _ordered_heads(rankings[m]) for m in names}
+    n_heads = len(ordered[reference])
+    k_topg = len(top_g(torch.zeros(_layers_heads(lens)), fraction))  # the count HeadRanking.top() takes
+    ks = deletion_ks(n_heads, k_topg) if ks is None else sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1 or any(k > len(ordered[m]) for m in names for k in ks):
+        raise InterventionError(f"ks={ks}: every k must be between 1 and the number of ranked heads "
+                                f"({min(len(v) for v in ordered.values())}).")
+    if k_topg not in ks:
+        ks = sorted(set(ks) | {k_topg})
+    chosen = [s for s, ok in zip(samples, correct) if ok and s.conflict]
+    if not chosen:
+        return BlockingAgreement(reference, ks, k_topg, 0, float("nan"), {}, {})
+    rng = random.Random(seed)
+    randoms = [rng.sample(ordered[reference], max(ks)) for _ in range(n_random)]
+    sets: dict[frozenset, int] = {}
+    for m in [*names, *range(n_random)]:
+        for k in ks:
+            sets.setdefault(frozenset((ordered[m] if m in ordered else randoms[m])[:k]), len(sets))
+    head_sets = [sorted(x) for x in sets]
+    clean, blocked = _values_under(lens, chosen, head_sets, 0.0, batch_size, chunk, dataset)
+    targets = [s.target for s in chosen]
+    drop = _target_avg(clean[:, None, 1] - blocked[:, :, 1], targets)[0]      # [sets]
+    mfr = (blocked[:, :, 0] > 0.5).float().mean(0)                            # [sets]
+    base = float((clean[:, 0] > 0.5).float().mean())
+    curves, summary = {}, {}
+    for m in names:
+        idx = [sets[frozenset(ordered[m][:k])] for k in ks]
+        curves[m] = {"heads": [list(h) for h in ordered[m][:max(ks)]], "mfr": mfr[idx].tolist(),
+                     "margin_drop": drop[idx].tolist()}
+    ref_area = sum(curves[reference]["margin_drop"])
+    g = ks.index(k_topg)
+    for m in names:
+        top_mfr = curves[m]["mfr"][g]
+        summary[m] = {"topg_heads": [list(h) for h in ordered[m][:k_topg]], "topg_mfr": top_mfr,
+                      "topg_relative_drop": (base - top_mfr) / base if base > 0 else None,
+                      "captured": sum(curves[m]["margin_drop"]) / ref_area if ref_area > 0 else None}
+    rnd = {}
+    if n_random:
+        idx = torch.tensor([[sets[frozenset(r[:k])] for k in ks] for r in randoms])      # [n_random, ks]
+        cap = drop[idx].sum(1) / ref_area if ref_area > 0 else None
+        rnd = {"n": n_random, "mfr_mean": mfr[idx].mean(0).tolist(), "margin_drop_mean": drop[idx].mean(0).tolist(),
+               "captured_mean": float(cap.mean()) if cap is not None else None,
+               "captured_sd": float(cap.std()) if cap is not None and n_random > 1 else None}
+    return BlockingAgreement(reference, ks, k_topg, len(chosen), base, curves, summary, rnd)
 
 
 @dataclass
