@@ -108,7 +108,7 @@ def bench_organism(name: str = "llava_tiny", samples: int = 96, window: int = 3,
             att = attribution_ranking(lens, conflict, batch_size, dataset=ds, method=method, steps=steps)
             s = time.perf_counter() - t0
             key = {"atp": "organism_attribution", "ig": "organism_attribution_ig4",
-                   "graddrop": "organism_attribution_graddrop"}[method]"
+                   "graddrop": "organism_attribution_graddrop"}[method]
             r[f"{key}_s"] = s
             r[f"{key}_forward_equivalents_measured"] = s / t["plain"][0]
             r[f"{key}_forward_equivalents"] = att.cost_forward_equivalents
