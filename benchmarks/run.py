@@ -11,7 +11,8 @@ Attribution patching (all heads) is timed against a plain forward of the same en
 against the exhaustive single-head ranking (Spearman); the streamed-memory ratio is the peak RSS of the baseline
 evaluation with ``trace_dir`` over 1,000 vs 10 samples, each in a fresh process (small model, one thread).
 The surrogate section times the default β sweep of the physics surrogate and batched-grid vs per-point-loop
-integration (``bench_surrogate``).
+integration (``bench_surrogate``); the organism section runs benchmarks/organism.py on the shipped llava_tiny
+(``organism_*`` keys).
 """
 
 from __future__ import annotations
@@ -43,12 +44,12 @@ from arbiter.trace import Trace
 FULL = dict(model=dict(hidden=512, layers=8, heads=8, kv_heads=8, image_tokens=576), batch=4, repeats=5,
             sweep_samples=1, sweep_heads_per_layer=1, sweep_repeats=3, trace_mb=100, attribution_samples=2,
             stream_samples=(10, 1000),
-            surrogate=dict(grid=5, seeds=10, horizon=2.0, loop_cells=5, repeats=3))
+            surrogate=dict(grid=5, seeds=10, horizon=2.0, loop_cells=5, repeats=3), organism_samples=96)
 QUICK = dict(model=dict(hidden=128, layers=4, heads=4, kv_heads=4, image_tokens=64), batch=2, repeats=3,
              sweep_samples=2, sweep_heads_per_layer=1, sweep_repeats=3, trace_mb=10, attribution_samples=2,
              stream_samples=(10, 1000),
-             surrogate=dict(grid=2, seeds=2, horizon=0.5, loop_cells=2, repeats=1))
-SECTIONS = ("forwards", "sweep", "trace_io", "attribution", "stream_memory", "surrogate")
+             surrogate=dict(grid=2, seeds=2, horizon=0.5, loop_cells=2, repeats=1), organism_samples=8)
+SECTIONS = ("forwards", "sweep", "trace_io", "attribution", "stream_memory", "surrogate", "organism")
 # the streamed evaluation runs a small model in fresh processes (1 thread): memory, not speed, is measured
 STREAM_MODEL = dict(hidden=64, layers=4, heads=4, kv_heads=2, image_tokens=16)
 QUESTION = "In case there is an inconsistency between the text context and the image content, which colour " \
@@ -570,6 +571,18 @@ def format_table(r: dict[str, Any]) -> str:
         lines.append(f"{label:<50} {r['surrogate_loop_s']:9.2f}")
         lines.append(f"{'surrogate batched grid, same span':<50} {r['surrogate_batch_s']:9.2f} "
                      f"{r['surrogate_batch_speedup']:8.2f}  (surrogate_batch_speedup)")
+    if r.get("organism_knockout_map_s") is not None:
+        n = r["organism_samples"]
+        for label, key, ratio in (
+                (f"organism knockout map, {r['organism_knockout_settings']} settings", "organism_knockout_map_s",
+                 "organism_knockout_speedup"),
+                (f"organism head sweep, {r['organism_heads']} heads", "organism_head_sweep_s",
+                 "organism_head_sweep_speedup")):
+            lines.append(f"{label:<50} {r[key]:9.3f} {r[ratio]:8.2f}  ({ratio}, {n} samples, vs the loop)")
+        for label, key in (("first-order", "organism_attribution"), ("4-step IG", "organism_attribution_ig4"),
+                           ("GradDrop", "organism_attribution_graddrop")):
+            lines.append(f"{'organism attribution, ' + label:<50} {r[key + '_s']:9.3f} "
+                         f"{r[key + '_forward_equivalents_measured']:8.2f}  ({key}_forward_equivalents_measured)")
     return "\n".join(lines)
 
 
@@ -583,7 +596,7 @@ def run(quick: bool = False, only: Any = None, **overrides: Any) -> dict[str, An
     torch.manual_seed(0)
     started = time.perf_counter()
     r: dict[str, Any] = {"quick": quick, "sections": [s for s in SECTIONS if s in todo], "load_avg_start": _load()}
-    if todo - {"stream_memory", "surrogate"}:
+    if todo - {"stream_memory", "surrogate", "organism"}:
         tm = tiny("llava", **cfg["model"])
         inputs = _batch_inputs(tm, cfg["batch"])
         r.update({"batch": cfg["batch"], "seq_len": int(inputs["input_ids"].shape[1]), "repeats": cfg["repeats"]})
@@ -601,6 +614,11 @@ def run(quick: bool = False, only: Any = None, **overrides: Any) -> dict[str, An
         r.update(bench_stream_memory(cfg))
     if "surrogate" in todo:
         r.update(bench_surrogate(cfg))
+    if "organism" in todo:  # the trained llava_tiny: knockout map and head sweep vs loops, attribution costs
+        sys.path.insert(0, str(Path(__file__).resolve().parent))  # also under python -m benchmarks.run
+        from organism import bench_organism
+
+        r.update(bench_organism(samples=cfg["organism_samples"]))
     if "forwards" in todo:
         _ratios(r)
     r.update({"machine": _machine(), "torch": torch.__version__, "transformers": _transformers_version(),
