@@ -1,6 +1,6 @@
 """Benchmarks: arbiter against plain forwards and nnsight 0.8 on a tiny random LLaVA (fp32, CPU).
 
-    python benchmarks/run.py --json OUT.json           # the benchmark model (~6-8 minutes on 2 busy cores)
+    python benchmarks/run.py --json OUT.json           # every section (~8-10 minutes on 2 busy cores)
     python -m benchmarks.run --quick --json OUT.json   # smoke test: small model, batch 2, 3 repeats
     python benchmarks/run.py --only surrogate          # one section (or a comma list): SECTIONS below
 
