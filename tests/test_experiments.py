@@ -395,6 +395,7 @@ def test_diagnose_blocks_each_rankings_own_topg_and_reports_it(synth, tmp_path):
     assert ba["summary"]["exhaustive"]["topg_mfr"] == pytest.approx(rep["blocking"]["mfr_top"])
     assert ba["random"]["n"] == FAST["n_random"]
     assert "Each ranking's TopG blocked (1 head, " in arbiter.report.markdown(rep)
+    json.dumps(rep["blocking"], allow_nan=False)
     kw["head_methods"] = ("exhaustive",)
     only = diagnose(tm.model, tm.processor, synth, tmp_path, log=lambda s: None, **kw)
     assert "by_ranking" not in only["blocking"]  # the blocking step reran: its settings name the head methods
