@@ -497,12 +497,10 @@ def blocking_agreement(lens, samples: Sequence[ConflictSample], correct: Sequenc
     ordered = {m: _ordered_heads(rankings[m]) for m in names}
     n_heads = len(ordered[reference])
     k_topg = len(top_g(torch.zeros(_layers_heads(lens)), fraction))  # the count HeadRanking.top() takes
-    ks = deletion_ks(n_heads, k_topg) if ks is None else sorted({int(k) for k in ks})
-    if not ks or ks[0] < 1 or any(k > len(ordered[m]) for m in names for k in ks):
-        raise InterventionError(f"ks={ks}: every k must be between 1 and the number of ranked heads "
-                                f"({min(len(v) for v in ordered.values())}).")
-    if k_topg not in ks:
-        ks = sorted(set(ks) | {k_topg})
+    ks = deletion_ks(n_heads, k_topg) if ks is None else sorted({int(k) for k in ks} | {k_topg})
+    if ks[0] < 1 or any(k > len(ordered[m]) for m in names for k in ks):
+        raise InterventionError(f"ks={ks} (TopG size {k_topg} included): every k must be between 1 and the number "
+                                f"of ranked heads ({min(len(v) for v in ordered.values())}).")
     chosen = [s for s, ok in zip(samples, correct) if ok and s.conflict]
     if not chosen:
         return BlockingAgreement(reference, ks, k_topg, 0, float("nan"), {}, {})
