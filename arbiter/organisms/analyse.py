@@ -114,6 +114,7 @@ def analyse(name: str, out: str | Path, window: int = 3, top_heads: int = 6, lim
         "roles": head_roles(scores, top_list),
         "reads": reads,
         "agreement": rep["heads"]["agreement"],
+        "blocking_agreement": {k: rep["blocking"].get("by_ranking", {}).get(k) for k in ("ks", "summary", "random")},
     }
     (out / "heads_analysis.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
