@@ -329,7 +329,8 @@ def _conflict_markdown(report: dict) -> list[str]:
     ld = [x for x in report["ldar"] if x is not None]
     ko = sorted((e for e in report["knockout"] if e["nssd"] is not None), key=lambda e: e["nssd"])[:5]
     agreement = report["heads"].get("agreement", [])
-    agree = "; ".join(f"{g['method']}: Spearman {_fmt(g['spearman'])}, TopG overlap {_fmt(g['topg_overlap'])}"
+    agree = "; ".join(f"{g['method']}: Spearman {_fmt(g['spearman'])} (against |reference| "
+                      f"{_fmt(g.get('spearman_abs_reference'))}), TopG overlap {_fmt(g['topg_overlap'])}"
                       for g in agreement)
     ceiling = next((g.get("reference_split_half") for g in agreement if g.get("reference_split_half")), None)
     if ceiling:

@@ -130,3 +130,15 @@ def test_bad_arguments_are_rejected_with_what_to_do(synth):
             blocking_agreement(lens, samples, ok, {"ref": REF}, reference="nope", dataset=synth)
         with pytest.raises(InterventionError, match="between 1 and the number of ranked heads"):
             blocking_agreement(lens, samples, ok, {"ref": REF, "short": REF[:2]}, ks=[1, 3], dataset=synth)
+
+
+def test_agreement_against_the_reference_magnitudes_ranks_a_helpful_head_by_its_size():
+    """A magnitude ranking that orders |effect| exactly: Spearman 1 against |reference|, lower against the signed
+    reference (the head whose zeroing helps, −0.9, ranks last there and second here)."""
+    from arbiter.experiments.heads import compare_rankings
+
+    ref = HeadRanking("exhaustive", torch.tensor([[1.0, -0.9], [0.2, 0.1]]))
+    mag = HeadRanking("graddrop", torch.tensor([[1.0, 0.9], [0.2, 0.1]]))
+    cmp = compare_rankings(ref, mag)
+    assert cmp["spearman_abs_reference"] == pytest.approx(1.0)
+    assert cmp["spearman"] == pytest.approx(0.4)  # ranks (4, 1, 3, 2) vs (4, 3, 2, 1): 1 - 6·6 / (4·15)

@@ -351,12 +351,15 @@ def dla_ranking(lens, samples: Sequence[ConflictSample], batch_size: int = 8, da
 
 
 def compare_rankings(reference: HeadRanking, other: HeadRanking, fraction: float = 0.05) -> dict:
-    """Spearman over all heads, top-k overlap at TopG size and at 3, and the reference's split-half
-    reliability (the ceiling for the Spearman: what the reference reaches against itself on half the data)."""
+    """Spearman over all heads, also against the reference's magnitudes (``spearman_abs_reference``: for
+    rankings of |effect| such as GradDrop, which put a head whose zeroing helps high where the signed reference
+    puts it last), top-k overlap at TopG size and at 3, and the reference's split-half reliability (the ceiling
+    for the Spearman: what the reference reaches against itself on half the data)."""
     a, b = reference.scores.flatten(), other.scores.flatten()
     ok = torch.isfinite(a) & torch.isfinite(b)
     k = len(reference.top(fraction))
     return {"method": other.method, "spearman": spearman(a[ok], b[ok]),
+            "spearman_abs_reference": spearman(a[ok].abs(), b[ok]),
             "topg_overlap": topk_overlap(reference.scores.nan_to_num(float("-inf")),
                                          other.scores.nan_to_num(float("-inf")), k),
             "top3_overlap": topk_overlap(reference.scores.nan_to_num(float("-inf")),
