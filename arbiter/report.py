@@ -104,103 +104,21 @@ def _attractor_result(d: dict):
 
 
 def _conflict_plots(report: dict, plt, save) -> None:
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    for t, style in (("vision", "-o"), ("text", "-s")):
-        v = report["mam"].get(t) or []
-        if v:
-            ax[0].plot(range(len(v)), v, style, label=f"{t}-instructed")
-    ax[0].axhline(0, color="grey", lw=0.8)
-    ax[0].set(title="MAM at the last token (logit lens)", xlabel="layer", ylabel="Φ_p − Φ_c")
-    ax[0].legend()
-    ld = [x if x is not None else float("nan") for x in report["ldar"]]
-    ax[1].plot(range(len(ld)), ld, "-o", color="C2")
-    ax[1].axhline(0.5, color="grey", ls="--", lw=0.8, label="chance")
-    ax[1].set(title="LDAR (instruction anchors, TopK=2)", xlabel="layer", ylim=(0, 1.05))
-    ax[1].legend()
-    save(fig, "mam_ldar.png")
+    """The conflict steps' figures, drawn by :mod:`arbiter.experiments.plots` from the report's dicts."""
+    from .experiments import plots
 
-    entries = report.get("knockout") or []
-    if entries:
-        names = []
-        for e in entries:
-            n = f"{e['src']}→{e['dst']}"
-            if n not in names:
-                names.append(n)
-        centers = sorted({e["center"] for e in entries})
-        import numpy as np
-
-        grid = np.full((len(names), len(centers)), np.nan)
-        for e in entries:
-            grid[names.index(f"{e['src']}→{e['dst']}"), centers.index(e["center"])] = \
-                e["nssd"] if e["nssd"] is not None else np.nan
-        fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(centers) + 3), 0.35 * len(names) + 1.5))
-        lim = np.nanmax(np.abs(grid)) if np.isfinite(grid).any() else 1.0
-        im = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
-        ax.set_yticks(range(len(names)), names)
-        ax.set_xticks(range(len(centers)), centers)
-        ax.set(title=f"Knockout map: I_NSSD (window {report.get('knockout_window')})", xlabel="centre layer")
-        fig.colorbar(im, ax=ax)
-        save(fig, "knockout_map.png")
-
-    ranking = report["heads"]["ranking"]
-    if ranking:
-        import numpy as np
-
-        L = report["model"]["n_layers"]
-        H = max(r["head"] for r in ranking) + 1
-        grid = np.full((L, H), np.nan)
-        for r in ranking:
-            grid[r["layer"], r["head"]] = r["score"]
-        top = report["blocking"].get("heads") or []
-        fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-        im = ax[0].imshow(grid, aspect="auto", cmap="viridis")
-        ax[0].set(title=f"head scores ({report['heads']['method']})", xlabel="head", ylabel="layer")
-        fig.colorbar(im, ax=ax[0])
-        counts = np.bincount([h[0] for h in top], minlength=L)
-        ax[1].bar(range(L), counts)
-        ax[1].set(title=f"TopG heads per layer ({len(top)} head{'s' if len(top) != 1 else ''})", xlabel="layer",
-                  ylabel="count")
-        from matplotlib.ticker import MaxNLocator
-
-        for axis in (ax[0].xaxis, ax[0].yaxis, ax[1].xaxis, ax[1].yaxis):  # layers, heads and counts are integers
-            axis.set_major_locator(MaxNLocator(integer=True))
-        save(fig, "heads.png")
-
-    ba = report["blocking"].get("by_ranking") or {}
-    if ba.get("curves"):
-        fig, ax = plt.subplots(1, 2, figsize=(10, 3.4))
-        for i, (m, c) in enumerate(ba["curves"].items()):
-            style = dict(lw=2.2, color="k") if m == ba["reference"] else dict(color=f"C{i}")
-            ax[0].plot(ba["ks"], c["margin_drop"], "-o", label=m, **style)
-            ax[1].plot(ba["ks"], c["mfr"], "-o", label=m, **style)
-        rnd = ba.get("random") or {}
-        if rnd.get("margin_drop_mean"):
-            ax[0].plot(ba["ks"], rnd["margin_drop_mean"], ":", color="grey", label=f"random ({rnd['n']} orders)")
-            ax[1].plot(ba["ks"], rnd["mfr_mean"], ":", color="grey", label=f"random ({rnd['n']} orders)")
-        ax[0].set(title="Deletion curves: each ranking's top k heads zeroed", xlabel="k (heads)",
-                  ylabel="drop of the final MAM")
-        ax[1].set(title=f"MFR on correct samples (n={ba.get('n_samples')})", xlabel="k (heads)", ylabel="MFR",
-                  ylim=(0, 1.05))
-        ax[0].legend(fontsize=8)
-        save(fig, "head_rankings_blocked.png")
-
-    b, a = report["blocking"], report["amplification"]
+    save(plots.plot_mam_ldar(report), "mam_ldar.png")
+    if report.get("knockout"):
+        save(plots.plot_knockout_map({"entries": report["knockout"], "window": report.get("knockout_window")}),
+             "knockout_map.png")
+    if report["heads"]["ranking"]:
+        save(plots.plot_head_scores(report["heads"], top=report["blocking"].get("heads") or [],
+                                    n_layers=report["model"]["n_layers"]), "heads.png")
+    if (report["blocking"].get("by_ranking") or {}).get("curves"):
+        save(plots.plot_blocking_agreement(report["blocking"]["by_ranking"]), "head_rankings_blocked.png")
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.4))
-    if b.get("mfr_random"):
-        ax[0].bar(["base", "TopG", "random"], [b["mfr_base"], b["mfr_top"],
-                                               sum(b["mfr_random"]) / len(b["mfr_random"])],
-                  yerr=[0, 0, b.get("relative_drop_random_sd") or 0], color=["grey", "C3", "C0"])
-    ax[0].set(title=f"Blocking on correct samples (n={b.get('n_samples')})", ylabel="MFR", ylim=(0, 1.05))
-    if a.get("restored"):
-        ax[1].plot(a["alpha"], a["restored"], "-o", label="TopG")
-        ax[1].errorbar(a["alpha"], a["restored_random_mean"], yerr=a["restored_random_sd"], fmt="-s",
-                       label="random heads")
-        ax[1].legend()
-    else:  # no failed sample among those diagnosed: say so instead of an empty panel
-        ax[1].text(0.5, 0.5, "no failures to restore among these samples\n(arbiter steer runs the same experiment "
-                   "on a\ndata set with failures)", ha="center", va="center", transform=ax[1].transAxes)
-    ax[1].set(title=f"Amplification on failures (n={a.get('n_failed')})", xlabel="alpha",
-              ylabel="restored fraction", ylim=(0, 1.05))
+    plots.plot_blocking(report["blocking"], ax=ax[0])
+    plots.plot_amplification(report["amplification"], ax=ax[1])
     save(fig, "blocking_amplification.png")
 
 

@@ -169,3 +169,42 @@ def test_generate_probe_shares_equal_a_no_cache_replay_of_the_generated_text():
     direct = torch.stack([torch.stack([_share(rec.trace[f"L{layer}.attn.probs"][:, :, r], image)
                                        for layer in range(4)]) for r in range(n)])      # [steps, layers, b, h]
     assert torch.allclose(out["image_share_plain"], direct, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- 04 arbitration
+
+
+@pytest.fixture(scope="module")
+def arbitration(tmp_path_factory):
+    return _load("04_arbitration").main(tmp_path_factory.mktemp("ex4"))
+
+
+def test_arbitration_example_finds_the_image_to_last_route_of_the_organism(arbitration):
+    """llava_tiny reads the image at the last token around layer 3 (organisms README): the strongest knockout."""
+    entries = arbitration["knockout"].entries
+    assert len(entries) == 13 * 6
+    worst = min((e for e in entries if e["nssd"] is not None), key=lambda e: e["nssd"])
+    assert (worst["src"], worst["dst"], worst["center"]) == ("image", "last", 3) and worst["nssd"] < -0.1
+    assert arbitration["baseline"].mfr_pi()["overall"] > 0.9
+
+
+def test_arbitration_example_agreement_is_the_spearman_of_its_two_score_tables(arbitration):
+    from scipy.stats import spearmanr
+
+    ex, gd = arbitration["exhaustive"], arbitration["graddrop"]
+    want = spearmanr(ex.scores.flatten().numpy(), gd.scores.flatten().numpy())[0]
+    assert arbitration["agreement"]["spearman"] == pytest.approx(want, abs=1e-9)
+    blocked = arbitration["blocked"]
+    assert blocked.summary["exhaustive"]["topg_heads"] == [list(h) for h in ex.top()]
+    assert blocked.summary["exhaustive"]["captured"] == pytest.approx(1.0)
+    assert blocked.n_samples == sum(arbitration["baseline"].correct)
+
+
+def test_arbitration_example_writes_json_and_plots(arbitration):
+    import json
+
+    out = arbitration["out"]
+    res = json.loads((out / "results.json").read_text())
+    assert res["exhaustive"]["ranking"][0]["layer"] == arbitration["exhaustive"].ranking()[0]["layer"]
+    for name in ("mam_ldar", "knockout_map", "heads", "blocked"):
+        assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"

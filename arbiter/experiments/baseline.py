@@ -59,6 +59,12 @@ class BaselineResult:
                          "mfr_source": self.mfr_source, "mam": self.mam_profile(), "mam_components": comp,
                          "ldar": self.ldar_rate, "pi_mean": by_target(self.pi, self.targets)})
 
+    def plot(self, path=None, axes=None):
+        """MAM per layer by target and LDAR per layer (:func:`arbiter.experiments.plots.plot_mam_ldar`)."""
+        from .plots import plot_mam_ldar
+
+        return plot_mam_ldar(self, path=path, axes=axes)
+
 
 def _rows_of(rec_trace, site: str):
     return rec_trace[f"rows.{site}"], rec_trace[f"rowmask.{site}"]

@@ -65,6 +65,13 @@ class HeadRanking:
     def top(self, fraction: float = 0.05) -> list[tuple[int, int]]:
         return top_g(self.scores.nan_to_num(float("-inf")), fraction)
 
+    def plot(self, path=None, axes=None, fraction: float = 0.05):
+        """Heat map of the scores and TopG heads per layer (:func:`arbiter.experiments.plots.plot_head_scores`)."""
+        from .plots import plot_head_scores
+
+        return plot_head_scores({"method": self.method, "ranking": self.ranking()}, path=path, axes=axes,
+                                top=self.top(fraction), n_layers=self.scores.shape[0])
+
     def to_dict(self) -> dict:
         return jsonable({"method": self.method, "ranking": self.ranking(),
                          "by_target": {k: v.tolist() for k, v in self.by_target.items()},
@@ -412,6 +419,12 @@ class BlockingResult:
     def to_dict(self) -> dict:
         return jsonable(self.__dict__)
 
+    def plot(self, path=None, ax=None):
+        """MFR clean, TopG blocked, random sets blocked (:func:`arbiter.experiments.plots.plot_blocking`)."""
+        from .plots import plot_blocking
+
+        return plot_blocking(self, path=path, ax=ax)
+
 
 def blocking_experiment(lens, samples: Sequence[ConflictSample], correct: Sequence[bool], heads: Sequence,
                         fraction: float = 0.05, n_random: int = 10, seed: int = 0, batch_size: int = 8,
@@ -468,6 +481,12 @@ class BlockingAgreement:
 
     def to_dict(self) -> dict:
         return jsonable(self.__dict__)
+
+    def plot(self, path=None, axes=None):
+        """Each ranking's deletion curve and the MFR left (:func:`arbiter.experiments.plots.plot_blocking_agreement`)."""
+        from .plots import plot_blocking_agreement
+
+        return plot_blocking_agreement(self, path=path, axes=axes)
 
 
 def _ordered_heads(r) -> list[tuple[int, int]]:
@@ -552,6 +571,12 @@ class AmplificationResult:
 
     def to_dict(self) -> dict:
         return jsonable(self.__dict__)
+
+    def plot(self, path=None, ax=None):
+        """Restored fraction per alpha, TopG against random sets (:func:`arbiter.experiments.plots.plot_amplification`)."""
+        from .plots import plot_amplification
+
+        return plot_amplification(self, path=path, ax=ax)
 
 
 def amplification_experiment(lens, samples: Sequence[ConflictSample], correct: Sequence[bool], heads: Sequence,

@@ -43,6 +43,12 @@ class KnockoutMap:
     def to_dict(self) -> dict:
         return jsonable({"window": self.window, "n_samples": self.n_samples, "entries": self.entries})
 
+    def plot(self, path=None, ax=None):
+        """I_NSSD per (edge family, centre layer) (:func:`arbiter.experiments.plots.plot_knockout_map`)."""
+        from .plots import plot_knockout_map
+
+        return plot_knockout_map(self, path=path, ax=ax)
+
     def table(self, key: str = "nssd") -> tuple[list[str], torch.Tensor]:
         """(edge names, [edges, layers] tensor of ``key``) for plotting."""
         names = sorted({f"{e['src']}->{e['dst']}" for e in self.entries},
