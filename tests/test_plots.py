@@ -99,3 +99,72 @@ def test_plots_draw_on_given_axes():
     with pytest.raises(ValueError, match="draws on 2 axes"):
         BlockingAgreement("ex", [1], 1, 1, 1.0, {"ex": {"heads": [[0, 0]], "mfr": [1.0], "margin_drop": [0.1]}},
                           {}).plot(axes=[ax[0]])
+
+
+# ------------------------------------------------------------------------------------------ metric results
+
+
+def test_head_scores_plot_is_the_score_grid(tmp_path):
+    from arbiter.metrics import HeadScores
+
+    score = torch.tensor([[0.5, -0.25], [1.0, 0.0]])
+    fig = HeadScores(score, torch.zeros(1, 2, 2)).plot(tmp_path / "s.png")
+    np.testing.assert_allclose(np.ma.filled(fig.axes[0].images[0].get_array(), np.nan), score.numpy())
+    assert _png(tmp_path / "s.png")
+
+
+def test_ldar_plot_draws_rate_targets_and_chance(tmp_path):
+    from arbiter.metrics.ldar import LDARResult
+
+    r = LDARResult(torch.tensor([0.5, 0.75, 1.0]), 4, by_target={"vision": torch.tensor([0.0, 0.5, 1.0])})
+    fig = r.plot(tmp_path / "l.png")
+    lines = {ln.get_label(): ln.get_ydata() for ln in fig.axes[0].get_lines()}
+    np.testing.assert_allclose(lines["all (n=4)"], [0.5, 0.75, 1.0])
+    np.testing.assert_allclose(lines["vision-instructed"], [0.0, 0.5, 1.0])
+    np.testing.assert_allclose(lines["chance"], [0.5, 0.5])
+    assert _png(tmp_path / "l.png")
+
+
+def test_profile_plot_is_lines_per_layer_or_a_heat_map_per_position():
+    from arbiter.metrics.lens import mam_by_target
+
+    per_layer = mam_by_target(torch.tensor([[1.0, 2.0], [3.0, 4.0], [-1.0, 0.0]]), ["vision", "vision", "text"])
+    lines = {ln.get_label(): ln.get_ydata() for ln in per_layer.plot().axes[0].get_lines()}
+    np.testing.assert_allclose(lines["vision-instructed (n=2)"], [2.0, 3.0])
+    np.testing.assert_allclose(lines["all (mean of targets)"], [0.5, 1.5])
+    grid = mam_by_target(torch.arange(12.0).view(2, 2, 3))            # [samples, layers, positions]
+    np.testing.assert_allclose(np.ma.filled(grid.plot().axes[0].images[0].get_array(), np.nan),
+                               [[3.0, 4.0, 5.0], [6.0, 7.0, 8.0]])
+    with pytest.raises(ValueError, match="has no plot"):
+        mam_by_target(torch.zeros(2, 2, 2, 2)).plot()
+
+
+def test_mam_components_plot_averages_all_but_the_layer_dimension():
+    from arbiter.metrics.lens import MAMComponents
+
+    attn = torch.tensor([[1.0, 3.0], [0.0, 2.0]])                     # [layers, positions]
+    c = MAMComponents(torch.zeros(2, 2), attn, attn - 1, attn, -torch.ones(2, 2))
+    ax = c.plot().axes[0]
+    heights = [p.get_height() for p in ax.patches]
+    np.testing.assert_allclose(heights, [2.0, 1.0, -1.0, -1.0])       # attention bars, then MLP bars
+    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), [1.0, 0.0])
+    by_position = [p.get_height() for p in c.plot(layer_dim=1).axes[0].patches[:2]]
+    np.testing.assert_allclose(by_position, [0.5, 2.5])
+
+
+def test_mfr_plot_bars_are_overall_vision_text_with_counts():
+    from arbiter.metrics.mfr import mfr_from_pi
+
+    r = mfr_from_pi(torch.tensor([0.9, 0.2, 0.8, 0.6]), ["vision", "vision", "text", "text"])
+    ax = r.plot().axes[0]
+    np.testing.assert_allclose([p.get_height() for p in ax.patches], [0.75, 0.5, 1.0])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["overall\n(n=4)", "vision\n(n=2)", "text\n(n=2)"]
+
+
+def test_nssd_plot_histogram_holds_every_defined_sample_and_marks_the_mean():
+    from arbiter.metrics import i_nssd
+
+    r = i_nssd(torch.tensor([0.9, 0.8, 0.7]), torch.tensor([0.5, 0.8, 0.9]))
+    ax = r.plot().axes[0]
+    assert sum(p.get_height() for p in ax.patches) == 3
+    assert ax.get_lines()[0].get_xdata()[0] == pytest.approx(r.value)

@@ -483,7 +483,8 @@ class BlockingAgreement:
         return jsonable(self.__dict__)
 
     def plot(self, path=None, axes=None):
-        """Each ranking's deletion curve and the MFR left (:func:`arbiter.experiments.plots.plot_blocking_agreement`)."""
+        """Each ranking's deletion curve and the MFR left
+        (:func:`arbiter.experiments.plots.plot_blocking_agreement`)."""
         from .plots import plot_blocking_agreement
 
         return plot_blocking_agreement(self, path=path, axes=axes)
@@ -573,7 +574,8 @@ class AmplificationResult:
         return jsonable(self.__dict__)
 
     def plot(self, path=None, ax=None):
-        """Restored fraction per alpha, TopG against random sets (:func:`arbiter.experiments.plots.plot_amplification`)."""
+        """Restored fraction per alpha, TopG against random sets
+        (:func:`arbiter.experiments.plots.plot_amplification`)."""
         from .plots import plot_amplification
 
         return plot_amplification(self, path=path, ax=ax)

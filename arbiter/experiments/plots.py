@@ -11,38 +11,17 @@ from typing import Any
 
 import numpy as np
 
+from ..metrics.plots import figure_axes as _axes
+from ..metrics.plots import finish as _done
+from ..metrics.plots import integer_ticks as _integer_ticks
+from ..metrics.plots import plot_score_grid
+
 __all__ = ["plot_mam_ldar", "plot_knockout_map", "plot_head_scores", "plot_blocking", "plot_amplification",
            "plot_blocking_agreement"]
 
 
 def _dict(result: Any) -> dict:
     return result.to_dict() if hasattr(result, "to_dict") else result
-
-
-def _axes(given, n: int, size: tuple[float, float]):
-    """(figure, list of n axes): the given ones, or a new Figure's."""
-    if given is not None:
-        axes = list(given) if n > 1 else [given]
-        if len(axes) != n:
-            raise ValueError(f"this plot draws on {n} axes, got {len(axes)}.")
-        return axes[0].figure, axes
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=size)
-    return fig, list(np.atleast_1d(fig.subplots(1, n)))
-
-
-def _done(fig, path):
-    if path is not None:
-        fig.savefig(path, dpi=110, bbox_inches="tight")  # long tick labels (knockout edges) stay in the picture
-    return fig
-
-
-def _integer_ticks(*axes_) -> None:
-    from matplotlib.ticker import MaxNLocator
-
-    for a in axes_:
-        a.set_major_locator(MaxNLocator(integer=True))
 
 
 def plot_mam_ldar(result, path=None, axes=None):
@@ -109,13 +88,11 @@ def plot_head_scores(ranking, path=None, axes=None, top=None, fraction: float = 
         k = max(1, int(math.floor(fraction * len(rows) + 0.5 + 1e-9)))
         top = [(r["layer"], r["head"]) for r in rows[:k]]
     fig, (a0, a1) = _axes(axes, 2, (10, 3.6))
-    im = a0.imshow(grid, aspect="auto", cmap="viridis")
-    a0.set(title=f"head scores ({d.get('method')})", xlabel="head", ylabel="layer")
-    fig.colorbar(im, ax=a0)
+    plot_score_grid(grid, title=f"head scores ({d.get('method')})", ax=a0)
     a1.bar(range(n_layers), np.bincount([h[0] for h in top], minlength=n_layers))
     a1.set(title=f"TopG heads per layer ({len(top)} head{'s' if len(top) != 1 else ''})", xlabel="layer",
            ylabel="count")
-    _integer_ticks(a0.xaxis, a0.yaxis, a1.xaxis, a1.yaxis)  # layers, heads and counts are integers
+    _integer_ticks(a1.xaxis, a1.yaxis)  # layers and counts are integers
     return _done(fig, path)
 
 

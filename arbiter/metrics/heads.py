@@ -36,6 +36,12 @@ class HeadScores(ToDict):
     per_sample: torch.Tensor
     by_target: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def plot(self, path=None, ax=None):
+        """Heat map of the [layers, heads] score (:func:`arbiter.metrics.plots.plot_score_grid`)."""
+        from .plots import plot_score_grid
+
+        return plot_score_grid(self.score, title="DLA head score (MAM direction)", path=path, ax=ax)
+
 
 def head_scores(head_out: torch.Tensor, W_O: torch.Tensor, W_U: torch.Tensor, ids_p, ids_c,
                 gamma_final: torch.Tensor, h_final: torch.Tensor, targets: Sequence[str] | None = None,

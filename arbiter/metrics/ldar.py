@@ -50,6 +50,12 @@ class LDARResult(ToDict):
     chance: float = 0.5
     by_target: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def plot(self, path=None, ax=None):
+        """The rate per layer, per target, and chance (:func:`arbiter.metrics.plots.plot_ldar`)."""
+        from .plots import plot_ldar
+
+        return plot_ldar(self, path=path, ax=ax)
+
 
 def ldar(mam_instr: torch.Tensor | Sequence[torch.Tensor], final_mam: torch.Tensor | Sequence[float] | None = None,
          *, final_answer: Sequence[int | None] | None = None, k: int = 2,

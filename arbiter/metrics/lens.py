@@ -96,6 +96,13 @@ class MAMComponents(ToDict):
     mlp: torch.Tensor
     how: str = "mean"
 
+    def plot(self, path=None, ax=None, layer_dim: int = 0):
+        """Attention / MLP contributions per layer (``layer_dim`` of the tensors; the other dimensions averaged)
+        and the MAM after it (:func:`arbiter.metrics.plots.plot_mam_components`)."""
+        from .plots import plot_mam_components
+
+        return plot_mam_components(self, path=path, ax=ax, layer_dim=layer_dim)
+
 
 def mam_components(h_in: torch.Tensor, h_mid: torch.Tensor, h_out: torch.Tensor,
                    final_norm: Callable[[torch.Tensor], torch.Tensor], W_U: torch.Tensor,
@@ -123,6 +130,12 @@ class TargetProfile(ToDict):
     text: torch.Tensor | None = None
     n_vision: int = 0
     n_text: int = 0
+
+    def plot(self, path=None, ax=None):
+        """Lines per target (per layer), a heat map, or bars (:func:`arbiter.metrics.plots.plot_profile`)."""
+        from .plots import plot_profile
+
+        return plot_profile(self, path=path, ax=ax)
 
 
 def mam_by_target(values: torch.Tensor | Sequence[torch.Tensor], targets: Sequence[str] | None = None) -> TargetProfile:

@@ -75,6 +75,12 @@ class MFRResult(ToDict):
     follows: list[int] = field(default_factory=list)
     variant: str = "answer"
 
+    def plot(self, path=None, ax=None):
+        """Overall, vision and text MFR with counts (:func:`arbiter.metrics.plots.plot_mfr`)."""
+        from .plots import plot_mfr
+
+        return plot_mfr(self, path=path, ax=ax)
+
 
 def _summary(follows: list[int], targets: Sequence[str], variant: str) -> MFRResult:
     n = len(follows)

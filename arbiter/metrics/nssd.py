@@ -99,6 +99,12 @@ class NSSDResult(ToDict):
     n_undefined: int = 0
     how: str = "signed_jsd"
 
+    def plot(self, path=None, ax=None):
+        """Per-sample I_NSSD histogram and its mean (:func:`arbiter.metrics.plots.plot_nssd`)."""
+        from .plots import plot_nssd
+
+        return plot_nssd(self, path=path, ax=ax)
+
 
 def _result(vals: torch.Tensor, how: str) -> NSSDResult:
     vals = vals.reshape(-1)
