@@ -107,6 +107,14 @@ def mfr(answers: Sequence[str], forms_p: Sequence[Sequence[str]], forms_c: Seque
     return _summary(follows, targets, "answer")
 
 
+def mfr_from_follows(follows: Sequence[int], targets: Sequence[str], variant: str = "answer") -> MFRResult:
+    """MFR from per-sample 0/1 decisions already made (e.g. a baseline's generated answers judged elsewhere)."""
+    f = [int(x) for x in follows]
+    if any(x not in (0, 1) for x in f):
+        fail("follows must hold 0 or 1 per sample (1: the answer follows the instructed modality).")
+    return _summary(f, targets, variant)
+
+
 def mfr_from_pi(pi: torch.Tensor | Sequence[float], targets: Sequence[str]) -> MFRResult:
     """The cheap MFR variant: a sample follows when pi = P(D_p) / (P(D_p) + P(D_c)) > 0.5 (strictly)."""
     p = torch.as_tensor(pi, dtype=torch.float64).reshape(-1)
