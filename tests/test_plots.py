@@ -28,8 +28,8 @@ def test_baseline_plot_draws_the_mam_profile_per_target_and_ldar(tmp_path):
                        ["", "", ""], mam, torch.zeros(3, 3), torch.zeros(3, 3), [], [0.5, None, 1.0], "pi")
     fig = r.plot(tmp_path / "b.png")
     lines = {ln.get_label(): ln.get_ydata() for ln in fig.axes[0].get_lines()}
-    np.testing.assert_allclose(lines["vision-instructed"], [0.0, 2.0, 3.0])
-    np.testing.assert_allclose(lines["text-instructed"], [1.0, -1.0, -2.0])
+    np.testing.assert_allclose(lines["vision-instructed, last token"], [0.0, 2.0, 3.0])
+    np.testing.assert_allclose(lines["text-instructed, last token"], [1.0, -1.0, -2.0])
     np.testing.assert_allclose(fig.axes[1].get_lines()[0].get_ydata(), [0.5, np.nan, 1.0])
     assert _png(tmp_path / "b.png")
 
@@ -168,3 +168,15 @@ def test_nssd_plot_histogram_holds_every_defined_sample_and_marks_the_mean():
     ax = r.plot().axes[0]
     assert sum(p.get_height() for p in ax.patches) == 3
     assert ax.get_lines()[0].get_xdata()[0] == pytest.approx(r.value)
+
+
+def test_baseline_reports_mam_at_the_instruction_anchors_per_target():
+    """SPEC 3: MAM per layer at the instruction positions, mean over positions then samples of each target;
+    a sample without instruction tokens is left out."""
+    instr = [torch.tensor([[1.0, 3.0], [0.0, 0.0]]), torch.tensor([[5.0], [2.0]]), torch.zeros(2, 0),
+             torch.tensor([[-1.0, -3.0], [4.0, 6.0]])]
+    r = BaselineResult(list("abcd"), ["vision", "vision", "vision", "text"], torch.full((4,), 0.9), [1] * 4,
+                       [""] * 4, torch.zeros(4, 2), torch.zeros(4, 2), torch.zeros(4, 2), instr, [1.0, 1.0], "pi")
+    assert r.to_dict()["mam_instruction"] == {"vision": [3.5, 1.0], "text": [-2.0, 5.0]}
+    lines = {ln.get_label(): ln.get_ydata() for ln in r.plot().axes[0].get_lines()}
+    np.testing.assert_allclose(lines["text-instructed, instruction"], [-2.0, 5.0])

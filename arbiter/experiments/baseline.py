@@ -50,13 +50,23 @@ class BaselineResult:
             out[t] = self.mam_last[sel].mean(0).tolist() if sel else []
         return out
 
+    def mam_instruction_profile(self) -> dict:
+        """MAM per layer at the instruction anchors (SPEC 3): the mean over a sample's instruction positions, then
+        over the samples of each target; samples without instruction tokens are left out."""
+        out = {}
+        for t in ("vision", "text"):
+            rows = [mi.float().mean(-1) for mi, x in zip(self.mam_instr, self.targets) if x == t and mi.shape[-1] > 0]
+            out[t] = torch.stack(rows).mean(0).tolist() if rows else []
+        return out
+
     def to_dict(self) -> dict:
         comp = {}
         for name, v in (("attn", self.mam_attn), ("mlp", self.mam_mlp)):
             comp[name] = {t: v[[i for i, x in enumerate(self.targets) if x == t]].mean(0).tolist()
                           for t in ("vision", "text") if t in self.targets}
         return jsonable({"n_samples": len(self.sample_ids), "mfr": self.mfr(), "mfr_pi": self.mfr_pi(),
-                         "mfr_source": self.mfr_source, "mam": self.mam_profile(), "mam_components": comp,
+                         "mfr_source": self.mfr_source, "mam": self.mam_profile(),
+                         "mam_instruction": self.mam_instruction_profile(), "mam_components": comp,
                          "ldar": self.ldar_rate, "pi_mean": by_target(self.pi, self.targets)})
 
     def plot(self, path=None, axes=None):

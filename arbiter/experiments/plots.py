@@ -25,18 +25,22 @@ def _dict(result: Any) -> dict:
 
 
 def plot_mam_ldar(result, path=None, axes=None):
-    """MAM at the last token per layer (vision- and text-instructed) and LDAR per layer: a
-    :class:`~arbiter.experiments.baseline.BaselineResult` or any dict with ``mam`` and ``ldar`` (a report)."""
+    """MAM per layer at the last token and at the instruction anchors (dotted), by target, and LDAR per layer: a
+    :class:`~arbiter.experiments.baseline.BaselineResult` or any dict with ``mam`` (``mam_instruction``) and
+    ``ldar`` (a report)."""
     d = _dict(result)
     fig, (a0, a1) = _axes(axes, 2, (10, 3.6))
-    for t, style in (("vision", "-o"), ("text", "-s")):
+    for i, (t, marker) in enumerate((("vision", "o"), ("text", "s"))):
         v = (d.get("mam") or {}).get(t) or []
         if v:
-            a0.plot(range(len(v)), v, style, label=f"{t}-instructed")
+            a0.plot(range(len(v)), v, f"-{marker}", color=f"C{i}", label=f"{t}-instructed, last token")
+        v = (d.get("mam_instruction") or {}).get(t) or []
+        if v:
+            a0.plot(range(len(v)), v, f":{marker}", color=f"C{i}", mfc="none", label=f"{t}-instructed, instruction")
     a0.axhline(0, color="grey", lw=0.8)
-    a0.set(title="MAM at the last token (logit lens)", xlabel="layer", ylabel="Φ_p − Φ_c")
+    a0.set(title="MAM (logit lens)", xlabel="layer", ylabel="Φ_p − Φ_c")
     if a0.get_legend_handles_labels()[0]:
-        a0.legend()
+        a0.legend(fontsize=8)
     ld = [x if x is not None else float("nan") for x in d.get("ldar") or []]
     a1.plot(range(len(ld)), ld, "-o", color="C2")
     a1.axhline(0.5, color="grey", ls="--", lw=0.8, label="chance")
