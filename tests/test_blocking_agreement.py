@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -116,6 +117,7 @@ def test_only_correct_conflict_samples_are_blocked(synth):
         some = blocking_agreement(lens, samples, [i % 2 == 0 for i in range(len(samples))], {"ref": REF},
                                   ks=[1], n_random=0, dataset=synth)
     assert none.n_samples == 0 and none.curves == {} and none.summary == {}
+    assert json.loads(json.dumps(none.to_dict(), allow_nan=False))["mfr_base"] is None
     assert some.n_samples == (len(samples) + 1) // 2
 
 
@@ -130,6 +132,10 @@ def test_bad_arguments_are_rejected_with_what_to_do(synth):
             blocking_agreement(lens, samples, ok, {"ref": REF}, reference="nope", dataset=synth)
         with pytest.raises(InterventionError, match="between 1 and the number of ranked heads"):
             blocking_agreement(lens, samples, ok, {"ref": REF, "short": REF[:2]}, ks=[1, 3], dataset=synth)
+        with pytest.raises(InterventionError, match="TopG is 4 heads"):
+            blocking_agreement(lens, samples, ok, {"ref": REF[:2]}, fraction=0.25, dataset=synth)
+        with pytest.raises(InterventionError, match="one per sample"):
+            blocking_agreement(lens, samples, ok[:-1], {"ref": REF}, dataset=synth)
 
 
 def test_agreement_against_the_reference_magnitudes_ranks_a_helpful_head_by_its_size():

@@ -395,7 +395,24 @@ def test_diagnose_blocks_each_rankings_own_topg_and_reports_it(synth, tmp_path):
     assert ba["summary"]["exhaustive"]["topg_mfr"] == pytest.approx(rep["blocking"]["mfr_top"])
     assert ba["random"]["n"] == FAST["n_random"]
     assert "Each ranking's TopG blocked (1 head, " in arbiter.report.markdown(rep)
-    json.dumps(rep["blocking"], allow_nan=False)
     kw["head_methods"] = ("exhaustive",)
     only = diagnose(tm.model, tm.processor, synth, tmp_path, log=lambda s: None, **kw)
     assert "by_ranking" not in only["blocking"]  # the blocking step reran: its settings name the head methods
+
+
+def test_diagnose_blocks_the_samples_the_model_gets_right_when_batches_reorder_them(synth, tmp_path):
+    """Text-only conflict samples go to their own batches, so the baseline's per-sample results come back in
+    another order: the samples chosen as correct (π > 0.5 without generation) must still be those, so their
+    unblocked MFR is 1."""
+    import dataclasses
+
+    tm = _tiny("llava")
+    conf = [s for s in synth.samples if s.conflict]
+    mixed = ConflictDataset([dataclasses.replace(s, image=None) if i in (0, 1, 3) else s for i, s in enumerate(conf)],
+                            path=synth.path)
+    kw = {**FAST, "limit": None, "head_methods": ("exhaustive", "dla"),
+          "skip": ("shapley", "keyspace", "imbalance", "surrogate", "attractors")}
+    rep = diagnose(tm.model, tm.processor, mixed, tmp_path, log=lambda s: None, **kw)
+    ba = rep["blocking"]["by_ranking"]
+    assert 0 < ba["n_samples"] < len(conf)
+    assert ba["mfr_base"] == 1.0

@@ -82,13 +82,19 @@ def test_knocking_the_image_out_of_the_last_token_is_negative_for_vision_only():
     assert set(r.to_dict()) >= {"nssd", "nssd_by_target", "mfr_clean", "mfr", "pi", "pi_prime"}
 
 
-def test_generated_mfr_is_the_baselines_clean_and_intervened(synth):
-    tm = _tiny("llava")
-    samples = [s for s in synth.samples if s.conflict][:4]
-    with arbiter.attach(tm.model, tm.processor) as lens:
-        r = intervention_effect(lens, samples, Gaze(), generate=True, batch_size=4, dataset=synth)
-        base = evaluate(lens, samples, 4, synth, generate=True)
-    assert r.mfr_generated_clean.follows == [int(f == 1) for f in base.follows] == r.mfr_generated.follows
+def test_generated_mfr_is_the_baselines_clean_and_intervened():
+    """On the organism, knocking the image out of the last token changes greedy answers: the intervened MFR is
+    the baseline's under the same knockout, the clean one the baseline's without."""
+    model, processor, ds = organisms.load("llava_tiny")
+    samples = [s for s in ds.samples if s.conflict and s.target == "vision"][:8]
+    with arbiter.attach(model, processor) as lens:
+        r = intervention_effect(lens, samples, lambda: lens.knockout("image", "last"), generate=True, dataset=ds)
+        clean = evaluate(lens, samples, 8, ds, generate=True)
+        with lens.knockout("image", "last"):
+            knocked = evaluate(lens, samples, 8, ds, generate=True)
+    assert r.mfr_generated_clean.follows == [int(f == 1) for f in clean.follows]
+    assert r.mfr_generated.follows == [int(f == 1) for f in knocked.follows]
+    assert r.mfr_generated.overall < r.mfr_generated_clean.overall
     assert r.mfr_generated.variant == "answer"
 
 
@@ -111,3 +117,62 @@ def test_plot_shows_the_histogram_and_mfr_clean_against_intervened(synth, tmp_pa
     assert [p.get_height() for p in bars[:3]] == pytest.approx(
         [r.mfr_clean.overall, r.mfr_clean.vision, r.mfr_clean.text], nan_ok=True)
     assert (tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _mixed(synth):
+    """The conflict samples with two of them text-only: batches group them apart, so results come back in
+    another order than given."""
+    import dataclasses
+
+    conf = [s for s in synth.samples if s.conflict]
+    return [dataclasses.replace(s, image=None) if i in (0, 3) else s for i, s in enumerate(conf)]
+
+
+def _one_by_one(lens, samples, dataset, make):
+    """{id: ((π, m) clean, (π, m) intervened)} from one forward per sample."""
+    from arbiter.experiments.common import metric_pi_and_margin
+
+    out = {}
+    for s in samples:
+        item = next(iter(batches(lens, [s], 1, dataset)))
+        metric = metric_pi_and_margin(item.ids_p, item.ids_c)
+        with torch.no_grad():
+            a = metric(lens.model(**item.batch.inputs).logits)[0]
+            with make():
+                b = metric(lens.model(**item.batch.inputs).logits)[0]
+        out[s.id] = (a, b)
+    return out
+
+
+def test_per_sample_results_stay_with_their_samples_when_text_only_samples_are_mixed_in(synth):
+    tm = _tiny("llava")
+    samples = _mixed(synth)
+    heads = [(0, 1), (1, 2), (3, 0), (2, 2)]
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        r = intervention_effect(lens, samples, lambda: lens.block_heads(heads), batch_size=8, dataset=synth)
+        direct = _one_by_one(lens, samples, synth, lambda: lens.block_heads(heads))
+    assert r.sample_ids != [s.id for s in samples]  # the batches did reorder them
+    target = {s.id: s.target for s in samples}
+    assert r.targets == [target[i] for i in r.sample_ids]
+    assert torch.allclose(r.pi, torch.stack([direct[i][0][0] for i in r.sample_ids]), atol=1e-5)
+    assert torch.allclose(r.pi_prime, torch.stack([direct[i][1][0] for i in r.sample_ids]), atol=1e-5)
+    for t in ("vision", "text"):
+        ids = [i for i in r.sample_ids if target[i] == t]
+        want = i_nssd(torch.stack([direct[i][0][0] for i in ids]), torch.stack([direct[i][1][0] for i in ids]))
+        assert r.nssd_by_target[t] == pytest.approx(want.value, abs=1e-5)
+
+
+def test_blocking_agreement_averages_each_sample_under_its_own_target(synth):
+    from arbiter.experiments.heads import blocking_agreement
+
+    tm = _tiny("llava")
+    samples = _mixed(synth)
+    heads = [(0, 1), (1, 2), (3, 0), (2, 2)]
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        ba = blocking_agreement(lens, samples, [True] * len(samples), {"ref": heads + [(0, 0)]}, ks=[4], n_random=0,
+                                batch_size=8, dataset=synth)
+        direct = _one_by_one(lens, samples, synth, lambda: lens.block_heads(heads))
+    drops = {t: torch.stack([direct[s.id][0][1] - direct[s.id][1][1] for s in samples if s.target == t]).mean()
+             for t in ("vision", "text")}
+    assert ba.curves["ref"]["margin_drop"][1] == pytest.approx(float(torch.stack(list(drops.values())).mean()),
+                                                                abs=1e-5)

@@ -60,6 +60,8 @@ def test_blocking_plot_bars_are_base_topg_and_random_mean(tmp_path):
     r = BlockingResult(0.05, [[0, 1]], 10, 1.0, 0.4, [0.9, 0.7], 0.6, 0.2, 0.14)
     fig = r.plot(tmp_path / "bl.png")
     np.testing.assert_allclose([p.get_height() for p in fig.axes[0].patches], [1.0, 0.4, 0.8])
+    no_control = BlockingResult(0.05, [[0, 1]], 10, 1.0, 0.4, [], 0.6, None, None).plot()
+    np.testing.assert_allclose([p.get_height() for p in no_control.axes[0].patches], [1.0, 0.4])
     empty = BlockingResult(0.05, [], 0, float("nan"), float("nan"), [], None, None, None).plot()
     assert "nothing blocked" in empty.axes[0].texts[0].get_text()
     assert _png(tmp_path / "bl.png")

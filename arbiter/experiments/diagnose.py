@@ -352,7 +352,8 @@ def _conflict_steps(lens, samples, dataset, steps, out, window, top, batch_size,
                            "follows": r.follows, "answers": r.answers}
         return d
     base = steps.run("baseline", baseline)
-    correct = [f == 1 for f in base["per_sample"]["follows"]]
+    follows = dict(zip(base["per_sample"]["ids"], base["per_sample"]["follows"]))  # batch order -> sample order
+    correct = [follows[s.id] == 1 for s in samples]
     kmap = steps.run("knockout", lambda: knockout_map(lens, samples, window=window, batch_size=batch_size,
                                                       dataset=dataset, progress=progress).to_dict())
 

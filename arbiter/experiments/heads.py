@@ -17,7 +17,8 @@ from ..probes.base import Probe
 from ..probes.heads import HeadScale
 from ..errors import InterventionError
 from ..sweep import Setting, _repeat, head_sweep, sweep, tiled_groups
-from .common import batches, margin_from_logits, metric_pi_and_margin, module_weight, per_sample, require_conflicts
+from .common import (batch_plan, batches, margin_from_logits, metric_pi_and_margin, module_weight, per_sample,
+                     require_conflicts)
 
 
 @dataclass
@@ -83,6 +84,15 @@ def _layers_heads(lens):
     L = lens.facts.n_layers
     H = max(lens.facts.heads(layer)[0] for layer in lens.facts.attention_layers)
     return L, H
+
+
+def _mask_missing_heads(lens, per: torch.Tensor) -> torch.Tensor:
+    """NaN for the heads a layer lacks and for layers without attention, in per-sample scores [n, L, H]: they
+    have no score (and must not be chosen as TopG)."""
+    for layer in range(per.shape[1]):
+        nh = lens.facts.heads(layer)[0] if layer in lens.facts.attention_layers else 0
+        per[:, layer, nh:] = float("nan")
+    return per
 
 
 def _target_avg(per_sample: torch.Tensor, targets: Sequence[str]) -> tuple[torch.Tensor, dict]:
@@ -265,10 +275,7 @@ def attribution_ranking(lens, samples: Sequence[ConflictSample], batch_size: int
                     a = probe.acts[layer]
                     contrib = (g * a).sum(dim=(1, 3)) if g is not None else torch.zeros(a.shape[0], a.shape[2])
                     est[:, layer, :a.shape[2]] += contrib.float().view(k, b, -1).mean(0)   # mean over the path
-            for layer in range(L):  # heads a layer lacks (and non-attention layers) have no score
-                nh = lens.facts.heads(layer)[0] if layer in lens.facts.attention_layers else 0
-                est[:, layer, nh:] = float("nan")
-            per.append(est)
+            per.append(_mask_missing_heads(lens, est))
             targets.extend(item.targets)
         return torch.cat(per), targets
     per, targets = per_sample(part_results, samples, batch_size)
@@ -349,7 +356,7 @@ def dla_ranking(lens, samples: Sequence[ConflictSample], batch_size: int = 8, da
             h_final = fin.trace[f"L{L - 1}.resid.post"]
             h_final = (h_final[0] if h_final.dim() == 4 else h_final)[:, 0]
             hs = head_scores(ho, W_O, W_U, item.ids_p, item.ids_c, gamma, h_final, item.targets, eps=eps)
-            per.append(hs.per_sample.float())
+            per.append(_mask_missing_heads(lens, hs.per_sample.float()))
             targets.extend(item.targets)
         return torch.cat(per), targets
     per, targets = per_sample(part_results, samples, batch_size)
@@ -462,13 +469,16 @@ class BlockingAgreement:
     """How far each ranking's own top heads reproduce the reference ranking's blocking effect.
 
     ``curves[method]``: ``heads`` (the ranking's top ``max(ks)`` heads, in order), and per k in ``ks``, with its
-    top k heads zeroed together on the samples the model gets right: ``mfr`` (π > 0.5) and ``margin_drop`` (drop
+    top k heads zeroed together on the samples the model gets right (``correct``, e.g. from generated answers):
+    ``mfr`` (π > 0.5) and ``margin_drop`` (drop
     of m, the final MAM, averaged per target then across targets: the quantity the exhaustive ranking scores
     heads by). ``summary[method]``: its TopG blocked (``topg_mfr``, ``topg_relative_drop``; SPEC 7) and
     ``captured`` = Σ_k margin_drop / Σ_k reference margin_drop over ``ks`` (proposed: the share of the
     reference's deletion curve the ranking reaches; 1 = as effective, above 1 possible since single-head
     effects do not add up). ``random``: the same for ``n`` random head orders (chance level): mean and sd of
-    ``captured``, mean ``mfr`` and ``margin_drop`` curves."""
+    ``captured``, mean ``mfr`` and ``margin_drop`` curves. ``mfr_base``: the MFR (π > 0.5) of those samples
+    unblocked, which the relative drops are taken against (:func:`blocking_experiment` takes 1, the samples being
+    correct; the two differ where ``correct`` comes from generated answers that π does not confirm)."""
 
     reference: str
     ks: list
@@ -520,13 +530,20 @@ def blocking_agreement(lens, samples: Sequence[ConflictSample], correct: Sequenc
     ordered = {m: _ordered_heads(rankings[m]) for m in names}
     n_heads = len(ordered[reference])
     k_topg = len(top_g(torch.zeros(_layers_heads(lens)), fraction))  # the count HeadRanking.top() takes
+    if not 1 <= k_topg <= min(len(v) for v in ordered.values()):
+        raise InterventionError(f"TopG is {k_topg} heads (fraction {fraction}) but a ranking holds only "
+                                f"{min(len(v) for v in ordered.values())}: pass complete rankings or a smaller "
+                                "fraction.")
     ks = deletion_ks(n_heads, k_topg) if ks is None else sorted({int(k) for k in ks} | {k_topg})
     if ks[0] < 1 or any(k > len(ordered[m]) for m in names for k in ks):
         raise InterventionError(f"ks={ks} (TopG size {k_topg} included): every k must be between 1 and the number "
                                 f"of ranked heads ({min(len(v) for v in ordered.values())}).")
+    if len(correct) != len(samples):
+        raise InterventionError(f"correct has {len(correct)} entries for {len(samples)} samples; give one per sample.")
     chosen = [s for s, ok in zip(samples, correct) if ok and s.conflict]
     if not chosen:
         return BlockingAgreement(reference, ks, k_topg, 0, float("nan"), {}, {})
+    chosen = [chosen[i] for b in batch_plan(chosen, batch_size) for i in b]  # the order results come back in
     rng = random.Random(seed)
     randoms = [rng.sample(ordered[reference], max(ks)) for _ in range(n_random)]
     sets: dict[frozenset, int] = {}

@@ -14,7 +14,8 @@ from ..errors import InterventionError
 from ..metrics import MFRResult, NSSDResult, i_nssd_from_probs, mfr_from_follows, mfr_from_pi
 from ..metrics._common import jsonable
 from ..probes.base import Probe
-from .common import batches, per_sample, require_conflicts
+from ..sweep import _forward_kwargs
+from .common import batch_plan, batches, per_sample, require_conflicts
 
 
 @dataclass
@@ -86,8 +87,9 @@ def _answer_probs(lens, samples, batch_size, dataset) -> torch.Tensor:
         out = []
         for item in batches(lens, part, batch_size, dataset):
             with torch.no_grad():
-                logits = lens.model(**{k: v for k, v in item.batch.inputs.items() if k != "labels"}).logits[:, -1]
-            p = torch.softmax(logits.double(), dim=-1).cpu()
+                logits = lens.model(**{k: v for k, v in item.batch.inputs.items() if k != "labels"},
+                                    **_forward_kwargs(lens, True)).logits[:, -1]
+            p = torch.softmax(logits.float().cpu().double(), dim=-1)
             pp = torch.stack([p[i, ids].sum() for i, ids in enumerate(item.ids_p)])
             pc = torch.stack([p[i, ids].sum() for i, ids in enumerate(item.ids_c)])
             out.append(torch.stack([pp, pc, (1.0 - pp - pc).clamp_min(0.0)], dim=1))
@@ -105,8 +107,11 @@ def intervention_effect(lens, samples: Sequence[ConflictSample], intervention: P
     ``contextlib.ExitStack`` of several), or a zero-argument factory of either. ``how``: the I_NSSD variant
     (:data:`arbiter.metrics.NSSD_METHODS`, the three-outcome ablation included). ``generate``: also the MFR from
     greedy generation, clean and intervened (SPEC 7). A no-op intervention gives I_NSSD exactly 0; samples and
-    batches are those of every other experiment (:func:`arbiter.experiments.common.batches`)."""
+    batches are those of every other experiment (:func:`arbiter.experiments.common.batches`), and the per-sample
+    results (``sample_ids``, ``pi``, ...) are in their batch order (those with an image and those without
+    grouped apart, each group in the given order)."""
     samples = require_conflicts(samples, "intervention_effect()")
+    samples = [samples[i] for b in batch_plan(samples, batch_size) for i in b]  # the order results come back in
     targets = [s.target for s in samples]
     clean = _answer_probs(lens, samples, batch_size, dataset)
     gen_clean = gen = None

@@ -78,7 +78,7 @@ def plot_knockout_map(result, path=None, ax=None):
 def plot_head_scores(ranking, path=None, axes=None, top=None, fraction: float = 0.05, n_layers: int | None = None):
     """Heat map of the (layer, head) scores and the TopG heads per layer: a
     :class:`~arbiter.experiments.heads.HeadRanking` or a dict with ``method`` and ``ranking``. ``top``: the TopG
-    heads (default: the first round(fraction · heads) of the ranking, as :func:`arbiter.metrics.top_g` counts);
+    heads (default: the first round(fraction · ranked heads) of the ranking, :func:`arbiter.metrics.top_g`'s rule);
     ``n_layers`` (default: the highest ranked layer + 1)."""
     d = _dict(ranking)
     rows = d.get("ranking") or []
@@ -106,10 +106,13 @@ def plot_blocking(result, path=None, ax=None):
     b = _dict(result)
     fig, (a,) = _axes(ax, 1, (5, 3.4))
     rnd = b.get("mfr_random") or []
-    if rnd:
-        sd = float(np.std(rnd, ddof=1)) if len(rnd) > 1 else 0.0
-        a.bar(["base", "TopG", "random"], [b["mfr_base"], b["mfr_top"], float(np.mean(rnd))], yerr=[0, 0, sd],
-              color=["grey", "C3", "C0"])
+    if b.get("n_samples"):
+        names, vals, err = ["base", "TopG"], [b["mfr_base"], b["mfr_top"]], [0.0, 0.0]
+        if rnd:  # the control, when random sets were drawn
+            names.append("random")
+            vals.append(float(np.mean(rnd)))
+            err.append(float(np.std(rnd, ddof=1)) if len(rnd) > 1 else 0.0)
+        a.bar(names, vals, yerr=err, color=["grey", "C3", "C0"][:len(names)])
     else:
         a.text(0.5, 0.5, "nothing blocked\n(no correct sample or no TopG head)", ha="center", va="center",
                transform=a.transAxes)
