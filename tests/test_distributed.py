@@ -116,8 +116,8 @@ def test_a_failing_rank_makes_every_rank_raise_instead_of_hanging():
 
 # ------------------------------------------------------------------------------------------------ torchrun
 
-_COMPARED = ("n_samples", "mfr", "mfr_pi", "mam", "mam_components", "ldar", "knockout", "heads", "blocking",
-             "amplification", "imbalance")
+_COMPARED = ("n_samples", "mfr", "mfr_pi", "mam", "mam_instruction", "mam_components", "ldar", "knockout", "heads",
+             "blocking", "amplification", "imbalance")
 
 
 def _close(a, b, path: str, tol: float = 1e-6) -> None:
