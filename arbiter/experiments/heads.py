@@ -194,14 +194,15 @@ class _GradDrop(Probe):
     attn_out = mlp_out = _gate
 
 
-def _graddrop_gates(lens) -> tuple[list[tuple[_GradDrop, list[int]]], list[int]]:
-    """[(probe, layers)] to activate, one per site on the layers that have it (all sharing one switch), and the
-    layers that get dropped (those with an attn.out or an mlp.out)."""
-    switch = _DropSwitch()
-    have = {"attn.out": [lf.index for lf in lens.facts.layers if lf.attn is not None],
+def _graddrop_sites(lens) -> dict[str, list[int]]:
+    """The layers that have each residual contribution GradDrop gates (``attn.out``, ``mlp.out``)."""
+    return {"attn.out": [lf.index for lf in lens.facts.layers if lf.attn is not None],
             "mlp.out": [lf.index for lf in lens.facts.layers if lf.mlp is not None]}
-    gates = [(_GradDrop(site, switch), where) for site, where in have.items() if where]
-    return gates, sorted(set(have["attn.out"]) | set(have["mlp.out"]))
+
+
+def _graddrop_dropped(sites: dict[str, list[int]]) -> list[int]:
+    """The layers GradDrop drops one at a time: those with an ``attn.out`` or an ``mlp.out``."""
+    return sorted(set().union(*sites.values()))
 
 
 ATTRIBUTION_METHODS = ("atp", "ig", "ig-layer", "graddrop")
@@ -283,7 +284,7 @@ def attribution_ranking(lens, samples: Sequence[ConflictSample], batch_size: int
     name = {"atp": "attribution", "ig": "attribution-ig", "ig-layer": "attribution-ig-layer",
             "graddrop": "attribution-graddrop"}[method]
     if method == "graddrop":
-        n_drop = len(_graddrop_gates(lens)[1])
+        n_drop = len(_graddrop_dropped(_graddrop_sites(lens)))
         cost = 1.0 + 2.0 * (n_drop if n_drop >= 2 else 1)
     else:
         cost = 3.0 * len(alphas) * len(paths)
@@ -295,11 +296,13 @@ def _graddrop_batch(lens, item, L: int, H: int) -> torch.Tensor:
     (:class:`_HeadPath`, alpha = 1) and the gates (:class:`_GradDrop`), then one backward per dropped layer l'
     on the retained graph, accumulating |AtP with l' dropped| / (L − 1) for the heads of every other layer."""
     b = item.size
-    gates, dropped = _graddrop_gates(lens)
+    sites = _graddrop_sites(lens)
+    dropped = _graddrop_dropped(sites)
     passes: list = dropped if len(dropped) >= 2 else [None]       # < 2 droppable layers: plain |AtP|
     norm = float(max(len(dropped) - 1, 1))
     head = _HeadPath(torch.ones(b), list(lens.facts.attention_layers))
-    switch = gates[0][0].switch if gates else _DropSwitch()  # every gate shares it
+    switch = _DropSwitch()                                        # every gate reads this one
+    gates = [(_GradDrop(site, switch), where) for site, where in sites.items() if where]
     est = torch.zeros(b, L, H)
     inputs = {key: v for key, v in item.batch.inputs.items() if key != "labels"}
     with contextlib.ExitStack() as stack:

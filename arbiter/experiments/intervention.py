@@ -14,8 +14,7 @@ from ..errors import InterventionError
 from ..metrics import MFRResult, NSSDResult, i_nssd_from_probs, mfr_from_follows, mfr_from_pi
 from ..metrics._common import jsonable
 from ..probes.base import Probe
-from ..sweep import _forward_kwargs
-from .common import batch_plan, batches, per_sample, require_conflicts
+from .common import batch_plan, batches, clean_metric, per_sample, require_conflicts
 
 
 @dataclass
@@ -86,9 +85,7 @@ def _answer_probs(lens, samples, batch_size, dataset) -> torch.Tensor:
     def part_results(part):
         out = []
         for item in batches(lens, part, batch_size, dataset):
-            with torch.no_grad():
-                logits = lens.model(**{k: v for k, v in item.batch.inputs.items() if k != "labels"},
-                                    **_forward_kwargs(lens, True)).logits[:, -1]
+            logits = clean_metric(lens, item.batch.inputs, lambda z: z[:, -1])
             p = torch.softmax(logits.float().cpu().double(), dim=-1)
             pp = torch.stack([p[i, ids].sum() for i, ids in enumerate(item.ids_p)])
             pc = torch.stack([p[i, ids].sum() for i, ids in enumerate(item.ids_c)])

@@ -13,7 +13,7 @@ from ..data import ConflictSample
 from ..metrics import i_nssd
 from ..metrics._common import jsonable
 from ..sweep import knockout_settings, sweep
-from .common import batch_plan, batches, metric_pi_and_margin, per_sample, require_conflicts
+from .common import batch_plan, batches, clean_metric, metric_pi_and_margin, per_sample, require_conflicts
 
 # SPEC section 4: the standard edge families (src, dst); the -> constraint / -> system ones are controls
 EDGE_FAMILIES: tuple[tuple[str, str], ...] = (
@@ -22,14 +22,6 @@ EDGE_FAMILIES: tuple[tuple[str, str], ...] = (
     ("image", "system"), ("context", "system"), ("image|context", "system"),
     ("image", "last"), ("context", "last"), ("instruction", "last"), ("question", "last"),
 )
-
-
-def _clean_metric(lens, inputs: dict, metric) -> torch.Tensor:
-    from ..sweep import _forward_kwargs
-
-    with torch.no_grad():
-        logits = lens.model(**{k: v for k, v in inputs.items() if k != "labels"}, **_forward_kwargs(lens, True)).logits
-    return metric(logits)
 
 
 @dataclass
@@ -88,7 +80,7 @@ def knockout_map(lens, samples: Sequence[ConflictSample], edges: Sequence[tuple[
                 res = sweep(lens, item.batch.inputs, [settings[j] for j in run], metric, chunk=chunk)
                 base = res.baseline[:, 0]
             else:
-                base = _clean_metric(lens, item.batch.inputs, metric)[:, 0]
+                base = clean_metric(lens, item.batch.inputs, metric)[:, 0]
             ko = base[None].repeat(len(settings), 1)
             if run:
                 ko[torch.tensor(run)] = res.values[:, :, 0].to(ko.dtype)

@@ -11,10 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..metrics.plots import figure_axes as _axes
-from ..metrics.plots import finish as _done
-from ..metrics.plots import integer_ticks as _integer_ticks
-from ..metrics.plots import plot_score_grid
+from ..metrics.plots import figure_axes, finish, integer_ticks, plot_score_grid
 
 __all__ = ["plot_mam_ldar", "plot_knockout_map", "plot_head_scores", "plot_blocking", "plot_amplification",
            "plot_blocking_agreement"]
@@ -29,7 +26,7 @@ def plot_mam_ldar(result, path=None, axes=None):
     :class:`~arbiter.experiments.baseline.BaselineResult` or any dict with ``mam`` (``mam_instruction``) and
     ``ldar`` (a report)."""
     d = _dict(result)
-    fig, (a0, a1) = _axes(axes, 2, (10, 3.6))
+    fig, (a0, a1) = figure_axes(axes, 2, (10, 3.6))
     for i, (t, marker) in enumerate((("vision", "o"), ("text", "s"))):
         v = (d.get("mam") or {}).get(t) or []
         if v:
@@ -46,8 +43,8 @@ def plot_mam_ldar(result, path=None, axes=None):
     a1.axhline(0.5, color="grey", ls="--", lw=0.8, label="chance")
     a1.set(title="LDAR (instruction anchors, TopK=2)", xlabel="layer", ylim=(0, 1.05))
     a1.legend()
-    _integer_ticks(a0.xaxis, a1.xaxis)
-    return _done(fig, path)
+    integer_ticks(a0.xaxis, a1.xaxis)
+    return finish(fig, path)
 
 
 def plot_knockout_map(result, path=None, ax=None):
@@ -64,7 +61,7 @@ def plot_knockout_map(result, path=None, ax=None):
     for e in entries:
         grid[names.index(f"{e['src']}→{e['dst']}"), centers.index(e["center"])] = \
             e["nssd"] if e["nssd"] is not None else np.nan
-    fig, (a,) = _axes(ax, 1, (max(5, 0.5 * len(centers) + 3), 0.35 * len(names) + 1.5))
+    fig, (a,) = figure_axes(ax, 1, (max(5, 0.5 * len(centers) + 3), 0.35 * len(names) + 1.5))
     lim = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
     im = a.imshow(grid if grid.size else np.zeros((1, 1)), cmap="RdBu", vmin=-(lim or 1.0), vmax=lim or 1.0,
                   aspect="auto")
@@ -72,7 +69,7 @@ def plot_knockout_map(result, path=None, ax=None):
     a.set_xticks(range(len(centers)), centers)
     a.set(title=f"Knockout map: I_NSSD (window {d.get('window')})", xlabel="centre layer")
     fig.colorbar(im, ax=a)
-    return _done(fig, path)
+    return finish(fig, path)
 
 
 def plot_head_scores(ranking, path=None, axes=None, top=None, fraction: float = 0.05, n_layers: int | None = None):
@@ -91,20 +88,20 @@ def plot_head_scores(ranking, path=None, axes=None, top=None, fraction: float = 
     if top is None:
         k = max(1, int(math.floor(fraction * len(rows) + 0.5 + 1e-9)))
         top = [(r["layer"], r["head"]) for r in rows[:k]]
-    fig, (a0, a1) = _axes(axes, 2, (10, 3.6))
+    fig, (a0, a1) = figure_axes(axes, 2, (10, 3.6))
     plot_score_grid(grid, title=f"head scores ({d.get('method')})", ax=a0)
     a1.bar(range(n_layers), np.bincount([h[0] for h in top], minlength=n_layers))
     a1.set(title=f"TopG heads per layer ({len(top)} head{'s' if len(top) != 1 else ''})", xlabel="layer",
            ylabel="count")
-    _integer_ticks(a1.xaxis, a1.yaxis)  # layers and counts are integers
-    return _done(fig, path)
+    integer_ticks(a1.xaxis, a1.yaxis)  # layers and counts are integers
+    return finish(fig, path)
 
 
 def plot_blocking(result, path=None, ax=None):
     """MFR on correct samples: clean, TopG blocked, random head sets blocked (mean ± sd): a
     :class:`~arbiter.experiments.heads.BlockingResult` or its dict."""
     b = _dict(result)
-    fig, (a,) = _axes(ax, 1, (5, 3.4))
+    fig, (a,) = figure_axes(ax, 1, (5, 3.4))
     rnd = b.get("mfr_random") or []
     if b.get("n_samples"):
         names, vals, err = ["base", "TopG"], [b["mfr_base"], b["mfr_top"]], [0.0, 0.0]
@@ -117,14 +114,14 @@ def plot_blocking(result, path=None, ax=None):
         a.text(0.5, 0.5, "nothing blocked\n(no correct sample or no TopG head)", ha="center", va="center",
                transform=a.transAxes)
     a.set(title=f"Blocking on correct samples (n={b.get('n_samples')})", ylabel="MFR", ylim=(0, 1.05))
-    return _done(fig, path)
+    return finish(fig, path)
 
 
 def plot_amplification(result, path=None, ax=None):
     """Restored fraction of failures per alpha, TopG against random head sets: a
     :class:`~arbiter.experiments.heads.AmplificationResult` or its dict."""
     r = _dict(result)
-    fig, (a,) = _axes(ax, 1, (5, 3.4))
+    fig, (a,) = figure_axes(ax, 1, (5, 3.4))
     if r.get("restored"):
         a.plot(r["alpha"], r["restored"], "-o", label="TopG")
         a.errorbar(r["alpha"], r["restored_random_mean"], yerr=r["restored_random_sd"], fmt="-s",
@@ -135,7 +132,7 @@ def plot_amplification(result, path=None, ax=None):
                "on a\ndata set with failures)", ha="center", va="center", transform=a.transAxes)
     a.set(title=f"Amplification on failures (n={r.get('n_failed')})", xlabel="alpha", ylabel="restored fraction",
           ylim=(0, 1.05))
-    return _done(fig, path)
+    return finish(fig, path)
 
 
 def plot_blocking_agreement(result, path=None, axes=None):
@@ -145,7 +142,7 @@ def plot_blocking_agreement(result, path=None, axes=None):
     d = _dict(result)
     if not d.get("curves"):
         raise ValueError("the blocking agreement has no curve (no correct sample was blocked).")
-    fig, (a0, a1) = _axes(axes, 2, (10, 3.4))
+    fig, (a0, a1) = figure_axes(axes, 2, (10, 3.4))
     for i, (m, c) in enumerate(d["curves"].items()):
         style = dict(lw=2.2, color="k") if m == d["reference"] else dict(color=f"C{i}")
         a0.plot(d["ks"], c["margin_drop"], "-o", label=m, **style)
@@ -159,5 +156,5 @@ def plot_blocking_agreement(result, path=None, axes=None):
     a1.set(title=f"MFR on correct samples (n={d.get('n_samples')})", xlabel="k (heads)", ylabel="MFR",
            ylim=(0, 1.05))
     a0.legend(fontsize=8)
-    _integer_ticks(a0.xaxis, a1.xaxis)
-    return _done(fig, path)
+    integer_ticks(a0.xaxis, a1.xaxis)
+    return finish(fig, path)

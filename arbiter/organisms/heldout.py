@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,15 +20,15 @@ from arbiter.data import generate_synthetic
 from arbiter.organisms import evaluate, load, load_dir
 
 
-def wilson(k: float, n: int, z: float = 1.96) -> list[float] | None:
-    """95% Wilson score interval of a proportion k / n (None for n = 0)."""
+def wilson(k: float, n: int, confidence: float = 0.95) -> list[float] | None:
+    """Wilson score interval of a proportion k / n (scipy's ``binomtest(...).proportion_ci``), rounded to 4
+    decimals; None for n = 0. ``k`` may come as a rate times n: it is rounded to the nearest count."""
     if n <= 0:
         return None
-    p = k / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return [round(max(0.0, mid - half), 4), round(min(1.0, mid + half), 4)]
+    from scipy.stats import binomtest
+
+    ci = binomtest(int(round(k)), n).proportion_ci(confidence_level=confidence, method="wilson")
+    return [round(float(ci.low), 4), round(float(ci.high), 4)]
 
 
 def _with_intervals(r: dict[str, Any]) -> dict[str, Any]:
