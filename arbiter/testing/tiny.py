@@ -1431,3 +1431,6 @@ def tiny(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **sizes
     if tok is not None and tok.chat_template is None and getattr(proc, "chat_template", None) is not None:
         tok.chat_template = proc.chat_template  # as on the Hub: both carry it
     return TinyModel(model=model, processor=proc, family=family, sizes=s, **extra)
+
+
+from . import tiny_more as _tiny_more  # noqa: E402,F401  (registers the families of tiny_more.py)
