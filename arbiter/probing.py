@@ -11,6 +11,7 @@ from typing import Any, Hashable, Mapping, Sequence
 import numpy as np
 import torch
 
+from .adapters.base import residual_layout
 from .errors import DataError
 
 __all__ = ["LinearProbeResult", "linear"]
@@ -131,11 +132,11 @@ def _from_trace(trace, site: str, rows, layers) -> tuple[list[int], list[np.ndar
     missing = [layer for layer in chosen if layer not in available]
     if missing:
         raise DataError(f"the trace has no {site!r} for layers {missing}; it has layers {available}.")
+    layout = residual_layout((trace.meta.get("model") or {}).get("family"))
     feats = []
     for layer in chosen:
         t = trace[f"L{layer}.{site}"]
-        if t.dim() == 4:          # Gemma 3n AltUp: [streams, batch, rows, hidden]; the main stream is 0
-            t = t[0]
+        t = layout.main_stream(t)  # stacked residual streams -> the one the model reads out (adapter's layout)
         if t.dim() == 2:          # [batch, hidden]: already one vector per sample
             x = t
         elif t.dim() == 3:        # [batch, rows, hidden]

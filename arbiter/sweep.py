@@ -1,7 +1,8 @@
 """Batched sweeps: many intervention settings in one forward (one setting per group of batch rows).
 
-Layers below a chunk's first intervened layer are not recomputed: their outputs from one clean run are replayed;
-so are the outputs of the encoders that run before the decoder (vision / audio towers, projectors)."""
+Layers below a chunk's first intervened layer are not recomputed: their outputs from one clean run are replayed
+(``lens.capture`` / ``lens.replay``); so are the outputs of the encoders that run before the decoder (vision /
+audio towers, projectors)."""
 
 from __future__ import annotations
 
@@ -59,77 +60,6 @@ def _repeat(x, n: int):
 
 
 @contextlib.contextmanager
-def _stub_forwards(stubs: list[tuple[torch.nn.Module, Callable]]) -> Iterator[None]:
-    """Give each module an instance-level ``forward`` (its hooks still run); the class forward is restored on exit."""
-    saved = []
-    try:
-        for mod, stub in stubs:
-            saved.append((mod, mod.__dict__.get("forward")))
-            mod.forward = stub
-        yield
-    finally:
-        for mod, fwd in saved:
-            if fwd is None:
-                mod.__dict__.pop("forward", None)
-            else:
-                mod.forward = fwd
-
-
-def _replay_prefix(lens, outputs: dict[int, object], upto: int, n: int):
-    """Replace decoder layers < upto by stubs returning their recorded clean outputs, repeated n times."""
-    def stub_for(out):
-        def stub(*args, **kwargs):
-            if isinstance(out, tuple):
-                return (_rep_batch(out[0], n), *out[1:])
-            return _rep_batch(out, n)
-        return stub
-
-    return _stub_forwards([(lens.facts.layers[i].layer, stub_for(outputs[i])) for i in range(upto)])
-
-
-def _map_tensors(obj, fn):
-    """Apply ``fn`` to every tensor in a (nested) output: tensors, tuples, lists, dicts and ModelOutputs."""
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, dict):  # ModelOutput is an OrderedDict subclass; rebuilt with its own type
-        mapped = {k: _map_tensors(v, fn) for k, v in obj.items()}
-        try:
-            return type(obj)(**mapped)
-        except TypeError:
-            return type(obj)(mapped)
-    if isinstance(obj, tuple):
-        return tuple(_map_tensors(v, fn) for v in obj)
-    if isinstance(obj, list):
-        return [_map_tensors(v, fn) for v in obj]
-    return obj
-
-
-def _encoder_modules(lens) -> list[torch.nn.Module]:
-    """Siblings of the decoder (children of its parent module): the candidates that may run before it."""
-    decoder = lens.facts.decoder
-    for mod in lens.model.modules():
-        kids = list(mod.children())
-        if any(k is decoder for k in kids):
-            return [k for k in kids if k is not decoder]
-    return []
-
-
-def _replay_encoders(outputs: dict[torch.nn.Module, object], n: int):
-    """Replace each encoder that ran once before the decoder by a stub returning its clean output repeated n
-    times along dim 0: an encoder in eval mode treats the images of a batch independently, so its output for
-    ``cat([x] * n)`` is ``cat([f(x)] * n)`` (flattened-patch towers such as Qwen2-VL's included)."""
-    def stub_for(out):
-        return lambda *args, **kwargs: _map_tensors(out, lambda t: _repeat(t, n))
-
-    return _stub_forwards([(mod, stub_for(out)) for mod, out in outputs.items()])
-
-
-def _rep_batch(t: torch.Tensor, n: int) -> torch.Tensor:
-    # stacked streams [k, batch, seq, hidden] (Gemma 3n AltUp) repeat along dim 1
-    return torch.cat([t] * n, dim=1) if getattr(t, "_arbiter_stacked", False) else torch.cat([t] * n, dim=0)
-
-
-@contextlib.contextmanager
 def tiled_groups(lens, b: int, n: int) -> Iterator[None]:
     """While inputs of ``b`` rows run as ``n`` stacked copies, the lens's token groups are tiled to match
     (restored on exit); groups of another batch size are left alone."""
@@ -156,36 +86,10 @@ def _forward_kwargs(lens, last_only: bool) -> dict:
 def _clean_outputs(lens, inputs: dict, last_only: bool = True
                    ) -> tuple[torch.Tensor, dict[int, object], dict[torch.nn.Module, object]]:
     """The clean run: last-row logits, every decoder layer's output, and the outputs of the encoders that ran
-    exactly once before the decoder started."""
-    outs: dict[int, object] = {}
-    enc: dict[torch.nn.Module, object] = {}
-    calls: dict[torch.nn.Module, int] = {}
-    started = [False]
-    handles = [lens.facts.decoder.register_forward_pre_hook(lambda *_: started.__setitem__(0, True))]
-    for mod in _encoder_modules(lens):
-        def enc_hook(m, args, output):
-            calls[m] = calls.get(m, 0) + 1
-            if not started[0]:
-                enc[m] = _map_tensors(output, lambda t: t.detach())
-        handles.append(mod.register_forward_hook(enc_hook))
-    batch = next(v for v in inputs.values() if isinstance(v, torch.Tensor)).shape[0]
-    for lf in lens.facts.layers:
-        def hook(mod, args, output, _i=lf.index):
-            t = output[0] if isinstance(output, tuple) else output
-            stacked = t.dim() == 4 and lens.facts.resid_stacked
-            t = t.detach().clone()
-            if stacked:
-                t._arbiter_stacked = True
-            outs[_i] = (t, *output[1:]) if isinstance(output, tuple) else t
-        handles.append(lf.layer.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            logits = lens.model(**inputs, **_forward_kwargs(lens, last_only)).logits
-    finally:
-        for h in handles:
-            h.remove()
-    enc = {m: o for m, o in enc.items() if calls.get(m) == 1}
-    return logits, outs, enc
+    exactly once before the decoder started (recorded by ``lens.capture()``)."""
+    with lens.capture() as cap, torch.no_grad():
+        logits = lens.model(**inputs, **_forward_kwargs(lens, last_only)).logits
+    return logits, cap.layers, cap.encoders
 
 
 def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = last_token_logits,
@@ -222,9 +126,7 @@ def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = la
                 rows = list(range(j * b, (j + 1) * b))
                 for probe, layers in settings[i].probes(rows):
                     stack.enter_context(lens.probe(probe, layers=layers))
-            stack.enter_context(_replay_prefix(lens, outs, first, n))
-            if reuse_prefix:
-                stack.enter_context(_replay_encoders(enc, n))
+            stack.enter_context(lens.replay(outs, first, n, enc if reuse_prefix else None))
             with torch.no_grad():
                 out = metric(lens.model(**big, **fkw).logits)
         forwards += 1

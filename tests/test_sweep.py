@@ -7,7 +7,8 @@ import torch
 
 import arbiter
 from arbiter.data import ConflictSample
-from arbiter.sweep import _clean_outputs, _encoder_modules, head_sweep, knockout_sweep
+from arbiter.replay import decoder_siblings
+from arbiter.sweep import _clean_outputs, head_sweep, knockout_sweep
 
 from helpers import MULTIMODAL, _tiny, inputs_for, logits
 
@@ -54,8 +55,8 @@ def test_head_sweep_replays_encoders_and_equals_naive_loop(family):
         last = lens.facts.attention_layers[-1]
         heads = [(lens.facts.attention_layers[0], 0), (last, 0), (last, 1)]
         _, _, replayed = _clean_outputs(lens, {k: v for k, v in inputs.items() if k != "labels"})
-        encoders = [m for m in _encoder_modules(lens) if m in replayed]
-        # a stub forward still runs the module's hooks, so count calls of a submodule (the real work)
+        encoders = [m for m in decoder_siblings(lens.model, lens.facts.decoder) if m in replayed]
+        # count calls of a submodule (the real work): a replayed encoder's stand-in never calls it
         # (leaf siblings such as lm_head are skipped: they run after the decoder and are never replayed)
         inner = [next(m.children()) for m in encoders if next(m.children(), None) is not None]
         calls = {id(m): 0 for m in inner}

@@ -4,7 +4,7 @@ The <|image|> token is one text position; image keys exist only in the cross-att
 
 from __future__ import annotations
 
-from .base import Adapter, register_adapter
+from .base import Adapter, LayerFacts, register_adapter
 
 
 @register_adapter
@@ -13,3 +13,5 @@ class MllamaAdapter(Adapter):
     model_types = ("mllama",)
     notes = ("the image is seen only through cross-attention layers: there every key is an image key (src=\"image\")",)
 
+    def cross_key_groups(self, layer: LayerFacts, modalities: frozenset[str]) -> frozenset[str]:
+        return frozenset({"image"})

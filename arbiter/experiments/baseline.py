@@ -120,9 +120,8 @@ def evaluate(lens, samples: Sequence[ConflictSample], batch_size: int = 8, datas
             instr = b.groups["instruction"]
             L = facts.n_layers
 
-            def stack(site):  # [b, L, R, d]; Gemma 3n's AltUp streams [n, b, R, d]: the first (main) stream
-                return torch.stack([tr[f"L{layer}.{site}"][0] if tr[f"L{layer}.{site}"].dim() == 4 else
-                                    tr[f"L{layer}.{site}"] for layer in range(L)], 1)
+            def stack(site):  # [b, L, R, d]: the main stream of each layer's residual (adapter's layout)
+                return torch.stack([facts.residual.main_stream(tr[f"L{layer}.{site}"]) for layer in range(L)], 1)
             h_in, h_mid, h_out = stack("resid.pre"), stack("resid.mid") if f"L0.resid.mid" in tr else None, \
                 stack("resid.post")
             for i, s in enumerate(b.samples):

@@ -339,9 +339,7 @@ def dla_ranking(lens, samples: Sequence[ConflictSample], batch_size: int = 8, da
     W_U = module_weight(facts.lm_head)
     norm = facts.final_norm
     eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 0.0)) or 0.0)
-    with torch.no_grad():  # effective scale, read off the norm itself (Gemma-style norms scale by 1 + weight)
-        probe_in = torch.ones(1, W_U.shape[1], dtype=W_U.dtype, device=W_U.device)
-        gamma = (norm(probe_in)[0].float() * (1.0 + eps) ** 0.5) if norm is not None else torch.ones(W_U.shape[1])
+    gamma = facts.norm_scale(norm, W_U.shape[1], W_U.dtype, W_U.device)   # the norm's effective scale
 
     def part_results(part):  # per-sample DLA scores [n, L, H], targets
         per, targets = [], []
@@ -357,7 +355,7 @@ def dla_ranking(lens, samples: Sequence[ConflictSample], batch_size: int = 8, da
                 w = module_weight(facts.layers[layer].out_proj)
                 W_O[layer, :, :w.shape[1]] = w
             h_final = fin.trace[f"L{L - 1}.resid.post"]
-            h_final = (h_final[0] if h_final.dim() == 4 else h_final)[:, 0]
+            h_final = facts.residual.main_stream(h_final)[:, 0]
             hs = head_scores(ho, W_O, W_U, item.ids_p, item.ids_c, gamma, h_final, item.targets, eps=eps)
             per.append(_mask_missing_heads(lens, hs.per_sample.float()))
             targets.extend(item.targets)

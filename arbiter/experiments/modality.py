@@ -411,9 +411,9 @@ def modality_shapley(lens, samples, players: Sequence[str] | None = None, remova
     elif len(players) >= 2:
         angle = (players[0], players[1])
     coal = coalitions(players)
-    per_forward = len(coal) if coalitions_per_forward is None else int(coalitions_per_forward)
-    if per_forward < 1:
-        raise DataError(f"coalitions_per_forward must be >= 1, got {per_forward}.")
+    per_call = len(coal) if coalitions_per_forward is None else int(coalitions_per_forward)
+    if per_call < 1:
+        raise DataError(f"coalitions_per_forward must be >= 1, got {per_call}.")
     run = _coalition_values_knockout if removal == "knockout" else _coalition_values_neutral
     V = torch.empty(len(samples), len(coal), dtype=torch.float64)
     present_all: list = [None] * len(samples)
@@ -421,7 +421,7 @@ def modality_shapley(lens, samples, players: Sequence[str] | None = None, remova
     for idx in _progress(chunks, progress, len(chunks), "modality shapley"):
         chunk = [samples[k] for k in idx]
         ids = [_reference_ids(lens, s, reference) for s in chunk]
-        vals, present = run(lens, chunk, players, coal, ids, value, per_forward, dataset)
+        vals, present = run(lens, chunk, players, coal, ids, value, per_call, dataset)
         V[idx] = vals
         for k, row in zip(idx, present):
             present_all[k] = row
@@ -532,28 +532,19 @@ def _collect(store, layer: int, v: torch.Tensor, positions: torch.Tensor, masks,
                 lst.append(v[i][sel[i]].numpy().copy())
 
 
-@contextlib.contextmanager
-def _pre_rope_hooks(lens, layers: list[int], masks, kv_head: int | None, store) -> Iterator[None]:
-    handles = []
-    try:
-        for layer in layers:
-            lf = lens.facts.layers[layer]
-            k_proj = getattr(lf.attn, "k_proj", None)
-            if not isinstance(k_proj, torch.nn.Linear):
-                raise SiteError(f"keys='pre_rope' reads the k_proj output, but layer {layer}'s attention "
-                                f"({type(lf.attn).__name__}) has no k_proj Linear; use keys='post_rope' (the "
-                                "attn.k site).")
-            _, nkv, hd = lens.facts.heads(layer)
+class _PreRopeKeyCollector(Probe):
+    """Reads ``attn.k_pre`` (the k_proj output, before RoPE and any k-norm) and keeps, per layer, the key vectors
+    at the positions of two masks."""
 
-            def hook(mod, args, out, _layer=layer, _nkv=nkv, _hd=hd):
-                x = out.detach()
-                v = x.reshape(x.shape[0], x.shape[1], _nkv, _hd)
-                _collect(store, _layer, v, torch.arange(x.shape[1]), masks, kv_head)
-            handles.append(k_proj.register_forward_hook(hook))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    reads: ClassVar = {"attn.k_pre": "all"}
+
+    def __init__(self, masks: tuple[torch.Tensor, torch.Tensor], kv_head: int | None,
+                 store: dict[int, tuple[list, list]]):
+        super().__init__()
+        self.masks, self.kv_head, self.store = masks, kv_head, store
+
+    def attn_k_pre(self, ctx: Ctx, value: torch.Tensor) -> None:
+        _collect(self.store, ctx.layer, value.detach(), ctx.positions.cpu(), self.masks, self.kv_head)
 
 
 def _self_attention_layers(lens, layers) -> list[int]:
@@ -635,13 +626,14 @@ def keyspace(lens, samples, modalities: tuple[GroupSpec, GroupSpec] = ("image", 
 
     modalities: two token groups (names such as ``"image"``, ``"text"``, ``"context"``, ``"image|audio"``, or
     callables ``groups -> [batch, positions] bool``); default image vs text (every non-modality prompt token).
-    keys: ``"pre_rope"`` (default, SPEC 9: the ``k_proj`` output, read by a forward hook on each layer's k_proj
-    Linear; before any k-norm) or ``"post_rope"`` (the ``attn.k`` site: keys after RoPE, as attention sees them).
+    keys: ``"pre_rope"`` (default, SPEC 9: the ``attn.k_pre`` site, the output of each layer's k_proj Linear;
+    before any k-norm) or ``"post_rope"`` (the ``attn.k`` site: keys after RoPE, as attention sees them).
     kv_head: one KV head's keys (option), or None to concatenate all KV heads (default).
-    Keys are pooled over samples per layer (self-attention layers only; cross-attention keys of Mllama have no
-    text positions; with ``keys="pre_rope"`` and ``layers="all"``, layers without their own k_proj -- Gemma 3n's
-    KV-shared layers -- are skipped and listed in ``settings["skipped_layers"]``) and passed to :func:`arbiter.metrics.keyspace.keyspace_analysis` with ``max_n`` (5,000),
-    ``n_components`` (50), ``jsd_components`` (10), ``kernel``, ``n_permutations`` (200), ``n_splits`` (5), ``seed``.
+    Keys are pooled over samples per layer (self-attention layers only: cross-attention keys have no text
+    positions; with ``keys="pre_rope"`` and ``layers="all"``, layers without their own k_proj -- KV-shared layers
+    that reuse an earlier layer's keys -- are skipped and listed in ``settings["skipped_layers"]``) and passed to
+    :func:`arbiter.metrics.keyspace.keyspace_analysis` with ``max_n`` (5,000), ``n_components`` (50),
+    ``jsd_components`` (10), ``kernel``, ``n_permutations`` (200), ``n_splits`` (5), ``seed``.
     Returns :class:`KeySpaceExperimentResult`."""
     check_choice("keys", keys, KEY_KINDS)
     if len(modalities) != 2:
@@ -662,11 +654,8 @@ def keyspace(lens, samples, modalities: tuple[GroupSpec, GroupSpec] = ("image", 
     for chunk in _progress(chunks, progress, len(chunks), "keyspace"):
         batch = lens.encode(chunk, dataset=dataset)
         masks = (_mask_of(modalities[0], batch.groups), _mask_of(modalities[1], batch.groups))
-        if keys == "post_rope":
-            ctx = lens.probe(_KeyCollector(masks, kv_head, store), layers=chosen)
-        else:
-            ctx = _pre_rope_hooks(lens, chosen, masks, kv_head, store)
-        with ctx, torch.no_grad():
+        collector = _KeyCollector if keys == "post_rope" else _PreRopeKeyCollector
+        with lens.probe(collector(masks, kv_head, store), layers=chosen), torch.no_grad():
             lens.model(**batch.inputs, use_cache=False)
     results: dict[int, KeySpaceResult | None] = {}
     n_a, n_b, pca2 = {}, {}, {}

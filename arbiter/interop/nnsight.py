@@ -70,7 +70,7 @@ class NnsightSites:
     layers: tuple[str, ...]                          # decoder layer (resid.pre = its input, resid.post = its output)
     out_proj: tuple[str | None, ...]                 # attention output projection (its input = per-head outputs)
     heads: tuple[tuple[int, int], ...]               # (query heads, head_dim) per layer; (0, 0) = no attention
-    resid_stacked: bool = False                      # Gemma 3n AltUp: residual sites are stacked streams
+    resid_stacked: bool = False                      # residual sites are stacked streams (facts.residual)
 
 
 def nnsight_sites(facts_or_lens: Any) -> NnsightSites:
@@ -91,7 +91,7 @@ def nnsight_sites(facts_or_lens: Any) -> NnsightSites:
         outs.append(names[id(lf.out_proj)] if lf.out_proj is not None and lf.attn is not None else None)
         nh, _, hd = facts.heads(i) if lf.attn is not None else (0, 0, 0)
         heads.append((int(nh), int(hd)))
-    return NnsightSites(tuple(layers), tuple(outs), tuple(heads), bool(facts.resid_stacked))
+    return NnsightSites(tuple(layers), tuple(outs), tuple(heads), facts.residual.stacked)
 
 
 def resolve(nn_model: Any, path: str) -> Any:
@@ -161,7 +161,8 @@ def patch_resid_nnsight(nn_model: Any, sites: Any, layer: int, source: torch.Ten
     if site not in ("resid.post", "resid.pre"):
         raise ValueError(f"patch_resid_nnsight patches 'resid.post' or 'resid.pre', not {site!r}.")
     if sites.resid_stacked:
-        raise ValueError("stacked residual streams (Gemma 3n AltUp) are not supported by patch_resid_nnsight.")
+        raise ValueError("patch_resid_nnsight patches one [batch, seq, hidden] stream, but this model's residual "
+                         "sites are stacked streams (lens.facts.residual.stacked); that is not supported.")
     if not 0 <= int(layer) < len(sites.layers):
         raise ValueError(f"layer {layer} out of range (0..{len(sites.layers) - 1}).")
     env = resolve(nn_model, sites.layers[int(layer)])

@@ -51,8 +51,8 @@ def head_scores(head_out: torch.Tensor, W_O: torch.Tensor, W_U: torch.Tensor, id
     head_out: the per-head outputs at ``last`` (the o_proj input, split by head) [samples, layers, heads, head_dim];
     W_O: o_proj weights [layers, hidden, heads*head_dim]; o^{l,h} = W_O[l][:, h*d:(h+1)*d] . head_out[s, l, h].
     W_U: [vocab, hidden]; ids_p / ids_c: D_p / D_c ids, one shared list or one list per sample; u per
-    :func:`answer_direction`. gamma_final [hidden]: the final RMSNorm scale (pass the effective scale, e.g.
-    1 + weight for Gemma-style norms); h_final [samples, hidden]: the final residual h^L at ``last`` of the clean
+    :func:`answer_direction`. gamma_final [hidden]: the final RMSNorm's effective scale (as
+    ``lens.facts.norm_scale(final_norm, hidden)`` reads it off the module); h_final [samples, hidden]: the final residual h^L at ``last`` of the clean
     run, which freezes the norm's scale. rms(h) = sqrt(mean(h^2) + eps): pass the model's norm eps to match
     it exactly (default 0). targets: optional ``"vision"``/``"text"`` per sample; the score is averaged per target
     then across targets. Alternatives named by the SPEC (exhaustive single-head blocking, attribution patching)

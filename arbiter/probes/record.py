@@ -13,7 +13,8 @@ from ..errors import SiteError
 from .base import GLOBAL_SITES, SITES, Ctx, Probe, RowSpec, canonical_site
 
 _HEAD_DIM = {"attn.q": 1, "attn.scores": 1, "attn.probs": 1, "attn.head_out": 2, "attn.k": 1, "attn.v": 1,
-             "attn.mask": 1}
+             "attn.mask": 1, "attn.k_pre": 2}
+_KV_SITES = ("attn.k", "attn.v", "attn.k_pre")
 
 
 class Recorder(Probe):
@@ -51,7 +52,7 @@ class Recorder(Probe):
         if self.heads is not None and site in _HEAD_DIM and ctx.layer is not None:
             nh, nkv, _ = ctx.heads
             hs = self.heads
-            if site in ("attn.k", "attn.v"):
+            if site in _KV_SITES:
                 hs = sorted({h // (nh // nkv) for h in hs})
             value = value.index_select(_HEAD_DIM[site], torch.tensor(hs, device=value.device))
         key = (site, ctx.layer)
@@ -67,6 +68,7 @@ class Recorder(Probe):
     def attn_q(self, ctx, v): self._keep(ctx, v)
     def attn_k(self, ctx, v): self._keep(ctx, v)
     def attn_v(self, ctx, v): self._keep(ctx, v)
+    def attn_k_pre(self, ctx, v): self._keep(ctx, v)
     def attn_mask(self, ctx, v): self._keep(ctx, v)
     def attn_scores(self, ctx, v): self._keep(ctx, v)
     def attn_probs(self, ctx, v): self._keep(ctx, v)
