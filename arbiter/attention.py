@@ -1,7 +1,8 @@
-"""The one attention function arbiter registers with transformers' AttentionInterface (and its mask function).
+"""The attention router: arbiter's one attention function, registered and switched through transformers' public API.
 
-Untouched layers go straight to the stock SDPA / eager function (bit-exact); layers with attention-level
-probes get masks edited (knockout under SDPA) and only the requested rows of scores / probabilities."""
+Untouched layers call the implementation the user loaded (SDPA, eager, flash, any registered kernel), bit-exact;
+layers with attention-level probes get their masks edited and their requested rows read by the model's own eager
+function on the row-sliced queries."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+from transformers.masking_utils import (ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, eager_mask,
+                                        flash_attention_mask, sdpa_mask)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .adapters.base import module_eager_function
+from .errors import SiteError, UnsupportedModelError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .lens import Lens
@@ -21,49 +25,149 @@ if TYPE_CHECKING:  # pragma: no cover
 # attention module -> (lens, layer index); entries live only while a Lens is attached
 RUNTIME: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[Lens, int]]" = weakref.WeakKeyDictionary()
 
-IMPLEMENTATIONS = {"sdpa": "arbiter_sdpa", "eager": "arbiter_eager"}
+PREFIX = "arbiter_"
+# mask functions whose masks arbiter can read and edit: None, 2D padding masks, 4D bool or float masks
+EDITABLE_MASKS = (sdpa_mask, eager_mask, flash_attention_mask)
 
 
-def _base_function(kind: str, module: torch.nn.Module) -> Callable:
-    return sdpa_attention_forward if kind == "sdpa" else module_eager_function(module)
+def routed_name(base: str) -> str:
+    """The registered name that routes through arbiter and falls back to ``base`` (e.g. ``arbiter_sdpa``)."""
+    return PREFIX + base
 
 
-def _make(kind: str) -> Callable:
+def base_function(base: str, module: torch.nn.Module) -> Callable:
+    """The attention function ``base`` names, as transformers would dispatch it for this module."""
+    if base == "eager":
+        return module_eager_function(module)
+    return ALL_ATTENTION_FUNCTIONS[base]
+
+
+def _make(base: str) -> Callable:
     def arbiter_attention(module, query, key, value, attention_mask, **kwargs):
+        fn = base_function(base, module)
         entry = RUNTIME.get(module)
-        base = _base_function(kind, module)
         if entry is None:
-            return base(module, query, key, value, attention_mask, **kwargs)
+            return fn(module, query, key, value, attention_mask, **kwargs)
         lens, layer = entry
-        return lens._runtime.attention(layer, module, base, kind, query, key, value, attention_mask, kwargs)
+        return lens._runtime.attention(layer, module, fn, base, query, key, value, attention_mask, kwargs)
 
-    arbiter_attention.__name__ = f"arbiter_{kind}_attention"
+    arbiter_attention.__name__ = f"arbiter_{base}_attention"
     return arbiter_attention
 
 
-def register() -> None:
-    """Register ``arbiter_sdpa`` / ``arbiter_eager`` (function + mask function). Idempotent."""
-    for kind, name in IMPLEMENTATIONS.items():
-        if name not in AttentionInterface._global_mapping:
-            AttentionInterface.register(name, _make(kind))
-            AttentionMaskInterface.register(name, sdpa_mask if kind == "sdpa" else eager_mask)
+def register(base: str) -> str:
+    """Register the routed twin of ``base`` (attention function + the base's own mask function); idempotent."""
+    name = routed_name(base)
+    if name not in ALL_ATTENTION_FUNCTIONS.valid_keys():
+        if base != "eager" and base not in ALL_ATTENTION_FUNCTIONS.valid_keys():
+            raise UnsupportedModelError(
+                f"the model's text attention runs {base!r}, which transformers' AttentionInterface does not know, "
+                "so arbiter cannot route it; load the model with attn_implementation='sdpa' or 'eager'.")
+        if base not in ALL_MASK_ATTENTION_FUNCTIONS.valid_keys():
+            raise UnsupportedModelError(
+                f"the model's text attention runs {base!r}, which has no mask function in transformers' "
+                "AttentionMaskInterface; load the model with attn_implementation='sdpa' or 'eager'.")
+        AttentionInterface.register(name, _make(base))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+def config_path(model: torch.nn.Module, target) -> list[str] | None:
+    """Sub-config keys leading from ``model.config`` to ``target`` ([] for the top config), None if not found."""
+    todo = [(model.config, [])]
+    seen = set()
+    while todo:
+        cfg, path = todo.pop(0)
+        if cfg is target:
+            return path
+        if id(cfg) in seen:
+            continue
+        seen.add(id(cfg))
+        for key in getattr(cfg, "sub_configs", {}) or {}:
+            sub = getattr(cfg, key, None)
+            if sub is not None:
+                todo.append((sub, [*path, key]))
+    return None
+
+
+class AttentionRouter:
+    """Switches a model's text stack to arbiter's routed attention and back, with ``set_attn_implementation``."""
+
+    def __init__(self, model: torch.nn.Module, text_config):
+        self.model = model
+        self.text_config = text_config
+        self.base: str | None = None
+        self.path: list[str] | None = None
+
+    def _request(self, implementation: str):
+        req: object = {"": implementation}   # the text stack alone, not the sub-configs nested in it
+        for key in reversed(self.path or []):
+            req = {key: req}
+        return req
+
+    def install(self) -> None:
+        base = self.text_config._attn_implementation or "sdpa"
+        if base.startswith(PREFIX):
+            raise UnsupportedModelError("this model is already routed through arbiter (another Lens is attached "
+                                        "to it); detach that Lens first.")
+        self.path = config_path(self.model, self.text_config)
+        if self.path is None or not hasattr(self.model, "set_attn_implementation"):
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}: arbiter switches attention through the model's "
+                "set_attn_implementation(), but the text config is not reachable from model.config's sub-configs.")
+        name = register(base)
+        self.base = base
+        self.model.set_attn_implementation(self._request(name))
+        if self.text_config._attn_implementation != name:
+            self.model.set_attn_implementation(self._request(base))
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} did not accept attention implementation {name!r} through "
+                "set_attn_implementation() (its modeling code does not dispatch through AttentionInterface), so "
+                "arbiter cannot see its attention; attention sites and knockouts are not available for it.")
+
+    def remove(self) -> None:
+        if self.base is not None and self.text_config._attn_implementation != self.base:
+            self.model.set_attn_implementation(self._request(self.base))
+        self.base = None
+
+    def check_editable(self) -> None:
+        """Attention-level probes need masks arbiter can read: raise a clear error where they cannot be."""
+        if ALL_MASK_ATTENTION_FUNCTIONS[self.base] not in EDITABLE_MASKS:
+            raise SiteError(f"attention sites need a mask arbiter can read and edit (None, a 2D padding mask or a "
+                            f"4D mask); this model runs {self.base!r}, whose masks are of another kind. Call "
+                            "model.set_attn_implementation('sdpa') (or 'eager') before attaching.")
 
 
 # -- helpers used by the runtime ---------------------------------------------------------------------------
 
 def bool_mask(attention_mask, module, kwargs, b: int, q_pos: torch.Tensor, k_pos: torch.Tensor,
               cross: bool, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The model's own mask as bool [b, 1|h, q, k] (True = may attend) and, for float masks, the float values."""
+    """The model's own mask as bool [b, 1|h, q, k] (True = may attend) and, for float masks, the float values.
+
+    Reads every mask form transformers hands an attention function: None (causal, or all keys for
+    cross-attention), a 2D padding mask (flash kernels; causal and sliding window rebuilt from the call's
+    kwargs), a 4D bool mask (SDPA) or a 4D float mask (eager)."""
     q, k = len(q_pos), len(k_pos)
-    if attention_mask is None:
+    if attention_mask is None or attention_mask.dim() == 2:
         causal = kwargs.get("is_causal")
         causal = getattr(module, "is_causal", True) if causal is None else causal
         if causal and not cross:
-            m = (q_pos[:, None] >= k_pos[None, :]).to(device)
+            m = q_pos[:, None] >= k_pos[None, :]
+            window = kwargs.get("sliding_window")
+            if window:
+                m = m & ((q_pos[:, None] - k_pos[None, :]) < window)
+            m = m.to(device)
         else:
             m = torch.ones(q, k, dtype=torch.bool, device=device)
-        return m.expand(b, 1, q, k), None
+        m = m.expand(b, 1, q, k)
+        if attention_mask is not None:
+            m = m & attention_mask[:, -k:].to(device=device, dtype=torch.bool)[:, None, None, :]
+        return m, None
     am = attention_mask
+    if am.dim() != 4:
+        raise SiteError(f"arbiter cannot read an attention mask of shape {tuple(am.shape)}; attention sites need "
+                        "a 2D padding mask or a 4D mask (load the model with attn_implementation='sdpa').")
+    am = am[..., -k:] if am.shape[-1] != k else am
     if am.dtype == torch.bool:
         return am.expand(b, am.shape[1], q, k) if am.shape[0] == 1 else am, None
     m = am > torch.finfo(am.dtype).min / 2
@@ -79,8 +183,18 @@ def protect_empty_rows(m: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor
     return m | (empty[..., None] & diag), empty
 
 
+def float_mask(mask_bool: torch.Tensor, mask_float: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """An additive mask for eager attention: the model's float values where allowed, finfo.min elsewhere."""
+    allowed = mask_float if mask_float is not None else torch.zeros((), dtype=dtype, device=mask_bool.device)
+    return torch.where(mask_bool, allowed.to(dtype), torch.full((), torch.finfo(dtype).min, dtype=dtype,
+                                                                 device=mask_bool.device))
+
+
 def row_scores(module, query_rows, key, mask_rows_bool, mask_rows_float, kwargs) -> torch.Tensor:
-    """Pre-softmax scores of the given query rows, as eager attention computes them (softcap, mask)."""
+    """Pre-softmax scores of the given query rows (scaling, softcap, mask), as eager attention forms them.
+
+    Eager functions return probabilities only, so this is the one place arbiter forms scores itself; layers
+    whose eager function adds terms to the softmax (attention sinks) refuse score edits (see ``check_score_edit``)."""
     n_rep = query_rows.shape[1] // key.shape[1]
     k = repeat_kv(key, n_rep)
     scaling = kwargs.get("scaling")
@@ -92,10 +206,28 @@ def row_scores(module, query_rows, key, mask_rows_bool, mask_rows_float, kwargs)
         scores = torch.tanh(scores / softcap) * softcap
     if mask_rows_float is not None:
         scores = scores + mask_rows_float
-        scores = scores.masked_fill(~mask_rows_bool, torch.finfo(scores.dtype).min)
-    else:
-        scores = scores.masked_fill(~mask_rows_bool, torch.finfo(scores.dtype).min)
-    return scores
+    return scores.masked_fill(~mask_rows_bool, torch.finfo(scores.dtype).min)
+
+
+def row_probs(module, query_rows, key, value, mask_rows_bool, mask_rows_float, kwargs) -> torch.Tensor:
+    """Attention probabilities of the given query rows, computed by the module's own eager attention function
+    (its scaling, softcap, sinks and dtype handling), with the (possibly edited) mask of those rows."""
+    mask = float_mask(mask_rows_bool, mask_rows_float, query_rows.dtype)
+    kw = {**kwargs, "dropout": 0.0}
+    _, probs = module_eager_function(module)(module, query_rows, key, value, mask, **kw)
+    if probs is None or probs.shape[-1] != key.shape[2]:
+        raise SiteError(f"{type(module).__name__}'s eager attention function did not return [batch, heads, rows, "
+                        f"keys] probabilities (got {None if probs is None else tuple(probs.shape)}); attn.probs "
+                        "cannot be read on this layer.")
+    return probs
+
+
+def check_score_edit(module, layer: int) -> None:
+    """Editing scores or probabilities recomputes the layer from scores; refuse layers whose softmax has extra terms."""
+    if getattr(module, "sinks", None) is not None:
+        raise SiteError(f"layer {layer}: {type(module).__name__} adds attention sinks to its softmax, which "
+                        "arbiter's score-level recomputation does not model; edit attn.mask (knockout) or "
+                        "attn.head_out instead, or read attn.probs (served by the model's own eager function).")
 
 
 def softmax_probs(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -106,3 +238,11 @@ def eager_output(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     n_rep = probs.shape[1] // value.shape[1]
     out = torch.matmul(probs, repeat_kv(value, n_rep))
     return out.transpose(1, 2).contiguous()
+
+
+def masked_attention(base: str, fn: Callable, module, query, key, value, mask_bool, mask_float, kwargs):
+    """Attention with an edited mask: the eager function under eager, SDPA with the bool mask otherwise (flash
+    kernels take no dense mask, so an edited layer switches to SDPA; untouched layers keep the kernel)."""
+    if base == "eager":
+        return fn(module, query, key, value, float_mask(mask_bool, mask_float, query.dtype), **kwargs)
+    return sdpa_attention_forward(module, query, key, value, mask_bool, **kwargs)

@@ -101,6 +101,40 @@ class TokenGroups:
         self._masks[name] = m
         return self
 
+    def mark(self, name: str, mask: torch.Tensor) -> "TokenGroups":
+        """Groups where the positions of ``mask`` ([batch, positions], padded with False or cut to this length)
+        belong to modality ``name`` and not to ``text``: a modality the model marks in an input of its own rather
+        than by token ids (Kosmos-2's ``image_embeds_position_mask``). ``self`` where nothing changes."""
+        m = torch.as_tensor(mask, dtype=torch.bool).detach().cpu()
+        if m.dim() == 1:
+            m = m.expand(self.batch_size, -1)
+        m = m[:, :self.length]
+        if m.shape[1] < self.length:
+            m = torch.cat([m, torch.zeros(m.shape[0], self.length - m.shape[1], dtype=torch.bool)], dim=1)
+        m = m & ~self._masks.get("pad", torch.zeros_like(m))
+        have = self._masks.get(name)
+        text = self._masks.get("text")
+        if have is not None and not (m & ~have).any() and (text is None or not (m & text).any()):
+            return self
+        masks = dict(self._masks)
+        masks[name] = m if have is None else have | m
+        if text is not None:
+            masks["text"] = text & ~m
+        return TokenGroups(masks, prompt_length=self.prompt_length, sample_ids=self.sample_ids)
+
+    def prepend(self, n: int, name: str) -> "TokenGroups":
+        """Groups with ``n`` positions put before the current ones, in group ``name`` (and ``all``): positions the
+        model runs before its input ids without a token for them (GIT prepends its image embeddings)."""
+        if n <= 0:
+            return self
+        b = self.batch_size
+        masks = {k: torch.cat([torch.full((b, n), k in (name, "all"), dtype=torch.bool), v], dim=1)
+                 for k, v in self._masks.items()}
+        if name not in masks:
+            masks[name] = torch.cat([torch.ones(b, n, dtype=torch.bool),
+                                     torch.zeros(b, self.length, dtype=torch.bool)], dim=1)
+        return TokenGroups(masks, prompt_length=self.prompt_length + n, sample_ids=self.sample_ids)
+
     # -- access ---------------------------------------------------------------------------------------------
     @property
     def batch_size(self) -> int:

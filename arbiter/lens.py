@@ -12,10 +12,12 @@ import torch
 from torch import nn
 
 from . import attention as attn_fn
+from . import mixers
 from .adapters.base import ModelFacts, model_facts
 from .errors import ArbiterError, GroupError, ProbeError, SiteError
 from .groups import TokenGroups
 from .probes.base import ATTENTION_SITES, GLOBAL_SITES, SITES, Ctx, Probe, RowSpec, callback_name
+from .replay import Capture, ReplayModule, decoder_siblings, map_tensors, repeat_dim0, swap_modules
 
 
 def attach(model: nn.Module, processor: Any = None) -> "Lens":
@@ -29,7 +31,7 @@ def attach(model: nn.Module, processor: Any = None) -> "Lens":
 @dataclass
 class _Active:
     probe: Probe
-    layers: frozenset[int] | None     # None = global sites only / all layers
+    layers: dict[str, frozenset[int]]  # site -> the layers it is served on (global sites: none)
     steps: str
     specs: dict[str, tuple[str, RowSpec]]
 
@@ -66,13 +68,14 @@ class _Runtime:
         self.batch = 0
         self.groups: TokenGroups | None = None
         self._rows_cache: dict = {}
+        self.mixer_inputs: dict[int, tuple] = {}   # layer -> (inputs so far, padding mask) for mixer knockouts
 
     # -- table -------------------------------------------------------------------------------------------
     def rebuild(self) -> None:
         table: dict[tuple[str, int | None], list[_Active]] = {}
         for a in self.active:
             for site in a.specs:
-                layers = [None] if site in GLOBAL_SITES else sorted(a.layers or ())
+                layers = [None] if site in GLOBAL_SITES else sorted(a.layers.get(site, ()))
                 for layer in layers:
                     table.setdefault((site, layer), []).append(a)
         self.table = table
@@ -212,17 +215,11 @@ class _Runtime:
             out = self.eager_layer(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw)
         else:
             if edited:
-                if kind == "sdpa":
-                    m = mask_b
-                else:
-                    fmin = torch.finfo(query.dtype).min
-                    base_f = mask_f if mask_f is not None else torch.zeros((), dtype=query.dtype, device=query.device)
-                    m = torch.where(mask_b, base_f, torch.full((), fmin, dtype=query.dtype, device=query.device))
-                out = base(module, query, key, value, m, **kwargs)
+                out = attn_fn.masked_attention(kind, base, module, query, key, value, mask_b, mask_f, kwargs)
             else:
                 out = base(module, query, key, value, attention_mask, **kwargs)
             if has["attn.scores"] or has["attn.probs"]:
-                self.read_rows(layer, module, query, key, mask_b, mask_f, kwargs, q_pos, kw)
+                self.read_rows(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw)
         if empty is not None and bool(empty.any()):
             o = out[0]  # [b, q, h, d]
             keep = (~empty).transpose(1, 2)[..., None].to(o.dtype)  # [b, q, h|1, 1]
@@ -238,21 +235,23 @@ class _Runtime:
             rows.update(self.resolve_rows(s, q_pos)[0].tolist())
         return torch.tensor(sorted(rows), dtype=torch.long)
 
-    def read_rows(self, layer, module, query, key, mask_b, mask_f, kwargs, q_pos, kw):
+    def read_rows(self, layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw):
         rows = self._rows_union(layer, q_pos)
         if len(rows) == 0:
             return
         idx = (rows - q_pos[0]).to(query.device)
         mb = mask_b.index_select(2, idx)
         mf = mask_f.index_select(2, idx) if mask_f is not None else None
-        scores = attn_fn.row_scores(module, query.index_select(2, idx), key, mb, mf, kwargs)
-        probs = attn_fn.softmax_probs(scores, query.dtype) if self.entries("attn.probs", layer) else None
+        q_rows = query.index_select(2, idx)
         if self.entries("attn.scores", layer):
+            scores = attn_fn.row_scores(module, q_rows, key, mb, mf, kwargs)
             self.run_site("attn.scores", layer, scores, 2, rows, **kw)
-        if probs is not None:
+        if self.entries("attn.probs", layer):
+            probs = attn_fn.row_probs(module, q_rows, key, value, mb, mf, kwargs)
             self.run_site("attn.probs", layer, probs, 2, rows, **kw)
 
     def eager_layer(self, layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw):
+        attn_fn.check_score_edit(module, layer)
         scores = attn_fn.row_scores(module, query, key, mask_b, mask_f, kwargs)
         scores = self.run_site("attn.scores", layer, scores, 2, q_pos, **kw)
         probs = attn_fn.softmax_probs(scores, query.dtype)
@@ -269,7 +268,8 @@ class Lens:
         self.facts: ModelFacts = model_facts(model)
         self._runtime = _Runtime(self)
         self._handles: list = []
-        self._saved_impl: str | None = None
+        self._services: list = []     # undo functions of active capture / replay blocks (close() runs them)
+        self._router = attn_fn.AttentionRouter(model, self.facts.text_config)
         self._entered = False
         self.groups: TokenGroups | None = None
 
@@ -277,12 +277,7 @@ class Lens:
     def __enter__(self) -> "Lens":
         if self._entered:
             raise ProbeError("this Lens is already attached; nest probes inside it instead of re-entering.")
-        cfg = self.facts.text_config
-        impl = cfg._attn_implementation
-        self._saved_impl = impl
-        if impl in attn_fn.IMPLEMENTATIONS:
-            attn_fn.register()
-            cfg._attn_implementation_internal = attn_fn.IMPLEMENTATIONS[impl]
+        self._router.install()
         for lf in self.facts.layers:
             if lf.attn is not None:
                 attn_fn.RUNTIME[lf.attn] = (self, lf.index)
@@ -304,14 +299,14 @@ class Lens:
         self._runtime.active.clear()
         self._runtime.rebuild()
         self._remove_hooks()
+        self._end_services()
         for h in getattr(self, "_base_handles", []):
             h.remove()
         self._base_handles = []
         for lf in self.facts.layers:
             if lf.attn is not None:
                 attn_fn.RUNTIME.pop(lf.attn, None)
-        if self._saved_impl is not None:
-            self.facts.text_config._attn_implementation_internal = self._saved_impl
+        self._router.remove()
         self._entered = False
 
     # -- hooks -----------------------------------------------------------------------------------------------
@@ -342,12 +337,68 @@ class Lens:
                 if lf.out_proj is None:
                     raise SiteError(f"layer {layer} has no attention output projection (attn.head_out).")
                 self._handles.append(lf.out_proj.register_forward_pre_hook(self._head_hook(layer), with_kwargs=True))
+            elif site == "attn.k_pre":
+                self._handles.append(self._k_pre_module(layer).register_forward_hook(self._k_pre_hook(layer)))
             elif site in ("attn.out", "mlp.out", "resid.post", "logits"):
                 mod = {"attn.out": lf.attn if lf else None, "mlp.out": lf.mlp if lf else None,
                        "resid.post": lf.layer if lf else None, "logits": f.lm_head}[site]
                 if mod is None:
                     raise SiteError(f"site {site!r} is not available at layer {layer} of this model.")
                 self._handles.append(mod.register_forward_hook(self._post_hook(site, layer)))
+        for (site, layer), lst in rt.table.items():  # attn.mask on a token mixer that is not softmax attention
+            if site == "attn.mask" and lst and layer is not None and f.layers[layer].attn is None:
+                self._handles.append(f.layers[layer].mixer.register_forward_hook(self._mixer_hook(layer),
+                                                                                with_kwargs=True))
+
+    def _mixer_hook(self, layer):
+        """Serve attn.mask edits on a linear-attention / convolution / state-space layer by deletion (mixers.py):
+        the mixer's inputs are kept over the forward calls of a generation so decode steps recompute exactly."""
+        rt = self._runtime
+        lf = self.facts.layers[layer]
+        busy = [False]
+
+        def hook(module, args, kwargs, output):
+            if busy[0]:
+                return None
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            am = kwargs.get("attention_mask")
+            pad = am.bool() if isinstance(am, torch.Tensor) and am.dim() == 2 else None
+            b, q_len = x.shape[0], x.shape[1]
+            if rt.offset == 0:
+                inputs = x
+            else:
+                hist = rt.mixer_inputs.get(layer)
+                if hist is None or hist[0].shape[1] != rt.offset:
+                    raise SiteError(f"a knockout on layer {layer} ({lf.mixer_kind}) must be active from the prefill "
+                                    "of a generation: the layer's inputs at earlier positions are needed to "
+                                    "recompute its rows.")
+                inputs = torch.cat([hist[0], x], dim=1)
+                if hist[1] is not None or pad is not None:
+                    old = hist[1] if hist[1] is not None else torch.ones(b, rt.offset, dtype=torch.bool,
+                                                                         device=x.device)
+                    new = pad[:, -q_len:] if pad is not None else torch.ones(b, q_len, dtype=torch.bool,
+                                                                             device=x.device)
+                    pad = torch.cat([old, new], dim=1)
+            rt.mixer_inputs[layer] = (inputs, pad)
+            q_pos = rt.chunk_positions(q_len)
+            k_pos = torch.arange(inputs.shape[1])
+            default, _ = attn_fn.bool_mask(pad, module, {}, b, q_pos, k_pos, False, x.device)
+            edited = rt.run_site("attn.mask", layer, default, 2, q_pos, query_positions=q_pos, key_positions=k_pos,
+                                 cross=False)
+            if edited is default:
+                return None
+            edited = edited.expand(torch.broadcast_shapes(edited.shape, default.shape))
+            runs = mixers.deletion_runs(default, edited, q_pos, layer, lf.mixer_kind)
+            if not runs:
+                return None
+            y = output[0] if isinstance(output, tuple) else output
+            busy[0] = True
+            try:
+                y = mixers.recompute(module, args, kwargs, inputs, pad, runs, y, layer, lf.mixer_kind)
+            finally:
+                busy[0] = False
+            return (y, *output[1:]) if isinstance(output, tuple) else y
+        return hook
 
     def _pre_hook(self, site, layer):
         rt = self._runtime
@@ -380,6 +431,25 @@ class Lens:
             new = rt.run_site("attn.head_out", layer, heads, 1, rt.chunk_positions(s))
             if new is not heads:
                 return (new.reshape(b, s, nh * hd), *args[1:]), kwargs
+            return None
+        return hook
+
+    def _k_pre_module(self, layer):
+        k = _k_proj(self.facts.layers[layer])
+        if k is None:
+            attn = self.facts.layers[layer].attn
+            raise SiteError(f"attn.k_pre reads the k_proj output, but layer {layer}'s attention "
+                            f"({type(attn).__name__ if attn is not None else 'none'}) has no k_proj Linear (e.g. a "
+                            "layer that reuses another layer's keys); read attn.k (keys after RoPE) there instead.")
+        return k
+
+    def _k_pre_hook(self, layer):
+        rt = self._runtime
+        _, nkv, hd = self.facts.heads(layer)
+
+        def hook(module, args, output):
+            b, s = output.shape[0], output.shape[1]
+            rt.run_site("attn.k_pre", layer, output.reshape(b, s, nkv, hd), 1, rt.chunk_positions(s))
             return None
         return hook
 
@@ -463,21 +533,11 @@ class Lens:
             raise ProbeError("activate probes inside `with arbiter.attach(model) as lens:`.")
         specs = probe.site_specs()
         layer_spec = layers if layers is not None else probe.layers
-        needs_attention = [s for s in specs if s in ATTENTION_SITES]
-        valid = self.facts.attention_layers if needs_attention else list(range(self.facts.n_layers))
-        chosen = _resolve_layers(layer_spec, self.facts.n_layers, valid, type(probe).__name__)
-        if needs_attention:
-            skipped = sorted(set(chosen) - set(self.facts.attention_layers))
-            if skipped and not (isinstance(layer_spec, str) and layer_spec == "all"):
-                raise SiteError(f"{type(probe).__name__}: layers {skipped} have no softmax attention "
-                                f"({self.facts.layers[skipped[0]].skip_reason}).")
-            if self._saved_impl not in attn_fn.IMPLEMENTATIONS:
-                raise SiteError(f"attention sites need the model to run with attn_implementation 'sdpa' or "
-                                f"'eager' (it runs {self._saved_impl!r}); call model.set_attn_implementation('sdpa').")
+        site_layers = self._site_layers(specs, layer_spec, type(probe).__name__)
         steps = steps or probe.steps
         if steps not in ("all", "prefill", "decode"):
             raise SiteError(f"steps must be 'all', 'prefill' or 'decode', got {steps!r}.")
-        entry = _Active(probe, chosen, steps, specs)
+        entry = _Active(probe, site_layers, steps, specs)
         probe.on_attach(self)
         rt = self._runtime
         rt.active.append(entry)
@@ -491,6 +551,55 @@ class Lens:
             rt.rebuild()
             self._install_hooks()
             probe.on_detach(self)
+
+    def _site_layers(self, specs, layer_spec, who: str) -> dict[str, frozenset[int]]:
+        """The layers each site of a probe is served on: the chosen layers where the site exists. An explicit
+        layer lacking a site is an error naming the layer's token mixer; ``"all"`` serves every layer that has it,
+        and a knockout that cannot sever some layer's token mixer is an error, never a skipped layer."""
+        f = self.facts
+        chosen = _resolve_layers(layer_spec, f.n_layers, range(f.n_layers), who)
+        explicit = not (layer_spec is None or (isinstance(layer_spec, str) and layer_spec == "all"))
+        if specs.get("attn.mask", ("read",))[0] == "edit" and f.unserved:
+            raise SiteError(f"{who}: this model also mixes tokens through modules arbiter does not route "
+                            f"({'; '.join(f.unserved[:3])}{' ...' if len(f.unserved) > 3 else ''}), so a knockout "
+                            "would leave those paths open. Record and head interventions work on the routed "
+                            "attention; knockouts on this architecture are not supported yet.")
+        out: dict[str, frozenset[int]] = {}
+        for site in specs:
+            if site in GLOBAL_SITES:
+                continue
+            have = frozenset(i for i in chosen if self._has_site(site, f.layers[i]))
+            missing = sorted(chosen - have)
+            if missing and (explicit or site == "attn.mask"):
+                lf = f.layers[missing[0]]
+                what = ("a knockout (attn.mask) cannot be served there: arbiter does not know how it mixes tokens; "
+                        "register an adapter whose token_mixer() names the module" if site == "attn.mask"
+                        else f"site {site!r} does not exist there" + (
+                            "; keys before RoPE need a k_proj Linear: read attn.k (keys after RoPE) instead"
+                            if site == "attn.k_pre" else ""))
+                why = lf.skip_reason or "the module is missing"
+                raise SiteError(f"{who}: layers {missing} lack it ({why}); {what}.")
+            out[site] = have
+        if any(s in ATTENTION_SITES for s in specs) and any(
+                f.layers[i].attn is not None for s in specs if s in ATTENTION_SITES for i in out[s]):
+            self._router.check_editable()
+        return out
+
+    @staticmethod
+    def _has_site(site: str, lf) -> bool:
+        if site == "attn.mask":
+            return lf.attn is not None or (lf.mixer is not None and lf.mixer_kind not in ("none",))
+        if site == "attn.k_pre":
+            return lf.attn is not None and _k_proj(lf) is not None
+        if site == "attn.head_out":
+            return lf.out_proj is not None
+        if site in ATTENTION_SITES or site == "attn.out":
+            return lf.attn is not None
+        if site == "resid.mid":
+            return lf.mid_norm is not None
+        if site == "mlp.out":
+            return lf.mlp is not None
+        return True
 
     # -- conveniences built on probes --------------------------------------------------------------------------
     def window(self, center: int, size: int = 9) -> list[int]:
@@ -571,14 +680,103 @@ class Lens:
         self.use(batch.groups)
         return batch
 
+    # -- services: capture a clean run, replay it (prefix reuse in sweeps) ------------------------------------
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[Capture]:
+        """Record, during the block's forward, every decoder layer's output and the output of each module beside
+        the decoder (vision / audio towers, projectors) that ran exactly once before it; yields the Capture
+        (filled on exit) that :meth:`replay` plays back. The hooks are the Lens's, removed on exit or close()."""
+        cap = Capture()
+        calls: dict[nn.Module, int] = {}
+        started = [False]
+        handles = [self.facts.decoder.register_forward_pre_hook(lambda *_: started.__setitem__(0, True))]
+
+        def enc_hook(mod, args, output):
+            calls[mod] = calls.get(mod, 0) + 1
+            if not started[0]:
+                cap.encoders[mod] = map_tensors(output, lambda t: t.detach())
+
+        def layer_hook(index):
+            def hook(mod, args, output):
+                t = (output[0] if isinstance(output, tuple) else output).detach().clone()
+                cap.layers[index] = (t, *output[1:]) if isinstance(output, tuple) else t
+            return hook
+
+        for mod in decoder_siblings(self.model, self.facts.decoder):
+            handles.append(mod.register_forward_hook(enc_hook))
+        for lf in self.facts.layers:
+            handles.append(lf.layer.register_forward_hook(layer_hook(lf.index)))
+
+        def undo() -> None:
+            for h in handles:
+                h.remove()
+        self._services.append(undo)
+        try:
+            yield cap
+        finally:
+            self._end_services(undo)
+            for mod in [m for m in cap.encoders if calls.get(m) != 1]:
+                del cap.encoders[mod]
+
+    @contextlib.contextmanager
+    def replay(self, layer_outputs: dict, upto: int, n: int = 1, encoder_outputs: dict | None = None
+               ) -> Iterator[None]:
+        """For the block, decoder layers ``< upto`` return ``layer_outputs[i]`` and each module in
+        ``encoder_outputs`` its recorded output (both as from :meth:`capture`), every batch repeated ``n`` times,
+        without running: their work is skipped. Each is swapped in its parent for a stand-in module (whose
+        hooks, and the original's, do not run) and put back on exit, also on an exception or close(). An
+        encoder in eval mode treats the images of a batch independently, so its output for ``cat([x] * n)`` is
+        ``cat([f(x)] * n)``."""
+        from .errors import InterventionError
+
+        f = self.facts
+        if not 0 <= upto <= f.n_layers:
+            raise InterventionError(f"replay: upto={upto} is out of range (0..{f.n_layers}).")
+        if upto > 0 and not f.prefix_replay:
+            raise InterventionError(f"replay: this model's layers ({f.family}) read state that earlier layers leave "
+                                    "outside their outputs, so a layer prefix cannot be replayed; use upto=0.")
+        missing = [i for i in range(upto) if i not in layer_outputs]
+        if missing:
+            raise InterventionError(f"replay: no recorded output for layers {missing}; record them with "
+                                    "lens.capture().")
+        res = f.residual
+
+        def repeat_layer(out):
+            if isinstance(out, tuple):
+                return (res.repeat_batch(out[0], n), *out[1:])
+            return res.repeat_batch(out, n)
+
+        stand_ins = {f.layers[i].layer: ReplayModule(f.layers[i].layer, layer_outputs[i], repeat_layer)
+                     for i in range(upto)}
+        for mod, out in (encoder_outputs or {}).items():
+            stand_ins[mod] = ReplayModule(mod, out, lambda o: repeat_dim0(o, n))
+        undo = swap_modules(self.model, stand_ins)
+        self._services.append(undo)
+        try:
+            yield
+        finally:
+            self._end_services(undo)
+
+    def _end_services(self, which=None) -> None:
+        """Undo one active capture / replay (``which``), or all of them, newest first."""
+        for undo in reversed([u for u in self._services if which is None or u is which]):
+            self._services.remove(undo)
+            undo()
+
     def __repr__(self) -> str:
         return (f"Lens({type(self.model).__name__}, family={self.facts.family}, layers={self.facts.n_layers}, "
                 f"attached={self._entered})")
 
 
 def _seq_dim(x: torch.Tensor, rt: _Runtime) -> int:
-    """Sequence dim of a residual-like tensor: 1, or 2 for stacked streams [n, batch, seq, hidden] (Gemma 3n AltUp)."""
-    return 2 if (x.dim() == 4 and rt.lens.facts.resid_stacked) else 1
+    """Sequence dim of a residual-like tensor, as the model's adapter lays it out (1 for [batch, seq, hidden])."""
+    return rt.lens.facts.residual.seq_dim(x)
+
+
+def _k_proj(lf) -> nn.Linear | None:
+    """The layer's key projection (the attn.k_pre site), or None where its attention has no k_proj Linear."""
+    k = getattr(lf.attn, "k_proj", None) if lf.attn is not None else None
+    return k if isinstance(k, nn.Linear) else None
 
 
 def _cache_length(cache) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from torch import nn
@@ -17,6 +17,13 @@ _OUT_PROJ_NAMES = ("o_proj", "out_proj", "dense", "wo", "c_proj")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
 _MID_NORM_NAMES = ("pre_feedforward_layernorm", "post_attention_layernorm", "ln_2", "ffn_norm")
 _FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_norm")
+# what a layer uses to mix tokens; every kind but "attention" / "cross_attention" is served by knockouts through
+# deletion (the destination rows are recomputed as if the severed positions were not in the sequence)
+MIXER_KINDS = ("attention", "cross_attention", "linear_attention", "convolution", "state_space", "none")
+# class- or attribute-name fragments -> mixer kind, for layers without softmax attention (first match wins)
+_MIXER_PATTERNS = (("deltanet", "linear_attention"), ("linear_attn", "linear_attention"),
+                   ("linearattention", "linear_attention"), ("mamba", "state_space"), ("ssm", "state_space"),
+                   ("mixer", "state_space"), ("shortconv", "convolution"), ("conv", "convolution"))
 _MODALITY_ID_KEYS = {
     "image": ("image_token_id", "image_token_index", "image_token"),
     "video": ("video_token_id", "video_token_index"),
@@ -36,6 +43,48 @@ class LayerFacts:
     mid_norm: nn.Module | None      # the norm whose input is resid.mid
     cross: bool = False             # cross-attention layer (keys come from another modality, e.g. Mllama)
     skip_reason: str | None = None
+    mixer: nn.Module | None = None  # the layer's token mixer (the attention module, or a linear-attention /
+                                    # convolution / state-space module); None: the layer mixes no tokens
+    mixer_kind: str = "attention"   # one of MIXER_KINDS
+    attn_out: nn.Module | None = None  # the module whose output is attn.out, where it is not ``attn`` (GIT: the
+                                       # output projection, before the residual add and post-LayerNorm)
+
+
+class ResidualLayout:
+    """How residual-stream values (``embed``, ``resid.*``, ``attn.out``, ``mlp.out`` and their recordings) are
+    laid out, as the model's adapter says: ``[batch, seq, hidden]`` by default; a family with several stacked
+    streams overrides the ``residual_*`` methods of its adapter. Core code asks this, never a tensor's rank."""
+
+    def __init__(self, adapter: "Adapter"):
+        self.adapter = adapter
+
+    @property
+    def stacked(self) -> bool:
+        """True where residual sites carry several stacked streams (not one [batch, seq, hidden] tensor)."""
+        return bool(self.adapter.resid_stacked)
+
+    def batch_dim(self, x: torch.Tensor) -> int:
+        return self.adapter.residual_batch_dim(x)
+
+    def seq_dim(self, x: torch.Tensor) -> int:
+        return self.adapter.residual_seq_dim(x)
+
+    def main_stream(self, x: torch.Tensor) -> torch.Tensor:
+        """The stream the model reads out, [batch, seq | rows, hidden] (``x`` itself for a single stream)."""
+        return self.adapter.residual_main_stream(x)
+
+    def repeat_batch(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """``n`` copies of the batch, stacked along the batch dim (as ``cat([x] * n)`` of the inputs)."""
+        return torch.cat([x] * n, dim=self.batch_dim(x))
+
+
+def residual_layout(family: str | None) -> ResidualLayout:
+    """The residual layout of a family by adapter name (e.g. a trace's ``meta["model"]["family"]``); the
+    generic one for an unknown or missing name."""
+    for a in _REGISTRY:
+        if a.name == family:
+            return ResidualLayout(a)
+    return ResidualLayout(Adapter())
 
 
 @dataclass
@@ -54,6 +103,53 @@ class ModelFacts:
     prefix_bidirectional: bool = False
     resid_stacked: bool = False      # residual sites are [n_streams, batch, seq, hidden] (Gemma 3n AltUp)
     prefix_replay: bool = True       # layers depend only on their input (sweeps may replay a clean prefix)
+    adapter: "Adapter | None" = field(default=None, repr=False)   # whose behaviour the methods below ask
+    unserved: list[str] = field(default_factory=list)  # token mixers arbiter does not route (knockouts refuse)
+    residual: "ResidualLayout" = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.residual = ResidualLayout(self.adapter if self.adapter is not None else Adapter())
+
+    def norm_scale(self, norm: nn.Module | None, hidden: int, dtype: torch.dtype = torch.float32,
+                   device=None) -> torch.Tensor:
+        """The elementwise scale [hidden] (float32) that ``norm`` multiplies the normalised residual by."""
+        return self.residual.adapter.norm_scale(norm, hidden, dtype, device)
+
+    # -- the decoder's sequence, as the adapter reads it off the model's inputs ------------------------------
+    @property
+    def placeholders(self) -> dict[str, str]:
+        """Prompt strings for {image} / {audio} that the adapter gives (see ``Adapter.placeholders``)."""
+        return dict(self.residual.adapter.placeholders)
+
+    def input_modules(self) -> list[nn.Module]:
+        """Modules whose forward receives the model's inputs (see ``Adapter.input_modules``)."""
+        return self.residual.adapter.input_modules(self.model)
+
+    def prefix_length(self, inputs: Mapping[str, Any]) -> int:
+        """How many positions the decoder runs before ``input_ids`` for these inputs (0 for most families)."""
+        return sum(self.residual.adapter.prefix_positions(inputs).values())
+
+    def sequence_groups(self, groups, inputs: Mapping[str, Any]):
+        """``groups`` read off ``input_ids`` (TokenGroups over the ids) as groups over the sequence the decoder
+        runs: modality positions the model marks in another input, positions it runs before the ids (GIT's image
+        embeddings). ``groups`` itself for a family that runs its ids as they are."""
+        a = self.residual.adapter
+        for name, mask in a.modality_masks(inputs).items():
+            groups = groups.mark(name, mask)
+        for name, n in reversed(list(a.prefix_positions(inputs).items())):
+            groups = groups.prepend(n, name)
+        return groups
+
+    def attention_stand_ins(self) -> dict[nn.Module, nn.Module]:
+        """{attention module: stand-in that dispatches through AttentionInterface} (see the Adapter's method)."""
+        return self.residual.adapter.attention_stand_ins(self)
+
+    def cross_key_groups(self, layer: int | None = None) -> frozenset[str]:
+        """Token groups every key of cross-attention ``layer`` belongs to (its keys have no text positions);
+        empty for a self-attention layer. ``layer=None``: the union over the model's cross-attention layers."""
+        a, modalities = self.residual.adapter, frozenset(self.modality_token_ids)
+        chosen = [lf for lf in self.layers if lf.cross] if layer is None else [self.layers[layer]]
+        return frozenset().union(*(a.cross_key_groups(lf, modalities) for lf in chosen if lf.cross))
 
     @property
     def n_layers(self) -> int:
@@ -86,6 +182,8 @@ class ModelFacts:
             "vocab_size": getattr(cfg, "vocab_size", None),
             "cross_attention_layers": [lf.index for lf in self.layers if lf.cross],
             "skipped_layers": {str(lf.index): lf.skip_reason for lf in self.layers if lf.skip_reason},
+            "mixer_kinds": [lf.mixer_kind for lf in self.layers],
+            "unserved_mixers": self.unserved,
             "modality_token_ids": self.modality_token_ids,
             "notes": self.notes,
         }
@@ -98,8 +196,15 @@ def attention_shape(attn: nn.Module, text_config) -> tuple[int, int, int]:
         head_dim = text_config.hidden_size // text_config.num_attention_heads
     q = getattr(attn, "q_proj", None)
     k = getattr(attn, "k_proj", None)
-    n_heads = q.out_features // head_dim if isinstance(q, nn.Linear) else getattr(
-        attn, "num_heads", text_config.num_attention_heads)
+    out = _child(attn, _OUT_PROJ_NAMES)
+    # the output projection reads heads x head_dim: right also where q_proj emits more than the queries
+    # (gated attention emits query and gate, 2 x heads x head_dim)
+    if isinstance(out, nn.Linear):
+        n_heads = out.in_features // head_dim
+    elif isinstance(q, nn.Linear):
+        n_heads = q.out_features // head_dim
+    else:
+        n_heads = getattr(attn, "num_heads", text_config.num_attention_heads)
     groups = getattr(attn, "num_key_value_groups", None)
     if isinstance(k, nn.Linear):
         n_kv = k.out_features // head_dim
@@ -118,6 +223,11 @@ def _child(module: nn.Module, names) -> nn.Module | None:
     return None
 
 
+def _looks_like_attention(m: nn.Module) -> bool:
+    return (_child(m, _OUT_PROJ_NAMES) is not None
+            and all(isinstance(getattr(m, n, None), nn.Linear) for n in ("q_proj", "k_proj")))
+
+
 def _is_softmax_attention(m: nn.Module, cfg) -> bool:
     return (getattr(m, "config", None) is cfg and hasattr(m, "layer_idx")
             and _child(m, _OUT_PROJ_NAMES) is not None
@@ -128,7 +238,8 @@ class Adapter:
     """Model facts for one architecture family. Subclass and `register_adapter` it for a new family.
 
     Override only what the generic inference gets wrong: `model_types` (config.model_type values served),
-    `token_id_keys`, `decoder(model)`, `layer_kind(...)`, `notes`. Everything else is inferred."""
+    `token_id_keys`, `decoder(model)`, `layer_kind(...)`, `notes`; and the behaviour the core asks through
+    ModelFacts: the residual layout (`residual_*`), `norm_scale`, `cross_key_groups`. Everything else is inferred."""
 
     name: ClassVar[str] = "generic"
     model_types: ClassVar[tuple[str, ...]] = ()
@@ -138,12 +249,39 @@ class Adapter:
     prefix_replay: ClassVar[bool] = True
     # default user turn: where the image goes relative to the text ("before" or "after")
     image_position: ClassVar[str] = "before"
+    # prompt strings for a template's {image} / {audio} where the processor's own cannot be read off it ("" where
+    # the processor or the model places the modality itself: Kosmos-2, GIT)
+    placeholders: ClassVar[dict[str, str]] = {}
 
     def matches(self, model: nn.Module) -> bool:
         return getattr(getattr(model, "config", None), "model_type", None) in self.model_types
 
     def decoder(self, model: nn.Module) -> nn.Module:
-        return model.get_decoder() if hasattr(model, "get_decoder") else model
+        """The stack that produces the logits: ``get_decoder()`` followed down (a multimodal model's language
+        model, and an encoder-decoder language model's decoder)."""
+        decoder = model
+        for _ in range(4):
+            nxt = decoder.get_decoder() if hasattr(decoder, "get_decoder") else None
+            if not isinstance(nxt, nn.Module) or nxt is decoder:
+                break
+            decoder = nxt
+        return decoder
+
+    def unserved_mixers(self, decoder: nn.Module, layers: list[LayerFacts], cfg) -> list[str]:
+        """Token mixers of the text stack that arbiter does not route (a second attention inside a layer, such as
+        an encoder-decoder's cross-attention; attention blocks outside the layer list). Knockouts refuse models
+        that have any, since they would leave those paths open."""
+        out = []
+        inside: set[int] = set()
+        for lf in layers:
+            for name, m in lf.layer.named_modules():
+                inside.add(id(m))
+                if m is not lf.attn and lf.attn is not None and _is_softmax_attention(m, cfg):
+                    out.append(f"layer {lf.index}: {name} ({type(m).__name__}), a second attention in the layer")
+        for name, m in decoder.named_modules():
+            if id(m) not in inside and _looks_like_attention(m) and getattr(m, "config", cfg) is cfg:
+                out.append(f"{name} ({type(m).__name__}), an attention block outside the decoder's layer list")
+        return out
 
     def token_ids(self, model: nn.Module) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}
@@ -164,6 +302,87 @@ class Adapter:
     def is_cross(self, layer: nn.Module, attn: nn.Module) -> bool:
         return "cross" in type(layer).__name__.lower() or "cross" in type(attn).__name__.lower()
 
+    def token_mixer(self, layer: nn.Module, mlp: nn.Module | None) -> tuple[nn.Module | None, str]:
+        """The token mixer of a layer without softmax attention and its kind (one of MIXER_KINDS), inferred from
+        the names of the layer's children; ``(None, "none")`` when no child looks like one. Override for a
+        family whose mixer the names do not reveal."""
+        for name, child in layer.named_children():
+            if child is mlp or "norm" in name.lower() or name in _MLP_NAMES:
+                continue
+            label = f"{name} {type(child).__name__}".lower().replace("_", "")
+            for fragment, kind in _MIXER_PATTERNS:
+                if fragment.replace("_", "") in label:
+                    return child, kind
+        return None, "none"
+
+    # -- behaviour the core asks for (through ModelFacts); override in a family adapter ------------------------
+    def residual_batch_dim(self, x: torch.Tensor) -> int:
+        """Batch dim of a residual-like value (see ``ResidualLayout``): 0 for [batch, seq, hidden]."""
+        return 0
+
+    def residual_seq_dim(self, x: torch.Tensor) -> int:
+        """Sequence dim of a residual-like value: 1 for [batch, seq, hidden]."""
+        return 1
+
+    def residual_main_stream(self, x: torch.Tensor) -> torch.Tensor:
+        """The stream the model reads out of a residual-like value: the value itself for one stream."""
+        return x
+
+    def norm_scale(self, norm: nn.Module | None, hidden: int, dtype: torch.dtype = torch.float32,
+                   device=None) -> torch.Tensor:
+        """Elementwise scale [hidden] (float32) of a norm, read off the module itself: for an RMS-style norm
+        y = x / rms(x) * s, s = norm(ones) * sqrt(1 + eps), whether the module stores s as ``weight`` or as
+        ``1 + weight``; a LayerNorm's ``weight``; ones without a norm."""
+        if norm is None:
+            return torch.ones(hidden)
+        if isinstance(norm, nn.LayerNorm):
+            w = norm.weight
+            return w.detach().float() if w is not None else torch.ones(hidden)
+        eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 0.0)) or 0.0)
+        with torch.no_grad():
+            probe_in = torch.ones(1, hidden, dtype=dtype, device=device)
+            return norm(probe_in)[0].float() * (1.0 + eps) ** 0.5
+
+    def cross_key_groups(self, layer: LayerFacts, modalities: frozenset[str]) -> frozenset[str]:
+        """Token groups that every key of a cross-attention layer belongs to (its keys are another modality's,
+        with no text positions). Generic: the model's modalities (those it has placeholder token ids for); an
+        adapter that knows better names them."""
+        return modalities
+
+    # -- where the generic inference cannot see a family's modules or sequence; override in a family adapter -----
+    def layer_facts(self, index: int, layer: nn.Module, cfg) -> LayerFacts | None:
+        """The facts of one text layer where the adapter knows its modules better than the generic inference
+        (attention that does not hold the text config, an output projection outside the attention module);
+        None: inferred generically."""
+        return None
+
+    def final_norm(self, decoder: nn.Module) -> nn.Module | None:
+        """The norm applied to the last layer's output before the unembedding (None: there is none)."""
+        return _child(decoder, _FINAL_NORM_NAMES)
+
+    def input_modules(self, model: nn.Module) -> list[nn.Module]:
+        """Modules whose forward receives the model's inputs (input_ids and the rest) at each call: the model, and
+        any inner model its generate() calls instead of its own forward."""
+        return [model]
+
+    def prefix_positions(self, inputs: Mapping[str, Any]) -> dict[str, int]:
+        """Positions the decoder runs before ``input_ids`` with no token for them, as {group: count} in sequence
+        order, read from the model's inputs (the kwargs of its forward, or a processor's output). Generic: none,
+        the decoder runs the ids as they are."""
+        return {}
+
+    def modality_masks(self, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Modality positions the model marks in an input of its own rather than by token ids, as {group:
+        [batch, ids] bool}, read from the model's inputs. Generic: none."""
+        return {}
+
+    def attention_stand_ins(self, facts: "ModelFacts") -> dict[nn.Module, nn.Module]:
+        """For a family whose text attention computes attention inline instead of calling transformers'
+        AttentionInterface: {attention module: stand-in}, stand-ins that compute exactly what the module does but
+        call the attention function the text config names; the Lens swaps them in while attached. Generic: none
+        (the modeling code dispatches through AttentionInterface itself)."""
+        return {}
+
     def facts(self, model: nn.Module) -> ModelFacts:
         decoder = self.decoder(model)
         cfg = decoder.config
@@ -172,15 +391,27 @@ class Adapter:
             raise UnsupportedModelError(unsupported_message(model, "found no list of decoder layers"))
         layers: list[LayerFacts] = []
         for i, layer in enumerate(layers_list):
+            known = self.layer_facts(i, layer, cfg)
+            if known is not None:
+                layers.append(known)
+                continue
             attns = [m for m in layer.modules() if _is_softmax_attention(m, cfg)]
             attn = attns[0] if attns else None
-            skip = None if attn is not None else (
-                f"layer {i} ({type(layer).__name__}) has no softmax attention module; attention sites are skipped")
+            mlp = _child(layer, _MLP_NAMES)
+            cross = bool(attn is not None and self.is_cross(layer, attn))
+            if attn is not None:
+                mixer, kind, skip = attn, "cross_attention" if cross else "attention", None
+            else:
+                mixer, kind = self.token_mixer(layer, mlp)
+                skip = (f"layer {i} ({type(layer).__name__}) mixes tokens with "
+                        f"{type(mixer).__name__ if mixer is not None else 'no module arbiter recognises'} "
+                        f"({kind}), not softmax attention; attention sites (attn.q/k/v/scores/probs, "
+                        "attn.head_out) do not exist there")
             layers.append(LayerFacts(
                 index=i, layer=layer, attn=attn,
                 out_proj=_child(attn, _OUT_PROJ_NAMES) if attn is not None else None,
-                mlp=_child(layer, _MLP_NAMES), mid_norm=_child(layer, _MID_NORM_NAMES),
-                cross=bool(attn is not None and self.is_cross(layer, attn)), skip_reason=skip))
+                mlp=mlp, mid_norm=_child(layer, _MID_NORM_NAMES),
+                cross=cross, skip_reason=skip, mixer=mixer, mixer_kind=kind))
         if not any(lf.attn is not None for lf in layers):
             raise UnsupportedModelError(unsupported_message(
                 model, "found no text attention module (a module whose .config is the text config, with "
@@ -188,10 +419,11 @@ class Adapter:
         lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         return ModelFacts(
             family=self.name, model=model, text_config=cfg, decoder=decoder, layers=layers,
-            final_norm=_child(decoder, _FINAL_NORM_NAMES), lm_head=lm_head,
+            final_norm=self.final_norm(decoder), lm_head=lm_head,
             modality_token_ids=self.token_ids(model), notes=list(self.notes),
             prefix_bidirectional=self.prefix_bidirectional,
-            resid_stacked=self.resid_stacked, prefix_replay=self.prefix_replay)
+            resid_stacked=self.resid_stacked, prefix_replay=self.prefix_replay, adapter=self,
+            unserved=self.unserved_mixers(decoder, layers, cfg))
 
 
 def _find_layers(decoder: nn.Module, cfg) -> nn.ModuleList | None:

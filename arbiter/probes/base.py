@@ -25,6 +25,8 @@ SITES: dict[str, tuple[str, bool, str]] = {
     "attn.q": ("attention function", True, "[batch, heads, seq, head_dim] queries after RoPE"),
     "attn.k": ("attention function", True, "[batch, kv_heads, keys, head_dim] keys after RoPE (rows = new keys)"),
     "attn.v": ("attention function", True, "[batch, kv_heads, keys, head_dim] values (rows = new keys)"),
+    "attn.k_pre": ("hook of k_proj", False, "[batch, seq, kv_heads, head_dim] keys as k_proj emits them, before "
+                                            "RoPE and norms (read only; layers with a k_proj Linear)"),
     "attn.mask": ("attention function", True, "[batch, 1|heads, seq, keys] bool, True = may attend; an edit "
                                               "is a -inf added to the scores before softmax (served under SDPA)"),
     "attn.scores": ("attention function", True, "[batch, heads, rows, keys] pre-softmax scores, masked; an edit "
@@ -90,8 +92,9 @@ class Ctx:
     def group(self, name: str, over: str = "rows") -> torch.Tensor:
         """Group mask restricted to this callback's rows (``over="rows"``) or keys (``over="keys"``): [batch, n]."""
         pos = self.positions if over == "rows" else self.key_positions
-        if over == "keys" and self.cross:
-            val = name == "image" or "image" in name.split("|")
+        if over == "keys" and self.cross:  # every key of a cross-attention layer is in the adapter's groups
+            inside = self.lens.facts.cross_key_groups(self.layer)
+            val = any(part in inside for part in name.split("|"))
             return torch.full((self.batch_size, len(pos)), val, dtype=torch.bool)
         m = self.groups.mask(name, length=int(max(int(pos.max()) + 1 if len(pos) else 0, self.groups.length)))
         return m[:, pos.cpu()]

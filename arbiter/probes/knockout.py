@@ -17,9 +17,9 @@ class Knockout(Probe):
     """Queries in ``dst`` cannot attend to keys in ``src`` in the chosen layers (and heads, and batch rows).
 
     A query row whose every key would be masked keeps its own position (documented, never NaN); in a
-    cross-attention layer (Mllama) such a row gets a zero attention output. ``src="image"`` in a
-    cross-attention layer means every key. A group empty for the whole batch raises GroupError unless
-    ``allow_empty=True``, in which case the knockout is a bit-exact no-op there."""
+    cross-attention layer such a row gets a zero attention output. There ``src`` matches every key or none,
+    as the adapter's ``cross_key_groups`` say (e.g. ``src="image"``). A group empty for the whole batch raises
+    GroupError unless ``allow_empty=True``, in which case the knockout is a bit-exact no-op there."""
 
     edits = {"attn.mask": "all"}
 
@@ -45,7 +45,7 @@ class Knockout(Probe):
         if ctx.step != 0 or self.allow_empty:
             return
         for name in (self.src, self.dst):
-            if name == "generated" or (name == "image" and any(lf.cross for lf in ctx.lens.facts.layers)):
+            if name == "generated" or name in ctx.lens.facts.cross_key_groups():
                 continue
             m = ctx.groups[name]  # raises on unknown names
             if not bool(m.any()):
@@ -64,6 +64,12 @@ class Knockout(Probe):
         sever = q[:, None, :, None] & k[:, None, None, :]      # [b, 1, q, k]
         if self.heads is not None:
             nh = ctx.heads[0]
+            if nh == 0:
+                lf = ctx.lens.facts.layers[ctx.layer]
+                raise SiteError(f"Knockout heads={self.heads}: layer {ctx.layer} mixes tokens with a "
+                                f"{lf.mixer_kind} layer, which has no attention heads, so a head-specific knockout "
+                                "cannot be served there; knock out all heads, or pass "
+                                "layers=lens.facts.attention_layers.")
             sel = torch.zeros(nh, dtype=torch.bool, device=mask.device)
             sel[self.heads] = True
             sever = sever & sel[None, :, None, None]
