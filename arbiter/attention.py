@@ -6,6 +6,8 @@ function on the row-sliced queries."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import weakref
 from typing import TYPE_CHECKING, Callable
 
@@ -48,8 +50,8 @@ def _make(base: str) -> Callable:
         entry = RUNTIME.get(module)
         if entry is None:
             return fn(module, query, key, value, attention_mask, **kwargs)
-        lens, layer = entry
-        return lens._runtime.attention(layer, module, fn, base, query, key, value, attention_mask, kwargs)
+        lens, layer, *unit = entry
+        return lens._runtime.attention(layer, module, fn, base, query, key, value, attention_mask, kwargs, *unit)
 
     arbiter_attention.__name__ = f"arbiter_{base}_attention"
     return arbiter_attention
@@ -184,10 +186,14 @@ def protect_empty_rows(m: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor
 
 
 def float_mask(mask_bool: torch.Tensor, mask_float: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """An additive mask for eager attention: the model's float values where allowed, finfo.min elsewhere."""
-    allowed = mask_float if mask_float is not None else torch.zeros((), dtype=dtype, device=mask_bool.device)
-    return torch.where(mask_bool, allowed.to(dtype), torch.full((), torch.finfo(dtype).min, dtype=dtype,
-                                                                 device=mask_bool.device))
+    """An additive mask for eager attention: the model's float values where allowed and where the model masks
+    too (rows it masks entirely, padding rows, keep its exact softmax: Kosmos-2's own mask mixes finfo.min and
+    -inf there), finfo.min where only the (edited) bool mask masks."""
+    lowest = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=mask_bool.device)
+    if mask_float is None:
+        return torch.where(mask_bool, torch.zeros((), dtype=dtype, device=mask_bool.device), lowest)
+    model = mask_float.to(dtype)
+    return torch.where(mask_bool | (model <= lowest / 2), model, lowest)
 
 
 def row_scores(module, query_rows, key, mask_rows_bool, mask_rows_float, kwargs) -> torch.Tensor:
@@ -220,6 +226,27 @@ def row_probs(module, query_rows, key, value, mask_rows_bool, mask_rows_float, k
                         f"keys] probabilities (got {None if probs is None else tuple(probs.shape)}); attn.probs "
                         "cannot be read on this layer.")
     return probs
+
+
+@functools.lru_cache(maxsize=None)
+def dispatches(cls: type) -> bool:
+    """Whether an attention module class's forward calls transformers' attention interface (so the router sees it),
+    read off its source; True where the source cannot be read."""
+    try:
+        src = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return True
+    return "ALL_ATTENTION_FUNCTIONS" in src or "AttentionInterface" in src
+
+
+def check_dispatch(module, layers: list[int], who: str) -> None:
+    """Attention-level sites need the module to call the attention function: refuse one that computes inline."""
+    if not dispatches(type(module)):
+        raise SiteError(f"{who}: layers {layers} run {type(module).__name__}, which computes attention inline instead "
+                        "of calling transformers' AttentionInterface, so arbiter can neither read nor edit it there "
+                        "(attn.q/k/v/mask/scores/probs, knockouts). Register an adapter whose attention_stand_ins() "
+                        "routes it (as arbiter/adapters/git.py does for GIT), or use the attn.head_out, attn.out and "
+                        "residual sites.")
 
 
 def check_score_edit(module, layer: int) -> None:

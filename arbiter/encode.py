@@ -216,6 +216,7 @@ def encode_samples(lens, samples: Sequence[ConflictSample] | ConflictSample, tem
     else:
         inputs = proc(text=prompts, **kwargs)
     inputs = dict(inputs)
+    inputs.update(lens.facts.padding_inputs(inputs))  # what a left-padded sample needs to compute as alone
     ids = inputs["input_ids"]
     am = inputs.get("attention_mask")
     b, length = ids.shape
@@ -231,6 +232,8 @@ def encode_samples(lens, samples: Sequence[ConflictSample] | ConflictSample, tem
     for name in TEXT_PARTS:
         if name not in groups:
             groups.add(name, torch.zeros(b, length, dtype=torch.bool))
+    # onto the sequence the decoder runs (modality positions marked by another input, positions put before the ids)
+    groups = lens.facts.sequence_groups(groups, inputs)
     batch = Batch(inputs, groups, samples, prompts)
     if device is not None or dtype is not None:
         batch = batch.to(device, dtype)

@@ -13,10 +13,10 @@ from torch import nn
 
 from . import attention as attn_fn
 from . import mixers
-from .adapters.base import ModelFacts, model_facts
+from .adapters.base import ModelFacts, key_projection, model_facts
 from .errors import ArbiterError, GroupError, ProbeError, SiteError
 from .groups import TokenGroups
-from .probes.base import ATTENTION_SITES, GLOBAL_SITES, SITES, Ctx, Probe, RowSpec, callback_name
+from .probes.base import ATTENTION_SITES, CROSS_SITES, GLOBAL_SITES, SITES, Ctx, Probe, RowSpec, callback_name
 from .replay import Capture, ReplayModule, decoder_siblings, map_tensors, repeat_dim0, swap_modules
 
 
@@ -155,7 +155,7 @@ class _Runtime:
         if not isinstance(after, torch.Tensor):
             raise ProbeError(f"probe {probe!r} edits {site!r} (layer {layer}) but returned "
                              f"{type(after).__name__}; an editing callback must return the new tensor.")
-        if site == "attn.mask":
+        if site in ("attn.mask", "xattn.mask"):
             try:
                 torch.broadcast_shapes(after.shape, before.shape)
             except RuntimeError:
@@ -168,66 +168,70 @@ class _Runtime:
         return after
 
     # -- attention -----------------------------------------------------------------------------------------
-    def attention(self, layer, module, base, kind, query, key, value, attention_mask, kwargs):
-        has = {s: bool(self.entries(s, layer)) for s in ATTENTION_SITES}
+    def attention(self, layer, module, base, kind, query, key, value, attention_mask, kwargs, unit="attn"):
+        """One routed attention call of ``layer``; ``unit`` is "attn" (the layer's mixer) or "xattn" (the
+        cross-attention feeding it, served on CROSS_SITES)."""
+        site = {s.split(".", 1)[1]: ("x" + s if unit == "xattn" else s) for s in ATTENTION_SITES}
+        has = {s: bool(self.entries(site[s], layer)) for s in site}
         if not any(has.values()):
             return base(module, query, key, value, attention_mask, **kwargs)
         lf = self.lens.facts.layers[layer]
+        cross = lf.cross or unit == "xattn"
         b, _, q_len, _ = query.shape
         k_len = key.shape[2]
         q_pos = self.chunk_positions(q_len)
-        k_pos = torch.arange(k_len) if lf.cross else torch.arange(self.offset + q_len - k_len, self.offset + q_len)
-        new_k = k_pos if lf.cross else q_pos
-        kw = dict(query_positions=q_pos, key_positions=k_pos, cross=lf.cross)
-        if has["attn.q"]:
-            query = self.run_site("attn.q", layer, query, 2, q_pos, **kw)
-        for site, t in (("attn.k", "key"), ("attn.v", "value")):
-            if has[site]:
+        k_pos = torch.arange(k_len) if cross else torch.arange(self.offset + q_len - k_len, self.offset + q_len)
+        new_k = k_pos if cross else q_pos
+        kw = dict(query_positions=q_pos, key_positions=k_pos, cross=cross, unit=unit)
+        if has["q"]:
+            query = self.run_site(site["q"], layer, query, 2, q_pos, **kw)
+        for name, t in (("k", "key"), ("v", "value")):
+            if has[name]:
                 cur = key if t == "key" else value
                 start = k_len - len(new_k)
                 if start == 0:
-                    cur = self.run_site(site, layer, cur, 2, new_k, **kw)
+                    cur = self.run_site(site[name], layer, cur, 2, new_k, **kw)
                 else:
-                    tail = self.run_site(site, layer, cur[:, :, start:], 2, new_k, **kw)
+                    tail = self.run_site(site[name], layer, cur[:, :, start:], 2, new_k, **kw)
                     cur = torch.cat([cur[:, :, :start], tail], dim=2)
                 key, value = (cur, value) if t == "key" else (key, cur)
-        eager = any(a.specs[s][0] == "edit" for s in ("attn.scores", "attn.probs") for a in self.entries(s, layer))
-        need_mask = has["attn.mask"] or has["attn.scores"] or has["attn.probs"]
+        eager = any(a.specs[site[s]][0] == "edit" for s in ("scores", "probs") for a in self.entries(site[s], layer))
+        need_mask = has["mask"] or has["scores"] or has["probs"]
         mask_b = mask_f = None
         edited = False
         empty = None
         if need_mask:
-            mask_b, mask_f = attn_fn.bool_mask(attention_mask, module, kwargs, b, q_pos, k_pos, lf.cross,
+            mask_b, mask_f = attn_fn.bool_mask(attention_mask, module, kwargs, b, q_pos, k_pos, cross,
                                                query.device)
-            if has["attn.mask"]:
+            if has["mask"]:
                 before = mask_b
-                mask_b = self.run_site("attn.mask", layer, mask_b, 2, q_pos, **kw)
+                mask_b = self.run_site(site["mask"], layer, mask_b, 2, q_pos, **kw)
                 if mask_b is not before:
                     edited = True
                     mask_b = mask_b.expand(torch.broadcast_shapes(mask_b.shape, before.shape))
-                    if lf.cross:
+                    if cross:
                         empty = ~mask_b.any(dim=-1)
                         mask_b = mask_b | empty[..., None]
                     else:
                         mask_b, _ = attn_fn.protect_empty_rows(mask_b, q_pos.to(mask_b.device),
                                                                k_pos.to(mask_b.device))
         if eager:
-            out = self.eager_layer(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw)
+            out = self.eager_layer(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site)
         else:
             if edited:
                 out = attn_fn.masked_attention(kind, base, module, query, key, value, mask_b, mask_f, kwargs)
             else:
                 out = base(module, query, key, value, attention_mask, **kwargs)
-            if has["attn.scores"] or has["attn.probs"]:
-                self.read_rows(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw)
+            if has["scores"] or has["probs"]:
+                self.read_rows(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site)
         if empty is not None and bool(empty.any()):
             o = out[0]  # [b, q, h, d]
             keep = (~empty).transpose(1, 2)[..., None].to(o.dtype)  # [b, q, h|1, 1]
             out = (o * keep, out[1])
         return out
 
-    def _rows_union(self, layer, q_pos):
-        specs = [a.specs[s][1] for s in ("attn.scores", "attn.probs") for a in self.entries(s, layer)]
+    def _rows_union(self, layer, q_pos, site):
+        specs = [a.specs[site[s]][1] for s in ("scores", "probs") for a in self.entries(site[s], layer)]
         if any(isinstance(s, str) and s == "all" for s in specs):
             return q_pos
         rows = set()
@@ -235,27 +239,27 @@ class _Runtime:
             rows.update(self.resolve_rows(s, q_pos)[0].tolist())
         return torch.tensor(sorted(rows), dtype=torch.long)
 
-    def read_rows(self, layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw):
-        rows = self._rows_union(layer, q_pos)
+    def read_rows(self, layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site):
+        rows = self._rows_union(layer, q_pos, site)
         if len(rows) == 0:
             return
         idx = (rows - q_pos[0]).to(query.device)
         mb = mask_b.index_select(2, idx)
         mf = mask_f.index_select(2, idx) if mask_f is not None else None
         q_rows = query.index_select(2, idx)
-        if self.entries("attn.scores", layer):
+        if self.entries(site["scores"], layer):
             scores = attn_fn.row_scores(module, q_rows, key, mb, mf, kwargs)
-            self.run_site("attn.scores", layer, scores, 2, rows, **kw)
-        if self.entries("attn.probs", layer):
+            self.run_site(site["scores"], layer, scores, 2, rows, **kw)
+        if self.entries(site["probs"], layer):
             probs = attn_fn.row_probs(module, q_rows, key, value, mb, mf, kwargs)
-            self.run_site("attn.probs", layer, probs, 2, rows, **kw)
+            self.run_site(site["probs"], layer, probs, 2, rows, **kw)
 
-    def eager_layer(self, layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw):
+    def eager_layer(self, layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site):
         attn_fn.check_score_edit(module, layer)
         scores = attn_fn.row_scores(module, query, key, mask_b, mask_f, kwargs)
-        scores = self.run_site("attn.scores", layer, scores, 2, q_pos, **kw)
+        scores = self.run_site(site["scores"], layer, scores, 2, q_pos, **kw)
         probs = attn_fn.softmax_probs(scores, query.dtype)
-        probs = self.run_site("attn.probs", layer, probs, 2, q_pos, **kw)
+        probs = self.run_site(site["probs"], layer, probs, 2, q_pos, **kw)
         return attn_fn.eager_output(probs, value), None
 
 
@@ -278,12 +282,23 @@ class Lens:
         if self._entered:
             raise ProbeError("this Lens is already attached; nest probes inside it instead of re-entering.")
         self._router.install()
+        # attention computing inline (no AttentionInterface call): the adapter's stand-ins, swapped in while attached
+        self._stand_ins = self.facts.attention_stand_ins()
+        try:
+            self._unswap = swap_modules(self.model, self._stand_ins) if self._stand_ins else None
+        except BaseException:
+            self._router.remove()
+            raise
         for lf in self.facts.layers:
             if lf.attn is not None:
                 attn_fn.RUNTIME[lf.attn] = (self, lf.index)
+                if lf.attn in self._stand_ins:
+                    attn_fn.RUNTIME[self._stand_ins[lf.attn]] = (self, lf.index)
+            if lf.cross_attn is not None:
+                attn_fn.RUNTIME[lf.cross_attn] = (self, lf.index, "xattn")
         self._base_handles = [
+            *(m.register_forward_pre_hook(self._on_model, with_kwargs=True) for m in self.facts.input_modules()),
             self.facts.decoder.register_forward_pre_hook(self._on_decoder, with_kwargs=True),
-            self.model.register_forward_pre_hook(self._on_model, with_kwargs=True),
         ]
         self._entered = True
         return self
@@ -306,6 +321,13 @@ class Lens:
         for lf in self.facts.layers:
             if lf.attn is not None:
                 attn_fn.RUNTIME.pop(lf.attn, None)
+            if lf.cross_attn is not None:
+                attn_fn.RUNTIME.pop(lf.cross_attn, None)
+        for stand_in in getattr(self, "_stand_ins", {}).values():
+            attn_fn.RUNTIME.pop(stand_in, None)
+        if getattr(self, "_unswap", None) is not None:
+            self._unswap()
+            self._unswap = None
         self._router.remove()
         self._entered = False
 
@@ -319,7 +341,7 @@ class Lens:
         """One hook per (site, layer) that some active probe uses; attention sites need none."""
         self._remove_hooks()
         rt = self._runtime
-        needed = {key for key, lst in rt.table.items() if lst and key[0] not in ATTENTION_SITES}
+        needed = {key for key, lst in rt.table.items() if lst and key[0] not in ATTENTION_SITES + CROSS_SITES}
         f = self.facts
         for site, layer in sorted(needed, key=lambda k: (k[0], -1 if k[1] is None else k[1])):
             lf = f.layers[layer] if layer is not None else None
@@ -340,7 +362,8 @@ class Lens:
             elif site == "attn.k_pre":
                 self._handles.append(self._k_pre_module(layer).register_forward_hook(self._k_pre_hook(layer)))
             elif site in ("attn.out", "mlp.out", "resid.post", "logits"):
-                mod = {"attn.out": lf.attn if lf else None, "mlp.out": lf.mlp if lf else None,
+                mod = {"attn.out": (lf.attn if lf.attn_out is None else lf.attn_out) if lf else None,
+                       "mlp.out": lf.mlp if lf else None,
                        "resid.post": lf.layer if lf else None, "logits": f.lm_head}[site]
                 if mod is None:
                     raise SiteError(f"site {site!r} is not available at layer {layer} of this model.")
@@ -470,18 +493,25 @@ class Lens:
         return hook
 
     def _on_model(self, module, args, kwargs):
-        """Top-level forward: at prefill, take the batch's groups (from encode(), or read from the input ids)."""
+        """Forward of a module that receives the model's inputs (the model; see ``Adapter.input_modules``): at
+        prefill, take the batch's groups (from encode(), or read from the input ids), over the sequence the decoder
+        runs (``ModelFacts.sequence_groups``: modality masks and prepended positions the adapter reads off the
+        inputs)."""
         ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = _cache_length(cache)
         if past == 0 and ids is not None and ids.dim() == 2:
             g = self.groups
-            if g is not None and g.batch_size == ids.shape[0] and g.length != ids.shape[1] \
-                    and g.prompt_length == ids.shape[1]:
+            # groups over the ids, or over the decoder's sequence (n: the ids plus positions the model puts before them)
+            lengths = (ids.shape[1], ids.shape[1] + self.facts.prefix_length(kwargs))
+            if g is not None and g.batch_size == ids.shape[0] and g.length not in lengths \
+                    and g.prompt_length in lengths:
                 g.truncate(g.prompt_length)
-            if g is None or g.batch_size != ids.shape[0] or g.length != ids.shape[1]:
+            if g is None or g.batch_size != ids.shape[0] or g.length not in lengths:
                 g = TokenGroups.from_input_ids(ids, kwargs.get("attention_mask"), self.facts.modality_token_ids,
                                                kwargs.get("mm_token_type_ids"))
+            if g.length == ids.shape[1]:
+                g = self.facts.sequence_groups(g, kwargs)
             self._runtime.groups = g
         return None
 
@@ -533,7 +563,7 @@ class Lens:
             raise ProbeError("activate probes inside `with arbiter.attach(model) as lens:`.")
         specs = probe.site_specs()
         layer_spec = layers if layers is not None else probe.layers
-        site_layers = self._site_layers(specs, layer_spec, type(probe).__name__)
+        site_layers = self._site_layers(specs, layer_spec, type(probe).__name__, type(probe))
         steps = steps or probe.steps
         if steps not in ("all", "prefill", "decode"):
             raise SiteError(f"steps must be 'all', 'prefill' or 'decode', got {steps!r}.")
@@ -552,7 +582,7 @@ class Lens:
             self._install_hooks()
             probe.on_detach(self)
 
-    def _site_layers(self, specs, layer_spec, who: str) -> dict[str, frozenset[int]]:
+    def _site_layers(self, specs, layer_spec, who: str, probe_type=None) -> dict[str, frozenset[int]]:
         """The layers each site of a probe is served on: the chosen layers where the site exists. An explicit
         layer lacking a site is an error naming the layer's token mixer; ``"all"`` serves every layer that has it,
         and a knockout that cannot sever some layer's token mixer is an error, never a skipped layer."""
@@ -565,12 +595,14 @@ class Lens:
                             "would leave those paths open. Record and head interventions work on the routed "
                             "attention; knockouts on this architecture are not supported yet.")
         out: dict[str, frozenset[int]] = {}
+        optional = getattr(probe_type, "optional_sites", frozenset())
         for site in specs:
             if site in GLOBAL_SITES:
                 continue
             have = frozenset(i for i in chosen if self._has_site(site, f.layers[i]))
             missing = sorted(chosen - have)
-            if missing and (explicit or site == "attn.mask"):
+            if missing and (explicit or site == "attn.mask") and not (site in CROSS_SITES
+                                                                     and site in optional):
                 lf = f.layers[missing[0]]
                 what = ("a knockout (attn.mask) cannot be served there: arbiter does not know how it mixes tokens; "
                         "register an adapter whose token_mixer() names the module" if site == "attn.mask"
@@ -580,13 +612,23 @@ class Lens:
                 why = lf.skip_reason or "the module is missing"
                 raise SiteError(f"{who}: layers {missing} lack it ({why}); {what}.")
             out[site] = have
-        if any(s in ATTENTION_SITES for s in specs) and any(
-                f.layers[i].attn is not None for s in specs if s in ATTENTION_SITES for i in out[s]):
+        routed = ATTENTION_SITES + CROSS_SITES
+        if any(s in routed for s in specs) and any(
+                f.layers[i].mixer_kind in ("attention", "cross_attention") or s in CROSS_SITES
+                for s in specs if s in routed for i in out[s]):
             self._router.check_editable()
+        inline: dict[nn.Module, list[int]] = {}  # attention the router would not see (no AttentionInterface call)
+        for i in sorted({i for s in specs if s in ATTENTION_SITES for i in out[s] if f.layers[i].attn is not None}):
+            attn = getattr(self, "_stand_ins", {}).get(f.layers[i].attn, f.layers[i].attn)
+            inline.setdefault(attn, []).append(i)
+        for attn, layers in inline.items():
+            attn_fn.check_dispatch(attn, layers, who)
         return out
 
     @staticmethod
     def _has_site(site: str, lf) -> bool:
+        if site in CROSS_SITES:
+            return lf.cross_attn is not None
         if site == "attn.mask":
             return lf.attn is not None or (lf.mixer is not None and lf.mixer_kind not in ("none",))
         if site == "attn.k_pre":
@@ -775,8 +817,7 @@ def _seq_dim(x: torch.Tensor, rt: _Runtime) -> int:
 
 def _k_proj(lf) -> nn.Linear | None:
     """The layer's key projection (the attn.k_pre site), or None where its attention has no k_proj Linear."""
-    k = getattr(lf.attn, "k_proj", None) if lf.attn is not None else None
-    return k if isinstance(k, nn.Linear) else None
+    return key_projection(lf.attn)
 
 
 def _cache_length(cache) -> int:

@@ -42,11 +42,8 @@ def deletion_runs(default: torch.Tensor, edited: torch.Tensor, q_pos: torch.Tens
     severed = default[:, 0] & ~edited[:, 0]          # [b, q, k]
     q_pos = q_pos.to(severed.device)
     k_len = severed.shape[-1]
-    own = severed[:, torch.arange(len(q_pos), device=severed.device), q_pos.clamp(max=k_len - 1)]
-    if bool(own.any()):
-        raise SiteError(f"layer {layer} ({kind}): a knockout severs some destination rows from their own "
-                        "position, which has no meaning for a token mixer (a row's output is made from its own "
-                        "input); use disjoint source and destination groups on such layers.")
+    # a row's output is made from its own input: a destination row that is also a source keeps its position
+    severed[:, torch.arange(len(q_pos), device=severed.device), q_pos.clamp(max=k_len - 1)] = False
     runs: list[DeletionRun] = []
     positions = torch.arange(k_len)
     for b in range(severed.shape[0]):
@@ -55,7 +52,8 @@ def deletion_runs(default: torch.Tensor, edited: torch.Tensor, q_pos: torch.Tens
             continue
         sev = severed[b].cpu()
         union = sev[rows].any(0)
-        consistent = [int(r) for r in rows if torch.equal(sev[r], union & (positions <= int(q_pos[r])))]
+        consistent = [int(r) for r in rows if not bool(union[int(q_pos[r])])
+                      and torch.equal(sev[r], union & (positions < int(q_pos[r])))]
         groups: dict[tuple[int, ...], list[int]] = {}
         if consistent:
             groups[tuple(torch.nonzero(union).flatten().tolist())] = consistent
@@ -65,6 +63,7 @@ def deletion_runs(default: torch.Tensor, edited: torch.Tensor, q_pos: torch.Tens
         for dropped, members in groups.items():
             keep = torch.ones(k_len, dtype=torch.bool)
             keep[list(dropped)] = False
+            keep[[int(q_pos[r]) for r in members]] = True
             last = max(int(q_pos[r]) for r in members)
             kept = positions[keep & (positions <= last)]
             index = torch.searchsorted(kept, torch.tensor([int(q_pos[r]) for r in members]))

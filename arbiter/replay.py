@@ -79,19 +79,19 @@ class ReplayModule(nn.Module):
 def swap_modules(root: nn.Module, stand_ins: dict[nn.Module, nn.Module]) -> Callable[[], None]:
     """Put ``stand_ins[m]`` in place of every module ``m`` in each parent under ``root`` that holds it (a
     ModuleList index or an attribute); returns the function that puts the originals back."""
-    slots = [(parent, name, child) for parent in root.modules() for name, child in parent._modules.items()
-             if child is not None and child in stand_ins]
+    slots = [(parent, name, child) for parent in root.modules() for name, child in parent.named_children()
+             if child in stand_ins]
     done = []
     try:
         for parent, name, child in slots:
-            parent._modules[name] = stand_ins[child]
+            setattr(parent, name, stand_ins[child])
             done.append((parent, name, child))
     except BaseException:
         for parent, name, child in reversed(done):
-            parent._modules[name] = child
+            setattr(parent, name, child)
         raise
 
     def restore() -> None:
         for parent, name, child in reversed(done):
-            parent._modules[name] = child
+            setattr(parent, name, child)
     return restore

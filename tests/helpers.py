@@ -6,8 +6,16 @@ import functools
 
 import torch
 
-from arbiter.testing.tiny import FAMILIES, tiny
+from arbiter.testing.tiny import FAMILIES as ALL_FAMILIES
+from arbiter.testing.tiny import tiny
 
+# families arbiter serves in part: left out of the end-to-end parametrizations, tested for what they serve and
+# for their clear refusals in their own test files
+PARTIAL = {
+    "florence2": "encoder-decoder: the decoder is served (record, heads, cross-attention reads); knockouts are "
+                 "refused while the encoder stack is not routed (tests/test_cross_attention.py)",
+}
+FAMILIES = [f for f in ALL_FAMILIES if f not in PARTIAL]
 MULTIMODAL = [f for f in FAMILIES if f not in ("llama", "qwen2", "gemma")]
 
 

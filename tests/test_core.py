@@ -41,12 +41,13 @@ def test_reading_every_site_is_bit_identical(tm):
 
 
 def _eager_reference(tm, inputs):
+    impl = tm.model.config._attn_implementation  # sdpa; GIT implements eager only
     tm.model.set_attn_implementation("eager")
     try:
         with torch.no_grad():
             out = tm.model(**inputs, output_attentions=True)
     finally:
-        tm.model.set_attn_implementation("sdpa")
+        tm.model.set_attn_implementation(impl)
     return [a for a in out.attentions if a is not None]
 
 
@@ -67,12 +68,13 @@ def test_recorded_probs_match_eager_output_attentions(tm):
     """Same run (model in eager): every layer. Model in SDPA: the first layer (later ones see SDPA's rounding)."""
     inputs = inputs_for(tm, n=2)
     eager = _eager_reference(tm, inputs)
+    impl = tm.model.config._attn_implementation
     tm.model.set_attn_implementation("eager")
     try:
         with arbiter.attach(tm.model, tm.processor) as lens, lens.record("attn.probs", rows="all") as rec:
             logits(tm.model, inputs)
     finally:
-        tm.model.set_attn_implementation("sdpa")
+        tm.model.set_attn_implementation(impl)
     layers = [lf.index for lf in lens.facts.layers if lf.attn is not None and not lf.cross]
     assert _compare(rec, eager, layers, n_layers=lens.facts.n_layers) == len(layers)
     with arbiter.attach(tm.model, tm.processor) as lens, lens.record("attn.probs", rows="all") as rec_sdpa:
@@ -123,6 +125,10 @@ def test_leaving_attach_restores_the_model_even_after_an_exception(tm):
 
 
 def test_left_padded_batch_equals_unbatched_for_last_row_attention(mm):
+    if mm.family == "git":
+        pytest.skip("GIT's learned text positions ignore the attention mask (position ids count from the first "
+                    "column, pads included), so left padding shifts the shorter prompt's positions and changes "
+                    "its attention and residuals in the model itself, with or without arbiter")
     inputs2 = inputs_for(mm, n=2)
     single = inputs_for(mm, n=1)
     with arbiter.attach(mm.model, mm.processor) as lens:

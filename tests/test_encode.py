@@ -35,10 +35,12 @@ def test_text_groups_cover_exactly_their_prompt_part(family):
     with arbiter.attach(tm.model, tm.processor) as lens:
         batch = lens.encode([_sample(tm, 0), _sample(tm, 1)])
     g, ids = batch.groups, batch.inputs["input_ids"]
+    pre = g.length - ids.shape[1]  # positions the model runs before the ids (GIT's prepended image), in the groups
+    assert pre == 0 or bool(g["image"][:, :pre].all())
     for i in range(2):
-        assert _text(tm, ids[i][g["context"][i]]) == CONTEXT
-        assert _text(tm, ids[i][g["instruction"][i]]) == INSTRUCTION
-        assert _text(tm, ids[i][g["question"][i]]) == QUESTION + " ok" * i
+        assert _text(tm, ids[i][g["context"][i, pre:]]) == CONTEXT
+        assert _text(tm, ids[i][g["instruction"][i, pre:]]) == INSTRUCTION
+        assert _text(tm, ids[i][g["question"][i, pre:]]) == QUESTION + " ok" * i
         assert int(g["last"][i].sum()) == 1 and bool(g["last"][i, -1])   # left padding: last column
         if "image" in tm.modalities and family != "mllama":
             assert int(g["image"][i].sum()) > 0

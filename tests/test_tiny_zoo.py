@@ -12,6 +12,15 @@ from arbiter.testing import FAMILIES, TinyModel, tiny
 
 MULTIMODAL = [f for f in FAMILIES if f not in ("llama", "qwen2", "gemma")]
 TEXT_ONLY = [f for f in FAMILIES if f not in MULTIMODAL]
+# families without an image placeholder token (their image positions: test_tiny_zoo_more.py::test_image_token_count)
+NO_IMAGE_TOKEN = {
+    "git": "GIT has no image token: the model prepends its image embeddings to the text embeddings",
+    "kosmos2": "Kosmos-2's image positions hold ordinary token ids, marked by the processor's "
+               "image_embeds_position_mask",
+}
+# GIT (tiny_more.py): eager attention only, image positions prepended to the text (the logits cover them too)
+GIT_FORWARD = ("GIT implements eager attention only and its logits cover the image positions it prepends to the "
+               "text (checked in test_tiny_zoo_more.py::test_forward_finite)")
 
 
 @functools.cache
@@ -51,6 +60,11 @@ def test_families_listed():
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_forward_finite(family):
+    if family == "git":
+        pytest.skip(GIT_FORWARD)
+    if family == "florence2":
+        pytest.skip("Florence-2 is an encoder-decoder: its logits are the decoder's, one row per decoder input, not "
+                    "per input id (test_tiny_zoo_more.py checks its decoder logits)")
     tm = _zoo(family)
     assert not tm.model.training
     assert tm.model.config._attn_implementation == "sdpa"
@@ -78,7 +92,10 @@ def test_modalities_change_logits(family):
 def test_image_token_count(family):
     tm = _zoo(family)
     inputs = _inputs(tm, tm.prompt("Describe the image."))
-    n = int((inputs["input_ids"] == _image_token_id(tm)).sum())
+    if family == "git":
+        pytest.skip(NO_IMAGE_TOKEN[family] + " (counted in test_tiny_zoo_more.py::test_image_token_count)")
+    marked = inputs.get("image_embeds_position_mask")  # Kosmos-2: the processor marks the image positions
+    n = int(marked.sum()) if marked is not None else int((inputs["input_ids"] == _image_token_id(tm)).sum())
     assert n == tm.image_tokens_per_image
     # and it is what the model consumes: the forward checks placeholders against features
     _forward(tm, inputs)
@@ -86,6 +103,13 @@ def test_image_token_count(family):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_left_padded_batch(family):
+    if family == "git":
+        pytest.skip("GIT's learned text positions ignore the attention mask (counted from the first column, pads "
+                    "included), so left padding changes the shorter prompt's logits in the model itself; its "
+                    "tokenizer pads on the right (test_tiny_zoo_more.py::test_padded_batch)")
+    if family == "florence2":
+        pytest.skip("Florence-2's BART positions ignore the attention mask and its tokenizer pads on the right "
+                    "(test_tiny_zoo_more.py::test_padded_batch)")
     tm = _zoo(family)
     tok = tm.tokenizer
     old = tok.padding_side
@@ -166,6 +190,8 @@ def test_offsets_and_special_tokens():
         assert len(tok(word, add_special_tokens=False)["input_ids"]) == 1, word
     # special tokens are never split, and ids agree with the model config
     for family in MULTIMODAL:
+        if family in NO_IMAGE_TOKEN:
+            continue
         tm = _zoo(family)
         image_id = _image_token_id(tm)
         token = tm.tokenizer.convert_ids_to_tokens(image_id)

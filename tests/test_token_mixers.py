@@ -209,13 +209,21 @@ def test_head_specific_knockout_on_a_mixer_layer_is_refused():
                 _logits(tm, _inputs(tm))
 
 
-def test_self_severing_knockout_on_a_mixer_layer_is_refused():
-    tm = _tm("lfm2_vl")
+@pytest.mark.parametrize("family", ["lfm2_vl", "qwen3_5"])
+def test_a_destination_row_inside_the_source_keeps_its_own_position(family):
+    tm = _tm(family)
+    inputs = _inputs(tm)
     with arbiter.attach(tm.model, tm.processor) as lens:
         layer = next(lf.index for lf in lens.facts.layers if lf.attn is None)
-        with pytest.raises(SiteError, match="own position"):
-            with lens.knockout("image", "image", layers=[layer]):
-                _logits(tm, _inputs(tm))
+        x, clean = _mixer_io(lens, layer, tm, inputs)
+        _, knocked = _mixer_io(lens, layer, tm, inputs, knockout=("image|last", "last"))
+        mixer = lens.facts.layers[layer].mixer
+    keep = ~_image_mask(tm, inputs)          # the image deleted, the last position kept (it is the row itself)
+    with torch.no_grad():
+        by_hand = mixer(hidden_states=x[:, keep])
+    by_hand = by_hand[0] if isinstance(by_hand, tuple) else by_hand
+    torch.testing.assert_close(knocked[0, -1], by_hand[0, -1], atol=1e-6, rtol=0)
+    assert torch.equal(knocked[0, :-1], clean[0, :-1])
 
 
 @pytest.mark.parametrize("family", ["lfm2_vl", "qwen3_5"])

@@ -46,6 +46,7 @@ class LayerFacts:
     mixer: nn.Module | None = None  # the layer's token mixer (the attention module, or a linear-attention /
                                     # convolution / state-space module); None: the layer mixes no tokens
     mixer_kind: str = "attention"   # one of MIXER_KINDS
+    cross_attn: nn.Module | None = None  # a cross-attention feeding the layer besides its mixer (CROSS_SITES)
     attn_out: nn.Module | None = None  # the module whose output is attn.out, where it is not ``attn`` (GIT: the
                                        # output projection, before the residual add and post-LayerNorm)
 
@@ -127,29 +128,50 @@ class ModelFacts:
 
     def prefix_length(self, inputs: Mapping[str, Any]) -> int:
         """How many positions the decoder runs before ``input_ids`` for these inputs (0 for most families)."""
-        return sum(self.residual.adapter.prefix_positions(inputs).values())
+        return sum(self.residual.adapter.prefix_positions(self.model, inputs).values())
 
     def sequence_groups(self, groups, inputs: Mapping[str, Any]):
         """``groups`` read off ``input_ids`` (TokenGroups over the ids) as groups over the sequence the decoder
         runs: modality positions the model marks in another input, positions it runs before the ids (GIT's image
         embeddings). ``groups`` itself for a family that runs its ids as they are."""
         a = self.residual.adapter
-        for name, mask in a.modality_masks(inputs).items():
+        for name, mask in a.modality_masks(self.model, inputs).items():
             groups = groups.mark(name, mask)
-        for name, n in reversed(list(a.prefix_positions(inputs).items())):
+        for name, n in reversed(list(a.prefix_positions(self.model, inputs).items())):
             groups = groups.prepend(n, name)
         return groups
+
+    def padding_inputs(self, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Inputs that make a left-padded batch exact for this family (see ``Adapter.padding_inputs``)."""
+        return self.residual.adapter.padding_inputs(self.model, inputs)
 
     def attention_stand_ins(self) -> dict[nn.Module, nn.Module]:
         """{attention module: stand-in that dispatches through AttentionInterface} (see the Adapter's method)."""
         return self.residual.adapter.attention_stand_ins(self)
 
-    def cross_key_groups(self, layer: int | None = None) -> frozenset[str]:
+    def cross_key_groups(self, layer: int | None = None, unit: str = "attn") -> frozenset[str]:
         """Token groups every key of cross-attention ``layer`` belongs to (its keys have no text positions);
-        empty for a self-attention layer. ``layer=None``: the union over the model's cross-attention layers."""
+        empty for a self-attention layer. ``layer=None``: the union over the model's cross-attention layers and
+        the layers' cross-attention units. ``unit="xattn"``: the cross-attention feeding the layer."""
         a, modalities = self.residual.adapter, frozenset(self.modality_token_ids)
+        if unit == "xattn":
+            lf = self.layers[layer]
+            return a.cross_unit_key_groups(lf, modalities) if lf.cross_attn is not None else frozenset()
         chosen = [lf for lf in self.layers if lf.cross] if layer is None else [self.layers[layer]]
-        return frozenset().union(*(a.cross_key_groups(lf, modalities) for lf in chosen if lf.cross))
+        out = frozenset().union(*(a.cross_key_groups(lf, modalities) for lf in chosen if lf.cross))
+        if layer is None:
+            out = out.union(*(a.cross_unit_key_groups(lf, modalities) for lf in self.layers if lf.cross_attn))
+        return out
+
+    def cross_heads(self, layer: int) -> tuple[int, int, int]:
+        """(query heads, KV heads, head_dim) of the cross-attention feeding a layer ((0, 0, 0) where none)."""
+        lf = self.layers[layer]
+        return (0, 0, 0) if lf.cross_attn is None else attention_shape(lf.cross_attn, self.text_config)
+
+    @property
+    def cross_layers(self) -> list[int]:
+        """Layers fed by a cross-attention besides their own token mixer (where CROSS_SITES exist)."""
+        return [lf.index for lf in self.layers if lf.cross_attn is not None]
 
     @property
     def n_layers(self) -> int:
@@ -215,6 +237,16 @@ def attention_shape(attn: nn.Module, text_config) -> tuple[int, int, int]:
     return int(n_heads), int(n_kv), int(head_dim)
 
 
+def key_projection(attn: nn.Module | None) -> nn.Linear | None:
+    """The attention module's key projection Linear (``k_proj``; ``key`` in BERT-style attention such as GIT's),
+    whose output is the attn.k_pre site; None where it has none (a layer that reuses another layer's keys)."""
+    for name in ("k_proj", "key"):
+        k = getattr(attn, name, None) if attn is not None else None
+        if isinstance(k, nn.Linear):
+            return k
+    return None
+
+
 def _child(module: nn.Module, names) -> nn.Module | None:
     for n in names:
         m = getattr(module, n, None)
@@ -273,15 +305,26 @@ class Adapter:
         that have any, since they would leave those paths open."""
         out = []
         inside: set[int] = set()
+        served = {id(lf.cross_attn) for lf in layers if lf.cross_attn is not None}
         for lf in layers:
             for name, m in lf.layer.named_modules():
                 inside.add(id(m))
-                if m is not lf.attn and lf.attn is not None and _is_softmax_attention(m, cfg):
+                if (m is not lf.attn and id(m) not in served and lf.attn is not None
+                        and _is_softmax_attention(m, cfg)):
                     out.append(f"layer {lf.index}: {name} ({type(m).__name__}), a second attention in the layer")
         for name, m in decoder.named_modules():
-            if id(m) not in inside and _looks_like_attention(m) and getattr(m, "config", cfg) is cfg:
+            if (id(m) not in inside and id(m) not in served and _looks_like_attention(m)
+                    and getattr(m, "config", cfg) is cfg):
                 out.append(f"{name} ({type(m).__name__}), an attention block outside the decoder's layer list")
         return out
+
+    def encoder_stack(self, model: nn.Module, decoder: nn.Module) -> nn.Module | None:
+        """The encoder whose output the decoder's cross-attention reads (encoder-decoder models), else None."""
+        for m in model.modules():
+            enc = getattr(m, "encoder", None)
+            if m is not model and isinstance(enc, nn.Module) and any(c is decoder for c in m.children()):
+                return enc
+        return None
 
     def token_ids(self, model: nn.Module) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}
@@ -343,6 +386,23 @@ class Adapter:
             probe_in = torch.ones(1, hidden, dtype=dtype, device=device)
             return norm(probe_in)[0].float() * (1.0 + eps) ** 0.5
 
+    def cross_attentions(self, decoder: nn.Module, layers: list[LayerFacts], cfg) -> dict[int, nn.Module]:
+        """Cross-attentions feeding layers besides their own mixer: {layer index: module}. Generic: a second
+        softmax attention inside a layer (an encoder-decoder's cross-attention). Override for blocks that sit
+        outside the layer list."""
+        out = {}
+        for lf in layers:
+            extra = [m for m in lf.layer.modules() if m is not lf.attn and _is_softmax_attention(m, cfg)]
+            if lf.attn is not None and len(extra) == 1:
+                out[lf.index] = extra[0]
+        return out
+
+    def cross_unit_key_groups(self, layer: LayerFacts, modalities: frozenset[str]) -> frozenset[str]:
+        """Token groups every key of the cross-attention feeding ``layer`` belongs to. Generic: none (the keys
+        are another stack's positions, e.g. an encoder's, which mix modalities); an adapter whose cross-attention
+        reads one modality only names it."""
+        return frozenset()
+
     def cross_key_groups(self, layer: LayerFacts, modalities: frozenset[str]) -> frozenset[str]:
         """Token groups that every key of a cross-attention layer belongs to (its keys are another modality's,
         with no text positions). Generic: the model's modalities (those it has placeholder token ids for); an
@@ -365,15 +425,21 @@ class Adapter:
         any inner model its generate() calls instead of its own forward."""
         return [model]
 
-    def prefix_positions(self, inputs: Mapping[str, Any]) -> dict[str, int]:
+    def prefix_positions(self, model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, int]:
         """Positions the decoder runs before ``input_ids`` with no token for them, as {group: count} in sequence
         order, read from the model's inputs (the kwargs of its forward, or a processor's output). Generic: none,
         the decoder runs the ids as they are."""
         return {}
 
-    def modality_masks(self, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    def modality_masks(self, model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Modality positions the model marks in an input of its own rather than by token ids, as {group:
         [batch, ids] bool}, read from the model's inputs. Generic: none."""
+        return {}
+
+    def padding_inputs(self, model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Inputs to add to a left-padded batch (encode pads on the left) so that each sample computes as it would
+        alone, for a family whose forward does not follow the attention mask by itself (GIT counts its learned
+        positions from the first column). Generic: none."""
         return {}
 
     def attention_stand_ins(self, facts: "ModelFacts") -> dict[nn.Module, nn.Module]:
@@ -416,6 +482,13 @@ class Adapter:
             raise UnsupportedModelError(unsupported_message(
                 model, "found no text attention module (a module whose .config is the text config, with "
                        "layer_idx, q/k projections and an output projection)"))
+        for index, module in self.cross_attentions(decoder, layers, cfg).items():
+            layers[index].cross_attn = module
+        unserved = self.unserved_mixers(decoder, layers, cfg)
+        encoder = self.encoder_stack(model, decoder)
+        if encoder is not None and any(lf.cross_attn is not None for lf in layers):
+            unserved.append(f"the encoder ({type(encoder).__name__}), whose positions mix the modalities before "
+                            "the decoder's cross-attention reads them (arbiter routes the decoder only)")
         lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         return ModelFacts(
             family=self.name, model=model, text_config=cfg, decoder=decoder, layers=layers,
@@ -423,7 +496,7 @@ class Adapter:
             modality_token_ids=self.token_ids(model), notes=list(self.notes),
             prefix_bidirectional=self.prefix_bidirectional,
             resid_stacked=self.resid_stacked, prefix_replay=self.prefix_replay, adapter=self,
-            unserved=self.unserved_mixers(decoder, layers, cfg))
+            unserved=unserved)
 
 
 def _find_layers(decoder: nn.Module, cfg) -> nn.ModuleList | None:

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ..adapters.base import key_projection
 from ..data import ConflictSample
 from ..errors import DataError, GroupError, SiteError
 from ..groups import TokenGroups
@@ -643,7 +644,7 @@ def keyspace(lens, samples, modalities: tuple[GroupSpec, GroupSpec] = ("image", 
     skipped: dict[int, str] = {}
     if keys == "pre_rope" and isinstance(layers, str) and layers == "all":
         for layer in chosen:
-            if not isinstance(getattr(lens.facts.layers[layer].attn, "k_proj", None), torch.nn.Linear):
+            if key_projection(lens.facts.layers[layer].attn) is None:
                 skipped[layer] = "no k_proj Linear (e.g. a KV-shared layer reusing an earlier layer's keys)"
         chosen = [layer for layer in chosen if layer not in skipped]
     if not chosen:

@@ -43,9 +43,15 @@ SITES: dict[str, tuple[str, bool, str]] = {
 }
 GLOBAL_SITES = ("embed", "logits")
 ATTENTION_SITES = ("attn.q", "attn.k", "attn.v", "attn.mask", "attn.scores", "attn.probs")
+# the same sites on a cross-attention that feeds a layer besides its own token mixer (an encoder-decoder's
+# cross-attention, gated cross-attention blocks between decoder layers): keys are another sequence's positions
+CROSS_SITES = tuple("x" + site for site in ATTENTION_SITES)
+for _site in ATTENTION_SITES:
+    _where, _editable, _layout = SITES[_site]
+    SITES["x" + _site] = (_where + " of the layer's cross-attention", _editable, _layout.replace("seq", "rows"))
 ALIASES = {"attn": "attn.probs", "probs": "attn.probs", "scores": "attn.scores", "queries": "attn.q",
            "keys": "attn.k", "values": "attn.v", "heads": "attn.head_out", "resid": "resid.post",
-           "mlp": "mlp.out", "q": "attn.q", "k": "attn.k", "v": "attn.v"}
+           "mlp": "mlp.out", "q": "attn.q", "k": "attn.k", "v": "attn.v", "xattn": "xattn.probs"}
 
 
 def canonical_site(name: str) -> str:
@@ -79,6 +85,7 @@ class Ctx:
     key_positions: torch.Tensor | None = None
     cross: bool = False
     extra: dict = field(default_factory=dict)
+    unit: str = "attn"   # "xattn" in the callbacks of a layer's cross-attention (CROSS_SITES)
 
     @property
     def batch_size(self) -> int:
@@ -87,13 +94,15 @@ class Ctx:
     @property
     def heads(self) -> tuple[int, int, int]:
         """(query heads, KV heads, head_dim) of this layer."""
-        return self.lens.facts.heads(self.layer) if self.layer is not None else (0, 0, 0)
+        if self.layer is None:
+            return (0, 0, 0)
+        return self.lens.facts.cross_heads(self.layer) if self.unit == "xattn" else self.lens.facts.heads(self.layer)
 
     def group(self, name: str, over: str = "rows") -> torch.Tensor:
         """Group mask restricted to this callback's rows (``over="rows"``) or keys (``over="keys"``): [batch, n]."""
         pos = self.positions if over == "rows" else self.key_positions
         if over == "keys" and self.cross:  # every key of a cross-attention layer is in the adapter's groups
-            inside = self.lens.facts.cross_key_groups(self.layer)
+            inside = self.lens.facts.cross_key_groups(self.layer, unit=self.unit)
             val = any(part in inside for part in name.split("|"))
             return torch.full((self.batch_size, len(pos)), val, dtype=torch.bool)
         m = self.groups.mask(name, length=int(max(int(pos.max()) + 1 if len(pos) else 0, self.groups.length)))
@@ -113,6 +122,8 @@ class Probe:
     first), each edit seeing the previous one's output; reads see the value as edited by earlier probes.
     """
 
+    # sites served only on the layers that have them, never an error elsewhere (a knockout's cross-attention)
+    optional_sites: ClassVar[frozenset[str]] = frozenset()
     reads: ClassVar[Mapping[str, RowSpec]] = {}
     edits: ClassVar[Mapping[str, RowSpec]] = {}
     layers: Any = "all"

@@ -17,11 +17,13 @@ class Knockout(Probe):
     """Queries in ``dst`` cannot attend to keys in ``src`` in the chosen layers (and heads, and batch rows).
 
     A query row whose every key would be masked keeps its own position (documented, never NaN); in a
-    cross-attention layer such a row gets a zero attention output. There ``src`` matches every key or none,
+    cross-attention layer, and in the cross-attention feeding a layer (``xattn.mask``, e.g. gated cross-attention
+    blocks), such a row gets a zero attention output. There ``src`` matches every key or none,
     as the adapter's ``cross_key_groups`` say (e.g. ``src="image"``). A group empty for the whole batch raises
     GroupError unless ``allow_empty=True``, in which case the knockout is a bit-exact no-op there."""
 
-    edits = {"attn.mask": "all"}
+    edits = {"attn.mask": "all", "xattn.mask": "all"}
+    optional_sites = frozenset({"xattn.mask"})   # a layer's cross-attention, severed where the layer has one
 
     def __init__(self, src: str, dst: str, heads: Sequence[int] | None = None,
                  batch_rows: Sequence[int] | None = None, allow_empty: bool = False):
@@ -74,6 +76,10 @@ class Knockout(Probe):
             sel[self.heads] = True
             sever = sever & sel[None, :, None, None]
         return mask & ~sever
+
+    def xattn_mask(self, ctx: Ctx, mask: torch.Tensor) -> torch.Tensor:
+        """The cross-attention feeding a layer: the same edit, its keys grouped by the adapter."""
+        return self.attn_mask(ctx, mask)
 
     def __repr__(self) -> str:
         return f"Knockout({self.src!r}->{self.dst!r}, heads={self.heads})"

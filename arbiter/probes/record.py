@@ -10,11 +10,14 @@ from typing import Sequence
 import torch
 
 from ..errors import SiteError
+from .base import ATTENTION_SITES as CROSS_BASE
 from .base import GLOBAL_SITES, SITES, Ctx, Probe, RowSpec, canonical_site
 
 _HEAD_DIM = {"attn.q": 1, "attn.scores": 1, "attn.probs": 1, "attn.head_out": 2, "attn.k": 1, "attn.v": 1,
              "attn.mask": 1, "attn.k_pre": 2}
 _KV_SITES = ("attn.k", "attn.v", "attn.k_pre")
+_HEAD_DIM.update({"x" + site: dim for site, dim in list(_HEAD_DIM.items()) if site in CROSS_BASE})
+_KV_SITES = _KV_SITES + ("xattn.k", "xattn.v")
 
 
 class Recorder(Probe):
@@ -28,7 +31,7 @@ class Recorder(Probe):
     def __init__(self, *what: str, rows: RowSpec = "all", heads: Sequence[int] | None = None):
         super().__init__()
         sites = [canonical_site(w) for w in what] or ["resid.post"]
-        self._reads = {s: ("all" if s == "attn.mask" else rows) for s in sites}
+        self._reads = {s: ("all" if s in ("attn.mask", "xattn.mask") else rows) for s in sites}
         self._edits = {}
         self.heads = None if heads is None else sorted(set(int(h) for h in heads))
         self.sites = sites
@@ -78,6 +81,12 @@ class Recorder(Probe):
     def mlp_out(self, ctx, v): self._keep(ctx, v)
     def resid_post(self, ctx, v): self._keep(ctx, v)
     def logits(self, ctx, v): self._keep(ctx, v)
+    def xattn_q(self, ctx, v): self._keep(ctx, v)
+    def xattn_k(self, ctx, v): self._keep(ctx, v)
+    def xattn_v(self, ctx, v): self._keep(ctx, v)
+    def xattn_mask(self, ctx, v): self._keep(ctx, v)
+    def xattn_scores(self, ctx, v): self._keep(ctx, v)
+    def xattn_probs(self, ctx, v): self._keep(ctx, v)
 
     @property
     def trace(self):

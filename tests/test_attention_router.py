@@ -1,0 +1,132 @@
+"""The attention router: switched through transformers' public API, untouched layers keep whatever kernel the model
+was loaded with, and kernels with 2D (flash-style) masks are read and edited exactly. Compared with plain forwards
+and with the same interventions under SDPA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
+
+import arbiter
+from arbiter.errors import ProbeError
+from arbiter.testing import tiny
+from helpers import inputs_for, logits
+
+CALLS = {"counting_sdpa": 0}
+
+
+def _counting_sdpa(module, query, key, value, attention_mask, **kwargs):
+    CALLS["counting_sdpa"] += 1
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _padded_kernel(module, query, key, value, attention_mask, **kwargs):
+    """A stand-in for a flash kernel: takes None or a 2D padding mask and applies causality itself."""
+    q, k = query.shape[2], key.shape[2]
+    causal = torch.ones(q, k, dtype=torch.bool).tril(k - q)
+    mask = causal[None, None]
+    if attention_mask is not None:
+        mask = mask & attention_mask[:, None, None, -k:].bool()
+    return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+
+
+AttentionInterface.register("counting_sdpa", _counting_sdpa)
+AttentionMaskInterface.register("counting_sdpa", sdpa_mask)
+AttentionInterface.register("padded_kernel", _padded_kernel)
+AttentionMaskInterface.register("padded_kernel", flash_attention_mask)
+
+
+def _model(impl: str):
+    tm = tiny("llava")
+    tm.model.set_attn_implementation({"text_config": impl})   # the vision tower stays on SDPA
+    return tm
+
+
+def test_attach_switches_the_text_stack_only_and_back_even_after_an_exception():
+    tm = tiny("llava")
+    cfg = tm.model.config
+    vision_before = cfg.vision_config._attn_implementation
+    with pytest.raises(RuntimeError):
+        with arbiter.attach(tm.model, tm.processor):
+            assert cfg.text_config._attn_implementation == "arbiter_sdpa"
+            assert cfg.vision_config._attn_implementation == vision_before
+            raise RuntimeError("inside")
+    assert cfg.text_config._attn_implementation == "sdpa"
+    assert cfg.vision_config._attn_implementation == vision_before
+
+
+def test_untouched_layers_keep_the_loaded_kernel():
+    tm = _model("counting_sdpa")
+    inputs = inputs_for(tm)
+    plain = logits(tm.model, inputs)
+    n = tm.model.config.text_config.num_hidden_layers
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        assert tm.model.config.text_config._attn_implementation == "arbiter_counting_sdpa"
+        CALLS["counting_sdpa"] = 0
+        with lens.record("attn", layers=[1], rows="last"):
+            attached = logits(tm.model, inputs)
+        assert CALLS["counting_sdpa"] == n            # the recorded layer reads rows beside the kernel's call
+        CALLS["counting_sdpa"] = 0
+        with lens.knockout("image", "last", layers=[1]):
+            knocked = logits(tm.model, inputs)
+        assert CALLS["counting_sdpa"] == n - 1        # the edited layer runs SDPA with the edited mask
+    assert torch.equal(attached, plain)
+    sdpa = tiny("llava")
+    with arbiter.attach(sdpa.model, sdpa.processor) as lens, lens.knockout("image", "last", layers=[1]):
+        reference = logits(sdpa.model, inputs)
+    torch.testing.assert_close(knocked, reference, atol=1e-6, rtol=0)
+
+
+def test_kernels_with_two_dimensional_masks_are_read_and_edited_exactly():
+    tm = _model("padded_kernel")
+    ref = tiny("llava")
+    inputs = inputs_for(tm, n=2)                       # left-padded: the 2D mask carries the padding
+    torch.testing.assert_close(logits(tm.model, inputs)[:, -1], logits(ref.model, inputs)[:, -1], atol=1e-5, rtol=0)
+    out = {}
+    for name, t in (("kernel", tm), ("sdpa", ref)):
+        with arbiter.attach(t.model, t.processor) as lens:
+            with lens.record("attn", rows="last") as rec:
+                logits(t.model, inputs)
+            with lens.knockout("image", "text"):
+                out[name] = logits(t.model, inputs)[:, -1]
+        out[name + "_probs"] = rec.trace["L2.attn.probs"]
+    torch.testing.assert_close(out["kernel_probs"], out["sdpa_probs"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out["kernel"], out["sdpa"], atol=1e-5, rtol=0)
+
+
+def test_a_second_lens_on_a_routed_model_is_refused():
+    tm = tiny("llava")
+    with arbiter.attach(tm.model, tm.processor):
+        with pytest.raises(arbiter.errors.UnsupportedModelError, match="already routed"):
+            with arbiter.attach(tm.model, tm.processor):
+                pass
+    assert tm.model.config.text_config._attn_implementation == "sdpa"
+
+
+def test_probs_come_from_the_modules_own_eager_function():
+    """A model whose eager attention differs from the textbook one (here: a temperature inside the eager
+    function) has its recorded rows follow the model, not a re-implementation."""
+    tm = tiny("llava")
+    attn = tm.model.model.language_model.layers[0].self_attn
+    module = __import__(type(attn).__module__, fromlist=["eager_attention_forward"])
+    original = module.eager_attention_forward
+
+    def tempered(mod, q, k, v, mask, scaling=None, **kw):
+        return original(mod, q, k, v, mask, scaling=(scaling or 1.0) * 0.5, **kw)
+
+    inputs = inputs_for(tm)
+    module.eager_attention_forward = tempered
+    try:
+        with arbiter.attach(tm.model, tm.processor) as lens, lens.record("attn", layers=[0], rows="last") as rec:
+            logits(tm.model, inputs)
+        tm.model.set_attn_implementation("eager")
+        with torch.no_grad():
+            eager = tm.model(**inputs, output_attentions=True).attentions[0][:, :, -1]
+    finally:
+        module.eager_attention_forward = original
+        tm.model.set_attn_implementation("sdpa")
+    torch.testing.assert_close(rec.trace["L0.attn.probs"][:, :, -1], eager, atol=1e-6, rtol=0)
+    assert ProbeError  # imported for the module's error vocabulary
