@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import contextlib
+import functools
 import weakref
 from typing import TYPE_CHECKING, Callable
 
@@ -119,7 +121,17 @@ class AttentionRouter:
                 "set_attn_implementation(), but the text config is not reachable from model.config's sub-configs.")
         name = register(base)
         self.base = base
-        self.model.set_attn_implementation(self._request(name))
+        try:
+            self.model.set_attn_implementation(self._request(name))
+        except Exception as e:  # noqa: BLE001 - transformers validates every sub-model, not only the text stack
+            with contextlib.suppress(Exception):
+                self.model.set_attn_implementation(self._request(base))
+            self.base = None
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}: switching its text attention to {name!r} through "
+                f"set_attn_implementation() failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); the model "
+                "is left as it was. Load the model (all its sub-models) with an attention implementation they "
+                "support, e.g. attn_implementation='eager'.") from e
         if self.text_config._attn_implementation != name:
             self.model.set_attn_implementation(self._request(base))
             raise UnsupportedModelError(
@@ -228,6 +240,7 @@ def row_probs(module, query_rows, key, value, mask_rows_bool, mask_rows_float, k
     return probs
 
 
+@functools.lru_cache(maxsize=None)
 @functools.lru_cache(maxsize=None)
 def dispatches(cls: type) -> bool:
     """Whether an attention module class's forward calls transformers' attention interface (so the router sees it),

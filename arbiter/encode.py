@@ -66,9 +66,13 @@ def placeholder(lens, modality: str) -> str:
         marker = "\u2063X\u2063"
         a = _render_chat(proc, [{"type": "text", "text": marker}], False)
         b = _render_chat(proc, [{"type": modality}, {"type": "text", "text": marker}], False)
-        pre = os.path.commonprefix([a, b])
-        suf = os.path.commonprefix([a[::-1], b[::-1]])[::-1]
-        ins = b[len(pre):len(b) - len(suf)] if len(pre) + len(suf) <= len(b) else ""
+        ia, ib = a.find(marker), b.find(marker)
+        if 0 <= ia <= ib and b.startswith(a[:ia]) and a[ia:] == b[ib:]:
+            ins = b[ia:ib]  # everything the modality part added before the text (a shared ']' cannot leak in)
+        else:
+            pre = os.path.commonprefix([a, b])
+            suf = os.path.commonprefix([a[::-1], b[::-1]])[::-1]
+            ins = b[len(pre):len(b) - len(suf)] if len(pre) + len(suf) <= len(b) else ""
         if ins:
             return ins
     for holder in (proc, tokenizer_of(proc)):

@@ -179,6 +179,11 @@ class _Runtime:
         cross = lf.cross or unit == "xattn"
         b, _, q_len, _ = query.shape
         k_len = key.shape[2]
+        if not cross and k_len > self.offset + q_len:
+            raise SiteError(f"layer {layer}: {type(module).__name__} attends over {k_len} keys while the sequence has "
+                            f"{self.offset + q_len} positions, so its keys mix in another sequence (merged self- and "
+                            "cross-attention); arbiter cannot place those keys in token groups, so attention sites "
+                            "are not served on this layer.")
         q_pos = self.chunk_positions(q_len)
         k_pos = torch.arange(k_len) if cross else torch.arange(self.offset + q_len - k_len, self.offset + q_len)
         new_k = k_pos if cross else q_pos
@@ -599,8 +604,10 @@ class Lens:
         for site in specs:
             if site in GLOBAL_SITES:
                 continue
-            have = frozenset(i for i in chosen if self._has_site(site, f.layers[i]))
-            missing = sorted(chosen - have)
+            # a layer that mixes no tokens (an MLP- or MoE-only block) has no path for a knockout to sever
+            need = frozenset(i for i in chosen if not (site == "attn.mask" and f.layers[i].mixer_kind == "none"))
+            have = frozenset(i for i in need if self._has_site(site, f.layers[i]))
+            missing = sorted(need - have)
             if missing and (explicit or site == "attn.mask") and not (site in CROSS_SITES
                                                                      and site in optional):
                 lf = f.layers[missing[0]]
@@ -630,7 +637,7 @@ class Lens:
         if site in CROSS_SITES:
             return lf.cross_attn is not None
         if site == "attn.mask":
-            return lf.attn is not None or (lf.mixer is not None and lf.mixer_kind not in ("none",))
+            return lf.attn is not None or (lf.mixer is not None and lf.mixer_kind in mixers.DELETION_KINDS)
         if site == "attn.k_pre":
             return lf.attn is not None and _k_proj(lf) is not None
         if site == "attn.head_out":

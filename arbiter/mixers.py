@@ -12,6 +12,8 @@ import torch
 
 from .errors import SiteError
 
+# mixer kinds whose knockouts are served by deletion (adapters.base.MIXER_KINDS)
+DELETION_KINDS = ("linear_attention", "convolution", "state_space")
 # keyword arguments of a mixer call that carry a cache (the recomputation runs without one)
 _CACHE_KWARGS = ("cache", "past_key_values", "cache_params", "past_key_value")
 

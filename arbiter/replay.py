@@ -44,13 +44,17 @@ def repeat_dim0(obj, n: int):
 
 
 def decoder_siblings(model: nn.Module, decoder: nn.Module) -> list[nn.Module]:
-    """Children of the decoder's parent other than the decoder: the modules that may run before it (vision /
-    audio towers, projectors)."""
-    for mod in model.modules():
-        kids = list(mod.children())
-        if any(k is decoder for k in kids):
-            return [k for k in kids if k is not decoder]
-    return []
+    """Siblings of the decoder and of each module that holds it, up to the model: the modules that may run before
+    it (vision / audio towers, projectors; a language model's lm_head is among them but runs after the decoder,
+    so the capture never records it)."""
+    parent = {id(k): m for m in model.modules() for k in m.children()}
+    out: list[nn.Module] = []
+    node = decoder
+    while id(node) in parent:
+        up = parent[id(node)]
+        out.extend(k for k in up.children() if k is not node and all(k is not o for o in out))
+        node = up
+    return out
 
 
 class ReplayModule(nn.Module):

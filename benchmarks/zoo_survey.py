@@ -1,6 +1,6 @@
 """Structural survey of every multimodal family in transformers' auto mappings: does arbiter attach, and right?
 
-    python benchmarks/zoo_survey.py --json /tmp/zoo.json            # every family (~1-3 minutes on 2 cores)
+    python benchmarks/zoo_survey.py --json /tmp/zoo.json            # every family (~40 s on 2 shared cores)
     python benchmarks/zoo_survey.py --only llava,mllama,whisper    # a few families
     python benchmarks/zoo_survey.py --json OUT --md OUT.md          # also write the Markdown to a file
 
@@ -8,18 +8,25 @@ The families are the union of the model types in ``transformers.models.auto.mode
 ``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES``, ``MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES``,
 ``MODEL_FOR_VISUAL_QUESTION_ANSWERING_MAPPING_NAMES`` and ``MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES``. For each:
 the default config (``AutoConfig.for_model``), the mapped class (the first mapping that names the type, in that
-order) instantiated on the meta device (no weights, no memory), then ``arbiter.adapters.model_facts(model)``.
-Where a type maps to other classes too (e.g. BLIP's VQA head), those are surveyed as extra rows.
+order) instantiated on the meta device (no weights, no memory), then ``arbiter.adapters.model_facts(model)`` and
+``summary()``, the ModelFacts methods that need no inputs, and ``arbiter.attach(model)`` entered and closed.
+Extra rows (``--no-extra`` drops them): the other classes a type maps to (BLIP's VQA head), a representative build
+of the composite encoder-decoder types (COMPOSITE_FALLBACKS), and CONFIG_FIXUPS (the smallest fix for default
+configs transformers itself cannot build, and a variant the default config hides).
 
-Outcome of a row: ``facts`` / ``unsupported`` (arbiter's UnsupportedModelError: a clear refusal) / ``crash`` (any
-other exception out of model_facts or ModelFacts.summary) / ``could not build`` (the config or the meta model).
-For ``facts`` rows the survey checks what arbiter found against the model (``flags``; an empty list means nothing
-looked wrong): heads of every attention layer against the text config (num_attention_heads, num_key_value_heads,
-head_dim) and the module's own attributes; that the decoder is the text stack the lm_head reads (its config is the
-model's text config, hidden size = lm_head input, the input embeddings inside it, the layer count = the config's);
-layers whose mixer kind is "none"; whether the text attention dispatches through transformers'
-AttentionInterface (the attention module's modeling file calls ``ALL_ATTENTION_FUNCTIONS.get_interface(`` or the
-adapter stands in for it) so that arbiter's router can serve it.
+Outcome of a row: ``facts`` / ``unsupported`` (arbiter's UnsupportedModelError: a clear refusal; ``diagnosis``
+says what the first layer's attention-like modules lack) / ``crash`` (any other exception out of model_facts or
+ModelFacts.summary) / ``could not build`` (the config or the meta model, or the time limit while building).
+For ``facts`` rows ``flags`` are checks that fired (things that look wrong; ``info``: worth knowing, not wrong):
+heads of every attention layer against the text config and the attention module's own attributes (num_heads,
+num_key_value_heads, head_dim; MLA layouts); the decoder against the lm_head (hidden size, get_output_embeddings);
+the final norm against the norms the decoder's forward applies after its layer loop (read off its source); the
+layer count against the config; layers of mixer kind "none" or whose mixer is an MLP / MoE; token mixers inside a
+layer that arbiter neither routes nor lists as unserved (short convolutions, sparse-attention indexers, SSMs);
+merged self + cross attention; an encoder read by cross-attention but missing from ``unserved``; KV sharing with
+prefix replay on; whether the text attention dispatches through AttentionInterface (the attention module's
+modeling file calls ``ALL_ATTENTION_FUNCTIONS.get_interface(`` or the adapter stands in for it); whether attach
+succeeds. Static only: no forward runs (a meta-device forward stops at ``.item()`` in most families).
 
 Each family runs in a forked worker with a time limit (``--timeout``); one family never stops the survey.
 """
@@ -50,6 +57,38 @@ COMPOSITE_FALLBACKS = {
     "vision-encoder-decoder": ("vit", "trocr", "ViT encoder + TrOCR decoder (TrOCR's layout)"),
     "speech-encoder-decoder": ("wav2vec2", "bart", "wav2vec2 encoder + BART decoder"),
 }
+# default configs that do not build in transformers itself (a field left None): the smallest patch that builds, for
+# a second row (the primary row keeps "could not build")
+def _fix_vocab_map(ids: dict):
+    def fix(c):
+        c.vocabulary_map = dict(ids)
+    return fix
+
+
+def _fix_text_head_dim(c):
+    t = c.get_text_config()
+    t.head_dim = t.hidden_size // t.num_attention_heads
+
+
+def _fix_kv_heads(c):
+    c.num_key_value_heads = c.num_attention_heads
+
+
+def _kv_shared(n: int):
+    def fix(c):
+        c.get_text_config().num_kv_shared_layers = n
+    return fix
+
+
+CONFIG_FIXUPS = {
+    "chameleon": (_fix_vocab_map({"<image>": 8711}), "config fixup: vocabulary_map={'<image>': 8711} (default None)"),
+    "emu3": (_fix_vocab_map({"<image>": 151851, "<|extra_200|>": 151850}),
+             "config fixup: vocabulary_map with <image>, <|extra_200|> (default None)"),
+    "hunyuan_vl": (_fix_text_head_dim, "config fixup: text head_dim = hidden / heads (default None)"),
+    "moonshine_streaming": (_fix_kv_heads, "config fixup: num_key_value_heads = num_attention_heads (default lacks it)"),
+    # not a build failure: a variant the default hides (the field exists, 0 by default; Gemma 3n's checkpoints use it)
+    "gemma4": (_kv_shared(10), "variant: text num_kv_shared_layers=10 (KV sharing, as Gemma 3n; default 0)"),
+}
 _ENCODERISH = ("vision", "audio", "encoder", "vit", "siglip", "clip", "speech")
 
 
@@ -63,6 +102,12 @@ def families() -> dict[str, list[tuple[str, str]]]:
             for c in (cls if isinstance(cls, (list, tuple)) else (cls,)):
                 out.setdefault(mt, []).append((name, c))
     return dict(sorted(out.items()))
+
+
+def _fallback_label(model_type: str, fallback: str | None) -> str | None:
+    if fallback == "fixup":
+        return CONFIG_FIXUPS[model_type][1]
+    return COMPOSITE_FALLBACKS[model_type][2] if fallback else None
 
 
 def _first_line(e: BaseException) -> str:
@@ -85,7 +130,10 @@ def _build(model_type: str, cls_name: str, fallback: str | None = None):
     import torch
     from transformers import AutoConfig
 
-    if fallback:
+    if fallback == "fixup":
+        config = AutoConfig.for_model(model_type)
+        CONFIG_FIXUPS[model_type][0](config)
+    elif fallback:
         enc, dec, _ = COMPOSITE_FALLBACKS[model_type]
         cfg_cls = type(AutoConfig.for_model(model_type, encoder=AutoConfig.for_model(enc).to_dict(),
                                             decoder=AutoConfig.for_model(dec).to_dict()))
@@ -313,6 +361,13 @@ def analyse(model, facts) -> dict[str, Any]:
         flags.append(f"{len(mlp_mixers)} MLP / MoE layer(s) taken as token mixers (first {mlp_mixers[:4]}: "
                      f"{type(lf0.mixer).__name__} as {lf0.mixer_kind!r}); they mix no tokens (kind 'none', mlp.* "
                      "sites) and knockouts 'by deletion' there are meaningless")
+    shared = _get(cfg, "num_kv_shared_layers")
+    if isinstance(shared, int) and shared > 0 and facts.prefix_replay:
+        flags.append(f"num_kv_shared_layers={shared} (late layers read earlier layers' KV from a side store), yet "
+                     f"prefix_replay=True (the {facts.family} adapter; gemma3n's sets it False) and no note")
+    elif isinstance(shared, int) and shared == 0 and facts.family == "generic":
+        info.append("config has num_kv_shared_layers (0 here); a checkpoint with KV sharing would need what the "
+                    "gemma3n adapter sets (prefix_replay=False)")
     no_mlp = [lf.index for lf in facts.layers if lf.mlp is None]
     if no_mlp:
         info.append(f"{len(no_mlp)} layer(s) without an MLP found (first {no_mlp[:3]})")
@@ -526,7 +581,7 @@ def survey_one(model_type: str, cls_name: str, mappings: list[str], fallback: st
     from arbiter.errors import UnsupportedModelError
 
     rec: dict[str, Any] = {"family": model_type, "class": cls_name, "mappings": mappings, "outcome": None,
-                           "fallback": COMPOSITE_FALLBACKS[model_type][2] if fallback else None}
+                           "fallback": _fallback_label(model_type, fallback)}
     t0 = time.perf_counter()
     phase("build")
     try:
@@ -641,10 +696,10 @@ def run_all(tasks: list[tuple], timeout: float, progress=None) -> list[dict[str,
                 continue
             # timed out, or the worker died
             mt, cls, mappings, fb = (pending[0] + (None,))[:4]
-            why = (f"timed out after {timeout:.0f} s" if proc.is_alive()
+            why = (f"timed out after {timeout:g} s" if proc.is_alive()
                    else f"worker died (exit code {proc.exitcode})")
             rec = {"family": mt, "class": cls, "mappings": mappings,
-                   "fallback": COMPOSITE_FALLBACKS[mt][2] if fb else None,
+                   "fallback": _fallback_label(mt, fb),
                    "outcome": "could not build" if phase in ("start", "build") else "crash",
                    "error_type": "Timeout" if proc.is_alive() else "WorkerDied",
                    "error": f"{why} during {phase}", "seconds": round(time.monotonic() - t_start, 1)}
@@ -732,7 +787,7 @@ def summary_line(results: list[dict[str, Any]]) -> str:
          + f"; of the facts rows, {flagged} carry flags (⚠) and {c.get('facts', 0) - flagged} look right.")
     if extra:
         ce = collections.Counter(r["outcome"] for r in extra)
-        s += (f" Extra rows ({len(extra)}: other mapped classes, composite fallbacks): "
+        s += (f" Extra rows ({len(extra)}: other mapped classes, composite fallbacks, config fixups): "
               + ", ".join(f"{o}: {ce.get(o, 0)}" for o in OUTCOMES if ce.get(o)) + ".")
     return s
 
@@ -775,6 +830,8 @@ def main(argv: list[str] | None = None) -> int:
                 primary.add((mt, cls))
         if mt in COMPOSITE_FALLBACKS and not a.no_extra:
             tasks.append((mt, seen[0], ["fallback"], "fallback"))
+        if mt in CONFIG_FIXUPS and not a.no_extra:
+            tasks.append((mt, seen[0], ["fixup"], "fixup"))
 
     def progress(r):
         if not a.quiet:

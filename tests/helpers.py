@@ -46,3 +46,17 @@ def inputs_for(tm, n: int = 1, seed: int = 0, text: str = "What colour is the ci
 def logits(model, inputs):
     with torch.no_grad():
         return model(**inputs).logits
+
+
+def set_text_attention(model, impl: str) -> str:
+    """Switch the text stack alone to ``impl`` (the towers keep theirs, so both runs feed the text the same
+    inputs); returns the implementation it had."""
+    from arbiter.attention import config_path
+
+    text = model.config.get_text_config()
+    before = text._attn_implementation
+    req: object = {"": impl}
+    for key in reversed(config_path(model, text) or []):
+        req = {key: req}
+    model.set_attn_implementation(req)
+    return before

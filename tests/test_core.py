@@ -9,7 +9,7 @@ import arbiter
 from arbiter.errors import GroupError, ProbeError, SiteError, UnsupportedModelError
 from arbiter.probes.base import SITES
 
-from helpers import _tiny, inputs_for, logits
+from helpers import _tiny, inputs_for, logits, set_text_attention
 
 
 class ReadEverything(arbiter.Probe):
@@ -41,13 +41,12 @@ def test_reading_every_site_is_bit_identical(tm):
 
 
 def _eager_reference(tm, inputs):
-    impl = tm.model.config._attn_implementation  # sdpa; GIT implements eager only
-    tm.model.set_attn_implementation("eager")
+    impl = set_text_attention(tm.model, "eager")  # sdpa; GIT implements eager only
     try:
         with torch.no_grad():
             out = tm.model(**inputs, output_attentions=True)
     finally:
-        tm.model.set_attn_implementation(impl)
+        set_text_attention(tm.model, impl)
     return [a for a in out.attentions if a is not None]
 
 
@@ -68,13 +67,12 @@ def test_recorded_probs_match_eager_output_attentions(tm):
     """Same run (model in eager): every layer. Model in SDPA: the first layer (later ones see SDPA's rounding)."""
     inputs = inputs_for(tm, n=2)
     eager = _eager_reference(tm, inputs)
-    impl = tm.model.config._attn_implementation
-    tm.model.set_attn_implementation("eager")
+    impl = set_text_attention(tm.model, "eager")
     try:
         with arbiter.attach(tm.model, tm.processor) as lens, lens.record("attn.probs", rows="all") as rec:
             logits(tm.model, inputs)
     finally:
-        tm.model.set_attn_implementation(impl)
+        set_text_attention(tm.model, impl)
     layers = [lf.index for lf in lens.facts.layers if lf.attn is not None and not lf.cross]
     assert _compare(rec, eager, layers, n_layers=lens.facts.n_layers) == len(layers)
     with arbiter.attach(tm.model, tm.processor) as lens, lens.record("attn.probs", rows="all") as rec_sdpa:

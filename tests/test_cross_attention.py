@@ -146,3 +146,24 @@ def test_encoder_decoder_head_block_equals_zeroed_out_proj_columns():
     finally:
         w[:, hd:2 * hd] = saved
     torch.testing.assert_close(blocked, by_hand, atol=1e-6, rtol=0)
+
+
+def test_encoder_decoder_records_the_decoder_attention_as_eager_computes_it():
+    tm = _tm("florence2")
+    inputs = _inputs(tm)
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        with lens.record("attn", "xattn", rows="last") as rec:
+            attached = _last(tm, inputs)
+        n = lens.facts.n_layers
+    assert torch.equal(attached, _last(tm, inputs))
+    tm.model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = tm.model(**inputs, output_attentions=True)
+    finally:
+        tm.model.set_attn_implementation("sdpa")
+    for i in range(n):
+        torch.testing.assert_close(rec.trace[f"L{i}.attn.probs"][0, :, -1], out.decoder_attentions[i][0, :, -1],
+                                   atol=1e-6, rtol=0)
+        torch.testing.assert_close(rec.trace[f"L{i}.xattn.probs"][0, :, -1], out.cross_attentions[i][0, :, -1],
+                                   atol=1e-6, rtol=0)

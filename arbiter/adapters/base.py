@@ -16,14 +16,19 @@ from ..errors import UnsupportedModelError
 _OUT_PROJ_NAMES = ("o_proj", "out_proj", "dense", "wo", "c_proj")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
 _MID_NORM_NAMES = ("pre_feedforward_layernorm", "post_attention_layernorm", "ln_2", "ffn_norm")
-_FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_norm")
+_FINAL_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "final_norm", "norm_f", "layer_norm",
+                     "embedding_norm")
 # what a layer uses to mix tokens; every kind but "attention" / "cross_attention" is served by knockouts through
 # deletion (the destination rows are recomputed as if the severed positions were not in the sequence)
-MIXER_KINDS = ("attention", "cross_attention", "linear_attention", "convolution", "state_space", "none")
-# class- or attribute-name fragments -> mixer kind, for layers without softmax attention (first match wins)
-_MIXER_PATTERNS = (("deltanet", "linear_attention"), ("linear_attn", "linear_attention"),
-                   ("linearattention", "linear_attention"), ("mamba", "state_space"), ("ssm", "state_space"),
-                   ("mixer", "state_space"), ("shortconv", "convolution"), ("conv", "convolution"))
+# ("none": the layer mixes no tokens, e.g. an MLP- or MoE-only block; "unknown": arbiter cannot tell how it does)
+MIXER_KINDS = ("attention", "cross_attention", "linear_attention", "convolution", "state_space", "none", "unknown")
+# class-name fragments -> mixer kind, for layers without softmax attention (first match wins); attribute names
+# such as "mixer" say nothing (some families put an MLP or MoE there)
+_MIXER_PATTERNS = (("deltanet", "linear_attention"), ("linearattention", "linear_attention"),
+                   ("mamba", "state_space"), ("ssm", "state_space"), ("shortconv", "convolution"),
+                   ("conv", "convolution"))
+# class-name fragments of blocks that mix no tokens
+_POINTWISE = ("mlp", "moe", "expert", "feedforward", "ffn", "norm", "dropout", "identity", "act", "gate")
 _MODALITY_ID_KEYS = {
     "image": ("image_token_id", "image_token_index", "image_token"),
     "video": ("video_token_id", "video_token_index"),
@@ -221,8 +226,15 @@ def attention_shape(attn: nn.Module, text_config) -> tuple[int, int, int]:
     out = _child(attn, _OUT_PROJ_NAMES)
     # the output projection reads heads x head_dim: right also where q_proj emits more than the queries
     # (gated attention emits query and gate, 2 x heads x head_dim)
+    declared = (getattr(attn, "num_heads", None) or getattr(attn, "num_attention_heads", None)
+                or getattr(getattr(attn, "config", None) or text_config, "num_attention_heads", None))
     if isinstance(out, nn.Linear):
-        n_heads = out.in_features // head_dim
+        width = out.in_features
+        n_heads = width // head_dim
+        if isinstance(declared, int) and declared > 0 and n_heads != declared and width % declared == 0:
+            # value heads wider than the query/key heads (multi-head latent attention): the output projection
+            # reads heads x v_head_dim, and the declared head count is the real one
+            n_heads, head_dim = declared, width // declared
     elif isinstance(q, nn.Linear):
         n_heads = q.out_features // head_dim
     else:
@@ -297,6 +309,10 @@ class Adapter:
             if not isinstance(nxt, nn.Module) or nxt is decoder:
                 break
             decoder = nxt
+        inner = getattr(decoder, "model", None)  # a *ForCausalLM language model: its inner model holds the layers
+        if not isinstance(getattr(decoder, "layers", None), nn.ModuleList) and isinstance(
+                getattr(inner, "layers", None), nn.ModuleList):
+            decoder = inner
         return decoder
 
     def unserved_mixers(self, decoder: nn.Module, layers: list[LayerFacts], cfg) -> list[str]:
@@ -307,16 +323,35 @@ class Adapter:
         inside: set[int] = set()
         served = {id(lf.cross_attn) for lf in layers if lf.cross_attn is not None}
         for lf in layers:
+            deleted = ({id(m) for m in lf.mixer.modules()} if lf.mixer is not None
+                       and lf.mixer_kind in ("linear_attention", "convolution", "state_space") else set())
             for name, m in lf.layer.named_modules():
                 inside.add(id(m))
                 if (m is not lf.attn and id(m) not in served and lf.attn is not None
                         and _is_softmax_attention(m, cfg)):
                     out.append(f"layer {lf.index}: {name} ({type(m).__name__}), a second attention in the layer")
+                elif "indexer" in type(m).__name__.lower():
+                    out.append(f"layer {lf.index}: {name} ({type(m).__name__}), a sparse-attention indexer that "
+                               "chooses each query's keys from every position (the choice itself carries them)")
+                elif isinstance(m, nn.Conv1d) and id(m) not in deleted:
+                    out.append(f"layer {lf.index}: {name} ({type(m).__name__}), a convolution over positions "
+                               "outside the layer's served mixer")
         for name, m in decoder.named_modules():
             if (id(m) not in inside and id(m) not in served and _looks_like_attention(m)
                     and getattr(m, "config", cfg) is cfg):
                 out.append(f"{name} ({type(m).__name__}), an attention block outside the decoder's layer list")
         return out
+
+    def cross_sources(self, model: nn.Module, decoder: nn.Module, layers: list[LayerFacts]) -> list[str]:
+        """Unrouted stacks whose outputs the layers' cross-attention reads. Generic: where a layer holds a second
+        attention (an encoder-decoder), its keys are an encoder's positions, which mix the modalities before the
+        decoder reads them; an adapter whose cross-attention reads one modality's states returns []."""
+        if not any(lf.cross_attn is not None for lf in layers):
+            return []
+        encoder = self.encoder_stack(model, decoder)
+        name = type(encoder).__name__ if encoder is not None else "the encoder whose states the decoder reads"
+        return [f"the encoder ({name}), whose positions mix the modalities before the decoder's cross-attention "
+                "reads them (arbiter routes the decoder only)"]
 
     def encoder_stack(self, model: nn.Module, decoder: nn.Module) -> nn.Module | None:
         """The encoder whose output the decoder's cross-attention reads (encoder-decoder models), else None."""
@@ -349,14 +384,17 @@ class Adapter:
         """The token mixer of a layer without softmax attention and its kind (one of MIXER_KINDS), inferred from
         the names of the layer's children; ``(None, "none")`` when no child looks like one. Override for a
         family whose mixer the names do not reveal."""
+        unknown = None
         for name, child in layer.named_children():
             if child is mlp or "norm" in name.lower() or name in _MLP_NAMES:
                 continue
-            label = f"{name} {type(child).__name__}".lower().replace("_", "")
+            label = type(child).__name__.lower().replace("_", "")
             for fragment, kind in _MIXER_PATTERNS:
-                if fragment.replace("_", "") in label:
+                if fragment in label:
                     return child, kind
-        return None, "none"
+            if not any(p in label for p in _POINTWISE) and any(True for _ in child.parameters()):
+                unknown = child
+        return (unknown, "unknown") if unknown is not None else (None, "none")
 
     # -- behaviour the core asks for (through ModelFacts); override in a family adapter ------------------------
     def residual_batch_dim(self, x: torch.Tensor) -> int:
@@ -463,7 +501,8 @@ class Adapter:
                 continue
             attns = [m for m in layer.modules() if _is_softmax_attention(m, cfg)]
             attn = attns[0] if attns else None
-            mlp = _child(layer, _MLP_NAMES)
+            mlp = _child(layer, _MLP_NAMES) or next(
+                (c for c in layer.children() if any(p in type(c).__name__.lower() for p in ("mlp", "moe"))), None)
             cross = bool(attn is not None and self.is_cross(layer, attn))
             if attn is not None:
                 mixer, kind, skip = attn, "cross_attention" if cross else "attention", None
@@ -484,18 +523,20 @@ class Adapter:
                        "layer_idx, q/k projections and an output projection)"))
         for index, module in self.cross_attentions(decoder, layers, cfg).items():
             layers[index].cross_attn = module
-        unserved = self.unserved_mixers(decoder, layers, cfg)
-        encoder = self.encoder_stack(model, decoder)
-        if encoder is not None and any(lf.cross_attn is not None for lf in layers):
-            unserved.append(f"the encoder ({type(encoder).__name__}), whose positions mix the modalities before "
-                            "the decoder's cross-attention reads them (arbiter routes the decoder only)")
+        unserved = self.unserved_mixers(decoder, layers, cfg) + self.cross_sources(model, decoder, layers)
         lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if lm_head is None:  # a composite model whose language model keeps the unembedding (an Omni thinker)
+            vocab = getattr(cfg, "vocab_size", None)
+            lm_head = next((m for n, m in model.named_modules() if n.split(".")[-1] == "lm_head"
+                            and isinstance(m, nn.Linear) and m.out_features == vocab), None)
+        # layers that reuse the keys of earlier layers read them from a side store: no prefix replay
+        kv_shared = bool(getattr(cfg, "num_kv_shared_layers", 0) or 0)
         return ModelFacts(
             family=self.name, model=model, text_config=cfg, decoder=decoder, layers=layers,
             final_norm=self.final_norm(decoder), lm_head=lm_head,
             modality_token_ids=self.token_ids(model), notes=list(self.notes),
             prefix_bidirectional=self.prefix_bidirectional,
-            resid_stacked=self.resid_stacked, prefix_replay=self.prefix_replay, adapter=self,
+            resid_stacked=self.resid_stacked, prefix_replay=self.prefix_replay and not kv_shared, adapter=self,
             unserved=unserved)
 
 

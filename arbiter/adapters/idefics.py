@@ -24,5 +24,8 @@ class IdeficsAdapter(Adapter):
         blocks = getattr(decoder, "gated_cross_attn_layers", None) or []
         return {j * interval: block.cross_attn for j, block in enumerate(blocks) if j * interval < len(layers)}
 
+    def cross_sources(self, model: nn.Module, decoder: nn.Module, layers: list[LayerFacts]) -> list[str]:
+        return []  # the blocks read the vision tower's image states: one modality, no text mixed in
+
     def cross_unit_key_groups(self, layer: LayerFacts, modalities: frozenset[str]) -> frozenset[str]:
         return frozenset({"image"})

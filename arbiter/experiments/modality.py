@@ -763,6 +763,35 @@ def _query_rows(trace, site: str, groups: TokenGroups, query: str) -> list[int]:
     return out
 
 
+def _imbalance_by_shape(alpha: list, v: list, W_O: list, m1, m2, **kw) -> ImbalanceResult:
+    """attention_imbalance over layers whose heads may differ in width or KV sharing (sliding vs global layers):
+    one call per group of layers of equal shapes, the [layers, heads] maps put back in layer order."""
+    if len({a.shape[1] for a in alpha}) != 1:
+        raise SiteError("the imbalance heat map needs the same number of query heads in every chosen layer; pass "
+                        "layers= with layers of one head count.")
+    groups: dict[tuple, list[int]] = {}
+    for j, (vj, wj) in enumerate(zip(v, W_O)):
+        groups.setdefault((tuple(vj.shape[1:]), tuple(wj.shape)), []).append(j)
+    fields = ("imbalance", "mass_1", "mass_2", "norm_1", "norm_2")
+    out = {f: None for f in fields + ("per_sample",)}
+    res = None
+    for idx in groups.values():
+        res = attention_imbalance(torch.stack([alpha[j] for j in idx], 1), torch.stack([v[j] for j in idx], 1),
+                                  torch.stack([W_O[j] for j in idx]), m1, m2, **kw)
+        for f in fields + ("per_sample",):
+            val = getattr(res, f)
+            dim = 1 if f == "per_sample" else 0
+            if out[f] is None:
+                shape = list(val.shape)
+                shape[dim] = len(alpha)
+                out[f] = val.new_full(shape, float("nan"))
+            out[f].index_copy_(dim, torch.tensor(idx), val)
+    heat = out["imbalance"]
+    scalar = float(heat.abs().mean()) if res.how == "log_ratio" else float((heat - 0.5).abs().mean())
+    return ImbalanceResult(heat, scalar, out["mass_1"], out["mass_2"], out["norm_1"], out["norm_2"],
+                           out["per_sample"], res.how, res.per_token)
+
+
 def imbalance(lens, samples, modalities: tuple[GroupSpec, GroupSpec] = ("image", "context"), query: str = "last",
               how: str = "log_ratio", per_token: bool = False, eps: float = 0.0, layers: Any = "all",
               batch_size: int = 4, dataset=None, progress: bool = False) -> ImbalanceExperimentResult:
@@ -781,7 +810,7 @@ def imbalance(lens, samples, modalities: tuple[GroupSpec, GroupSpec] = ("image",
     chosen = _self_attention_layers(lens, layers)
     if not chosen:
         raise SiteError("this model has no self-attention layer.")
-    W_O = torch.stack([module_weight(lens.facts.layers[l].out_proj).to("cpu", torch.float64) for l in chosen])
+    W_O = [module_weight(lens.facts.layers[l].out_proj).to("cpu", torch.float64) for l in chosen]
     parts: list[tuple[int, ImbalanceResult]] = []
     order: list[int] = []
     chunks = _index_chunks(samples, batch_size)
@@ -801,13 +830,13 @@ def imbalance(lens, samples, modalities: tuple[GroupSpec, GroupSpec] = ("image",
         tp, tv = rp.trace, rv.trace
         r = _query_rows(tp, "attn.probs", g, query)
         b = len(chunk)
-        alpha = torch.stack([tp[f"L{l}.attn.probs"][torch.arange(b), :, r] for l in chosen], dim=1)  # [b, L, H, K]
-        v = torch.stack([tv[f"L{l}.attn.v"] for l in chosen], dim=1)                               # [b, L, KV, K, D]
-        K = alpha.shape[-1]
-        if v.shape[3] != K or m1.shape[1] < K:
-            raise SiteError(f"attention keys ({K}) and values ({v.shape[3]}) / prompt positions ({m1.shape[1]}) "
-                            "disagree; the imbalance needs a plain prefill forward.")
-        res = attention_imbalance(alpha, v, W_O, m1[:, :K], m2[:, :K], how=how, per_token=per_token, eps=eps)
+        alpha = [tp[f"L{l}.attn.probs"][torch.arange(b), :, r] for l in chosen]   # per layer [b, H, K]
+        v = [tv[f"L{l}.attn.v"] for l in chosen]                                   # per layer [b, KV, K, D]
+        K = alpha[0].shape[-1]
+        if any(x.shape[2] != K for x in v) or m1.shape[1] < K:
+            raise SiteError(f"attention keys ({K}) and values / prompt positions ({m1.shape[1]}) disagree; the "
+                            "imbalance needs a plain prefill forward.")
+        res = _imbalance_by_shape(alpha, v, W_O, m1[:, :K], m2[:, :K], how=how, per_token=per_token, eps=eps)
         parts.append((b, res))
         order.extend(idx)
     N = sum(n for n, _ in parts)

@@ -323,7 +323,8 @@ class TinyModel:
     ``image_size`` is ``(width, height)`` of the images ``make_image`` produces and
     ``image_tokens_per_image`` the number of image-placeholder tokens (``config.image_token_id``)
     the processor puts in ``input_ids`` for one such image (for mllama: the single ``<|image|>``);
-    ``sampling_rate`` is that of ``make_audio`` (None without audio).
+    ``sampling_rate`` is that of ``make_audio`` (None without audio) and ``audio_tokens_per_clip``, where
+    set, the number of audio-placeholder tokens the processor puts in ``input_ids`` for one such clip.
     """
 
     model: Any
@@ -334,6 +335,7 @@ class TinyModel:
     image_tokens_per_image: int | None = None
     sampling_rate: int | None = None
     audio_seconds: float = 1.0
+    audio_tokens_per_clip: int | None = None
     sizes: dict[str, Any] = field(default_factory=dict)
     _prompt: Callable[[TinyModel, str, tuple[str, ...]], str] | None = field(default=None, repr=False)
 

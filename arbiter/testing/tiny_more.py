@@ -538,3 +538,5 @@ FAMILIES: dict[str, str] = {
 
 _TINY_BUILDERS.update(BUILDERS)
 _TINY_FAMILIES.update(FAMILIES)
+
+from . import tiny_extra as _tiny_extra  # noqa: E402,F401  (registers the families of tiny_extra.py)
