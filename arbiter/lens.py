@@ -20,12 +20,13 @@ from .probes.base import ATTENTION_SITES, CROSS_SITES, GLOBAL_SITES, SITES, Ctx,
 from .replay import Capture, ReplayModule, decoder_siblings, map_tensors, repeat_dim0, swap_modules
 
 
-def attach(model: nn.Module, processor: Any = None) -> "Lens":
+def attach(model: nn.Module, processor: Any = None, stack: str = "decoder") -> "Lens":
     """Attach arbiter to a Hugging Face model. Use as ``with arbiter.attach(model, processor) as lens:``.
 
     Inside, untouched layers run exactly as before (bit-identical logits); on exit every hook is removed and the
-    attention implementation restored, also when the body raises."""
-    return Lens(model, processor)
+    attention implementation restored, also when the body raises. ``stack="encoder"`` attaches to an
+    encoder-decoder's encoder instead (its layers, groups on its own positions; no logits site)."""
+    return Lens(model, processor, stack)
 
 
 @dataclass
@@ -271,10 +272,10 @@ class _Runtime:
 class Lens:
     """A model with arbiter attached. Create it with ``arbiter.attach(model, processor)``."""
 
-    def __init__(self, model: nn.Module, processor: Any = None):
+    def __init__(self, model: nn.Module, processor: Any = None, stack: str = "decoder"):
         self.model = model
         self.processor = processor
-        self.facts: ModelFacts = model_facts(model)
+        self.facts: ModelFacts = model_facts(model, stack)
         self._runtime = _Runtime(self)
         self._handles: list = []
         self._services: list = []     # undo functions of active capture / replay blocks (close() runs them)

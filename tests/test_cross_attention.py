@@ -12,6 +12,7 @@ import torch
 import arbiter
 from arbiter.errors import SiteError
 from arbiter.testing import tiny
+from helpers import set_text_attention
 
 
 @functools.cache
@@ -167,3 +168,44 @@ def test_encoder_decoder_records_the_decoder_attention_as_eager_computes_it():
                                    atol=1e-6, rtol=0)
         torch.testing.assert_close(rec.trace[f"L{i}.xattn.probs"][0, :, -1], out.cross_attentions[i][0, :, -1],
                                    atol=1e-6, rtol=0)
+
+
+def _encoder_states(tm, inputs):
+    with torch.no_grad():
+        return tm.model(**inputs).encoder_last_hidden_state
+
+
+def test_the_encoder_is_a_second_stack_recorded_on_its_own_positions():
+    tm = _tm("florence2")
+    inputs = _inputs(tm)
+    with arbiter.attach(tm.model, tm.processor, stack="encoder") as lens:
+        assert lens.facts.decoder is tm.model.get_encoder() and lens.facts.stack == "encoder"
+        with lens.record("attn", rows="all") as rec:
+            attached = _last(tm, inputs)
+        n = lens.facts.n_layers
+    assert torch.equal(attached, _last(tm, inputs))
+    before = set_text_attention(tm.model, "eager")
+    try:
+        with torch.no_grad():
+            out = tm.model(**inputs, output_attentions=True)
+    finally:
+        set_text_attention(tm.model, before)
+    for i in range(n):
+        torch.testing.assert_close(rec.trace[f"L{i}.attn.probs"][0], out.encoder_attentions[i][0], atol=1e-6, rtol=0)
+
+
+def test_an_encoder_knockout_frees_the_encoders_text_positions_from_the_pixels():
+    tm = _tm("florence2")
+    a, b = _inputs(tm, 0), _inputs(tm, 1)
+    text = a["input_ids"][0] != tm.model.config.image_token_id
+    assert (_encoder_states(tm, a)[0, text] - _encoder_states(tm, b)[0, text]).abs().max() > 1e-4
+    with arbiter.attach(tm.model, tm.processor, stack="encoder") as lens, lens.knockout("image", "text"):
+        ka, kb = _encoder_states(tm, a), _encoder_states(tm, b)
+    assert (ka[0, text] - kb[0, text]).abs().max() <= 1e-6
+
+
+def test_a_stack_the_model_lacks_is_refused_clearly():
+    with pytest.raises(arbiter.errors.UnsupportedModelError, match="no encoder stack"):
+        arbiter.attach(_tm("llava").model, stack="encoder")
+    with pytest.raises(arbiter.errors.UnsupportedModelError, match="unknown stack"):
+        arbiter.attach(_tm("florence2").model, stack="vision")

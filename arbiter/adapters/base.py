@@ -111,6 +111,7 @@ class ModelFacts:
     prefix_replay: bool = True       # layers depend only on their input (sweeps may replay a clean prefix)
     adapter: "Adapter | None" = field(default=None, repr=False)   # whose behaviour the methods below ask
     unserved: list[str] = field(default_factory=list)  # token mixers arbiter does not route (knockouts refuse)
+    stack: str = "decoder"           # which stack the facts describe: "decoder" (makes the logits) or "encoder"
     residual: "ResidualLayout" = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -209,6 +210,7 @@ class ModelFacts:
             "vocab_size": getattr(cfg, "vocab_size", None),
             "cross_attention_layers": [lf.index for lf in self.layers if lf.cross],
             "skipped_layers": {str(lf.index): lf.skip_reason for lf in self.layers if lf.skip_reason},
+            "stack": self.stack,
             "mixer_kinds": [lf.mixer_kind for lf in self.layers],
             "unserved_mixers": self.unserved,
             "modality_token_ids": self.modality_token_ids,
@@ -487,8 +489,19 @@ class Adapter:
         (the modeling code dispatches through AttentionInterface itself)."""
         return {}
 
-    def facts(self, model: nn.Module) -> ModelFacts:
+    def facts(self, model: nn.Module, stack: str = "decoder") -> ModelFacts:
+        """The model's facts for one of its stacks: ``"decoder"`` (the stack that produces the logits) or
+        ``"encoder"`` (an encoder-decoder's encoder, served on its own positions: no unembedding)."""
         decoder = self.decoder(model)
+        if stack == "encoder":
+            decoder = self.encoder_stack(model, decoder)
+            if decoder is None:
+                raise UnsupportedModelError(unsupported_message(
+                    model, "stack='encoder' was asked for, but the model has no encoder stack beside its decoder "
+                           "(a decoder-only model: attach without stack=)"))
+        elif stack != "decoder":
+            raise UnsupportedModelError(f"unknown stack {stack!r}: choose 'decoder' (the stack that produces the "
+                                        "logits) or 'encoder' (an encoder-decoder's encoder).")
         cfg = decoder.config
         layers_list = _find_layers(decoder, cfg)
         if layers_list is None:
@@ -525,7 +538,9 @@ class Adapter:
             layers[index].cross_attn = module
         unserved = self.unserved_mixers(decoder, layers, cfg) + self.cross_sources(model, decoder, layers)
         lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if lm_head is None:  # a composite model whose language model keeps the unembedding (an Omni thinker)
+        if stack == "encoder":
+            lm_head = None   # the encoder's positions are not unembedded
+        elif lm_head is None:  # a composite model whose language model keeps the unembedding (an Omni thinker)
             vocab = getattr(cfg, "vocab_size", None)
             lm_head = next((m for n, m in model.named_modules() if n.split(".")[-1] == "lm_head"
                             and isinstance(m, nn.Linear) and m.out_features == vocab), None)
@@ -537,7 +552,7 @@ class Adapter:
             modality_token_ids=self.token_ids(model), notes=list(self.notes),
             prefix_bidirectional=self.prefix_bidirectional,
             resid_stacked=self.resid_stacked, prefix_replay=self.prefix_replay and not kv_shared, adapter=self,
-            unserved=unserved)
+            unserved=unserved, stack=stack)
 
 
 def _find_layers(decoder: nn.Module, cfg) -> nn.ModuleList | None:
@@ -583,13 +598,13 @@ def find_adapter(model: nn.Module) -> Adapter:
     return Adapter()
 
 
-def model_facts(model: nn.Module) -> ModelFacts:
+def model_facts(model: nn.Module, stack: str = "decoder") -> ModelFacts:
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise UnsupportedModelError(
             f"arbiter.attach expects a transformers PreTrainedModel (with .config), got {type(model).__name__}. "
             f"Families with an adapter: {', '.join(supported_families())}; for another architecture subclass "
             "arbiter.adapters.Adapter and call arbiter.register_adapter(MyAdapter).")
-    return find_adapter(model).facts(model)
+    return find_adapter(model).facts(model, stack)
 
 
 def module_eager_function(module: nn.Module) -> Callable:
