@@ -6,10 +6,9 @@ function on the row-sliced queries."""
 
 from __future__ import annotations
 
-import functools
-import inspect
 import contextlib
 import functools
+import inspect
 import weakref
 from typing import TYPE_CHECKING, Callable
 
@@ -199,7 +198,7 @@ def protect_empty_rows(m: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor
 
 def float_mask(mask_bool: torch.Tensor, mask_float: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """An additive mask for eager attention: the model's float values where allowed and where the model masks
-    too (rows it masks entirely, padding rows, keep its exact softmax: Kosmos-2's own mask mixes finfo.min and
+    too (rows it masks entirely, padding rows, keep its exact softmax: some models' own masks mix finfo.min and
     -inf there), finfo.min where only the (edited) bool mask masks."""
     lowest = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=mask_bool.device)
     if mask_float is None:

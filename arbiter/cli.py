@@ -190,7 +190,7 @@ def _modality_flags(p: argparse.ArgumentParser) -> None:
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="arbiter", description="Diagnose how a multimodal LLM arbitrates between "
-                                                             "modalities (see SPEC.md for every measure).")
+                                                             "modalities (docs/methods.md defines every measure).")
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("diagnose", help="full diagnosis of a local model on a conflict data set (JSONL)")
     d.add_argument("--model", required=True, help="folder with a transformers model + processor")

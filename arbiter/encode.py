@@ -203,9 +203,10 @@ def encode_samples(lens, samples: Sequence[ConflictSample] | ConflictSample, tem
     if any(has_img) and not all(has_img):
         raise DataError("encode(): mix of samples with and without images in one batch; encode them separately.")
     kwargs: dict[str, Any] = {"return_tensors": return_tensors}
+    side = getattr(tok, "padding_side", None)
     if len(samples) > 1:
         kwargs["padding"] = True
-        if hasattr(tok, "padding_side"):
+        if side is not None:
             tok.padding_side = "left"
     if all(has_img) and hasattr(proc, "image_processor"):
         imgs = list(images) if images is not None else [s.load_image() for s in samples]
@@ -215,10 +216,11 @@ def encode_samples(lens, samples: Sequence[ConflictSample] | ConflictSample, tem
             raise DataError("encode(): samples carry audio but their prompt has no {audio} placeholder; add "
                             "{audio} to the template (or drop the audio).")
         kwargs["audio"] = [load_audio(s, proc) for s in samples]
-    if proc is tok:
-        inputs = tok(prompts, **kwargs)
-    else:
-        inputs = proc(text=prompts, **kwargs)
+    try:
+        inputs = tok(prompts, **kwargs) if proc is tok else proc(text=prompts, **kwargs)
+    finally:
+        if side is not None:
+            tok.padding_side = side  # the user's tokenizer is left as it was
     inputs = dict(inputs)
     inputs.update(lens.facts.padding_inputs(inputs))  # what a left-padded sample needs to compute as alone
     ids = inputs["input_ids"]

@@ -104,7 +104,7 @@ class TokenGroups:
     def mark(self, name: str, mask: torch.Tensor) -> "TokenGroups":
         """Groups where the positions of ``mask`` ([batch, positions], padded with False or cut to this length)
         belong to modality ``name`` and not to ``text``: a modality the model marks in an input of its own rather
-        than by token ids (Kosmos-2's ``image_embeds_position_mask``). ``self`` where nothing changes."""
+        than by token ids (e.g. an ``image_embeds_position_mask`` input). ``self`` where nothing changes."""
         m = torch.as_tensor(mask, dtype=torch.bool).detach().cpu()
         if m.dim() == 1:
             m = m.expand(self.batch_size, -1)
@@ -124,7 +124,7 @@ class TokenGroups:
 
     def prepend(self, n: int, name: str) -> "TokenGroups":
         """Groups with ``n`` positions put before the current ones, in group ``name`` (and ``all``): positions the
-        model runs before its input ids without a token for them (GIT prepends its image embeddings)."""
+        model runs before its input ids without a token for them (a model that prepends its image embeddings)."""
         if n <= 0:
             return self
         b = self.batch_size

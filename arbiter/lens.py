@@ -16,7 +16,7 @@ from . import mixers
 from .adapters.base import ModelFacts, key_projection, model_facts
 from .errors import ArbiterError, GroupError, ProbeError, SiteError
 from .groups import TokenGroups
-from .probes.base import ATTENTION_SITES, CROSS_SITES, GLOBAL_SITES, SITES, Ctx, Probe, RowSpec, callback_name
+from .probes.base import ATTENTION_SITES, CROSS_SITES, GLOBAL_SITES, Ctx, Probe, RowSpec, callback_name
 from .replay import Capture, ReplayModule, decoder_siblings, map_tensors, repeat_dim0, swap_modules
 
 
@@ -73,6 +73,7 @@ class _Runtime:
 
     # -- table -------------------------------------------------------------------------------------------
     def rebuild(self) -> None:
+        self.mixer_inputs = {}   # a probe came or went: no mixer history outlives the generation it served
         table: dict[tuple[str, int | None], list[_Active]] = {}
         for a in self.active:
             for site in a.specs:
@@ -408,7 +409,9 @@ class Lens:
                     new = pad[:, -q_len:] if pad is not None else torch.ones(b, q_len, dtype=torch.bool,
                                                                              device=x.device)
                     pad = torch.cat([old, new], dim=1)
-            rt.mixer_inputs[layer] = (inputs, pad)
+            # kept for the decode steps of a generation only (a forward without a cache needs no history)
+            if any(kwargs.get(name) is not None for name in mixers.CACHE_KWARGS):
+                rt.mixer_inputs[layer] = (inputs, pad)
             q_pos = rt.chunk_positions(q_len)
             k_pos = torch.arange(inputs.shape[1])
             default, _ = attn_fn.bool_mask(pad, module, {}, b, q_pos, k_pos, False, x.device)

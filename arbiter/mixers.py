@@ -15,7 +15,7 @@ from .errors import SiteError
 # mixer kinds whose knockouts are served by deletion (adapters.base.MIXER_KINDS)
 DELETION_KINDS = ("linear_attention", "convolution", "state_space")
 # keyword arguments of a mixer call that carry a cache (the recomputation runs without one)
-_CACHE_KWARGS = ("cache", "past_key_values", "cache_params", "past_key_value")
+CACHE_KWARGS = ("cache", "past_key_values", "cache_params", "past_key_value")
 
 
 @dataclass
@@ -83,7 +83,7 @@ def recompute(module: torch.nn.Module, args: tuple, kwargs: dict, inputs: torch.
     the recomputation is the module's own computation on each deleted sequence)."""
     call_kwargs = {}
     for name, v in kwargs.items():
-        if name in _CACHE_KWARGS or name in ("hidden_states", "attention_mask"):
+        if name in CACHE_KWARGS or name in ("hidden_states", "attention_mask"):
             continue
         if isinstance(v, torch.Tensor) and v.dim() > 0:
             raise SiteError(f"layer {layer} ({kind}, {type(module).__name__}) takes a tensor argument {name!r} that "
@@ -107,7 +107,7 @@ def recompute(module: torch.nn.Module, args: tuple, kwargs: dict, inputs: torch.
                 m = torch.stack([pad_mask[r.sample, r.kept.to(pad_mask.device)] for r in runs_n])
                 m = None if bool(m.all()) else m
             kw["attention_mask"] = m
-        for name in _CACHE_KWARGS:
+        for name in CACHE_KWARGS:
             if name in kwargs:
                 kw[name] = None
         # forward() itself: the layer's hooks (arbiter's, a user's) see the model's call only, not this one

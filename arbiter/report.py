@@ -236,9 +236,9 @@ def markdown(report: dict) -> str:
                   f"{_skipped(report, 'mfr')}."]
     lines += _modality_markdown(report)
     lines += _attractor_markdown(report)
-    lines += ["", "Definitions: ../shared/SPEC.md sections 3–11 (MAM, I_NSSD, LDAR, MFR, head scores, imbalance, "
-              "key space, modality Shapley, surrogate); choices marked proposed there are documented in "
-              "arbiter.metrics and arbiter.surrogate.", ""]
+    lines += ["", "Definitions: arbiter's docs/methods.md, sections 3–11 (MAM, I_NSSD, LDAR, MFR, head scores, "
+              "imbalance, key space, modality Shapley, surrogate); definitions marked proposed there are "
+              "arbiter's own choices.", ""]
     return "\n".join(lines)
 
 

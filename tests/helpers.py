@@ -31,6 +31,7 @@ def inputs_for(tm, n: int = 1, seed: int = 0, text: str = "What colour is the ci
     prompts = [tm.prompt(text + " ok" * i) for i in range(n)]
     kw = {"return_tensors": "pt"}
     tok = getattr(tm.processor, "tokenizer", tm.processor)
+    side = tok.padding_side
     if n > 1:
         tok.padding_side = "left"
         kw["padding"] = True
@@ -38,9 +39,12 @@ def inputs_for(tm, n: int = 1, seed: int = 0, text: str = "What colour is the ci
         kw["images"] = [[tm.make_image(seed + i)] for i in range(n)]
     if "audio" in tm.modalities:
         kw["audio"] = [tm.make_audio(seed + i) for i in range(n)]
-    if tm.processor is tok:
-        return dict(tok(prompts, **kw))
-    return dict(tm.processor(text=prompts, **kw))
+    try:
+        if tm.processor is tok:
+            return dict(tok(prompts, **kw))
+        return dict(tm.processor(text=prompts, **kw))
+    finally:
+        tok.padding_side = side  # the cached model is shared: leave its tokenizer as it was
 
 
 def logits(model, inputs):
@@ -60,3 +64,18 @@ def set_text_attention(model, impl: str) -> str:
         req = {key: req}
     model.set_attn_implementation(req)
     return before
+
+
+def forward_logits(tm, inputs):
+    """The logits of a tiny model (``TinyModel``) on processor inputs."""
+    return logits(tm.model, inputs)
+
+
+def image_token_id(tm) -> int:
+    """The image placeholder id the model's config names."""
+    cfg = tm.model.config
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(cfg, name, None)
+        if value is not None:
+            return int(value)
+    raise AssertionError(f"{tm.family}: config has no image token id")

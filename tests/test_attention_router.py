@@ -11,7 +11,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
 
 import arbiter
-from arbiter.errors import ProbeError
 from arbiter.testing import tiny
 from helpers import inputs_for, logits
 
@@ -129,4 +128,3 @@ def test_probs_come_from_the_modules_own_eager_function():
         module.eager_attention_forward = original
         tm.model.set_attn_implementation("sdpa")
     torch.testing.assert_close(rec.trace["L0.attn.probs"][:, :, -1], eager, atol=1e-6, rtol=0)
-    assert ProbeError  # imported for the module's error vocabulary

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 
 import numpy as np
 import pytest
 import torch
 
 from arbiter.testing import FAMILIES, TinyModel, tiny
+from helpers import _tiny as _zoo, forward_logits as _forward, image_token_id as _image_token_id
 
 MULTIMODAL = [f for f in FAMILIES if f not in ("llama", "qwen2", "gemma")]
 TEXT_ONLY = [f for f in FAMILIES if f not in MULTIMODAL]
@@ -23,28 +23,9 @@ GIT_FORWARD = ("GIT implements eager attention only and its logits cover the ima
                "text (checked in test_tiny_zoo_more.py::test_forward_finite)")
 
 
-@functools.cache
-def _zoo(family: str) -> TinyModel:
-    return tiny(family)
-
-
 def _inputs(tm: TinyModel, text: str | list[str], image_seeds=(0,), audio_seeds=(0,), **kw):
     """Processor inputs for one prompt (or a batch) with one image / audio clip per prompt."""
     return tm.inputs(text, image_seeds=list(image_seeds), audio_seeds=list(audio_seeds), **kw)
-
-
-def _forward(tm: TinyModel, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return tm.model(**inputs).logits
-
-
-def _image_token_id(tm: TinyModel) -> int:
-    cfg = tm.model.config
-    for name in ("image_token_id", "image_token_index"):
-        value = getattr(cfg, name, None)
-        if value is not None:
-            return int(value)
-    raise AssertionError(f"{tm.family}: config has no image token id")
 
 
 def test_families_listed():

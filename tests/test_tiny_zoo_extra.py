@@ -3,7 +3,6 @@ real processor agrees with its model (placeholders, left padding, the image / au
 
 from __future__ import annotations
 
-import functools
 import importlib
 
 import numpy as np
@@ -11,21 +10,13 @@ import pytest
 import torch
 
 from arbiter.testing import FAMILIES, TinyModel, tiny
+from helpers import _tiny as _zoo
+from helpers import forward_logits as _forward
 from arbiter.testing.tiny_extra import FAMILIES as EXTRA
 
 tiny_module = importlib.import_module("arbiter.testing.tiny")  # (``arbiter.testing.tiny`` is the function)
 NEW = list(EXTRA)
 PROMPT = "What colour is the shape in the image?"
-
-
-@functools.cache
-def _zoo(family: str) -> TinyModel:
-    return tiny(family)
-
-
-def _forward(tm: TinyModel, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return tm.model(**inputs).logits
 
 
 def _modality(tm: TinyModel) -> str:

@@ -3,7 +3,6 @@ real processor agrees with its model (image placeholders, padding, the image rea
 
 from __future__ import annotations
 
-import functools
 import importlib
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 from arbiter.testing import FAMILIES, TinyModel, tiny
+from helpers import _tiny as _zoo, forward_logits as _forward, image_token_id as _image_token_id
 from arbiter.testing.tiny_more import FAMILIES as MORE
 
 tiny_module = importlib.import_module("arbiter.testing.tiny")  # (``arbiter.testing.tiny`` is the function)
@@ -22,25 +22,6 @@ RIGHT_PADDED = {
     "git": "GIT's learned text positions ignore the attention mask (BERT tokenizer pads on the right)",
 }
 PROMPT = "What colour is the shape in the image?"
-
-
-@functools.cache
-def _zoo(family: str) -> TinyModel:
-    return tiny(family)
-
-
-def _forward(tm: TinyModel, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return tm.model(**inputs).logits
-
-
-def _image_token_id(tm: TinyModel) -> int:
-    cfg = tm.model.config
-    for name in ("image_token_id", "image_token_index"):
-        value = getattr(cfg, name, None)
-        if value is not None:
-            return int(value)
-    raise AssertionError(f"{tm.family}: config has no image token id")
 
 
 def _logit_positions(tm: TinyModel, inputs) -> int:
