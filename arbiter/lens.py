@@ -577,6 +577,7 @@ class Lens:
         if steps not in ("all", "prefill", "decode"):
             raise SiteError(f"steps must be 'all', 'prefill' or 'decode', got {steps!r}.")
         entry = _Active(probe, site_layers, steps, specs)
+        probe.served_layers = {site: sorted(layers) for site, layers in site_layers.items()}
         probe.on_attach(self)
         rt = self._runtime
         rt.active.append(entry)

@@ -209,3 +209,22 @@ def test_a_stack_the_model_lacks_is_refused_clearly():
         arbiter.attach(_tm("llava").model, stack="encoder")
     with pytest.raises(arbiter.errors.UnsupportedModelError, match="unknown stack"):
         arbiter.attach(_tm("florence2").model, stack="vision")
+
+
+def test_layers_the_model_skips_are_named_not_silently_missing():
+    """Mllama runs no cross-attention layer without an image: a recorder asked for every layer's residual warns,
+    and the trace lists those layers (the model's own hidden states say which layers ran)."""
+    tm = _tm("mllama")
+    tok = tm.tokenizer
+    inputs = tok(["What colour is the circle?"], return_tensors="pt")
+    cross = set(tm.model.config.text_config.cross_attention_layers)
+    with arbiter.attach(tm.model, tm.processor) as lens, torch.no_grad():
+        with lens.record("resid.post") as rec, pytest.warns(UserWarning, match="did not run"):
+            out = tm.model(**inputs, output_hidden_states=True)
+            rec.trace  # noqa: B018 - the trace is built (and the warning given) on first access
+    not_run = rec.trace.meta["layers_not_run"]["resid.post"]
+    assert set(not_run) == cross
+    ran = [i for i in range(lens.facts.n_layers) if i not in cross]
+    assert rec.trace.layers("resid.post") == ran
+    # the model's own hidden states (captured by hooks on the layers that ran) agree: one per layer that ran
+    assert len(out.hidden_states) == len(ran) + 1

@@ -176,7 +176,8 @@ class Probe:
 
     # -- lifecycle hooks (optional) ------------------------------------------------------------------------
     def on_attach(self, lens: "Lens") -> None:
-        """Called when the probe is activated (validate parameters against the model here)."""
+        """Called when the probe is activated (validate parameters against the model here). ``served_layers``
+        ({site: [layers]}, set by the Lens just before) says on which layers each site will be called."""
 
     def on_detach(self, lens: "Lens") -> None:
         """Called when the probe's ``with`` block ends, also on exceptions."""

@@ -4,6 +4,7 @@ Attention probabilities and scores are computed only for the requested rows, so 
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from typing import Sequence
 
@@ -98,6 +99,25 @@ class Recorder(Probe):
     def result(self):
         return self.trace
 
+    def _layers_not_run(self) -> dict[str, list[int]]:
+        """{site: layers} served to this recorder on which the model never called the site (it skipped the layer:
+        e.g. a cross-attention layer without its image input); warned once and kept in the trace's metadata."""
+        served = getattr(self, "served_layers", None) or {}
+        out = {}
+        for site, layers in served.items():
+            if site in GLOBAL_SITES:
+                continue
+            seen = {layer for (s, layer) in self._store if s == site}
+            missing = sorted(set(layers) - seen)
+            if seen and missing:
+                out[site] = missing
+        if out and not getattr(self, "_warned_not_run", False):
+            self._warned_not_run = True
+            warnings.warn(f"Recorder: the model did not run some layers it was asked to record ({out}; it skipped "
+                          "them in its forward, e.g. cross-attention layers without their image input), so those "
+                          "sites have no tensor there; trace.meta['layers_not_run'] lists them.", stacklevel=3)
+        return out
+
     def _build(self):
         from ..trace import Trace
 
@@ -121,6 +141,9 @@ class Recorder(Probe):
             "calls": max(self._calls.values()) if self._calls else 0,
             "site_layouts": {s: SITES[s][2] for s in self.sites},
         }
+        not_run = self._layers_not_run()
+        if not_run:
+            meta["layers_not_run"] = not_run
         groups = lens._runtime.groups if lens is not None else None
         if groups is not None:
             meta["groups"] = groups.to_dict()
