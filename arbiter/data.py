@@ -1021,6 +1021,7 @@ def generate_synthetic(
     colours: Sequence[str] = COLOURS,
     attributes: Sequence[str] = ("colour", "shape"),
     constraint: bool = True,
+    labels: bool = False,
 ) -> ConflictDataset:
     """Write a synthetic colour/shape conflict data set to ``out_dir`` and return it loaded.
 
@@ -1033,8 +1034,11 @@ def generate_synthetic(
     ``"train"`` uses the non-held-out ones, ``"heldout"`` only the held-out ones, ``"all"`` every one —
     followed by :data:`FORMAT_CONSTRAINT` when ``constraint``; its position is set by a per-sample
     ``template`` from :data:`POSITION_TEMPLATES`. Per-sample extras: ``attribute``, ``position``,
-    ``noisy``, ``instruction_index``, ``heldout``. The same arguments give byte-identical files (with the
-    same numpy, Pillow and zlib versions). Writes ``out_dir/data.jsonl``.
+    ``noisy``, ``instruction_index``, ``heldout``. ``labels``: also declare a label set in the header (the
+    ``colours`` then the ``shapes``, of the attributes asked about) and give each sample its ``label``, the
+    instruction-compliant answer, for the label-perturbation (attractors) step; the samples themselves are the
+    same as without it. The same arguments give byte-identical files (with the same numpy, Pillow and zlib
+    versions). Writes ``out_dir/data.jsonl``.
     """
     if n < 1:
         raise DataError(f"n must be at least 1, got {n}")
@@ -1076,27 +1080,28 @@ def generate_synthetic(
     img_dir = out / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
     width = max(5, len(str(n - 1)))
-    lines = [
-        json.dumps(
-            {
-                "arbiter_dataset": FORMAT_VERSION,
-                "generator": {
-                    "name": "arbiter.data.generate_synthetic",
-                    "n": n,
-                    "seed": seed,
-                    "image_size": image_size,
-                    "paraphrases": paraphrases,
-                    "positions": list(positions),
-                    "p_agreement": p_agreement,
-                    "p_noisy": p_noisy,
-                    "shapes": list(shapes),
-                    "colours": list(colours),
-                    "attributes": list(attributes),
-                    "constraint": constraint,
-                },
-            }
-        )
-    ]
+    label_set = ([*colours] if "colour" in attributes else []) + ([*shapes] if "shape" in attributes else [])
+    header: dict[str, Any] = {
+        "arbiter_dataset": FORMAT_VERSION,
+        "generator": {
+            "name": "arbiter.data.generate_synthetic",
+            "n": n,
+            "seed": seed,
+            "image_size": image_size,
+            "paraphrases": paraphrases,
+            "positions": list(positions),
+            "p_agreement": p_agreement,
+            "p_noisy": p_noisy,
+            "shapes": list(shapes),
+            "colours": list(colours),
+            "attributes": list(attributes),
+            "constraint": constraint,
+            **({"labels": True} if labels else {}),
+        },
+    }
+    if labels:
+        header["labels"] = label_set
+    lines = [json.dumps(header)]
     for i in range(n):
         sid = f"syn-{i:0{width}d}"
         target, attribute, position = targets[i], attrs[i], poss[i]
@@ -1131,6 +1136,7 @@ def generate_synthetic(
             image=f"images/{sid}.png",
             conflict=conflict,
             template=POSITION_TEMPLATES[position],
+            label=(true_value if target == "vision" else text_value) if labels else None,
             extra={
                 "attribute": attribute,
                 "position": position,

@@ -1,7 +1,7 @@
 """TokenGroups: named boolean masks over the positions of a batch (image, context, instruction, last, ...).
 
 Positions are cache indices (the column in the padded input, then one per generated token), so they stay
-right under left padding and across decode steps."""
+right under left padding and across decode steps. Groups also carry, per sample, the patch grids of its images."""
 
 from __future__ import annotations
 
@@ -22,10 +22,14 @@ class TokenGroups:
     prompt token), the prompt parts ``context``, ``instruction``, ``question``, ``constraint``, ``system``
     (character spans through the tokenizer's offsets), ``last`` (final prompt position), ``generated``
     (positions made by ``generate``), ``pad`` and ``all`` (every real position). Add your own with ``add``.
+
+    ``image_grids``: per sample, where its ``image`` tokens lie on its images (see :meth:`with_image_grids`), or
+    None where the model's adapter does not say (``image_grids_problem`` then says why, when known).
     """
 
     def __init__(self, masks: Mapping[str, torch.Tensor], prompt_length: int | None = None,
-                 sample_ids: Sequence[str] | None = None):
+                 sample_ids: Sequence[str] | None = None, image_grids: Sequence[list[dict]] | None = None,
+                 image_grids_problem: str | None = None):
         masks = {k: torch.as_tensor(v, dtype=torch.bool) for k, v in masks.items()}
         shapes = {tuple(v.shape) for v in masks.values()}
         if len(shapes) != 1 or len(next(iter(shapes))) != 2:
@@ -39,6 +43,20 @@ class TokenGroups:
         if "all" not in self._masks:
             pad = self._masks.get("pad", torch.zeros(b, s, dtype=torch.bool))
             self._masks["all"] = ~pad
+        if image_grids is not None and len(image_grids) != b:
+            raise GroupError(f"image_grids has {len(image_grids)} entries; the batch has {b} samples.")
+        self.image_grids: list[list[dict]] | None = list(image_grids) if image_grids is not None else None
+        self.image_grids_problem = image_grids_problem
+
+    def _like(self, masks: Mapping[str, torch.Tensor], rows: Sequence[int] | None = None,
+              prompt_length: int | None = None, sample_ids: Sequence[str] | None = None) -> "TokenGroups":
+        """New groups with ``masks`` and this batch's image grids (of samples ``rows``, default all)."""
+        grids = self.image_grids
+        if grids is not None and rows is not None:
+            grids = [grids[i] for i in rows]
+        return TokenGroups(masks, prompt_length=self.prompt_length if prompt_length is None else prompt_length,
+                           sample_ids=self.sample_ids if sample_ids is None else sample_ids, image_grids=grids,
+                           image_grids_problem=self.image_grids_problem)
 
     # -- construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -120,7 +138,7 @@ class TokenGroups:
         masks[name] = m if have is None else have | m
         if text is not None:
             masks["text"] = text & ~m
-        return TokenGroups(masks, prompt_length=self.prompt_length, sample_ids=self.sample_ids)
+        return self._like(masks)
 
     def prepend(self, n: int, name: str) -> "TokenGroups":
         """Groups with ``n`` positions put before the current ones, in group ``name`` (and ``all``): positions the
@@ -133,7 +151,34 @@ class TokenGroups:
         if name not in masks:
             masks[name] = torch.cat([torch.ones(b, n, dtype=torch.bool),
                                      torch.zeros(b, self.length, dtype=torch.bool)], dim=1)
-        return TokenGroups(masks, prompt_length=self.prompt_length + n, sample_ids=self.sample_ids)
+        return self._like(masks, prompt_length=self.prompt_length + n)
+
+    def with_image_grids(self, images: Sequence[Mapping]) -> "TokenGroups":
+        """These groups plus where each sample's ``image`` tokens lie on its images. ``images``: the batch's images
+        in order, each ``{"tokens": n, "views": [...]}`` (``Adapter.image_grids``); they are handed to the samples
+        in turn, each sample taking images until their token counts add up to its number of ``image`` positions.
+        Where the counts do not add up, no sample gets grids and ``image_grids_problem`` says why."""
+        image = self._masks.get("image")
+        counts = image.sum(dim=1).tolist() if image is not None else [0] * self.batch_size
+        per: list[list[dict]] = []
+        k, problem = 0, None
+        for sid, n in zip(self.sample_ids, counts):
+            mine, total = [], 0
+            while total < n and k < len(images):
+                mine.append(dict(images[k]))
+                total += int(images[k]["tokens"])
+                k += 1
+            if total != n:
+                problem = (f"sample {sid!r} has {n} image tokens in its ids, but the grids of its images give "
+                           f"{total}: the processor and the model disagree, or the ids were truncated")
+                break
+            per.append(mine)
+        if problem is None and k != len(images):
+            problem = f"{len(images) - k} of the {len(images)} images in the inputs have no image tokens in the ids"
+        out = self._like(dict(self._masks))
+        out.image_grids = None if problem else per
+        out.image_grids_problem = problem
+        return out
 
     # -- access ---------------------------------------------------------------------------------------------
     @property
@@ -201,21 +246,27 @@ class TokenGroups:
         """Each sample repeated ``repeats`` times in a row (batched sweeps, beam search)."""
         masks = {k: v.repeat_interleave(repeats, dim=0) for k, v in self._masks.items()}
         ids = [s for s in self.sample_ids for _ in range(repeats)]
-        return TokenGroups(masks, prompt_length=self.prompt_length, sample_ids=ids)
+        return self._like(masks, [i for i in range(self.batch_size) for _ in range(repeats)], sample_ids=ids)
 
     def tile(self, n: int) -> "TokenGroups":
         """The whole batch repeated ``n`` times one after the other (row j*b + i is sample i)."""
         masks = {k: torch.cat([v] * n, dim=0) for k, v in self._masks.items()}
-        return TokenGroups(masks, prompt_length=self.prompt_length, sample_ids=self.sample_ids * n)
+        return self._like(masks, list(range(self.batch_size)) * n, sample_ids=self.sample_ids * n)
 
     def select(self, rows: Sequence[int]) -> "TokenGroups":
         masks = {k: v[list(rows)] for k, v in self._masks.items()}
-        return TokenGroups(masks, prompt_length=self.prompt_length, sample_ids=[self.sample_ids[i] for i in rows])
+        return self._like(masks, list(rows), sample_ids=[self.sample_ids[i] for i in rows])
 
     def to_dict(self) -> dict:
-        """JSON-ready: per group, per sample, the list of positions."""
-        return {"prompt_length": self.prompt_length, "sample_ids": self.sample_ids,
-                "groups": {k: [row.nonzero().flatten().tolist() for row in v] for k, v in self._masks.items()}}
+        """JSON-ready: per group, per sample, the list of positions; ``image_grids`` (and ``image_grids_problem``)
+        where known."""
+        d = {"prompt_length": self.prompt_length, "sample_ids": self.sample_ids,
+             "groups": {k: [row.nonzero().flatten().tolist() for row in v] for k, v in self._masks.items()}}
+        if self.image_grids is not None:
+            d["image_grids"] = self.image_grids
+        if self.image_grids_problem is not None:
+            d["image_grids_problem"] = self.image_grids_problem
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "TokenGroups":
@@ -227,7 +278,8 @@ class TokenGroups:
             for i, pos in enumerate(rows):
                 m[i, pos] = True
             masks[k] = m
-        return cls(masks, prompt_length=d["prompt_length"], sample_ids=d["sample_ids"])
+        return cls(masks, prompt_length=d["prompt_length"], sample_ids=d["sample_ids"],
+                   image_grids=d.get("image_grids"), image_grids_problem=d.get("image_grids_problem"))
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{k}={int(v.sum())}" for k, v in sorted(self._masks.items()))

@@ -64,11 +64,11 @@ class LinearProbeResult:
 
     def plot(self, path: Any = None, ax: Any = None, title: str | None = None):
         """Accuracy (± std over folds) against layer, with a dashed chance line. Returns the matplotlib Figure;
-        saves it to ``path`` when given. Needs matplotlib (``pip install arbiter[plots]``)."""
+        saves it to ``path`` when given. Needs matplotlib (``pip install 'arbiter-mllm[plots]'``)."""
         try:
             from matplotlib.figure import Figure
         except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError("LinearProbeResult.plot needs matplotlib: pip install arbiter[plots]") from e
+            raise ImportError("LinearProbeResult.plot needs matplotlib: pip install 'arbiter-mllm[plots]'") from e
         if ax is None:
             fig = Figure(figsize=(6.0, 3.6), layout="constrained")
             ax = fig.subplots()
@@ -226,7 +226,7 @@ def linear(trace_or_tensors, site: str = "resid.post", labels: Sequence[Hashable
 
     Each layer gets ``StandardScaler`` + ``LogisticRegression(C=C)`` evaluated on ``cv`` stratified, shuffled folds
     (``seed``; the same folds for every layer, so layers are comparable); fully deterministic.
-    Needs scikit-learn: ``pip install arbiter[probing]``."""
+    Needs scikit-learn: ``pip install 'arbiter-mllm[probing]'``."""
     try:
         from sklearn.linear_model import LogisticRegression
         from sklearn.model_selection import StratifiedKFold
@@ -234,7 +234,7 @@ def linear(trace_or_tensors, site: str = "resid.post", labels: Sequence[Hashable
         from sklearn.preprocessing import StandardScaler
         from threadpoolctl import threadpool_limits
     except ImportError as e:
-        raise ImportError("arbiter.probing.linear needs scikit-learn: pip install arbiter[probing]") from e
+        raise ImportError("arbiter.probing.linear needs scikit-learn: pip install 'arbiter-mllm[probing]'") from e
     from .trace import Trace
 
     if isinstance(trace_or_tensors, Trace):

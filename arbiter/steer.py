@@ -198,11 +198,9 @@ def steering_experiment(lens, dataset, report, alphas=(1.5, 2.0, 3.0, 5.0), top:
     k = len(base_plan.heads)
     randoms = [sorted(rng.sample(pool, k)) for _ in range(n_random)]
     topg = [tuple(h) for h in base_plan.heads]
-    it = alphas
-    if progress:
-        from tqdm.auto import tqdm
+    from .progress import progress_bar
 
-        it = tqdm(alphas, desc="steering alphas", unit="alpha")
+    it = progress_bar(alphas, f"steering: α sweep on {len(failed)} failures", unit="alpha", progress=progress)
     for a in it:
         plan = SteeringPlan(base_plan.heads, [float(a)] * k, "all", base_plan.model_class, base_plan.config_hash,
                             base_plan.roles, base_plan.meta)

@@ -110,11 +110,10 @@ def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = la
     b = baseline.shape[0]
     forwards = skipped = 0
     chunks = [order[i:i + chunk] for i in range(0, len(order), chunk)]
-    it = chunks
-    if progress:
-        from tqdm.auto import tqdm
+    from .progress import progress_bar
 
-        it = tqdm(chunks, desc="sweep", unit="fwd")
+    # nested in an experiment's bar over batches: it disappears when done
+    it = progress_bar(chunks, f"sweep: {len(settings)} settings", unit="forward", progress=progress, leave=False)
     for idx in it:
         n = len(idx)
         big = {k: _repeat(v, n) for k, v in inputs.items()}

@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import re
-import tempfile
+import secrets
 from collections.abc import ItemsView, Iterable, Iterator, KeysView, Sequence, ValuesView
 from pathlib import Path
 from typing import Any, Union
@@ -33,6 +33,7 @@ _TEMP_RE = re.compile(r"^\.(shard-\d+\.safetensors|manifest\.json)\..*\.tmp$")
 _MAX_HEADER = 100_000_000  # safetensors refuses larger headers
 _LAYER_RE = re.compile(r"^L(\d+)\.(.+)$", re.DOTALL)
 _RESERVED_NAME = "__metadata__"
+_CHECKSUM = "tensors_sha256"  # header key of the tensors' checksum (absent in files saved before it existed)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -93,9 +94,17 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _temp_path(path: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(name)
+    """A new empty file ``.{name}.{random}.tmp`` beside ``path``, created with mode 0666 less the umask (as
+    ``open()`` creates files; ``tempfile.mkstemp`` would give 0600, which the rename would carry over)."""
+    for _ in range(100):
+        name = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return name
+    raise FileExistsError(f"cannot create a temporary file beside {path}: 100 names taken")
 
 
 def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -105,7 +114,9 @@ def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata:
     except OSError as exc:
         raise TraceError(f"cannot write trace {path}: {exc}") from exc
     try:
+        mode = tmp.stat().st_mode & 0o777  # 0666 less the umask (_temp_path); safetensors writes files 0600
         safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -137,6 +148,18 @@ def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def _tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors in name order: each one's name, dtype and shape, then its raw bytes. Independent of
+    how safetensors lays the file out, so :meth:`Trace.load` checks it on the tensors it read."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        digest.update(f"{name}\0{_dtype_name(tensor.dtype)}\0{list(tensor.shape)}\0".encode())
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(memoryview(flat.view(torch.uint8).numpy()))
     return digest.hexdigest()
 
 
@@ -266,6 +289,20 @@ class Trace:
                 )
         return torch.stack(tensors, dim=0)
 
+    # -- looking at the image
+
+    def show_image_attention(self, sample: int | str = 0, layer: int | None = None, head: int | None = None,
+                             image: Any = None, tokens: Sequence[str] | None = None, ax: Any = None, **kw: Any):
+        """Figure of one recorded attention row (``L{layer}.attn.probs``, at the sample's last prompt token unless
+        ``position=``) over the sample's image patches, drawn on ``image`` (PIL image or path; None: the grid
+        alone) with a colour bar, next to the row over the prompt tokens (labelled by ``tokens``, one string per
+        position). ``head=None``: mean over heads; ``layer=None``: mean over layers and heads. ``ax``: only the
+        image panel, on that Axes. See :func:`arbiter.overlays.show_image_attention` for the other keywords;
+        needs matplotlib. Returns the matplotlib Figure."""
+        from .overlays import show_image_attention
+
+        return show_image_attention(self, sample, layer, head, image=image, tokens=tokens, ax=ax, **kw)
+
     # -- combining
 
     @classmethod
@@ -314,10 +351,12 @@ class Trace:
         """Write the trace to one safetensors file, atomically (temp file, fsync, rename).
 
         The meta dict goes as JSON into the header's ``__metadata__`` (keys ``"arbiter_trace"``,
-        the format version, and ``"meta"``); TraceError names any value JSON cannot hold.
+        the format version, ``"meta"`` and ``"tensors_sha256"``, a checksum of the tensors that :meth:`load`
+        verifies); TraceError names any value JSON cannot hold. The file gets mode 0666 less the umask.
         """
         path = Path(path)
-        header = {"arbiter_trace": str(FORMAT_VERSION), "meta": _dump_meta(self.meta)}
+        header = {"arbiter_trace": str(FORMAT_VERSION), "meta": _dump_meta(self.meta),
+                  _CHECKSUM: _tensors_sha256(self._tensors)}
         _atomic_save_tensors(path, dict(self._tensors), header)
 
     @classmethod
@@ -325,14 +364,20 @@ class Trace:
         """Read a trace written by :meth:`save`. Uses safetensors only: arbiter never unpickles.
 
         Raises TraceError if the file is missing, empty or truncated, not a safetensors file,
-        not an arbiter trace, from a newer format version, or has corrupt metadata.
+        not an arbiter trace, from a newer format version, has corrupt metadata, or its tensors do not match
+        the checksum written with them (files saved before traces carried one load unchecked).
         """
         path = Path(path)
-        meta = _read_trace_meta(path)
+        meta, checksum = _read_trace_meta(path)
         try:
             tensors = safetensors.torch.load_file(str(path), device="cpu")
         except Exception as exc:  # safetensors raises SafetensorError, OSError, ValueError, ...
             raise TraceError(f"trace {path} is corrupt; safetensors could not read it: {exc}") from exc
+        if checksum is not None and _tensors_sha256(tensors) != checksum:
+            raise TraceError(
+                f"trace {path} is corrupt: its tensors do not match the sha256 checksum written with them "
+                "(the file was altered or damaged after it was saved); record or copy the trace again"
+            )
         return cls._owned(tensors, meta)
 
 
@@ -352,8 +397,9 @@ def _looks_like(head: bytes) -> str:
     return ""
 
 
-def _read_trace_meta(path: Path) -> dict[str, Any]:
-    """Check the safetensors header of ``path`` and return the trace meta, or raise TraceError."""
+def _read_trace_meta(path: Path) -> tuple[dict[str, Any], str | None]:
+    """Check the safetensors header of ``path`` and return the trace meta and the tensors' checksum (None in a
+    file written before traces carried one), or raise TraceError."""
     if path.is_dir():
         raise TraceError(f"{path} is a directory; use read_trace_dir() for a TraceWriter directory")
     try:
@@ -437,7 +483,10 @@ def _read_trace_meta(path: Path) -> dict[str, Any]:
         raise TraceError(f"trace {path} has corrupt JSON metadata: {exc}") from exc
     if not isinstance(meta, dict):
         raise TraceError(f"trace {path} has corrupt JSON metadata: 'meta' is a {type(meta).__name__}, not an object")
-    return meta
+    checksum = metadata.get(_CHECKSUM)
+    if checksum is not None and not re.fullmatch(r"[0-9a-f]{64}", checksum):
+        raise TraceError(f"trace {path} has corrupt metadata: {_CHECKSUM} {checksum!r} is not a sha256 hex digest")
+    return meta, checksum
 
 
 # --------------------------------------------------------------------------- sharded writing

@@ -5,7 +5,9 @@ knockout map (I_NSSD per edge family and centre layer), two head rankings (the e
 reference, and AtP*'s GradDrop, a cheap gradient estimate), their agreement, and what blocking each ranking's own
 top heads does. Every result is a dataclass with ``to_dict()`` (JSON) and ``plot()`` (PNG).
 
-Run it with ``python examples/04_arbitration.py [OUT]`` (llava_tiny, 32 conflict samples, about 10 s on CPU).
+Run it with ``OMP_NUM_THREADS=1 python examples/04_arbitration.py [OUT]`` (llava_tiny, 32 conflict samples):
+34 s of CPU; measured 95 s wall on 2 shared AMD EPYC cores at load 9 with one torch thread, 363 s with torch's
+default two threads at that load.
 """
 
 from __future__ import annotations

@@ -366,7 +366,7 @@ def test_diagnose_runs_the_attractors_step_when_the_data_declares_labels(tmp_pat
     md = markdown(rep)
     assert "## Label attractors" in md and "- context_only (context kept): accuracy" in md
     html = (tmp_path / "out" / "report.html").read_text()
-    assert "Label attractors" in html and 'alt="attractors"' in html
+    assert "Label attractors" in html and 'alt="label attractors"' in html
     logs.clear()  # resumed; a new cap reruns only this step; skip= names it
     again = diagnose(tm.model, tm.processor, ds, tmp_path / "out", log=logs.append, attractor_limit=5,
                      attractor_subsets=3, **DIAG_FAST)

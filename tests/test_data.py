@@ -521,6 +521,21 @@ def test_generator_paraphrase_splits(tmp_path: Path) -> None:
     assert {s.extra["position"] for s in allp} == {"between"}
 
 
+def test_generator_labels_are_the_compliant_answers_of_the_same_samples(tmp_path: Path) -> None:
+    plain = generate_synthetic(tmp_path / "plain", 30, seed=5, image_size=16)
+    lab = generate_synthetic(tmp_path / "lab", 30, seed=5, image_size=16, labels=True)
+    assert plain.labels is None and all(s.label is None for s in plain)
+    assert lab.labels == [*COLOURS, *SHAPES]
+    assert [s.label for s in lab] == [s.answer_vision if s.target == "vision" else s.answer_text for s in plain]
+    assert [{**s.to_dict(), "image": None} for s in plain] == [
+        {k: v for k, v in {**s.to_dict(), "image": None}.items() if k != "label"} for s in lab]
+    assert _read_all(tmp_path / "plain")["images/syn-00007.png"] == _read_all(tmp_path / "lab")["images/syn-00007.png"]
+    assert load_jsonl(tmp_path / "lab" / "data.jsonl").labels == lab.labels
+    colour = generate_synthetic(tmp_path / "c", 6, seed=5, image_size=16, attributes=("colour",), colours=("red", "blue"),
+                                labels=True)
+    assert colour.labels == ["red", "blue"] and {s.label for s in colour} <= {"red", "blue"}
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

@@ -419,3 +419,43 @@ def test_diagnose_blocks_the_samples_the_model_gets_right_when_batches_reorder_t
     ba = rep["blocking"]["by_ranking"]
     assert 0 < ba["n_samples"] < len(conf)
     assert ba["mfr_base"] == 1.0
+
+
+def test_surrogate_warnings_say_what_limits_the_fit_in_words():
+    from arbiter.experiments.diagnose import surrogate_warnings
+
+    flags = ["c_self also depends on β_cross (range up to 0.06): the marginal curve averages over it",
+             "layer 2: c_self = 0.9 is above the tabulated range [0.1, 0.8]: clipped to β = 0.5",
+             "layer 4: c_cross = 0.01 is below the tabulated range [0.1, 0.8]: clipped to β = 8",
+             "layer 4: c_self = 0.95 is above the tabulated range [0.1, 0.8]: clipped to β = 0.5",
+             "overall: c_cross = 0.05 is below the tabulated range [0.1, 0.8]: clipped to β = 8",
+             "the angle's identifiability ratio is 0.713 (<= 2.0): the predicted angle carries no information",
+             "the surrogate angle is a dynamical SHAP (readout restricted to X, Y or both)",
+             "table: drift: 1 seed-cells extrapolate"]
+    w = surrogate_warnings(flags, 0.713, fitted=True)
+    assert len(w) == 4
+    assert w[0].startswith("uninformative: ") and "0.71" in w[0]
+    assert w[1] == "overall concentration c_cross = 0.05 is below the tabulated range [0.1, 0.8]: clipped to β = 8"
+    assert w[2].startswith("2 layer(s) (2, 4) have a concentration outside")
+    assert w[3] == "table: drift: 1 seed-cells extrapolate"
+    assert surrogate_warnings([], 5.0, fitted=True) == []
+    none = surrogate_warnings([], None, fitted=False)
+    assert none[0].startswith("β could not be fitted") and "identifiability ratio unknown" in none[1]
+
+
+@pytest.mark.slow
+def test_every_long_step_of_diagnose_shows_a_labelled_bar(tmp_path, monkeypatch, capsys):
+    tm = _tiny("llava")
+    labelled = generate_synthetic(tmp_path / "data", 8, seed=0, image_size=64, labels=True)
+    monkeypatch.setenv("ARBITER_PROGRESS", "1")         # stderr is captured, not a terminal: force the bars
+    capsys.readouterr()
+    rep = diagnose(tm.model, tm.processor, labelled, tmp_path / "out", log=lambda s: None,
+                   **{**FAST, "progress": True, "head_methods": ("exhaustive", "dla"), "attractor_subsets": 2})
+    err = capsys.readouterr().err
+    assert "skipped" not in rep["attractors"]
+    for label in ("baseline: batches", "knockout map: ", "head sweep: layer×head", "DLA: batches",
+                  "blocking: TopG + 2 random head sets", "blocking agreement: ", "modality shapley: ",
+                  "key space: ", "imbalance: ", "surrogate: attention concentrations", "label perturbation: "):
+        assert label in err, label
+    if rep["amplification"]["n_failed"]:
+        assert "amplification α=2: " in err

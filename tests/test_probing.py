@@ -126,7 +126,7 @@ def test_missing_scikit_learn_says_how_to_install_it(monkeypatch):
     for name in [m for m in sys.modules if m == "sklearn" or m.startswith("sklearn.")] + ["sklearn"]:
         monkeypatch.setitem(sys.modules, name, None)      # None in sys.modules: "import sklearn..." fails
     x, y = _planted()
-    with pytest.raises(ImportError, match=r"pip install arbiter\[probing\]"):
+    with pytest.raises(ImportError, match=r"pip install 'arbiter-mllm\[probing\]'"):
         linear(x, labels=y)
 
 

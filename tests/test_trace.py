@@ -214,6 +214,67 @@ def test_save_leaves_no_temp_files(tmp_path: Path) -> None:
     assert torch.equal(Trace.load(tmp_path / "t.safetensors")["x"], torch.zeros(3))
 
 
+def _data_start(path: Path) -> int:
+    """Offset of the first tensor byte in a safetensors file (8-byte header length, then the JSON header)."""
+    return 8 + int.from_bytes(path.read_bytes()[:8], "little")
+
+
+def test_load_corrupted_tensor_bytes_raises(saved: Path) -> None:
+    data = bytearray(saved.read_bytes())
+    start = _data_start(saved)
+    data[start + 2000] ^= 0xFF  # one byte inside x[500]: the header stays valid, safetensors reads the file
+    saved.write_bytes(bytes(data))
+    assert safetensors.torch.load_file(str(saved))["x"][500] != 500.0  # the damage is real and silent there
+    with pytest.raises(TraceError, match=r"ok\.safetensors is corrupt.*sha256"):
+        Trace.load(saved)
+
+
+def test_checksum_is_sha256_of_tensor_bytes_in_name_order(tmp_path: Path) -> None:
+    import hashlib
+
+    a, b = torch.arange(6, dtype=torch.int16).reshape(2, 3), torch.tensor([1.5], dtype=torch.float32)
+    path = tmp_path / "t.safetensors"
+    Trace({"b": b, "a": a}).save(path)
+    digest = hashlib.sha256()
+    for name, t in (("a", a), ("b", b)):
+        digest.update(f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode())
+        digest.update(t.numpy().tobytes())
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["tensors_sha256"] == digest.hexdigest()
+
+
+def test_old_trace_without_checksum_still_loads(tmp_path: Path) -> None:
+    # the layout Trace.save wrote before traces carried a checksum: format 1, meta, no "tensors_sha256"
+    path = tmp_path / "old.safetensors"
+    safetensors.torch.save_file({"x": torch.arange(4.0)}, str(path),
+                                metadata={"arbiter_trace": "1", "meta": '{"a": 1}'})
+    loaded = Trace.load(path)
+    assert torch.equal(loaded["x"], torch.arange(4.0))
+    assert loaded.meta == {"a": 1}
+
+
+def test_corrupt_checksum_field_is_trace_error(tmp_path: Path) -> None:
+    path = tmp_path / "t.safetensors"
+    safetensors.torch.save_file({"x": torch.ones(2)}, str(path),
+                                metadata={"arbiter_trace": "1", "meta": "{}", "tensors_sha256": "xyz"})
+    with pytest.raises(TraceError, match="tensors_sha256 'xyz' is not a sha256"):
+        Trace.load(path)
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600)])
+def test_saved_files_mode_honours_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    before = os.umask(umask)
+    try:
+        Trace({"x": torch.ones(2)}).save(tmp_path / "single.safetensors")
+        with TraceWriter(tmp_path / "run", META, samples_per_shard=2) as writer:
+            writer.add(*batch(0, 2))
+    finally:
+        os.umask(before)
+    files = [tmp_path / "single.safetensors", tmp_path / "run" / "shard-00000.safetensors",
+             tmp_path / "run" / "manifest.json"]
+    assert [oct(f.stat().st_mode & 0o777) for f in files] == [oct(mode)] * 3
+
+
 def test_load_missing_path(tmp_path: Path) -> None:
     with pytest.raises(TraceError, match="no trace file at .*nope.safetensors"):
         Trace.load(tmp_path / "nope.safetensors")

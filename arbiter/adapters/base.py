@@ -145,6 +145,9 @@ class ModelFacts:
             groups = groups.mark(name, mask)
         for name, n in reversed(list(a.prefix_positions(self.model, inputs).items())):
             groups = groups.prepend(n, name)
+        images = a.image_grids(self.model, inputs)
+        if images is not None:
+            groups = groups.with_image_grids(images)
         return groups
 
     def padding_inputs(self, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -476,6 +479,15 @@ class Adapter:
         [batch, ids] bool}, read from the model's inputs. Generic: none."""
         return {}
 
+    def image_grids(self, model: nn.Module, inputs: Mapping[str, Any]) -> list[dict] | None:
+        """Where each image's placeholder tokens lie on the image, for the images of ``inputs`` (the model's
+        forward kwargs or a processor's output) in batch order: per image ``{"tokens": n, "views": [...]}``, its
+        ``n`` image tokens in sequence order holding views made by :func:`patch_view` (patch (r, c) of a view is
+        the image's token ``offset + r * row_stride + c``; tokens outside every view, e.g. row-end markers, are no
+        patch). Read from the model's config and inputs, never guessed. Generic: None (unknown; image overlays
+        then refuse with an error that says so)."""
+        return None
+
     def padding_inputs(self, model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Inputs to add to a left-padded batch (encode pads on the left) so that each sample computes as it would
         alone, for a family whose forward does not follow the attention mask by itself (GIT counts its learned
@@ -553,6 +565,16 @@ class Adapter:
             prefix_bidirectional=self.prefix_bidirectional,
             resid_stacked=self.resid_stacked, prefix_replay=self.prefix_replay and not kv_shared, adapter=self,
             unserved=unserved, stack=stack)
+
+
+def patch_view(name: str, offset: int, rows: int, cols: int, row_stride: int | None = None,
+               whole_image: bool = False) -> dict:
+    """One patch grid of an image (see ``Adapter.image_grids``): ``rows`` x ``cols`` patches, row-major, patch
+    (r, c) at the image's token ``offset + r * row_stride + c`` (``row_stride`` defaults to ``cols``).
+    ``whole_image``: the grid covers the whole original image (resized, maybe unevenly, never cropped or padded);
+    False where that depends on the processor (a center crop, a pad to square)."""
+    return {"name": name, "offset": int(offset), "rows": int(rows), "cols": int(cols),
+            "row_stride": int(cols if row_stride is None else row_stride), "whole_image": bool(whole_image)}
 
 
 def _find_layers(decoder: nn.Module, cfg) -> nn.ModuleList | None:

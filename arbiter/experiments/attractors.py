@@ -595,7 +595,7 @@ def label_perturbation(lens, samples, labels: Sequence[str] | None = None, *, pl
                        forced: str = "include", tokens: str = "dictionary", options: str = DEFAULT_OPTIONS,
                        sep: str = ", ", threshold: float = DISPLAY_THRESHOLD, hierarchy: str = "share",
                        batch_size: int = 16, dataset=None, scorer: Scorer | None = None,
-                       progress: bool = False) -> AttractorResult:
+                       progress: bool = True) -> AttractorResult:
     """Label perturbation and error attractors (SPEC 10, [PB]); see the module notes for every choice.
 
     lens: an attached :class:`arbiter.Lens` (None when ``scorer`` is given). samples: classification samples
@@ -656,11 +656,10 @@ def label_perturbation(lens, samples, labels: Sequence[str] | None = None, *, pl
     chunks = [same[i:i + batch_size] for same in rows.values() for i in range(0, len(same), batch_size)]
     logprobs = torch.full((C, S, P, L), math.nan, dtype=torch.float64)
     predicted = torch.full((C, S, P), -1, dtype=torch.long)
-    it = chunks
-    if progress:
-        from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
-        it = tqdm(chunks, total=len(chunks), desc="label perturbation", unit="batch")
+    it = progress_bar(chunks, f"label perturbation: {C} conditions × {S} samples × {P} removal sets",
+                      total=len(chunks), progress=progress)
     for chunk in it:
         got = torch.as_tensor(scorer([r for r, _ in chunk])).detach().to("cpu", torch.float64)
         if tuple(got.shape) != (len(chunk), L):

@@ -1,6 +1,7 @@
 """Baseline arbitration profile of a model on conflict data: MFR, MAM per layer (+ attention / MLP split), LDAR.
 
-One recorded forward per batch (residuals at the last and instruction rows), plus an optional greedy generation."""
+One recorded forward per batch (residuals at the last and instruction rows), plus an optional greedy generation
+whose answer is read at its first answer entity (:func:`arbiter.metrics.read_answer`)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import torch
 
 from ..data import ConflictSample
 from ..encode import tokenizer_of
-from ..metrics import answer_follows, ldar, mam_from_hidden
+from ..metrics import ldar, mam_from_hidden, mention_counts, read_answer
 from ..metrics._common import jsonable
+from ..progress import progress_bar
 from .common import batch_plan, batches, by_target, module_weight, per_sample, pi_from_logits, require_conflicts
 
 
@@ -23,8 +25,8 @@ class BaselineResult:
     sample_ids: list[str]
     targets: list[str]
     pi: torch.Tensor                    # [samples] π at last
-    follows: list[int]                  # +1 compliant / -1 competitor / 0 neither (generated answer, or π)
-    answers: list[str]                  # generated answers ("" without generation)
+    follows: list[int]                  # +1 compliant / -1 competitor / 0 neither (first answer entity, or π)
+    answers: list[str]                  # generated answers, cut at the end token ("" without generation)
     mam_last: torch.Tensor              # [samples, layers] MAM at last, per layer (logit lens on resid.post)
     mam_attn: torch.Tensor              # [samples, layers] ΔMAM_attn at last
     mam_mlp: torch.Tensor               # [samples, layers] ΔMAM_mlp at last
@@ -32,6 +34,7 @@ class BaselineResult:
     ldar_rate: list[float]
     mfr_source: str = "generation"
     extra: dict = field(default_factory=dict)
+    mentions: list[str] = field(default_factory=list)  # per generated answer: compliant / competitor / both / neither
 
     @property
     def correct(self) -> list[bool]:
@@ -39,6 +42,16 @@ class BaselineResult:
 
     def mfr(self) -> dict:
         return by_target(torch.tensor([float(f == 1) for f in self.follows]), self.targets)
+
+    def answer_counts(self) -> dict | None:
+        """How many generated answers mention both D_p and D_c, or neither: ``{"both", "neither", "n"}`` over all
+        samples and the same per target under ``"by_target"``; None without generation."""
+        if not self.mentions:
+            return None
+        out = mention_counts(self.mentions)
+        out["by_target"] = {t: mention_counts([m for m, x in zip(self.mentions, self.targets) if x == t])
+                            for t in ("vision", "text") if t in self.targets}
+        return out
 
     def mfr_pi(self) -> dict:
         return by_target((self.pi > 0.5).float(), self.targets)
@@ -64,7 +77,8 @@ class BaselineResult:
         for name, v in (("attn", self.mam_attn), ("mlp", self.mam_mlp)):
             comp[name] = {t: v[[i for i, x in enumerate(self.targets) if x == t]].mean(0).tolist()
                           for t in ("vision", "text") if t in self.targets}
-        return jsonable({"n_samples": len(self.sample_ids), "mfr": self.mfr(), "mfr_pi": self.mfr_pi(),
+        return jsonable({"n_samples": len(self.sample_ids), "mfr": {**self.mfr(), "answers": self.answer_counts()},
+                         "mfr_pi": self.mfr_pi(),
                          "mfr_source": self.mfr_source, "mam": self.mam_profile(),
                          "mam_instruction": self.mam_instruction_profile(), "mam_components": comp,
                          "ldar": self.ldar_rate, "pi_mean": by_target(self.pi, self.targets)})
@@ -81,9 +95,14 @@ def _rows_of(rec_trace, site: str):
 
 
 def evaluate(lens, samples: Sequence[ConflictSample], batch_size: int = 8, dataset=None, generate: bool = True,
-             max_new_tokens: int = 4, k: int = 2, progress: bool = False, trace_dir=None) -> BaselineResult:
+             max_new_tokens: int = 4, k: int = 2, progress: bool = True, trace_dir=None) -> BaselineResult:
     """Run the clean model on the conflict samples and compute MFR, π, MAM per layer (+ split) and LDAR.
 
+    ``generate``: MFR from greedy generation of ``max_new_tokens`` tokens, cut at the end token, scored on the
+    first line at its first answer entity (:func:`arbiter.metrics.read_answer`: a model that babbles on after its
+    answer is scored on that answer), with the counts of answers that mention both D_p and D_c or neither
+    (:meth:`BaselineResult.answer_counts`); else ``follows`` = ±1 by π > 0.5.
+    ``progress``: a bar over the batches (:func:`arbiter.progress.progress_bar`).
     ``trace_dir``: also stream the last-token residuals of every layer, π and MAM to sharded trace files there."""
     from .. import distributed
 
@@ -100,15 +119,13 @@ def evaluate(lens, samples: Sequence[ConflictSample], batch_size: int = 8, datas
     W_U = module_weight(facts.lm_head)
     norm = facts.final_norm if facts.final_norm is not None else (lambda x: x)
     tok = tokenizer_of(lens.processor)
+    end_ids = _end_ids(lens.model, tok)
 
     def run(part):  # per-sample results of ``part``, in batch order
-        ids, targets, pis, follows, answers = [], [], [], [], []
+        ids, targets, pis, follows, answers, mentions = [], [], [], [], [], []
         mam_last, mam_attn, mam_mlp, mam_instr = [], [], [], []
-        it = batches(lens, part, batch_size, dataset)
-        if progress:
-            from tqdm.auto import tqdm
-
-            it = tqdm(it, total=len(batch_plan(part, batch_size)), desc="baseline", unit="batch")
+        it = progress_bar(batches(lens, part, batch_size, dataset), "baseline: batches",
+                          total=len(batch_plan(part, batch_size)), progress=progress)
         for item in it:
             b = item.batch
             with torch.no_grad(), lens.record("resid.pre", "resid.mid", "resid.post", rows="last|instruction") as rec:
@@ -142,10 +159,12 @@ def evaluate(lens, samples: Sequence[ConflictSample], batch_size: int = 8, datas
                 with torch.no_grad():
                     gen = lens.model.generate(**b.inputs, max_new_tokens=max_new_tokens, do_sample=False)
                 new = gen[:, b.inputs["input_ids"].shape[1]:]
-                texts = tok.batch_decode(new, skip_special_tokens=True)
-                for s, t in zip(b.samples, texts):
+                for s, row in zip(b.samples, new.tolist()):
+                    t = tok.decode(_until_end(row, end_ids), skip_special_tokens=True)
+                    r = read_answer(t, s.forms_compliant, s.forms_competitor)
                     answers.append(t)
-                    follows.append(answer_follows(t, s.forms_compliant, s.forms_competitor))
+                    follows.append(r.follows)
+                    mentions.append(r.mentions)
             else:
                 follows.extend([1 if float(x) > 0.5 else -1 for x in pi])
                 answers.extend([""] * len(b.samples))
@@ -161,6 +180,7 @@ def evaluate(lens, samples: Sequence[ConflictSample], batch_size: int = 8, datas
         if writer is not None:
             writer.close()  # before the gather of a distributed run: rank 0 then merges the rank folders
         return {"ids": ids, "targets": targets, "pi": torch.cat(pis), "follows": follows, "answers": answers,
+                "mentions": mentions,
                 "mam_last": torch.stack(mam_last), "mam_attn": torch.stack(mam_attn),
                 "mam_mlp": torch.stack(mam_mlp), "mam_instr": mam_instr}
 
@@ -175,4 +195,23 @@ def evaluate(lens, samples: Sequence[ConflictSample], batch_size: int = 8, datas
     rate = (ldar([mam_instr[i] for i in usable], final[usable], k=k).rate.tolist() if usable
             else [float("nan")] * facts.n_layers)
     return BaselineResult(ids, targets, r["pi"], follows, answers, mam_last_t, r["mam_attn"], r["mam_mlp"],
-                          mam_instr, rate, "generation" if generate else "pi")
+                          mam_instr, rate, "generation" if generate else "pi", mentions=r["mentions"])
+
+
+def _end_ids(model, tokenizer) -> set[int]:
+    """The ids that end a generation: the model's generation config's ``eos_token_id`` (an id or a list), else
+    the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(x) for x in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+def _until_end(ids: list[int], end_ids: set[int]) -> list[int]:
+    """The generated ids before the first end token (what follows it is padding)."""
+    for i, x in enumerate(ids):
+        if x in end_ids:
+            return ids[:i]
+    return ids

@@ -2,7 +2,9 @@
 
 Each finished step is written atomically to OUT/steps/<step>.json; a rerun with the same settings skips it.
 
-Steps: baseline, knockout, heads, blocking, amplification (every conflict sample, after ``limit``), then the
+Steps: baseline (MFR from greedy answers read at their first answer entity, with the counts of answers that mention
+both answers or neither: ``mfr.answers``), knockout, heads, blocking (on the samples whose first answer follows the
+instruction), amplification (on the others) (every conflict sample, after ``limit``), then the
 modality steps on at most ``modality_limit`` (default 32) conflict samples that have an image, taken alternately
 from the vision- and the text-instructed ones:
 
@@ -290,18 +292,16 @@ class _Concentrations(Probe):
 
 
 def lens_concentrations(lens, samples, batch_size: int, dataset=None, x: str = "image", y: str = "text",
-                        progress: bool = False) -> dict:
+                        progress: bool = True) -> dict:
     """SPEC 11's attention concentrations (:func:`arbiter.surrogate.trace_concentrations`) of a model on samples,
     computed batch by batch without keeping attention maps, merged over samples."""
     from ..surrogate.fit import merge_concentrations
 
+    from ..progress import progress_bar
+
     probe = _Concentrations(x, y)
     chunks = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
-    if progress:
-        from tqdm.auto import tqdm
-
-        chunks = tqdm(chunks, desc="concentrations", unit="batch")
-    for chunk in chunks:
+    for chunk in progress_bar(chunks, "surrogate: attention concentrations", progress=progress):
         batch = lens.encode(chunk, dataset=dataset)
         with torch.no_grad(), lens.probe(probe, layers="all"):
             lens.model(**batch.inputs, use_cache=False)
@@ -313,11 +313,37 @@ def lens_concentrations(lens, samples, batch_size: int, dataset=None, x: str = "
     return out
 
 
+def surrogate_warnings(flags: list[str], angle_ratio: float | None, fitted: bool) -> list[str]:
+    """The surrogate fit's flags that limit what its numbers mean, in words, shortest first: β not fitted, the
+    predicted angle independent of β, concentrations outside the calibration (overall, and how many layers).
+    The standing caveats (what the angle is, how c is normalised) stay in ``flags`` only."""
+    from ..surrogate.sweep import IDENTIFIABLE_ABOVE
+
+    out = []
+    if not fitted:
+        out.append("β could not be fitted: the surrogate has no prediction for this model.")
+    if angle_ratio is None or not angle_ratio > IDENTIFIABLE_ABOVE:
+        r = "unknown" if angle_ratio is None else f"{angle_ratio:.2f}"
+        out.append(f"uninformative: the surrogate's predicted angle barely depends on β (identifiability ratio {r}, "
+                   f"at most {IDENTIFIABLE_ABOVE:g}), so angle_pred says nothing about this model; compare the "
+                   "fitted β only.")
+    out += [f"overall concentration {f.removeprefix('overall: ')}" for f in flags if f.startswith("overall: ")]
+    layer_flags = [f for f in flags if f.startswith("layer ")]
+    if layer_flags:
+        layers = sorted({int(f.split()[1].rstrip(":")) for f in layer_flags})
+        out.append(f"{len(layers)} layer(s) ({', '.join(map(str, layers))}) have a concentration outside the "
+                   "calibration's range: their β is clipped to the table's end (see flags).")
+    out += [f for f in flags if f.startswith(("table: ", "simulation: "))]
+    return out
+
+
 def _surrogate_summary(fr, calib: dict, predict: str, n: int) -> dict:
     d = fr.to_dict()
     ident = d.get("identifiability") or {}
     pt = d["params"].get("simulated_point") or {}
+    ratio = (ident.get("angle") or {}).get("ratio")
     return {
+        "warnings": surrogate_warnings(d["flags"], ratio, d["beta_self"] is not None and d["beta_cross"] is not None),
         "beta_self": d["beta_self"], "beta_cross": d["beta_cross"], "angle_pred": d["angle_pred"],
         "angle_measured": d["angle_measured"], "nmse": d["nmse"],
         "angle_identifiability_ratio": (ident.get("angle") or {}).get("ratio"),
@@ -361,14 +387,15 @@ def _conflict_steps(lens, samples, dataset, steps, out, window, top, batch_size,
         rankings = {}
         fns = {"exhaustive": lambda: exhaustive_ranking(lens, samples, batch_size, dataset=dataset,
                                                         progress=progress),
-               "attribution": lambda: attribution_ranking(lens, samples, batch_size, dataset=dataset),
+               "attribution": lambda: attribution_ranking(lens, samples, batch_size, dataset=dataset,
+                                                          progress=progress),
                "attribution-ig": lambda: attribution_ranking(lens, samples, batch_size, dataset=dataset,
-                                                             method="ig", steps=4),
+                                                             method="ig", steps=4, progress=progress),
                "attribution-ig-layer": lambda: attribution_ranking(lens, samples, batch_size, dataset=dataset,
-                                                                   method="ig-layer", steps=4),
+                                                                   method="ig-layer", steps=4, progress=progress),
                "attribution-graddrop": lambda: attribution_ranking(lens, samples, batch_size, dataset=dataset,
-                                                                   method="graddrop"),
-               "dla": lambda: dla_ranking(lens, samples, batch_size, dataset=dataset)}
+                                                                   method="graddrop", progress=progress),
+               "dla": lambda: dla_ranking(lens, samples, batch_size, dataset=dataset, progress=progress)}
         for m in head_methods:
             rankings[m] = fns[m]()
         ref = rankings[head_methods[0]]
@@ -380,17 +407,33 @@ def _conflict_steps(lens, samples, dataset, steps, out, window, top, batch_size,
 
     def blocking():
         res = blocking_experiment(lens, samples, correct, topg, fraction=top, n_random=n_random,
-                                  batch_size=batch_size, dataset=dataset).to_dict()
+                                  batch_size=batch_size, dataset=dataset, progress=progress).to_dict()
         if len(hd["scores"]) > 1:  # SPEC 7: each cheap ranking's TopG blocked too (and its deletion curve)
             res["by_ranking"] = blocking_agreement(lens, samples, correct, hd["scores"], fraction=top,
                                                    n_random=n_random, batch_size=batch_size,
-                                                   dataset=dataset).to_dict()
+                                                   dataset=dataset, progress=progress).to_dict()
         return res
     block = steps.run("blocking", blocking, {"head_methods": list(head_methods)})
     amp = steps.run("amplification", lambda: amplification_experiment(
         lens, samples, correct, topg, alphas=alphas, n_random=n_random, batch_size=batch_size,
-        dataset=dataset).to_dict())
+        dataset=dataset, progress=progress).to_dict())
     return base, kmap, hd, block, amp
+
+
+def _image_attention(lens, samples, dataset, hd, out, log) -> list[dict]:
+    """The report's image-attention figures (:func:`arbiter.overlays.image_attention_figures`): 2 samples per target,
+    the reference ranking's top 3 heads and the last token's mean, from one recording forward; [] (logged) where the
+    model's patch grid is unknown or matplotlib is missing."""
+    from ..overlays import image_attention_figures
+
+    t = time.perf_counter()
+    try:
+        entries = image_attention_figures(lens, samples, hd.get("ranking") or [], out, dataset=dataset)
+    except (ArbiterError, ImportError) as e:
+        log(f"[arbiter] image attention: no figures ({type(e).__name__}: {e})")
+        return []
+    log(f"[arbiter] image attention: {len(entries)} figures, {time.perf_counter() - t:.1f} s")
+    return entries
 
 
 HEAD_METHODS = ("exhaustive", "attribution", "attribution-ig", "attribution-graddrop", "dla")
@@ -517,7 +560,7 @@ def diagnose(model, processor, dataset: ConflictDataset, out: str | os.PathLike,
             if res["beta_self"] is None or res["beta_cross"] is None:
                 why = [f for f in res["flags"] if "overall" in f] or res["flags"][:2]
                 return {"skipped": "β could not be fitted: " + "; ".join(why), **{k: res[k] for k in (
-                    "concentrations", "layers", "calibration", "flags", "angle_measured")}}
+                    "warnings", "concentrations", "layers", "calibration", "flags", "angle_measured")}}
             return res
         sur = user_skipped("surrogate") if "surrogate" in skip else steps.run(
             "surrogate", guarded("surrogate", surrogate_step),
@@ -546,6 +589,7 @@ def diagnose(model, processor, dataset: ConflictDataset, out: str | os.PathLike,
             "attractors", attractors_step, {"attractor_limit": attractor_limit, "attractor_subsets": attractor_subsets,
                                             "labels": labels, "attractor_ids": [x.id for x in asamples]},
             collective=False)
+        image_attention = _image_attention(lens, samples, dataset, hd, out, log) if g is None or g.is_main else []
         summary = lens.facts.summary()
     summary["config_hash"] = key["config"]
     if "skipped" in base:  # no conflict sample: the conflict measures are absent, said so
@@ -579,6 +623,7 @@ def diagnose(model, processor, dataset: ConflictDataset, out: str | os.PathLike,
         "imbalance": imb,
         "surrogate": sur,
         "attractors": att,
+        "image_attention": image_attention,
         "timing_s": {s: r.get("seconds") for s, r in zip(STEPS, (base, kmap, hd, block, amp, shap, ks, imb, sur,
                                                                   att))},
         "settings": {**key, "modality_limit": modality_limit, "n_modality_samples": len(msamples),

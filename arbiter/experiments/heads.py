@@ -1,5 +1,7 @@
 """Arbitration heads (SPEC 7): three rankings (exhaustive blocking, DLA, attribution patching), TopG, and the
-blocking (TopG vs random heads) and amplification (alpha sweep on failures) experiments."""
+blocking (TopG vs random heads) and amplification (alpha sweep on failures) experiments.
+
+Every function takes ``progress`` (default True): a labelled bar over its batches (:mod:`arbiter.progress`)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from ..metrics import head_scores, spearman, top_g, topk_overlap
 from ..metrics._common import jsonable
 from ..probes.base import Probe
 from ..probes.heads import HeadScale
+from ..progress import progress_bar
 from ..errors import InterventionError
 from ..sweep import Setting, _repeat, head_sweep, sweep, tiled_groups
 from .common import (batch_plan, batches, margin_from_logits, metric_pi_and_margin, module_weight, per_sample,
@@ -104,8 +107,14 @@ def _target_avg(per_sample: torch.Tensor, targets: Sequence[str]) -> tuple[torch
     return torch.stack(list(by.values())).mean(0), by
 
 
+def _batches_bar(lens, part, batch_size, dataset, desc: str, progress: bool):
+    """:func:`batches` of ``part`` behind a progress bar labelled ``desc``."""
+    return progress_bar(batches(lens, part, batch_size, dataset), desc, total=len(batch_plan(part, batch_size)),
+                        progress=progress)
+
+
 def exhaustive_ranking(lens, samples: Sequence[ConflictSample], batch_size: int = 8, chunk: int = 16,
-                       dataset=None, progress: bool = False) -> HeadRanking:
+                       dataset=None, progress: bool = True) -> HeadRanking:
     """Zero every head alone (batched sweep); score = drop of the final MAM (mean signal) it causes, averaged per
     target then across targets. The reference ranking (SPEC 7)."""
     samples = require_conflicts(samples, "exhaustive_ranking()")
@@ -113,7 +122,9 @@ def exhaustive_ranking(lens, samples: Sequence[ConflictSample], batch_size: int 
 
     def part_results(part):  # per-sample drops [n, L, H], targets
         drops, targets = [], []
-        for item in batches(lens, part, batch_size, dataset):
+        n_heads = sum(lens.facts.heads(layer)[0] for layer in lens.facts.attention_layers)
+        for item in _batches_bar(lens, part, batch_size, dataset, f"head sweep: layer×head ({n_heads} heads), "
+                                 "batches", progress):
             res = head_sweep(lens, item.batch.inputs, metric=metric_pi_and_margin(item.ids_p, item.ids_c),
                              chunk=chunk, progress=progress)
             d = torch.full((item.size, L, H), float("nan"))
@@ -215,7 +226,7 @@ def _attribution_alphas(method: str, steps: int) -> list[float]:
 
 
 def attribution_ranking(lens, samples: Sequence[ConflictSample], batch_size: int = 8, dataset=None,
-                        method: str = "atp", steps: int = 4) -> HeadRanking:
+                        method: str = "atp", steps: int = 4, progress: bool = True) -> HeadRanking:
     """Attribution patching: a gradient estimate of each head's zero-ablation effect on m = final MAM (the
     quantity :func:`exhaustive_ranking` measures exactly). Score = predicted drop of m; the gradient is the
     total derivative (through all later layers), taken w.r.t. the head outputs at every position.
@@ -256,7 +267,7 @@ def attribution_ranking(lens, samples: Sequence[ConflictSample], batch_size: int
 
     def part_results(part):  # per-sample estimates [n, L, H], targets
         per, targets = [], []
-        for item in batches(lens, part, batch_size, dataset):
+        for item in _batches_bar(lens, part, batch_size, dataset, f"attribution ({method}): batches", progress):
             b, k = item.size, len(alphas)
             est = _graddrop_batch(lens, item, L, H) if method == "graddrop" else torch.zeros(b, L, H)
             if paths:  # the path methods (GradDrop has none: its one forward ran above)
@@ -330,7 +341,8 @@ def _graddrop_batch(lens, item, L: int, H: int) -> torch.Tensor:
     return est
 
 
-def dla_ranking(lens, samples: Sequence[ConflictSample], batch_size: int = 8, dataset=None) -> HeadRanking:
+def dla_ranking(lens, samples: Sequence[ConflictSample], batch_size: int = 8, dataset=None,
+                progress: bool = True) -> HeadRanking:
     """Direct logit attribution of each head's output at ``last`` on the MAM direction (SPEC 7, proposed)."""
     samples = require_conflicts(samples, "dla_ranking()")
     facts = lens.facts
@@ -343,7 +355,7 @@ def dla_ranking(lens, samples: Sequence[ConflictSample], batch_size: int = 8, da
 
     def part_results(part):  # per-sample DLA scores [n, L, H], targets
         per, targets = [], []
-        for item in batches(lens, part, batch_size, dataset):
+        for item in _batches_bar(lens, part, batch_size, dataset, "DLA: batches", progress):
             with torch.no_grad(), lens.record("attn.head_out", rows="last") as rec, \
                     lens.record("resid.post", rows="last", layers=[L - 1]) as fin:
                 lens.model(**item.batch.inputs)
@@ -393,12 +405,13 @@ def _head_set_settings(head_sets: Sequence[Sequence[tuple[int, int]]], alpha: fl
     return out
 
 
-def _values_under(lens, samples, head_sets, alpha, batch_size, chunk, dataset) -> tuple[torch.Tensor, torch.Tensor]:
+def _values_under(lens, samples, head_sets, alpha, batch_size, chunk, dataset, desc: str = "head sets: batches",
+                  progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(clean [samples, 2], scaled [samples, len(head_sets), 2]): (π, m) without intervention and with each head
-    set's outputs scaled by alpha, one batched sweep per batch."""
+    set's outputs scaled by alpha, one batched sweep per batch (behind a bar labelled ``desc``)."""
     def part_results(part):
         base, vals = [], []
-        for item in batches(lens, part, batch_size, dataset):
+        for item in _batches_bar(lens, part, batch_size, dataset, desc, progress):
             res = sweep(lens, item.batch.inputs, _head_set_settings(head_sets, alpha),
                         metric_pi_and_margin(item.ids_p, item.ids_c), chunk=chunk)
             base.append(res.baseline.float())
@@ -407,9 +420,10 @@ def _values_under(lens, samples, head_sets, alpha, batch_size, chunk, dataset) -
     return per_sample(part_results, samples, batch_size)
 
 
-def _mfr_under(lens, samples, head_sets, alpha, batch_size, chunk, dataset) -> torch.Tensor:
+def _mfr_under(lens, samples, head_sets, alpha, batch_size, chunk, dataset, desc: str = "head sets: batches",
+               progress: bool = False) -> torch.Tensor:
     """[len(head_sets), samples] π' under each head set scaled by alpha."""
-    return _values_under(lens, samples, head_sets, alpha, batch_size, chunk, dataset)[1][:, :, 0].T
+    return _values_under(lens, samples, head_sets, alpha, batch_size, chunk, dataset, desc, progress)[1][:, :, 0].T
 
 
 @dataclass
@@ -423,6 +437,7 @@ class BlockingResult:
     relative_drop_top: float | None
     relative_drop_random_mean: float | None
     relative_drop_random_sd: float | None
+    sample_ids: list = field(default_factory=list)  # the samples blocked: those ``correct`` marks
 
     def to_dict(self) -> dict:
         return jsonable(self.__dict__)
@@ -436,8 +451,11 @@ class BlockingResult:
 
 def blocking_experiment(lens, samples: Sequence[ConflictSample], correct: Sequence[bool], heads: Sequence,
                         fraction: float = 0.05, n_random: int = 10, seed: int = 0, batch_size: int = 8,
-                        chunk: int = 11, dataset=None) -> BlockingResult:
-    """Block TopG on samples the model gets right (MFR by π > 0.5); control: same-size random head sets."""
+                        chunk: int = 11, dataset=None, progress: bool = True) -> BlockingResult:
+    """Block TopG on the samples the model gets right (``correct``, e.g. the baseline's first-answer follows;
+    MFR under blocking by π > 0.5, against 1 for these samples); control: same-size random head sets."""
+    if len(correct) != len(samples):
+        raise InterventionError(f"correct has {len(correct)} entries for {len(samples)} samples; give one per sample.")
     chosen = [s for s, ok in zip(samples, correct) if ok and s.conflict]
     facts = lens.facts
     pool = [(layer, h) for layer in facts.attention_layers for h in range(facts.heads(layer)[0])]
@@ -445,14 +463,15 @@ def blocking_experiment(lens, samples: Sequence[ConflictSample], correct: Sequen
     randoms = [sorted(rng.sample(pool, len(heads))) for _ in range(n_random)]
     if not chosen or not heads:
         return BlockingResult(fraction, [list(h) for h in heads], 0, float("nan"), float("nan"), [], None, None, None)
-    pi = _mfr_under(lens, chosen, [list(heads)] + randoms, 0.0, batch_size, chunk, dataset)
+    pi = _mfr_under(lens, chosen, [list(heads)] + randoms, 0.0, batch_size, chunk, dataset,
+                    f"blocking: TopG + {n_random} random head sets, batches", progress)
     mfr = (pi > 0.5).float().mean(1)
     base = 1.0
     rnd = mfr[1:]
     drop_r = (base - rnd) / base
     return BlockingResult(fraction, [list(h) for h in heads], len(chosen), base, float(mfr[0]), rnd.tolist(),
                           float((base - mfr[0]) / base), float(drop_r.mean()),
-                          float(drop_r.std(unbiased=True)) if len(rnd) > 1 else 0.0)
+                          float(drop_r.std(unbiased=True)) if len(rnd) > 1 else 0.0, [s.id for s in chosen])
 
 
 def deletion_ks(n_heads: int, k_topg: int, points: int = 8) -> list[int]:
@@ -512,7 +531,7 @@ def _ordered_heads(r) -> list[tuple[int, int]]:
 def blocking_agreement(lens, samples: Sequence[ConflictSample], correct: Sequence[bool], rankings: dict,
                        reference: str | None = None, fraction: float = 0.05, ks: Sequence[int] | None = None,
                        n_random: int = 10, seed: int = 0, batch_size: int = 8, chunk: int = 11,
-                       dataset=None) -> BlockingAgreement:
+                       dataset=None, progress: bool = True) -> BlockingAgreement:
     """SPEC 7's functional check of cheap head rankings: block each ranking's TopG (and, proposed, its top k for
     every k of a deletion curve) on the samples the model gets right, next to the reference's.
 
@@ -552,7 +571,8 @@ def blocking_agreement(lens, samples: Sequence[ConflictSample], correct: Sequenc
         for k in ks:
             sets.setdefault(frozenset((ordered[m] if m in ordered else randoms[m])[:k]), len(sets))
     head_sets = [sorted(x) for x in sets]
-    clean, blocked = _values_under(lens, chosen, head_sets, 0.0, batch_size, chunk, dataset)
+    clean, blocked = _values_under(lens, chosen, head_sets, 0.0, batch_size, chunk, dataset,
+                                   f"blocking agreement: {len(head_sets)} head sets, batches", progress)
     targets = [s.target for s in chosen]
     drop = _target_avg(clean[:, None, 1] - blocked[:, :, 1], targets)[0]      # [sets]
     mfr = (blocked[:, :, 0] > 0.5).float().mean(0)                            # [sets]
@@ -581,12 +601,19 @@ def blocking_agreement(lens, samples: Sequence[ConflictSample], correct: Sequenc
 
 @dataclass
 class AmplificationResult:
+    """Per alpha: ``restored`` = share of the failures with π > 0.5 under TopG scaled by alpha, and the same for
+    the random head sets (mean, sd). ``restored_base``: that share with no scaling (the failures come from
+    ``correct``, e.g. generated answers, so π may already favour the compliant answer on a few); ``sample_ids``:
+    the failures."""
+
     alpha: list
     restored: list
     restored_random_mean: list
     restored_random_sd: list
     n_failed: int
     heads: list
+    restored_base: float | None = None
+    sample_ids: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return jsonable(self.__dict__)
@@ -601,21 +628,28 @@ class AmplificationResult:
 
 def amplification_experiment(lens, samples: Sequence[ConflictSample], correct: Sequence[bool], heads: Sequence,
                              alphas: Sequence[float] = (1.5, 2.0, 3.0, 5.0), n_random: int = 10, seed: int = 0,
-                             batch_size: int = 8, chunk: int = 11, dataset=None) -> AmplificationResult:
-    """On failed conflict samples, scale TopG by each alpha: restored fraction = MFR (π > 0.5) among them;
-    control: random head sets of the same size."""
+                             batch_size: int = 8, chunk: int = 11, dataset=None,
+                             progress: bool = True) -> AmplificationResult:
+    """On the failed conflict samples (those ``correct`` does not mark), scale TopG by each alpha: restored
+    fraction = MFR (π > 0.5) among them; control: random head sets of the same size (``n_random``, seeded)."""
+    if len(correct) != len(samples):
+        raise InterventionError(f"correct has {len(correct)} entries for {len(samples)} samples; give one per sample.")
     failed = [s for s, ok in zip(samples, correct) if not ok and s.conflict]
     if not failed or not heads:
-        return AmplificationResult(list(alphas), [], [], [], len(failed), [list(h) for h in heads])
+        return AmplificationResult(list(alphas), [], [], [], len(failed), [list(h) for h in heads], None,
+                                   [s.id for s in failed])
     facts = lens.facts
     pool = [(layer, h) for layer in facts.attention_layers for h in range(facts.heads(layer)[0])]
     rng = random.Random(seed)
     randoms = [sorted(rng.sample(pool, len(heads))) for _ in range(n_random)]
-    restored, r_mean, r_sd = [], [], []
+    restored, r_mean, r_sd, base = [], [], [], None
     for a in alphas:
-        pi = _mfr_under(lens, failed, [list(heads)] + randoms, float(a), batch_size, chunk, dataset)
-        ok = (pi > 0.5).float().mean(1)
+        clean, vals = _values_under(lens, failed, [list(heads)] + randoms, float(a), batch_size, chunk, dataset,
+                                    f"amplification α={a:g}: TopG + {n_random} random head sets, batches", progress)
+        base = float((clean[:, 0] > 0.5).float().mean())
+        ok = (vals[:, :, 0].T > 0.5).float().mean(1)
         restored.append(float(ok[0]))
-        r_mean.append(float(ok[1:].mean()))
+        r_mean.append(float(ok[1:].mean()) if n_random else float("nan"))
         r_sd.append(float(ok[1:].std(unbiased=True)) if n_random > 1 else 0.0)
-    return AmplificationResult(list(alphas), restored, r_mean, r_sd, len(failed), [list(h) for h in heads])
+    return AmplificationResult(list(alphas), restored, r_mean, r_sd, len(failed), [list(h) for h in heads], base,
+                               [s.id for s in failed])

@@ -11,7 +11,7 @@ import torch
 
 from ..data import ConflictSample
 from ..errors import InterventionError
-from ..metrics import MFRResult, NSSDResult, i_nssd_from_probs, mfr_from_follows, mfr_from_pi
+from ..metrics import MFRResult, NSSDResult, i_nssd_from_probs, mention_counts, mfr_from_follows, mfr_from_pi
 from ..metrics._common import jsonable
 from ..probes.base import Probe
 from .common import batch_plan, batches, clean_metric, per_sample, require_conflicts
@@ -80,11 +80,14 @@ def _activate(lens, intervention) -> contextlib.AbstractContextManager:
                             "e.g. intervention_effect(lens, samples, lambda: lens.knockout('image', 'last')).")
 
 
-def _answer_probs(lens, samples, batch_size, dataset) -> torch.Tensor:
+def _answer_probs(lens, samples, batch_size, dataset, desc: str = "batches", progress: bool = False) -> torch.Tensor:
     """[samples, 3] (P(D_p), P(D_c), the rest) at the last position, float64."""
+    from ..progress import progress_bar
+
     def part_results(part):
         out = []
-        for item in batches(lens, part, batch_size, dataset):
+        for item in progress_bar(batches(lens, part, batch_size, dataset), desc,
+                                 total=len(batch_plan(part, batch_size)), progress=progress):
             logits = clean_metric(lens, item.batch.inputs, lambda z: z[:, -1])
             p = torch.softmax(logits.float().cpu().double(), dim=-1)
             pp = torch.stack([p[i, ids].sum() for i, ids in enumerate(item.ids_p)])
@@ -96,30 +99,31 @@ def _answer_probs(lens, samples, batch_size, dataset) -> torch.Tensor:
 
 def intervention_effect(lens, samples: Sequence[ConflictSample], intervention: Probe | Callable[[], Any] | Any,
                         how: str = "signed_jsd", generate: bool = False, batch_size: int = 8,
-                        dataset=None) -> InterventionEffect:
+                        dataset=None, progress: bool = True) -> InterventionEffect:
     """I_NSSD and MFR of ``intervention`` on the conflict samples.
 
     ``intervention``: a :class:`~arbiter.Probe` (activated on its own layers), a context manager (entered once
     around the intervened runs: ``lens.knockout(...)``, ``lens.block_heads(...)``, ``lens.steer(plan)``, a
     ``contextlib.ExitStack`` of several), or a zero-argument factory of either. ``how``: the I_NSSD variant
     (:data:`arbiter.metrics.NSSD_METHODS`, the three-outcome ablation included). ``generate``: also the MFR from
-    greedy generation, clean and intervened (SPEC 7). A no-op intervention gives I_NSSD exactly 0; samples and
+    greedy generation, clean and intervened (SPEC 7), read at the first answer entity, with the both / neither
+    counts in their ``answers``. ``progress``: labelled bars over the batches. A no-op intervention gives I_NSSD exactly 0; samples and
     batches are those of every other experiment (:func:`arbiter.experiments.common.batches`), and the per-sample
     results (``sample_ids``, ``pi``, ...) are in their batch order (those with an image and those without
     grouped apart, each group in the given order)."""
     samples = require_conflicts(samples, "intervention_effect()")
     samples = [samples[i] for b in batch_plan(samples, batch_size) for i in b]  # the order results come back in
     targets = [s.target for s in samples]
-    clean = _answer_probs(lens, samples, batch_size, dataset)
+    clean = _answer_probs(lens, samples, batch_size, dataset, "intervention: clean run, batches", progress)
     gen_clean = gen = None
     if generate:
         from .baseline import evaluate
 
-        gen_clean = evaluate(lens, samples, batch_size, dataset, generate=True)
+        gen_clean = evaluate(lens, samples, batch_size, dataset, generate=True, progress=progress)
     with _activate(lens, intervention):
-        inter = _answer_probs(lens, samples, batch_size, dataset)
+        inter = _answer_probs(lens, samples, batch_size, dataset, "intervention: intervened run, batches", progress)
         if generate:
-            gen = evaluate(lens, samples, batch_size, dataset, generate=True)
+            gen = evaluate(lens, samples, batch_size, dataset, generate=True, progress=progress)
     nssd = i_nssd_from_probs(clean, inter, [0], [1], how)
     by = {}
     for t in ("vision", "text"):
@@ -127,7 +131,10 @@ def intervention_effect(lens, samples: Sequence[ConflictSample], intervention: P
         if bool(sel.any()):
             by[t] = i_nssd_from_probs(clean[sel], inter[sel], [0], [1], how).value
     pi, pi2 = (x[:, 0] / (x[:, 0] + x[:, 1]) for x in (clean, inter))
-    follows = (lambda r: mfr_from_follows([int(f == 1) for f in r.follows], targets)) if generate else None
+    def follows(r):
+        out = mfr_from_follows([int(f == 1) for f in r.follows], targets)
+        out.answers = mention_counts(r.mentions) if r.mentions else None
+        return out
     return InterventionEffect(nssd, by, mfr_from_pi(pi, targets), mfr_from_pi(pi2, targets), pi.float(),
                               pi2.float(), [s.id for s in samples], targets,
                               follows(gen_clean) if generate else None, follows(gen) if generate else None)

@@ -12,6 +12,7 @@ import torch
 from ..data import ConflictSample
 from ..metrics import i_nssd
 from ..metrics._common import jsonable
+from ..progress import progress_bar
 from ..sweep import knockout_settings, sweep
 from .common import batch_plan, batches, clean_metric, metric_pi_and_margin, per_sample, require_conflicts
 
@@ -56,19 +57,18 @@ class KnockoutMap:
 
 def knockout_map(lens, samples: Sequence[ConflictSample], edges: Sequence[tuple[str, str]] = EDGE_FAMILIES,
                  window: int = 9, centers: Sequence[int] | None = None, batch_size: int = 8, chunk: int = 8,
-                 dataset=None, progress: bool = False) -> KnockoutMap:
+                 dataset=None, progress: bool = True) -> KnockoutMap:
     """For each edge family and centre layer: knock out in lens.window(centre, window) and measure
-    I_NSSD (signed binary JSD of π, SPEC 5) and the MFR under the knockout (π' > 0.5)."""
+    I_NSSD (signed binary JSD of π, SPEC 5) and the MFR under the knockout (π' > 0.5). ``progress``: a bar over
+    the batches, each running every (edge, centre) setting (:func:`arbiter.progress.progress_bar`)."""
     samples = require_conflicts(samples, "knockout_map()")
     settings_meta = [s.meta for s in knockout_settings(lens, edges, window, centers)]
 
     def part_results(part):  # per sample: π, π' per setting, whether it has the setting's edge; targets
         pis, pis_ko, presents, targets = [], [], [], []
-        it = batches(lens, part, batch_size, dataset)
-        if progress:
-            from tqdm.auto import tqdm
-
-            it = tqdm(it, total=len(batch_plan(part, batch_size)), desc="knockout map", unit="batch")
+        it = progress_bar(batches(lens, part, batch_size, dataset),
+                          f"knockout map: {len(settings_meta)} edge×centre settings per batch",
+                          total=len(batch_plan(part, batch_size)), progress=progress)
         for item in it:
             settings = knockout_settings(lens, edges, window, centers)
             g = item.batch.groups

@@ -93,11 +93,9 @@ def _chunks(samples: Sequence[ConflictSample], batch_size: int) -> list[list[Con
 
 
 def _progress(it, enabled: bool, total: int, desc: str):
-    if not enabled:
-        return it
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
-    return tqdm(it, total=total, desc=desc, unit="batch")
+    return progress_bar(it, desc, total=total, progress=enabled)
 
 
 def _tile_inputs(inputs: dict, n: int) -> dict:
@@ -371,7 +369,7 @@ def modality_shapley(lens, samples, players: Sequence[str] | None = None, remova
                      value: str = "logprob", reference: str = "compliant", batch_size: int = 4,
                      coalitions_per_forward: int | None = None, dataset=None,
                      angle: tuple[str, str] | None = None, angle_how: str = "ratio",
-                     progress: bool = False) -> ModalityShapleyResult:
+                     progress: bool = True) -> ModalityShapleyResult:
     """Exact modality Shapley values per sample (SPEC 10, [PB]) over all 2^n coalitions of ``players``.
 
     players: token-group / sample-part names, n <= 4 (default: those of image, audio, context present in every
@@ -419,7 +417,7 @@ def modality_shapley(lens, samples, players: Sequence[str] | None = None, remova
     V = torch.empty(len(samples), len(coal), dtype=torch.float64)
     present_all: list = [None] * len(samples)
     chunks = _index_chunks(samples, batch_size)
-    for idx in _progress(chunks, progress, len(chunks), "modality shapley"):
+    for idx in _progress(chunks, progress, len(chunks), f"modality shapley: {len(coal)} coalitions"):
         chunk = [samples[k] for k in idx]
         ids = [_reference_ids(lens, s, reference) for s in chunk]
         vals, present = run(lens, chunk, players, coal, ids, value, per_call, dataset)
@@ -622,7 +620,7 @@ def keyspace(lens, samples, modalities: tuple[GroupSpec, GroupSpec] = ("image", 
              kv_head: int | None = None, layers: Any = "all", batch_size: int = 4, dataset=None,
              max_n: int = 5000, n_components: int = 50, jsd_components: int = 10, kernel: str = "gaussian",
              n_permutations: int = 200, n_splits: int = 5, seed: int = 0, plot_points: int = 1000,
-             progress: bool = False) -> KeySpaceExperimentResult:
+             progress: bool = True) -> KeySpaceExperimentResult:
     """Key-space analysis (SPEC 9, [KS]) of a model's attention keys at two modalities' positions, per layer.
 
     modalities: two token groups (names such as ``"image"``, ``"text"``, ``"context"``, ``"image|audio"``, or
@@ -652,7 +650,7 @@ def keyspace(lens, samples, modalities: tuple[GroupSpec, GroupSpec] = ("image", 
                         + (" with a k_proj (try keys='post_rope')." if skipped else "."))
     store: dict[int, tuple[list, list]] = {}
     chunks = list(_chunks(samples, batch_size))
-    for chunk in _progress(chunks, progress, len(chunks), "keyspace"):
+    for chunk in _progress(chunks, progress, len(chunks), f"key space: keys of {len(chosen)} layers"):
         batch = lens.encode(chunk, dataset=dataset)
         masks = (_mask_of(modalities[0], batch.groups), _mask_of(modalities[1], batch.groups))
         collector = _KeyCollector if keys == "post_rope" else _PreRopeKeyCollector
@@ -794,7 +792,7 @@ def _imbalance_by_shape(alpha: list, v: list, W_O: list, m1, m2, **kw) -> Imbala
 
 def imbalance(lens, samples, modalities: tuple[GroupSpec, GroupSpec] = ("image", "context"), query: str = "last",
               how: str = "log_ratio", per_token: bool = False, eps: float = 0.0, layers: Any = "all",
-              batch_size: int = 4, dataset=None, progress: bool = False) -> ImbalanceExperimentResult:
+              batch_size: int = 4, dataset=None, progress: bool = True) -> ImbalanceExperimentResult:
     """Attention imbalance heat map over (layer, head) (SPEC 8, after [MI]; proposed formulas).
 
     Records, per batch, the attention row of the ``query`` position (``attn.probs``, default ``last``) and the
@@ -814,7 +812,7 @@ def imbalance(lens, samples, modalities: tuple[GroupSpec, GroupSpec] = ("image",
     parts: list[tuple[int, ImbalanceResult]] = []
     order: list[int] = []
     chunks = _index_chunks(samples, batch_size)
-    for idx in _progress(chunks, progress, len(chunks), "imbalance"):
+    for idx in _progress(chunks, progress, len(chunks), f"imbalance: layer×head of {len(chosen)} layers"):
         chunk = [samples[k] for k in idx]
         batch = lens.encode(chunk, dataset=dataset)
         g = batch.groups

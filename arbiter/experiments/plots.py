@@ -36,20 +36,21 @@ def plot_mam_ldar(result, path=None, axes=None):
             a0.plot(range(len(v)), v, f":{marker}", color=f"C{i}", mfc="none", label=f"{t}-instructed, instruction")
     a0.axhline(0, color="grey", lw=0.8)
     a0.set(title="MAM (logit lens)", xlabel="layer", ylabel="Φ_p − Φ_c")
-    if a0.get_legend_handles_labels()[0]:
-        a0.legend(fontsize=8)
+    if a0.get_legend_handles_labels()[0]:  # below the axes: four curves leave no free corner inside
+        a0.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     ld = [x if x is not None else float("nan") for x in d.get("ldar") or []]
-    a1.plot(range(len(ld)), ld, "-o", color="C2")
+    a1.plot(range(len(ld)), ld, "-o", color="C2", label="LDAR")
     a1.axhline(0.5, color="grey", ls="--", lw=0.8, label="chance")
     a1.set(title="LDAR (instruction anchors, TopK=2)", xlabel="layer", ylim=(0, 1.05))
-    a1.legend()
+    a1.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     integer_ticks(a0.xaxis, a1.xaxis)
     return finish(fig, path)
 
 
 def plot_knockout_map(result, path=None, ax=None):
     """I_NSSD per (edge family, centre layer): a :class:`~arbiter.experiments.knockout_map.KnockoutMap` or a dict
-    with ``entries`` and ``window``."""
+    with ``entries`` and ``window``. Cells carry their value (up to 16 centre layers); an edge family whose groups
+    no sample has (``edge_present`` false: nothing was cut) is a grey row labelled "(empty)", not a 0."""
     d = _dict(result)
     entries = d.get("entries") or []
     names: list[str] = []
@@ -58,15 +59,30 @@ def plot_knockout_map(result, path=None, ax=None):
             names.append(f"{e['src']}→{e['dst']}")
     centers = sorted({e["center"] for e in entries})
     grid = np.full((len(names), len(centers)), np.nan)
+    empty = np.zeros((len(names), len(centers)), dtype=bool)
     for e in entries:
-        grid[names.index(f"{e['src']}→{e['dst']}"), centers.index(e["center"])] = \
-            e["nssd"] if e["nssd"] is not None else np.nan
-    fig, (a,) = figure_axes(ax, 1, (max(5, 0.5 * len(centers) + 3), 0.35 * len(names) + 1.5))
+        i, j = names.index(f"{e['src']}→{e['dst']}"), centers.index(e["center"])
+        grid[i, j] = e["nssd"] if e["nssd"] is not None else np.nan
+        empty[i, j] = e.get("edge_present") is False
+    grid[empty] = np.nan                                   # not measured: no value to colour
+    fig, (a,) = figure_axes(ax, 1, (max(5, 0.6 * len(centers) + 3.5), 0.35 * len(names) + 1.5))
     lim = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
-    im = a.imshow(grid if grid.size else np.zeros((1, 1)), cmap="RdBu", vmin=-(lim or 1.0), vmax=lim or 1.0,
+    import matplotlib
+
+    cmap = matplotlib.colormaps["RdBu"].with_extremes(bad="#d9d9d9")
+    im = a.imshow(grid if grid.size else np.zeros((1, 1)), cmap=cmap, vmin=-(lim or 1.0), vmax=lim or 1.0,
                   aspect="auto")
-    a.set_yticks(range(len(names)), names)
+    row_empty = empty.all(1) if empty.size else np.zeros(len(names), dtype=bool)
+    a.set_yticks(range(len(names)), [f"{n} (empty)" if row_empty[i] else n for i, n in enumerate(names)])
     a.set_xticks(range(len(centers)), centers)
+    if len(centers) <= 16:
+        for i in range(len(names)):
+            for j in range(len(centers)):
+                v = grid[i, j]
+                text = "empty" if empty[i, j] else ("n/a" if not np.isfinite(v) else f"{v + 0.0:.2f}")
+                text = "0.00" if text == "-0.00" else text  # a value that rounds to 0 is 0, unsigned
+                dark = np.isfinite(v) and abs(v) > 0.6 * (lim or 1.0)
+                a.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if dark else "#333333")
     a.set(title=f"Knockout map: I_NSSD (window {d.get('window')})", xlabel="centre layer")
     fig.colorbar(im, ax=a)
     return finish(fig, path)

@@ -9,7 +9,8 @@ from .keyspace import (KERNELS, JSDResult, KeySpaceResult, MMDResult, PCAResult,
 from .ldar import LDARResult, latent_decision, ldar, topk_positions
 from .lens import (SIGNALS, MAMComponents, TargetProfile, logit_lens, mam, mam_by_target, mam_components,
                    mam_from_hidden, signal)
-from .mfr import MATCH_MODES, MFRResult, answer_follows, mfr, mfr_from_follows, mfr_from_pi, normalise
+from .mfr import (MATCH_MODES, MENTIONS, AnswerReading, MFRResult, answer_follows, first_line, mention_counts, mfr,
+                  mfr_from_follows, mfr_from_pi, normalise, read_answer)
 from .nssd import NSSD_METHODS, NSSDResult, answer_prob, compliance_prob, i_nssd, i_nssd_from_probs, jsd, nssd_values
 from .shapley import ANGLE_METHODS, ShapleyResult, preference_angle, shapley
 
@@ -23,7 +24,8 @@ __all__ = [
     "NSSD_METHODS", "answer_prob", "compliance_prob", "jsd", "nssd_values", "NSSDResult", "i_nssd",
     "i_nssd_from_probs",
     # mfr
-    "MATCH_MODES", "normalise", "answer_follows", "MFRResult", "mfr", "mfr_from_pi", "mfr_from_follows",
+    "MATCH_MODES", "MENTIONS", "normalise", "first_line", "AnswerReading", "read_answer", "answer_follows",
+    "mention_counts", "MFRResult", "mfr", "mfr_from_pi", "mfr_from_follows",
     # heads
     "HeadScores", "answer_direction", "head_scores", "top_g", "spearman", "topk_overlap",
     # imbalance

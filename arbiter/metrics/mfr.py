@@ -1,6 +1,6 @@
 """MFR, the modality-following ratio (SPEC 7): the fraction of answers that follow the instructed modality.
 
-From generated answers matched against the answer forms of D_p / D_c, or the cheap variant pi > 0.5."""
+From generated answers read at their first answer entity (:func:`read_answer`), or the cheap variant pi > 0.5."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ import torch
 
 from ._common import ToDict, check_choice, check_targets, fail
 
-MATCH_MODES = ("contains", "exact")
+MATCH_MODES = ("first", "contains", "exact")
+MENTIONS = ("compliant", "competitor", "both", "neither")
 
-__all__ = ["MATCH_MODES", "normalise", "answer_follows", "MFRResult", "mfr", "mfr_from_pi"]
+__all__ = ["MATCH_MODES", "MENTIONS", "normalise", "first_line", "AnswerReading", "read_answer", "answer_follows",
+           "mention_counts", "MFRResult", "mfr", "mfr_from_follows", "mfr_from_pi"]
 
 _SPACE = re.compile(r"\s+")
 
@@ -29,6 +31,12 @@ def normalise(text: str) -> str:
     return _SPACE.sub(" ", text).strip()
 
 
+def first_line(text: str) -> str:
+    """The generation up to its first newline, leading whitespace (blank lines included) skipped: where a
+    generated answer stops (the end token is cut before decoding, see :func:`arbiter.experiments.baseline`)."""
+    return str(text).lstrip().split("\n", 1)[0]
+
+
 def _forms(forms: Sequence[str] | str, what: str) -> list[str]:
     if isinstance(forms, str):
         forms = [forms]
@@ -36,6 +44,49 @@ def _forms(forms: Sequence[str] | str, what: str) -> list[str]:
     if not out:
         fail(f"{what} has no non-empty surface form after normalisation; give the answer and its aliases.")
     return out
+
+
+def _first_mention(padded: str, forms: list[str]) -> tuple[int, int] | None:
+    """(position, -length) of the earliest whole-word occurrence of any form in `` answer ``, longest first at
+    equal positions; None when no form occurs."""
+    hits = [(padded.find(f" {f} "), -len(f)) for f in forms]
+    hits = [h for h in hits if h[0] >= 0]
+    return min(hits) if hits else None
+
+
+@dataclass(frozen=True)
+class AnswerReading:
+    """How one generated answer reads against D_p / D_c.
+
+    ``follows``: +1 the first answer entity mentioned is a D_p form, -1 a D_c form, 0 none (or a form of both);
+    ``mentions``: which dictionaries the scored text mentions anywhere: ``"compliant"``, ``"competitor"``,
+    ``"both"`` or ``"neither"``; ``text``: the normalised text that was scored (the first line)."""
+
+    follows: int
+    mentions: str
+    text: str
+
+
+def read_answer(answer: str, forms_p: Sequence[str] | str, forms_c: Sequence[str] | str) -> AnswerReading:
+    """Read a generated answer at its first answer entity (SPEC 7): the answer stops at the first newline
+    (:func:`first_line`; the caller cuts it at the end token), is normalised (:func:`normalise`), and follows
+    the modality of the first D_p ∪ D_c form it mentions as whole words ("cyan blue white" with D_p = {cyan},
+    D_c = {white} follows: +1). At one position the longer form wins ("dark red" over "dark"); a form in both
+    dictionaries at the first position gives 0. ``mentions`` counts over the whole first line, so that a model
+    that babbles on ("cyan blue white white") is reported as mentioning both."""
+    a = normalise(first_line(answer))
+    padded = f" {a} "
+    fp, fc = _forms(forms_p, "forms_p"), _forms(forms_c, "forms_c")
+    hp, hc = _first_mention(padded, fp), _first_mention(padded, fc)
+    mentions = {(True, True): "both", (True, False): "compliant", (False, True): "competitor",
+                (False, False): "neither"}[(hp is not None, hc is not None)]
+    if hp is None and hc is None or hp == hc:
+        follows = 0
+    elif hc is None or (hp is not None and hp < hc):
+        follows = 1
+    else:
+        follows = -1
+    return AnswerReading(follows, mentions, a)
 
 
 def _matches(answer: str, forms: list[str], match: str) -> bool:
@@ -46,25 +97,38 @@ def _matches(answer: str, forms: list[str], match: str) -> bool:
 
 
 def answer_follows(answer: str, forms_p: Sequence[str] | str, forms_c: Sequence[str] | str,
-                   match: str = "contains") -> int:
-    """Which modality a generated answer follows: +1 compliant, -1 competitor, 0 neither or both.
+                   match: str = "first") -> int:
+    """Which modality a generated answer follows: +1 compliant, -1 competitor, 0 neither (or undecided).
 
     forms_p / forms_c: the surface forms of D_p / D_c (canonical answer and aliases), plain strings; answer and
-    forms are compared after :func:`normalise`. +1 = matches a D_p form and no D_c form (SPEC 7); -1 = the reverse.
-    ``match`` (our reading; the SPEC only says "matches"): ``"contains"`` (default) a form occurs in the answer
-    as whole words ("the answer is red" matches "red", "reddish" does not); ``"exact"`` the whole answer equals
-    a form."""
+    forms are compared after :func:`normalise`. ``match``: ``"first"`` (default, SPEC 7) the first answer entity
+    of the first line decides (:func:`read_answer`); ``"contains"`` the whole answer must mention a D_p form and
+    no D_c form, as whole words ("the answer is red" matches "red", "reddish" does not; "red blue" is 0);
+    ``"exact"`` the whole answer equals a form."""
     check_choice("match", match, MATCH_MODES)
+    if match == "first":
+        return read_answer(answer, forms_p, forms_c).follows
     a = normalise(answer)
     p = _matches(a, _forms(forms_p, "forms_p"), match)
     c = _matches(a, _forms(forms_c, "forms_c"), match)
     return 1 if (p and not c) else (-1 if (c and not p) else 0)
 
 
+def mention_counts(mentions: Sequence[str]) -> dict[str, int]:
+    """``{"both": n, "neither": n, "n": total}``: how many answers mention both D_p and D_c, or neither."""
+    bad = [m for m in mentions if m not in MENTIONS]
+    if bad:
+        fail(f"mentions must be among {MENTIONS}, got {bad[:3]}.")
+    return {"both": sum(m == "both" for m in mentions), "neither": sum(m == "neither" for m in mentions),
+            "n": len(mentions)}
+
+
 @dataclass
 class MFRResult(ToDict):
     """overall: MFR over all samples; vision / text: over the vision- / text-following samples (None if none);
-    follows: per-sample 0/1; n, n_vision, n_text: sample counts; variant: "answer" or "pi"."""
+    follows: per-sample 0/1; n, n_vision, n_text: sample counts; variant: "answer" or "pi"; answers (generated
+    answers read by :func:`mfr`, else None): ``{"both": n, "neither": n, "n": total}``, how many mention both D_p
+    and D_c or neither (:func:`mention_counts`)."""
 
     overall: float
     vision: float | None
@@ -74,6 +138,7 @@ class MFRResult(ToDict):
     n_text: int
     follows: list[int] = field(default_factory=list)
     variant: str = "answer"
+    answers: dict | None = None
 
     def plot(self, path=None, ax=None):
         """Overall, vision and text MFR with counts (:func:`arbiter.metrics.plots.plot_mfr`)."""
@@ -96,15 +161,19 @@ def _summary(follows: list[int], targets: Sequence[str], variant: str) -> MFRRes
 
 
 def mfr(answers: Sequence[str], forms_p: Sequence[Sequence[str]], forms_c: Sequence[Sequence[str]],
-        targets: Sequence[str], match: str = "contains") -> MFRResult:
-    """MFR from greedy generated answers (SPEC 7): a sample follows when its normalised answer matches a D_p form
-    and no D_c form (see :func:`answer_follows`). forms_p / forms_c: one list of surface forms per sample;
-    targets: ``"vision"`` / ``"text"`` per sample. ``overall`` is over all samples (not the mean of the splits)."""
+        targets: Sequence[str], match: str = "first") -> MFRResult:
+    """MFR from greedy generated answers (SPEC 7): a sample follows when the first answer entity its answer
+    mentions is a D_p form (``match="first"``, default; see :func:`answer_follows` for the other modes).
+    forms_p / forms_c: one list of surface forms per sample; targets: ``"vision"`` / ``"text"`` per sample.
+    ``overall`` is over all samples (not the mean of the splits); ``answers`` counts the answers that mention
+    both dictionaries or neither."""
     n = len(answers)
     if len(forms_p) != n or len(forms_c) != n:
         fail(f"{n} answers but {len(forms_p)} forms_p and {len(forms_c)} forms_c lists; give one per sample.")
     follows = [int(answer_follows(a, p, c, match) == 1) for a, p, c in zip(answers, forms_p, forms_c)]
-    return _summary(follows, targets, "answer")
+    r = _summary(follows, targets, "answer")
+    r.answers = mention_counts([read_answer(a, p, c).mentions for a, p, c in zip(answers, forms_p, forms_c)])
+    return r
 
 
 def mfr_from_follows(follows: Sequence[int], targets: Sequence[str], variant: str = "answer") -> MFRResult:

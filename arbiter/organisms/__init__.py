@@ -40,7 +40,8 @@ ORGANISMS: dict[str, str] = {
     "qwen2vl_tiny": "Qwen2VLForConditionalGeneration: Qwen2-VL ViT (56 px, patch 14, 2x2 merge, 4 image tokens) + "
     "Qwen2 (6 layers, M-RoPE)",
     "llava_tiny_s0": "llava_tiny's recipe with seed 0: it generalises worse to the held-out instruction paraphrases "
-    "(follows the text for 7.8% of vision-instructed conflicts there): real arbitration failures for steering",
+    "(follows the text for 7.8% of vision-instructed conflicts there): real arbitration failures for steering; "
+    "its shipped data holds only held-out wordings, 20% noisy images and a label set",
     "omni_emotion_tiny": "Qwen2_5OmniThinkerForConditionalGeneration: six emotions from a face (56 px, 4 image tokens) "
     "and a voice (0.5 s, 12 audio tokens) + Qwen2 (6 layers); trained by arbiter.organisms.train_omni",
 }
@@ -87,7 +88,9 @@ def load(name: str, dtype: torch.dtype = torch.float32):
     """Load organism ``name``: ``(model, processor, dataset)``, offline.
 
     The weights are stored in float16 and loaded as ``dtype`` (float32 by default); the model is in eval
-    mode. ``dataset`` is the organism's shipped held-out data set (a :class:`arbiter.data.ConflictDataset`)."""
+    mode. ``dataset`` is the organism's shipped held-out data set (a :class:`arbiter.data.ConflictDataset`): fresh
+    generator samples (``dataset.meta["generator"]`` says how they were drawn); the llava organisms' declare a
+    label set (each sample's ``label`` is its compliant answer) for the label-perturbation step."""
     d = path(name)
     if not (d / "config.json").is_file():
         raise DataError(

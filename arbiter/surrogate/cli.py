@@ -38,7 +38,7 @@ def run_sweep(args) -> int:
         arrow_map(r, out / "arrow_map.png")
         attractor_plot(r, out / "attractor.png")
     except ImportError:
-        _log("matplotlib is not installed: no PNGs (pip install 'arbiter[plots]')")
+        _log("matplotlib is not installed: no PNGs (pip install 'arbiter-mllm[plots]')")
     s, ident = d["params"]["summary"], d["identifiability"]
     fmt = lambda v: "n/a" if v is None else f"{v:.3g}"
     print(f"[arbiter surrogate] NMSE {fmt(s['nmse_range'][0])}..{fmt(s['nmse_range'][1])}; identifiability ratios: "
@@ -74,18 +74,21 @@ def run_fit(args) -> int:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``surrogate {sweep, fit}`` to an argparse subparsers object; sets ``fn`` on each command."""
-    sp = subparsers.add_parser("surrogate", help="physics surrogate of [PB] (SPEC 11): β sweeps and fit to a trace")
+    sp = subparsers.add_parser("surrogate", help="physics surrogate (oscillators with softmax couplings; "
+                               "docs/methods/surrogate.md): β sweeps and a fit to a trace")
     sub = sp.add_subparsers(dest="surrogate_cmd", required=True)
     s = sub.add_parser("sweep", help="β_self x β_cross map: NMSE, dynamical SHAP angle, concentration, identifiability")
     s.add_argument("--out", required=True, help="output folder (sweep.json, arrow_map.png, attractor.png)")
-    s.add_argument("--grid", type=int, default=5, help="points per β axis (5 default, 9 option)")
+    s.add_argument("--grid", type=int, default=5, help="points per β axis (e.g. 5 or 9)")
     s.add_argument("--seeds", type=int, default=10, help="paired seeds per cell (>= 10 recommended)")
-    s.add_argument("--preset", default="paper", choices=["paper", "responsive"])
-    s.add_argument("--extended", action="store_true", help="β range up to 1e2 (SPEC 11 extended option)")
-    s.add_argument("--angle", default="ratio", choices=["ratio", "atan2"], help="preference angle (SPEC 10)")
+    s.add_argument("--preset", default="paper", choices=["paper", "responsive"],
+                   help="surrogate constants: the paper's printed ones, or arbiter's responsive set")
+    s.add_argument("--extended", action="store_true", help="extend the β range up to 1e2")
+    s.add_argument("--angle", default="ratio", choices=["ratio", "atan2"],
+                   help="how the preference angle is computed from the two Shapley values")
     s.add_argument("--printed", action="store_true", help="the paper's printed SHAP formula (cancels: φ(X) = φ(Y))")
     s.add_argument("--shap", default="readout", choices=["readout", "knockout"],
-                   help="readout: restrict the readout (SPEC 11 default); knockout: zero one population's drive")
+                   help="readout: restrict the readout; knockout: zero one population's drive")
     s.add_argument("--dtype", default="float32", choices=["float32", "float64"],
                    help="vector field dtype; phases and RK4 sums stay float64 (float32: about twice as fast, NMSE "
                         "within 3e-5 and angles within 0.004 deg of float64 on the default sweep)")
@@ -99,13 +102,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     f.add_argument("--x", default="image", help="token group of modality X (default image)")
     f.add_argument("--y", default="text", help="token group of modality Y (default text)")
     f.add_argument("--sweep", default=None, help="sweep.json (or its folder) of `surrogate sweep --preset responsive` "
-                   "to take the c(β) curves and seeds from; without it fit runs that sweep first (long on a CPU)")
-    f.add_argument("--preset", default="responsive", choices=["paper", "responsive"])
-    f.add_argument("--grid", type=int, default=5)
-    f.add_argument("--seeds", type=int, default=10)
-    f.add_argument("--curve", default="marginal", choices=["marginal", "diagonal"])
-    f.add_argument("--count", default="visible", choices=["visible", "all"])
-    f.add_argument("--angle-measured", type=float, default=None, help="the MLLM's SPEC 10 modality Shapley angle")
-    f.add_argument("--cache-dir", default=None, help="keep the tabulating sweep here as JSON")
+                   "to take the c(β) curves and seeds from (default: none, fit runs that sweep first: long on a CPU)")
+    f.add_argument("--preset", default="responsive", choices=["paper", "responsive"],
+                   help="surrogate constants of the sweep run when --sweep is not given")
+    f.add_argument("--grid", type=int, default=5, help="points per β axis of that sweep")
+    f.add_argument("--seeds", type=int, default=10, help="paired seeds per cell of that sweep")
+    f.add_argument("--curve", default="marginal", choices=["marginal", "diagonal"],
+                   help="c(β) curve inverted: averaged over the other β, or the β_self = β_cross cells")
+    f.add_argument("--count", default="visible", choices=["visible", "all"],
+                   help="keys a concentration is normalised by: those the row can see, or all of the group")
+    f.add_argument("--angle-measured", type=float, default=None,
+                   help="the MLLM's measured modality Shapley angle, reported next to the surrogate's (default: none)")
+    f.add_argument("--cache-dir", default=None, help="keep the tabulating sweep here as JSON (default: not kept)")
     f.set_defaults(fn=run_fit)
     return sp
