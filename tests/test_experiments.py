@@ -459,3 +459,27 @@ def test_every_long_step_of_diagnose_shows_a_labelled_bar(tmp_path, monkeypatch,
         assert label in err, label
     if rep["amplification"]["n_failed"]:
         assert "amplification α=2: " in err
+
+
+def test_amplification_reports_the_failures_and_their_share_already_above_one_half(synth):
+    """restored_base = share of the failures with π > 0.5 unscaled (direct forward); α = 1 restores exactly it."""
+    from arbiter.experiments.heads import amplification_experiment
+
+    tm = _tiny("llava")
+    conf = [s for s in synth.samples if s.conflict]
+    correct = [i % 2 == 0 for i in range(len(conf))]          # the odd ones are the "failures"
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        res = amplification_experiment(lens, conf, correct, [(0, 0)], alphas=(1.0, 3.0), n_random=2, batch_size=4,
+                                       dataset=synth, progress=False)
+        failed = [s for s, ok in zip(conf, correct) if not ok]
+        above = []
+        for item in batches(lens, failed, 4, synth):
+            with torch.no_grad():
+                prob = tm.model(**item.batch.inputs).logits[:, -1].softmax(-1)
+            above += [float(prob[i, item.ids_p[i]].sum() > prob[i, item.ids_c[i]].sum()) for i in range(item.size)]
+    assert res.sample_ids == [s.id for s in failed] and res.n_failed == len(failed)
+    assert res.restored_base == pytest.approx(sum(above) / len(above))
+    assert res.restored[0] == pytest.approx(res.restored_base)       # scaling by 1 changes nothing
+    assert res.restored_random_mean[0] == pytest.approx(res.restored_base)
+    with pytest.raises(arbiter.errors.InterventionError, match="one per sample"):
+        amplification_experiment(lens, conf, correct[:-1], [(0, 0)], dataset=synth)
