@@ -409,6 +409,11 @@ def _diagnosis_options(p: argparse.ArgumentParser, window: int) -> None:
                    help="label-removal sets drawn (seed 0) from the 1-4-label subsets (0 = all: 56 with six labels)")
 
 
+def _demo_organism() -> str:
+    """The organism ``arbiter demo`` diagnoses by default (named in organisms/demo.txt, read without torch)."""
+    return (ORGANISM_ROOT / "demo.txt").read_text().strip()
+
+
 def _installed_organisms() -> list[str]:
     """Organisms whose weights ship with this installation (read from the folders: no import of torch)."""
     return sorted(p.parent.name for p in ORGANISM_ROOT.glob("*/config.json"))
@@ -432,7 +437,7 @@ def parser() -> argparse.ArgumentParser:
     m = sub.add_parser("demo", help="diagnose a shipped trained organism on its own data (no download)",
                        description="The whole diagnosis of a model organism shipped with arbiter, on its held-out "
                                    "conflict data (offline).")
-    m.add_argument("--organism", default="llava_tiny", metavar="NAME",
+    m.add_argument("--organism", default=_demo_organism(), metavar="NAME",
                    help="a shipped organism (installed: " + (", ".join(organisms) or "none") + ")")
     _device_options(m)
     # the organisms have 6 text layers: the default window (9) would cover all of them, so the demo maps with k = 3

@@ -78,9 +78,11 @@ def sample_images(groups: TokenGroups, sample: int) -> list[tuple[list[int], dic
     if not positions:
         raise TraceError(f"sample {groups.sample_ids[sample]!r} has no image tokens: there is no image to draw on.")
     if groups.image_grids is None:
+        from .adapters.base import families_with
+
         why = groups.image_grids_problem or (
-            "the model's adapter does not say how its image tokens lie on the image (Adapter.image_grids: "
-            "LLaVA, LLaVA-NeXT and Qwen2-VL / Qwen2.5-VL / Qwen3-VL have it), or the trace was recorded before "
+            "the model's adapter does not say how its image tokens lie on the image (Adapter.image_grids; the "
+            f"adapters that do: {', '.join(families_with('image_grids'))}), or the trace was recorded before "
             "arbiter kept image grids")
         raise TraceError(f"the trace holds no image patch grid: {why}. Without it the image attention cannot be put "
                          "back on the image; record with a supported family or give your adapter an image_grids "

@@ -912,8 +912,7 @@ def _modality_sections(doc: _Doc, report: dict) -> None:
               f"{sm.get('layer_max')}) vs intra-modal {_fmt(sm.get('intra_mean'))} (ratio {_fmt(sm.get('ratio'))}); "
               f"JSD {_fmt(sm.get('jsd_mean'))} bits. For scale, the paper this measure comes from (Unveiling "
               "Intrinsic Text Bias in MLLMs through Attention Key-Space Analysis, arXiv:2510.26721, 2025) reports "
-              "a cross-modal MMD of about 0.408 against 0.012 within a modality on LLaVA-1.5-7B and "
-              "Qwen2.5-VL-7B.")
+              "a cross-modal MMD of about 0.408 against 0.012 within a modality on two 7B MLLMs.")
         doc.fig("keyspace", "Left: MMD between image and text keys per layer (solid) against the MMD between random "
                             "halves of one modality (dashed): a solid curve far above the dashed ones means the two "
                             "modalities' keys occupy different regions. Right: the keys of the layer with the largest "

@@ -79,3 +79,27 @@ def image_token_id(tm) -> int:
         if value is not None:
             return int(value)
     raise AssertionError(f"{tm.family}: config has no image token id")
+
+
+def check_deterministic_in_seed(family: str, prompt: str) -> None:
+    """Same seed, same weights, inputs and logits; another seed changes every randomly drawn parameter (not the
+    constant norms and biases) and nothing else."""
+    import numpy as np
+
+    a, b, c = tiny(family, seed=3), tiny(family, seed=3), tiny(family, seed=4)
+    sa, sb, sc = a.model.state_dict(), b.model.state_dict(), c.model.state_dict()
+    assert sa.keys() == sb.keys() == sc.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    pa, pc = dict(a.model.named_parameters()), dict(c.model.named_parameters())
+    drawn = [k for k, p in pa.items() if p.numel() > 1 and p.float().std() > 0]
+    assert len(drawn) > len(pa) // 3
+    assert all(not torch.equal(pa[k], pc[k]) for k in drawn)
+    assert a.tokenizer.get_vocab() == c.tokenizer.get_vocab()
+    assert a.model.config.to_dict() == c.model.config.to_dict()
+    if "image" in a.modalities:
+        assert np.array_equal(np.asarray(a.make_image(5)), np.asarray(c.make_image(5)))
+    if "audio" in a.modalities:
+        assert np.array_equal(a.make_audio(5), c.make_audio(5))
+    ia, ib = a.inputs(a.prompt(prompt)), b.inputs(b.prompt(prompt))
+    assert ia.keys() == ib.keys() and all(torch.equal(torch.as_tensor(ia[k]), torch.as_tensor(ib[k])) for k in ia)
+    torch.testing.assert_close(forward_logits(a, ia), forward_logits(b, ib), atol=0, rtol=0)

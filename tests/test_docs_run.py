@@ -60,7 +60,9 @@ def test_docs_block_runs(path, line, code, tmp_path, monkeypatch, capsys):
     namespace = {"__name__": f"docs_block_{path.stem}_{line}"}
     t0, c0 = time.perf_counter(), time.process_time()
     # padded so that a traceback names the markdown file's own line numbers
-    exec(compile("\n" * (line - 1) + code, str(path), "exec"), namespace)  # noqa: S102 - the docs' own code
+    sentinel = "\n__docs_block_finished__ = True\n"   # set only when the block ran to its last line
+    exec(compile("\n" * (line - 1) + code + sentinel, str(path), "exec"), namespace)  # noqa: S102 - the docs' code
+    assert namespace.get("__docs_block_finished__") is True
     with capsys.disabled():  # the timing of each block, to keep the docs' stated timings honest
         print(f"\n[docs] {path.relative_to(ROOT)}:{line}: {time.perf_counter() - t0:.1f} s wall, "
               f"{time.process_time() - c0:.1f} s CPU", end="", file=sys.__stderr__)

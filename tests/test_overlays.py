@@ -285,11 +285,13 @@ def test_stretched_grid_warns() -> None:
     from arbiter.overlays import plot_image_attention
 
     with pytest.warns(UserWarning, match="stretched over the whole image"):
-        plot_image_attention(torch.full((6,), 1 / 6), [1, 2, 3, 4], image, picture=noise_image(40, 20))
+        fig = plot_image_attention(torch.full((6,), 1 / 6), [1, 2, 3, 4], image, picture=noise_image(40, 20))
+    assert "(stretched)" in fig.axes[0].get_title()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         whole = {**image, "views": [{**image["views"][0], "whole_image": True}]}
-        plot_image_attention(torch.full((6,), 1 / 6), [1, 2, 3, 4], whole, picture=noise_image(40, 20))
+        fig = plot_image_attention(torch.full((6,), 1 / 6), [1, 2, 3, 4], whole, picture=noise_image(40, 20))
+    assert "(stretched)" not in fig.axes[0].get_title()
 
 
 # --------------------------------------------------------------------------- groups carry the grids

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import importlib
 
-import numpy as np
 import pytest
 import torch
 
-from arbiter.testing import FAMILIES, TinyModel, tiny
+from arbiter.testing import FAMILIES, TinyModel
+from helpers import check_deterministic_in_seed
 from helpers import _tiny as _zoo, forward_logits as _forward, image_token_id as _image_token_id
 from arbiter.testing.tiny_more import FAMILIES as MORE
 
@@ -43,21 +43,7 @@ def test_registered():
 
 @pytest.mark.parametrize("family", NEW)
 def test_deterministic_in_seed(family):
-    a, b, c = tiny(family, seed=3), tiny(family, seed=3), tiny(family, seed=4)
-    sa, sb, sc = a.model.state_dict(), b.model.state_dict(), c.model.state_dict()
-    assert sa.keys() == sb.keys() == sc.keys()
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    # every randomly initialised parameter (not the constant norms and biases) depends on the seed
-    pa, pc = dict(a.model.named_parameters()), dict(c.model.named_parameters())
-    drawn = [k for k, p in pa.items() if p.numel() > 1 and p.float().std() > 0]
-    assert len(drawn) > len(pa) // 3
-    assert all(not torch.equal(pa[k], pc[k]) for k in drawn)
-    assert a.tokenizer.get_vocab() == c.tokenizer.get_vocab()
-    assert a.model.config.to_dict() == c.model.config.to_dict()
-    assert np.array_equal(np.asarray(a.make_image(5)), np.asarray(c.make_image(5)))
-    ia, ib = a.inputs(a.prompt(PROMPT)), b.inputs(b.prompt(PROMPT))
-    assert ia.keys() == ib.keys() and all(torch.equal(torch.as_tensor(ia[k]), torch.as_tensor(ib[k])) for k in ia)
-    torch.testing.assert_close(_forward(a, ia), _forward(b, ib), atol=0, rtol=0)
+    check_deterministic_in_seed(family, PROMPT)
 
 
 @pytest.mark.parametrize("family", NEW)

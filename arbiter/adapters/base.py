@@ -604,6 +604,12 @@ def supported_families() -> list[str]:
     return sorted({a.name for a in _REGISTRY})
 
 
+def families_with(method: str) -> list[str]:
+    """The registered adapters that override ``Adapter.<method>`` (e.g. "image_grids"), by family name."""
+    base = getattr(Adapter, method)
+    return sorted({a.name for a in _REGISTRY if getattr(type(a), method, base) is not base})
+
+
 def unsupported_message(model: nn.Module, why: str) -> str:
     mt = getattr(getattr(model, "config", None), "model_type", None)
     return (f"arbiter cannot attach to {type(model).__name__} (model_type={mt!r}): {why}. "

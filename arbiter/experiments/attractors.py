@@ -432,7 +432,7 @@ class _AudioFeatureCache:
     """Stands in for the processor's feature extractor while the scorer encodes a batch: each distinct waveform
     (keyed by its content and the call's options) is featurised once and its rows reused, so the prompt rows of one
     sample and condition (which differ only in the offered labels) share one log-mel computation. Cached only for
-    ``padding="max_length"`` calls (Qwen2.5-Omni pads every clip to 30 s: about 40 ms per clip), where a clip's
+    ``padding="max_length"`` calls (a processor that pads every clip to 30 s: about 40 ms per clip), where a clip's
     features do not depend on the other clips of the batch; any other call goes straight through. ``size``: clips
     kept (the rows of a sample and condition are consecutive, so a few suffice)."""
 
