@@ -182,7 +182,7 @@ def _run(model, processor, ds, args, report_mod, diagnose) -> int:
     if "skipped" in m:  # a data set without conflict samples
         print(f"[arbiter] conflict steps skipped ({m['skipped']}); report: {paths['html']}")
     else:
-        print(f"[arbiter] MFR overall {m['overall']:.3f} (vision {m['vision']}, text {m['text']}); "
+        print(f"[arbiter] MFR overall {fmt(m['overall'])} (vision {fmt(m['vision'])}, text {fmt(m['text'])}); "
               f"report: {paths['html']}")
     return 0
 

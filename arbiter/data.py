@@ -1,6 +1,6 @@
 """Conflict samples: the JSON Lines data format, prompt parts and spans, the Answer Entity Dictionary.
 
-Also answer normalisation for MFR and a deterministic synthetic colour/shape conflict generator (SPEC §1)."""
+Also answer normalisation for MFR and a deterministic synthetic colour/shape conflict generator (docs/methods/conflict-samples.md)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 # --------------------------------------------------------------------------------------------------
-# Constants of the format (SPEC §1)
+# Constants of the format (docs/methods/conflict-samples.md)
 
 FORMAT_VERSION = 1
 """Value of ``arbiter_dataset`` in a data file's optional header line."""
@@ -94,7 +94,7 @@ PART_NAMES: tuple[str, ...] = (
 """Names of the segments :func:`build_prompt_parts` returns."""
 
 DEFAULT_USER_TURN = "Text context: {context}\n{instruction}\n{question}"
-"""The user turn built when neither the sample nor the file gives a template (SPEC §1)."""
+"""The user turn built when neither the sample nor the file gives a template (docs/methods/conflict-samples.md)."""
 
 FORMAT_CONSTRAINT = "Answer the question using a single word or phrase."
 """The [IA] format constraint; when an instruction ends with it, it becomes its own ``constraint`` part."""
@@ -122,13 +122,13 @@ Target = Literal["vision", "text"]
 
 @dataclass
 class ConflictSample:
-    """One conflict sample (SPEC §1, after [IA] and MC²).
+    """One conflict sample (docs/methods/conflict-samples.md, after [IA] and MC²).
 
     ``image`` is a path (made absolute, relative to the data file, by :func:`load_jsonl`), an in-memory
     ``PIL.Image.Image``, or ``None`` for text-only controls; ``audio`` likewise a path, a numpy waveform or
     ``None``. ``conflict=False`` marks an agreement sample, where ``answer_vision`` may equal
     ``answer_text``. ``template`` overrides the file's template; ``label`` is the class label of
-    classification data sets (SPEC §10). Fields the format does not know are kept in ``extra`` and
+    classification data sets (docs/methods/shapley.md). Fields the format does not know are kept in ``extra`` and
     written back by :meth:`to_dict`.
     """
 
@@ -249,7 +249,7 @@ class ConflictDataset(Sequence[ConflictSample]):
     """An ordered collection of :class:`ConflictSample` with the file-level settings of its data file.
 
     ``template`` is the file-level template (``None``: the default user turn), ``labels`` the declared class
-    labels (SPEC §10), ``path`` the file it was loaded from (or ``None``), ``meta`` any further header keys.
+    labels (docs/methods/shapley.md), ``path`` the file it was loaded from (or ``None``), ``meta`` any further header keys.
     """
 
     def __init__(
@@ -539,7 +539,7 @@ def _parse_sample(
 
 
 def load_jsonl(path: str | os.PathLike[str], check_images: bool = True) -> ConflictDataset:
-    """Load a conflict data file (SPEC §1): JSON Lines, one sample per line, optional header first line.
+    """Load a conflict data file (docs/methods/conflict-samples.md): JSON Lines, one sample per line, optional header first line.
 
     The header is ``{"arbiter_dataset": 1, "template": "...", "labels": [...]}`` (``template`` and
     ``labels`` optional; further keys are kept in ``ConflictDataset.meta``). Blank lines are skipped.
@@ -707,7 +707,7 @@ def prompt_spans(
 
 
 def normalise_answer(text: str) -> str:
-    """Normalise an answer for matching (SPEC §7): lower-case, delete punctuation (Unicode category P*),
+    """Normalise an answer for matching (docs/methods/mfr.md): lower-case, delete punctuation (Unicode category P*),
     collapse runs of whitespace to one space and strip the ends. ``"  The Red-Circle!"`` → ``"the redcircle"``."""
     lowered = text.lower()
     kept = "".join(ch for ch in lowered if not unicodedata.category(ch).startswith("P"))
@@ -717,7 +717,7 @@ def normalise_answer(text: str) -> str:
 def matches(text: str, forms: Iterable[str]) -> bool:
     """Whether generated ``text`` gives one of the answer ``forms``.
 
-    Rule (proposed; SPEC §7 says only "normalised ... matches"): after :func:`normalise_answer` on both
+    Rule (proposed; docs/methods/mfr.md says only "normalised ... matches"): after :func:`normalise_answer` on both
     sides, the text equals a form, or starts with the form followed by a space (a whole-word prefix:
     "red circle" matches "red", "reddish" does not). Forms that normalise to ``""`` never match. MFR counts
     a sample as following the instruction when the answer matches D_p's forms and not D_c's.
@@ -759,7 +759,7 @@ def _variants(form: str) -> list[str]:
 
 @dataclass(frozen=True)
 class AnswerDictionary:
-    """The Answer Entity Dictionary D_p / D_c of a sample (SPEC §1; paper concept, formalisation proposed).
+    """The Answer Entity Dictionary D_p / D_c of a sample (docs/methods/conflict-samples.md; paper concept, formalisation proposed).
 
     D_m = {canonical answer} ∪ aliases; each surface form contributes the FIRST token id of " form",
     "form", "Form" and " Form" (as given, lower-case and capitalised, with and without a leading space);

@@ -657,7 +657,7 @@ class Lens:
 
     # -- conveniences built on probes --------------------------------------------------------------------------
     def window(self, center: int, size: int = 9) -> list[int]:
-        """Layers [max(0, c - floor(k/2)), min(L, c + ceil(k/2))) (SPEC section 4)."""
+        """Layers [max(0, c - floor(k/2)), min(L, c + ceil(k/2))) (docs/methods/knockout.md)."""
         n = self.facts.n_layers
         if not 0 <= center < n:
             raise SiteError(f"window centre {center} is out of range; this model has {n} text layers.")

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -347,13 +348,33 @@ DEFINITIONS: dict[str, tuple[str, str, str]] = {
 
 
 def _docs_folder() -> Path | None:
-    """docs/methods of the source tree arbiter runs from (a checkout or an editable install), or None."""
-    p = Path(__file__).resolve().parent.parent / "docs" / "methods"
-    return p if p.is_dir() else None
+    """The methods docs: docs/methods of the source tree arbiter runs from (a checkout or an editable install), else
+    the copy a wheel ships as arbiter/_methods_docs (setup.py's build hook); None when neither is there."""
+    here = Path(__file__).resolve().parent
+    for p in (here.parent / "docs" / "methods", here / "_methods_docs"):
+        if p.is_dir() and any(p.glob("*.md")):
+            return p
+    return None
+
+
+def _copy_methods_docs(out: Path) -> None:
+    """Copy the methods pages the report links to into ``out/methods/``, so the report folder stands alone (it can
+    be moved or shared and its definitions still open)."""
+    folder = _docs_folder()
+    if folder is None:
+        return
+    dst = out / "methods"
+    dst.mkdir(exist_ok=True)
+    for page in sorted({page for _, page, _ in DEFINITIONS.values()}):
+        if (folder / page).exists():
+            shutil.copyfile(folder / page, dst / page)
 
 
 def _docs_href(page: str, out: Path | None) -> str | None:
-    """A relative link from the report folder to a methods page, when both are on this machine."""
+    """The link to a methods page: the report folder's own copy (``methods/<page>``, written by :func:`write`),
+    else the source page on this machine, else None."""
+    if out is not None and (Path(out) / "methods" / page).exists():
+        return f"methods/{page}"
     folder = _docs_folder()
     if folder is None or not (folder / page).exists():
         return None
@@ -842,12 +863,17 @@ def _amplification_section(doc: _Doc, report: dict) -> None:
                  "with failures (e.g. unseen instruction wordings or noisy images).")
         return
     rm, rs = a.get("restored_random_mean") or [], a.get("restored_random_sd") or []
+    base = a.get("restored_base")
     doc.p(f"{_d('amplification', 'Amplification')} on the {_plural(a['n_failed'], 'failure')} (samples answered "
           f"against the instruction): the TopG heads' outputs scaled by α; the control scales random head sets of the "
-          "same size.")
+          "same size."
+          + (f" A failure is an answer generated against the instruction, a restoration π > 0.5 afterwards; "
+             f"{_pct(base)} of the failures already have π > 0.5 with no scaling (row α = 1), the floor both "
+             "columns start from." if base is not None else ""))
+    rows = [["1 (unscaled)", _num(base, 3), _num(base, 3)]] if base is not None else []
     doc.table(["α", "restored (TopG)", "restored (random heads, mean ± sd)"],
-              [[f"{al:g}", _num(r, 3), f"{_num(rm[i], 3)} ± {_num(rs[i], 3)}" if i < len(rm) else "n/a"]
-               for i, (al, r) in enumerate(zip(a["alpha"], a["restored"]))])
+              rows + [[f"{al:g}", _num(r, 3), f"{_num(rm[i], 3)} ± {_num(rs[i], 3)}" if i < len(rm) else "n/a"]
+                      for i, (al, r) in enumerate(zip(a["alpha"], a["restored"]))])
     doc.fig("amplification", "Share of the failures restored (π > 0.5 afterwards) per α: TopG (circles) against "
                              "random heads (squares, mean ± sd). A TopG curve well above the random one says these "
                              "heads carry the instruction.", "fig-amplification", "amplification on failures")
@@ -1202,13 +1228,15 @@ def html_page(report: dict, out: str | os.PathLike | None = None, drawn: dict[st
 
 
 def write(report: dict, out: str | os.PathLike) -> dict[str, Path]:
-    """Write report.json, the PNG figures, report.md and a self-contained report.html into ``out``."""
+    """Write report.json, the PNG figures, report.md, a self-contained report.html and the methods pages they link
+    to (``methods/``) into ``out``."""
     from .experiments.diagnose import _atomic_json
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _atomic_json(out / "report.json", report)
     pngs = _plots(report, out)
+    _copy_methods_docs(out)
     (out / "report.md").write_text(markdown(report, out, set(pngs)))
     (out / "report.html").write_text(html_page(report, out, pngs))
     return {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html", **pngs}

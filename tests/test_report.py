@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import copy
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 
-from arbiter.report import DEFINITIONS, html_page, markdown
+from arbiter.report import DEFINITIONS, html_page, markdown, write
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -50,8 +51,8 @@ def _report() -> dict:
                           "restored_random_sd": [0.0, 0.1], "n_failed": 4, "heads": [[1, 0]], "restored_base": 0.0},
         "imbalance": {"layers": [0, 1], "modalities": ["image", "context"], "query": "last", "how": "log_ratio",
                       "heat": [[0.1, -1.0], [2.0, 0.0]], "mass_1": [[0.1, 0.0], [0.6, 0.2]],
-                      "mass_2": [[0.1, 0.5], [0.05, 0.2]], "scalar": 0.775, "per_layer_mean": [-0.45, 1.0],
-                      "share_m1_larger": 0.5},
+                      "mass_2": [[0.1, 0.5], [0.05, 0.2]], "norm_1": [[1.0, 1.0], [1.0, 1.0]], "norm_2": [[1.0, 1.0], [1.0, 1.0]],
+                      "per_token": False, "scalar": 0.775, "per_layer_mean": [-0.45, 1.0], "share_m1_larger": 0.5},
         "shapley": {"skipped": "no conflict sample has an image"},
         "attractors": {"skipped": "the data file declares no label set"},
         "timing_s": {"baseline": 1.25, "knockout": 2.5},
@@ -209,3 +210,34 @@ def test_knockout_table_of_a_deep_model_has_one_row_per_centre_layer():
                         "edge_present": True} for c in range(12)]
     md = markdown(rep)
     assert "| centre layer | image → last |" in md and "| 11 | −0.110 |" in md
+
+
+def test_written_report_carries_its_methods_pages_and_links_them_after_a_move(tmp_path):
+    write(_report(), tmp_path / "run")
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    page = (tmp_path / "moved" / "report.html").read_text()
+    links = sorted(set(re.findall(r'href="([^"#][^"]*\.md)"', page)))
+    assert links == sorted({f"methods/{p}" for _, p, _ in DEFINITIONS.values()})
+    for link in links:
+        assert (tmp_path / "moved" / link).read_text() == (DOCS / link).read_text()
+
+
+def test_no_user_facing_string_cites_the_internal_specification():
+    """Users do not have the project's internal SPEC; strings (errors, readings, help, docstrings) name docs/ pages."""
+    import io
+    import tokenize
+
+    found = []
+    for path in sorted((DOCS.parent / "arbiter").rglob("*.py")):
+        for tok in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
+            if tok.type == tokenize.STRING and re.search(r"\bSPEC\b", tok.string):
+                found.append(f"{path.name}:{tok.start[0]}")
+    assert found == []
+
+
+def test_amplification_table_starts_from_the_unscaled_floor():
+    rep = _report()
+    rep["amplification"]["restored_base"] = 0.25
+    md = markdown(rep)
+    assert "| 1 (unscaled) | 0.250 | 0.250 |\n| 2 | 0.250 | 0.000 ± 0.000 |" in md
+    assert "25% of the failures already have π > 0.5 with no scaling (row α = 1)" in md

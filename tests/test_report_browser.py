@@ -4,7 +4,8 @@ page loads without errors, does not overflow sideways, shows every image and nam
 Chromium comes from the system (Debian's ``chromium`` package); where it is missing the test installs it with
 ``apt-get install -y chromium`` when it runs as root with apt-get (set ``ARBITER_NO_BROWSER_INSTALL=1`` to forbid
 that), and skips with the reason otherwise. Screenshots (top of the page and the full page, 1,280 px wide) go to
-``$ARBITER_REPORT_SCREENSHOTS`` when set, else to the test's temporary folder."""
+``$ARBITER_REPORT_SCREENSHOTS`` when set, else to the test's temporary folder. ``$ARBITER_REPORT_DIR`` names a
+report folder already written (e.g. by a full ``arbiter demo``) to check instead of a small demo run here."""
 
 from __future__ import annotations
 
@@ -93,10 +94,14 @@ def rendered(tmp_path_factory):
     from arbiter.cli import main
 
     browser = _browser()
-    out = tmp_path_factory.mktemp("browser") / "demo"
-    rc = main(["demo", "--out", str(out), "--limit", "8", "--random-draws", "2", "--skip", "keyspace,surrogate",
-               "--modality-limit", "4"])
-    assert rc == 0
+    if os.environ.get("ARBITER_REPORT_DIR"):  # check a report already written, e.g. a fresh clone's `arbiter demo`
+        out = Path(os.environ["ARBITER_REPORT_DIR"])
+        assert (out / "report.html").is_file() and (out / "report.json").is_file(), out
+    else:
+        out = tmp_path_factory.mktemp("browser") / "demo"
+        rc = main(["demo", "--out", str(out), "--limit", "8", "--random-draws", "2", "--skip", "keyspace,surrogate",
+                   "--modality-limit", "4"])
+        assert rc == 0
     page = out / "report.html"
     probe = out / "report_probe.html"  # same folder: relative image paths resolve as in the report
     probe.write_text(page.read_text().replace("<head>", "<head>" + PROBE, 1))

@@ -1,4 +1,4 @@
-"""Label perturbation and error attractors (SPEC 10, after the [PB] emotion protocol on CREMA-D).
+"""Label perturbation and error attractors (docs/methods/attractors.md, after the [PB] emotion protocol on CREMA-D).
 
 A classification prompt lists the allowed labels; the perturbation removes 1-4 of them from that list (every
 subset of those sizes, or a seeded sample of them), per input condition (all modalities present, or one
@@ -13,18 +13,18 @@ error-attractor graph and an attractor hierarchy.
 * :func:`removal_subsets`, :func:`label_token_ids`, :func:`offered_sample` -- the pieces, usable alone.
 * :func:`error_graph`, :func:`attraction` -- the pure computations on counts / predictions.
 
-**Label set.** ``labels=`` if given, else the data set's declared labels (SPEC 1: the data file's first line
+**Label set.** ``labels=`` if given, else the data set's declared labels (docs/methods/conflict-samples.md: the data file's first line
 ``{"arbiter_dataset": 1, "labels": [...]}``, loaded into ``ConflictDataset.labels``; pass the
 :class:`arbiter.data.ConflictDataset` as ``samples`` or as ``dataset=``). Each sample's true label is its
-``label`` field (SPEC 1). Without a label set, or with a sample whose label is missing or not in the set,
-a :class:`arbiter.errors.DataError` says what to pass. :data:`CREMA_D_LABELS` holds SPEC 10's six labels.
+``label`` field (docs/methods/conflict-samples.md). Without a label set, or with a sample whose label is missing or not in the set,
+a :class:`arbiter.errors.DataError` says what to pass. :data:`CREMA_D_LABELS` holds docs/methods/attractors.md's six labels.
 
-**Design choices** (SPEC 10 fixes the protocol; the points below are **proposed** where SPEC is silent):
+**Design choices** (docs/methods/attractors.md fixes the protocol; the points below are **proposed** where the method is silent):
 
 * (paper) A sample whose true label was removed is always an error; its prediction (the fallback label) is
   recorded (:meth:`AttractorResult.fallback`) and counts as an error in the confusion, graph and hierarchy.
   Option ``forced="exclude"``: such rows are not run at all (predictions ``None``).
-* (proposed) Answer reading: each label's token set is SPEC 1's Answer-Entity-Dictionary rule applied to the
+* (proposed) Answer reading: each label's token set is docs/methods/conflict-samples.md's Answer-Entity-Dictionary rule applied to the
   label (first token of " label", "label", " Label", "Label", unknown / special ids skipped), minus the ids
   shared by two labels; the label's score is log sum_{v in set} softmax(z)_v at the last prompt position,
   and the prediction is the argmax over the labels still offered (ties: the earlier label in the label set).
@@ -41,13 +41,13 @@ a :class:`arbiter.errors.DataError` says what to pass. :data:`CREMA_D_LABELS` ho
 * (proposed) Graph: edge i -> j (i != j) with count = errors with truth i and prediction j in the condition,
   weight = count / the condition's errors; an edge is hidden in the plot when weight < ``threshold`` (0.02),
   and kept in the data with ``shown: false``.
-* (proposed formula for SPEC's "rank labels by the error mass they attract across perturbation sets that keep
+* (proposed formula for the method's "rank labels by the error mass they attract across perturbation sets that keep
   them") ``hierarchy="share"``: score_j = (errors predicted j) / (errors of rows where j was offered and the
   truth is not j), i.e. the share of the errors j could have attracted that it did attract. Options:
   ``"count"`` (errors predicted j) and ``"net"`` (in-weight minus out-weight in the graph). All three are in
   ``to_dict()["per_condition"][c]["attraction"]``; labels are ranked by the chosen one (descending, ties in
   label order, undefined scores last).
-* (proposed) Condition similarity (SPEC's "errors with both modalities resemble face-only errors"): cosine
+* (proposed) Condition similarity (the method's "errors with both modalities resemble face-only errors"): cosine
   similarity of two conditions' error-weight matrices (:meth:`AttractorResult.similarity`).
 * Conditions are named ``"all"`` and ``"<modality>_only"`` (e.g. ``"image_only"`` = face only, audio silent);
   with a single modality there is only ``"all"``.
@@ -92,7 +92,7 @@ __all__ = [
 ]
 
 CREMA_D_LABELS = ("happy", "neutral", "sad", "angry", "disgust", "fear")
-"""SPEC 10's six CREMA-D emotion labels, in SPEC's order."""
+"""docs/methods/attractors.md's six CREMA-D emotion labels, in that page's order."""
 DEFAULT_OPTIONS = " Answer with one of: {labels}."
 DISPLAY_THRESHOLD = 0.02
 FORCED = ("include", "exclude")
@@ -136,7 +136,7 @@ def removal_subsets(labels: Sequence[str], sizes: Sequence[int] = (1, 2, 3, 4), 
 def label_token_ids(tokenizer, labels: Sequence[str], rule: str = "dictionary") -> list[list[int]]:
     """The token ids that stand for each label in the next-token distribution (see the module notes).
 
-    ``rule="dictionary"`` (default, proposed): SPEC 1's Answer-Entity-Dictionary rule on the label alone (first
+    ``rule="dictionary"`` (default, proposed): docs/methods/conflict-samples.md's Answer-Entity-Dictionary rule on the label alone (first
     token of " label", "label" and their capitalised forms; unknown / special ids skipped), then the ids that two
     labels share are dropped. ``"space"``: the first token of " label" only. ``tokenizer``: a tokenizer or a
     processor holding one. Raises :class:`DataError` when a label ends with no id of its own."""
@@ -268,7 +268,7 @@ def _rank(scores: torch.Tensor) -> list[int]:
 
 @dataclass
 class AttractorResult:
-    """Label perturbation over ``conditions`` x samples x removal sets (SPEC 10).
+    """Label perturbation over ``conditions`` x samples x removal sets (docs/methods/attractors.md).
 
     ``labels``: the label set (index order of every matrix); ``conditions``: name -> modalities kept (the others
     were replaced by neutral inputs); ``subsets``: the removed label sets; ``true`` [samples] label index;
@@ -535,7 +535,7 @@ def _label_set(labels, dataset, samples: list[ConflictSample]) -> list[str]:
     if labels is None:
         raise DataError("label perturbation needs the label set: pass labels=[...] (e.g. "
                         "arbiter.experiments.attractors.CREMA_D_LABELS), or load a data file whose first line "
-                        "declares it: {\"arbiter_dataset\": 1, \"labels\": [...]} (SPEC 1), and pass that dataset.")
+                        "declares it: {\"arbiter_dataset\": 1, \"labels\": [...]} (docs/methods/conflict-samples.md), and pass that dataset.")
     labels = [str(x) for x in labels]
     if len(labels) < 2:
         raise DataError(f"the label set needs at least 2 labels, got {labels}.")
@@ -544,7 +544,7 @@ def _label_set(labels, dataset, samples: list[ConflictSample]) -> list[str]:
     for s in samples:
         if s.label is None:
             raise DataError(f"sample {s.id!r} has no 'label'; every sample of a classification data set needs its "
-                            "true label (SPEC 1 / 10).")
+                            "true label (docs/methods/conflict-samples.md and docs/methods/attractors.md).")
         if s.label not in labels:
             raise DataError(f"sample {s.id!r}: label {s.label!r} is not in the label set {labels}.")
     return labels
@@ -596,7 +596,7 @@ def label_perturbation(lens, samples, labels: Sequence[str] | None = None, *, pl
                        sep: str = ", ", threshold: float = DISPLAY_THRESHOLD, hierarchy: str = "share",
                        batch_size: int = 16, dataset=None, scorer: Scorer | None = None,
                        progress: bool = True) -> AttractorResult:
-    """Label perturbation and error attractors (SPEC 10, [PB]); see the module notes for every choice.
+    """Label perturbation and error attractors (docs/methods/attractors.md, [PB]); see the module notes for every choice.
 
     lens: an attached :class:`arbiter.Lens` (None when ``scorer`` is given). samples: classification samples
     (a list, or a :class:`arbiter.data.ConflictDataset` whose ``labels`` give the label set), each with its
@@ -605,7 +605,7 @@ def label_perturbation(lens, samples, labels: Sequence[str] | None = None, *, pl
     sample); conditions: ``"all"`` and ``"<player>_only"`` by default (the other players replaced by neutral
     inputs: black image, silent audio, empty text), or a list of such names, or a mapping name -> players kept.
     sizes / max_subsets / seed: the removal sets (:func:`removal_subsets`; 56 with six labels).
-    forced: ``"include"`` (SPEC: rows whose true label was removed run and count as errors) or ``"exclude"``.
+    forced: ``"include"`` (the method: rows whose true label was removed run and count as errors) or ``"exclude"``.
     tokens: ``"dictionary"`` or ``"space"`` (:func:`label_token_ids`). options / sep: how the offered labels
     enter the prompt (:func:`offered_sample`). threshold: display threshold of the graph (0.02). hierarchy:
     ``"share"``, ``"count"`` or ``"net"``. batch_size: prompt rows per forward. dataset: the ConflictDataset

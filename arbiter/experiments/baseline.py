@@ -20,7 +20,7 @@ from .common import batch_plan, batches, by_target, module_weight, per_sample, p
 
 @dataclass
 class BaselineResult:
-    """Per-sample and per-layer results of the clean run (see SPEC sections 3, 5, 6, 7)."""
+    """Per-sample and per-layer results of the clean run (see docs/methods/mam.md, 5, 6, 7)."""
 
     sample_ids: list[str]
     targets: list[str]
@@ -64,7 +64,7 @@ class BaselineResult:
         return out
 
     def mam_instruction_profile(self) -> dict:
-        """MAM per layer at the instruction anchors (SPEC 3): the mean over a sample's instruction positions, then
+        """MAM per layer at the instruction anchors (docs/methods/mam.md): the mean over a sample's instruction positions, then
         over the samples of each target; samples without instruction tokens are left out."""
         out = {}
         for t in ("vision", "text"):

@@ -94,13 +94,13 @@ def answer_logsumexp(logits: torch.Tensor, ids: Sequence[Sequence[int]]) -> torc
 
 
 def pi_from_logits(logits: torch.Tensor, ids_p, ids_c) -> torch.Tensor:
-    """π = P(D_p) / (P(D_p) + P(D_c)) at the last position (SPEC 5), rows tiled over samples."""
+    """π = P(D_p) / (P(D_p) + P(D_c)) at the last position (docs/methods/i-nssd.md), rows tiled over samples."""
     lp, lc = answer_logsumexp(logits, ids_p), answer_logsumexp(logits, ids_c)
     return torch.sigmoid(lp - lc)
 
 
 def margin_from_logits(logits: torch.Tensor, ids_p, ids_c) -> torch.Tensor:
-    """Final-layer MAM (mean signal, SPEC 3) at the last position: mean z over D_p − mean z over D_c."""
+    """Final-layer MAM (mean signal, docs/methods/mam.md) at the last position: mean z over D_p − mean z over D_c."""
     n = len(ids_p)
     out = torch.empty(logits.shape[0], dtype=torch.float32)
     for r in range(logits.shape[0]):

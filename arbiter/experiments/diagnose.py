@@ -8,13 +8,13 @@ instruction), amplification (on the others) (every conflict sample, after ``limi
 modality steps on at most ``modality_limit`` (default 32) conflict samples that have an image, taken alternately
 from the vision- and the text-instructed ones:
 
-* ``shapley``: exact modality Shapley values (SPEC 10) of the players present (image, audio, context), removal by
+* ``shapley``: exact modality Shapley values (docs/methods/shapley.md) of the players present (image, audio, context), removal by
   knockout (default) or neutral input, v = log P(compliant answer); mean φ and the preference angle (X = image,
   Y = context) overall and split by target.
-* ``keyspace``: key-space MMD / JSD per layer, image vs text keys (SPEC 9), with at most ``keyspace_max_n``
-  (1,000) keys per modality per layer and ``keyspace_permutations`` (100) permutations (SPEC 9's defaults are
+* ``keyspace``: key-space MMD / JSD per layer, image vs text keys (docs/methods/keyspace.md), with at most ``keyspace_max_n``
+  (1,000) keys per modality per layer and ``keyspace_permutations`` (100) permutations (docs/methods/keyspace.md's defaults are
   5,000 and 200: slower, same estimator).
-* ``imbalance``: attention imbalance log(N_image / N_context) per (layer, head) at the last token (SPEC 8).
+* ``imbalance``: attention imbalance log(N_image / N_context) per (layer, head) at the last token (docs/methods/imbalance.md).
 * ``surrogate``: per-layer attention concentrations (image / text queries over image / text keys) inverted
   through the c(β) curves of a shipped calibration (``arbiter.surrogate.calibration``, no integration), the
   surrogate's angle at the fitted β read from the calibration's cells (``surrogate_predict="table"``, default) or
@@ -23,7 +23,7 @@ from the vision- and the text-instructed ones:
 Then, when the data file declares a label set (its header ``{"arbiter_dataset": 1, "labels": [...]}``, i.e.
 ``ConflictDataset.labels``; otherwise it records ``{"skipped": "the data file declares no label set"}``):
 
-* ``attractors``: label perturbation and error attractors (SPEC 10,
+* ``attractors``: label perturbation and error attractors (docs/methods/shapley.md,
   :func:`arbiter.experiments.attractors.label_perturbation`) on at most ``attractor_limit`` (24) samples that carry
   a ``label`` (every sample, conflict or not; taken round-robin over the labels so that a cap keeps every label),
   ``attractor_subsets`` (20, seed 0) of the removal sets of 1-4 labels (at most n_labels - 1), every condition
@@ -134,7 +134,7 @@ class _Steps:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# modality steps (SPEC 8-11)
+# modality steps (docs/methods/imbalance.md … docs/methods/surrogate.md)
 
 
 def modality_samples(samples, limit: int | None) -> list:
@@ -173,7 +173,7 @@ def _attractor_summary(r, top: int = 5) -> dict:
                       "top_edges": [{k: e[k] for k in ("source", "target", "count", "weight")} for e in shown[:top]],
                       "hierarchy": [h["label"] for h in pc["hierarchy"]]}
     return {**d, "summary": summary,
-            "reading": "labels removed from the prompt's option list (SPEC 10, [PB]); per condition (all modalities, "
+            "reading": "labels removed from the prompt's option list (docs/methods/shapley.md, [PB]); per condition (all modalities, "
                        "or one alone with the others neutral) the confusion (rows truth, columns prediction), the "
                        f"error-attractor edges truth -> prediction (weight = share of the condition's errors; shown "
                        f">= {100 * r.threshold:g}%) and the labels ranked by the errors they attract "
@@ -216,7 +216,7 @@ def _shapley_summary(r) -> dict:
         "per_sample": {"ids": d["sample_ids"], "targets": d["targets"], "phi": d["phi"], "v_empty": d["v_empty"],
                        "v_full": d["v_full"], "angle": d["per_sample_angle"]},
         "reading": "phi: contribution of each modality to log P(compliant answer), exact Shapley over all "
-                   "coalitions (SPEC 10); angle +90 = only Y (text context) matters, -90 = only X (image)",
+                   "coalitions (docs/methods/shapley.md); angle +90 = only Y (text context) matters, -90 = only X (image)",
     }
 
 
@@ -243,7 +243,7 @@ def _keyspace_summary(k, plot_points: int) -> dict:
                "explained": expl}
     return {**d, "intra": intra, "summary": summary, "pca2": pca,
             "reading": "MMD between image and text keys per layer (cross) vs between random halves of one "
-                       "modality (intra, the baseline); SPEC 9"}
+                       "modality (intra, the baseline); docs/methods/keyspace.md"}
 
 
 def _imbalance_summary(im) -> dict:
@@ -257,7 +257,7 @@ def _imbalance_summary(im) -> dict:
     return {**d, "per_layer_mean": per_layer, "per_layer_abs_mean": abs_layer,
             "share_m1_larger": float((heat[finite] > 0).double().mean()) if bool(finite.any()) else None,
             "reading": f"log(N_{im.modalities[0]} / N_{im.modalities[1]}) of the output norms per (layer, head) "
-                       f"at the {im.query} token, mean over samples; scalar = mean |log ratio| (SPEC 8)"}
+                       f"at the {im.query} token, mean over samples; scalar = mean |log ratio| (docs/methods/imbalance.md)"}
 
 
 class _Concentrations(Probe):
@@ -293,7 +293,7 @@ class _Concentrations(Probe):
 
 def lens_concentrations(lens, samples, batch_size: int, dataset=None, x: str = "image", y: str = "text",
                         progress: bool = True) -> dict:
-    """SPEC 11's attention concentrations (:func:`arbiter.surrogate.trace_concentrations`) of a model on samples,
+    """docs/methods/surrogate.md's attention concentrations (:func:`arbiter.surrogate.trace_concentrations`) of a model on samples,
     computed batch by batch without keeping attention maps, merged over samples."""
     from ..surrogate.fit import merge_concentrations
 
@@ -357,9 +357,9 @@ def _surrogate_summary(fr, calib: dict, predict: str, n: int) -> dict:
         "point": {k: v for k, v in pt.items() if k not in ("per_seed", "spread")},
         "table": {k: d["table"].get(k) for k in ("beta", "c_self", "c_cross", "curve")},
         "flags": d["flags"], "beta_label": d["params"].get("beta_label"),
-        "reading": "β fitted to the MLLM's attention concentration (SPEC 11, proposed bridge); angle_pred is the "
+        "reading": "β fitted to the MLLM's attention concentration (docs/methods/surrogate.md, proposed bridge); angle_pred is the "
                    "surrogate's dynamical-SHAP angle there, angle_measured the MLLM's modality Shapley angle "
-                   "(image vs context, SPEC 10): different quantities, and an angle identifiability ratio <= 2 "
+                   "(image vs context, docs/methods/shapley.md): different quantities, and an angle identifiability ratio <= 2 "
                    "means angle_pred does not depend on β",
     }
 
@@ -408,7 +408,7 @@ def _conflict_steps(lens, samples, dataset, steps, out, window, top, batch_size,
     def blocking():
         res = blocking_experiment(lens, samples, correct, topg, fraction=top, n_random=n_random,
                                   batch_size=batch_size, dataset=dataset, progress=progress).to_dict()
-        if len(hd["scores"]) > 1:  # SPEC 7: each cheap ranking's TopG blocked too (and its deletion curve)
+        if len(hd["scores"]) > 1:  # docs/methods/mfr.md: each cheap ranking's TopG blocked too (and its deletion curve)
             res["by_ranking"] = blocking_agreement(lens, samples, correct, hd["scores"], fraction=top,
                                                    n_random=n_random, batch_size=batch_size,
                                                    dataset=dataset, progress=progress).to_dict()
@@ -437,7 +437,7 @@ def _image_attention(lens, samples, dataset, hd, out, log) -> list[dict]:
 
 
 HEAD_METHODS = ("exhaustive", "attribution", "attribution-ig", "attribution-graddrop", "dla")
-"""Default head rankings of the heads step; the first is the reference (SPEC 7: the exhaustive sweep)."""
+"""Default head rankings of the heads step; the first is the reference (docs/methods/mfr.md: the exhaustive sweep)."""
 HEAD_METHOD_NAMES = ("exhaustive", "attribution", "attribution-ig", "attribution-ig-layer", "attribution-graddrop",
                      "dla")
 

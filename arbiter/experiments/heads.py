@@ -1,4 +1,4 @@
-"""Arbitration heads (SPEC 7): three rankings (exhaustive blocking, DLA, attribution patching), TopG, and the
+"""Arbitration heads (docs/methods/mfr.md): three rankings (exhaustive blocking, DLA, attribution patching), TopG, and the
 blocking (TopG vs random heads) and amplification (alpha sweep on failures) experiments.
 
 Every function takes ``progress`` (default True): a labelled bar over its batches (:mod:`arbiter.progress`)."""
@@ -116,7 +116,7 @@ def _batches_bar(lens, part, batch_size, dataset, desc: str, progress: bool):
 def exhaustive_ranking(lens, samples: Sequence[ConflictSample], batch_size: int = 8, chunk: int = 16,
                        dataset=None, progress: bool = True) -> HeadRanking:
     """Zero every head alone (batched sweep); score = drop of the final MAM (mean signal) it causes, averaged per
-    target then across targets. The reference ranking (SPEC 7)."""
+    target then across targets. The reference ranking (docs/methods/mfr.md)."""
     samples = require_conflicts(samples, "exhaustive_ranking()")
     L, H = _layers_heads(lens)
 
@@ -231,7 +231,7 @@ def attribution_ranking(lens, samples: Sequence[ConflictSample], batch_size: int
     quantity :func:`exhaustive_ranking` measures exactly). Score = predicted drop of m; the gradient is the
     total derivative (through all later layers), taken w.r.t. the head outputs at every position.
 
-    ``method`` (the path options are proposed, SPEC 7 names the family):
+    ``method`` (the path options are proposed, docs/methods/mfr.md names the family):
 
     - ``"atp"``: first order at the clean point, ∂m/∂a · a (Nanda's attribution patching); one forward and
       one backward per batch (3 forward-equivalents).
@@ -252,7 +252,7 @@ def attribution_ranking(lens, samples: Sequence[ConflictSample], batch_size: int
       forward and L backward passes (one per dropped layer, on the retained graph), nominally 1 + 2L
       forward-equivalents.
 
-    SPEC 7 warns that gradient estimators can miss decisive early heads (saturated downstream attention and
+    docs/methods/mfr.md warns that gradient estimators can miss decisive early heads (saturated downstream attention and
     MLPs); report their agreement with :func:`exhaustive_ranking` (:func:`compare_rankings`) and never use one
     in its place silently."""
     samples = require_conflicts(samples, "attribution_ranking()")
@@ -343,7 +343,7 @@ def _graddrop_batch(lens, item, L: int, H: int) -> torch.Tensor:
 
 def dla_ranking(lens, samples: Sequence[ConflictSample], batch_size: int = 8, dataset=None,
                 progress: bool = True) -> HeadRanking:
-    """Direct logit attribution of each head's output at ``last`` on the MAM direction (SPEC 7, proposed)."""
+    """Direct logit attribution of each head's output at ``last`` on the MAM direction (docs/methods/mfr.md, proposed)."""
     samples = require_conflicts(samples, "dla_ranking()")
     facts = lens.facts
     L, H = _layers_heads(lens)
@@ -492,7 +492,7 @@ class BlockingAgreement:
     top k heads zeroed together on the samples the model gets right (``correct``, e.g. from generated answers):
     ``mfr`` (π > 0.5) and ``margin_drop`` (drop
     of m, the final MAM, averaged per target then across targets: the quantity the exhaustive ranking scores
-    heads by). ``summary[method]``: its TopG blocked (``topg_mfr``, ``topg_relative_drop``; SPEC 7) and
+    heads by). ``summary[method]``: its TopG blocked (``topg_mfr``, ``topg_relative_drop``; docs/methods/mfr.md) and
     ``captured`` = Σ_k margin_drop / Σ_k reference margin_drop over ``ks`` (proposed: the share of the
     reference's deletion curve the ranking reaches; 1 = as effective, above 1 possible since single-head
     effects do not add up). ``random``: the same for ``n`` random head orders (chance level): mean and sd of
@@ -532,7 +532,7 @@ def blocking_agreement(lens, samples: Sequence[ConflictSample], correct: Sequenc
                        reference: str | None = None, fraction: float = 0.05, ks: Sequence[int] | None = None,
                        n_random: int = 10, seed: int = 0, batch_size: int = 8, chunk: int = 11,
                        dataset=None, progress: bool = True) -> BlockingAgreement:
-    """SPEC 7's functional check of cheap head rankings: block each ranking's TopG (and, proposed, its top k for
+    """docs/methods/mfr.md's functional check of cheap head rankings: block each ranking's TopG (and, proposed, its top k for
     every k of a deletion curve) on the samples the model gets right, next to the reference's.
 
     ``rankings``: name -> :class:`HeadRanking`, its ``to_dict()``, or an ordered list of (layer, head);

@@ -1,4 +1,4 @@
-"""The effect of any intervention on modality following (SPEC 5 and 7): I_NSSD and MFR of conflict samples, clean
+"""The effect of any intervention on modality following (docs/methods/i-nssd.md and docs/methods/mfr.md): I_NSSD and MFR of conflict samples, clean
 against intervened, for a probe, a context manager or a factory of them (knockouts, head edits, steering, your own)."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from .common import batch_plan, batches, clean_metric, per_sample, require_confl
 
 @dataclass
 class InterventionEffect:
-    """``nssd``: I_NSSD over the samples (``how`` variant; negative = the intervention lowers π, SPEC 5) and
+    """``nssd``: I_NSSD over the samples (``how`` variant; negative = the intervention lowers π, docs/methods/i-nssd.md) and
     ``nssd_by_target`` (vision / text); ``mfr_clean`` / ``mfr``: MFR from π > 0.5 without / with the intervention;
     ``mfr_generated_clean`` / ``mfr_generated``: MFR from greedy generation (when asked); ``pi`` / ``pi_prime``:
     per-sample π clean / intervened."""
@@ -106,7 +106,7 @@ def intervention_effect(lens, samples: Sequence[ConflictSample], intervention: P
     around the intervened runs: ``lens.knockout(...)``, ``lens.block_heads(...)``, ``lens.steer(plan)``, a
     ``contextlib.ExitStack`` of several), or a zero-argument factory of either. ``how``: the I_NSSD variant
     (:data:`arbiter.metrics.NSSD_METHODS`, the three-outcome ablation included). ``generate``: also the MFR from
-    greedy generation, clean and intervened (SPEC 7), read at the first answer entity, with the both / neither
+    greedy generation, clean and intervened (docs/methods/mfr.md), read at the first answer entity, with the both / neither
     counts in their ``answers``. ``progress``: labelled bars over the batches. A no-op intervention gives I_NSSD exactly 0; samples and
     batches are those of every other experiment (:func:`arbiter.experiments.common.batches`), and the per-sample
     results (``sample_ids``, ``pi``, ...) are in their batch order (those with an image and those without

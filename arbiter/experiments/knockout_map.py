@@ -1,4 +1,4 @@
-"""The information-flow map: I_NSSD and MFR of every knockout edge family at every centre layer (SPEC 4-5).
+"""The information-flow map: I_NSSD and MFR of every knockout edge family at every centre layer (docs/methods/knockout.md … docs/methods/i-nssd.md).
 
 All (edge, centre) settings of a batch run in batched forwards through arbiter.sweep (equal to the naive loop)."""
 
@@ -16,7 +16,7 @@ from ..progress import progress_bar
 from ..sweep import knockout_settings, sweep
 from .common import batch_plan, batches, clean_metric, metric_pi_and_margin, per_sample, require_conflicts
 
-# SPEC section 4: the standard edge families (src, dst); the -> constraint / -> system ones are controls
+# docs/methods/knockout.md: the standard edge families (src, dst); the -> constraint / -> system ones are controls
 EDGE_FAMILIES: tuple[tuple[str, str], ...] = (
     ("image", "instruction"), ("context", "instruction"), ("image|context", "instruction"),
     ("image", "constraint"), ("context", "constraint"), ("image|context", "constraint"),
@@ -59,7 +59,7 @@ def knockout_map(lens, samples: Sequence[ConflictSample], edges: Sequence[tuple[
                  window: int = 9, centers: Sequence[int] | None = None, batch_size: int = 8, chunk: int = 8,
                  dataset=None, progress: bool = True) -> KnockoutMap:
     """For each edge family and centre layer: knock out in lens.window(centre, window) and measure
-    I_NSSD (signed binary JSD of π, SPEC 5) and the MFR under the knockout (π' > 0.5). ``progress``: a bar over
+    I_NSSD (signed binary JSD of π, docs/methods/i-nssd.md) and the MFR under the knockout (π' > 0.5). ``progress``: a bar over
     the batches, each running every (edge, centre) setting (:func:`arbiter.progress.progress_bar`)."""
     samples = require_conflicts(samples, "knockout_map()")
     settings_meta = [s.meta for s in knockout_settings(lens, edges, window, centers)]

@@ -1,5 +1,5 @@
-"""Modality-level experiments on a model and conflict samples: modality Shapley values (SPEC 10), key-space
-analysis (SPEC 9) and attention-imbalance heat maps (SPEC 8).
+"""Modality-level experiments on a model and conflict samples: modality Shapley values (docs/methods/shapley.md), key-space
+analysis (docs/methods/keyspace.md) and attention-imbalance heat maps (docs/methods/imbalance.md).
 
 The numbers come from the pure metrics (``arbiter.metrics.shapley`` / ``keyspace`` / ``imbalance``); this module
 only runs the model through the lens and feeds them.
@@ -124,7 +124,7 @@ def _spec_name(spec: GroupSpec) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# modality Shapley (SPEC 10)
+# modality Shapley (docs/methods/shapley.md)
 
 
 def present_players(samples, candidates: Sequence[str] = _DEFAULT_PLAYERS) -> list[str]:
@@ -143,7 +143,7 @@ def present_players(samples, candidates: Sequence[str] = _DEFAULT_PLAYERS) -> li
 
 
 def neutral_sample(sample: ConflictSample, absent: Sequence[str]) -> ConflictSample:
-    """A copy of ``sample`` with the ``absent`` players replaced by neutral inputs (SPEC 10): a black image of the
+    """A copy of ``sample`` with the ``absent`` players replaced by neutral inputs (docs/methods/shapley.md): a black image of the
     same size, silent audio of the same length (zeros), an empty string for a text part (context, instruction,
     question). A player the sample does not have stays absent (no black image is added to a text-only sample)."""
     changes: dict[str, Any] = {}
@@ -239,7 +239,7 @@ def _check_players(players: Sequence[str], removal: str) -> list[str]:
     if len(set(players)) != len(players):
         raise DataError(f"players has duplicates: {players}.")
     if len(players) > 4:
-        raise DataError(f"{len(players)} players: exact Shapley enumerates 2^n coalitions; SPEC 10 covers n <= 4.")
+        raise DataError(f"{len(players)} players: exact Shapley enumerates 2^n coalitions; docs/methods/shapley.md covers n <= 4.")
     if removal == "neutral":
         bad = [p for p in players if p not in NEUTRAL_PLAYERS]
         if bad:
@@ -250,7 +250,7 @@ def _check_players(players: Sequence[str], removal: str) -> list[str]:
 
 @dataclass
 class ModalityShapleyResult:
-    """Per-sample modality Shapley values (SPEC 10).
+    """Per-sample modality Shapley values (docs/methods/shapley.md).
 
     ``phi`` [samples, players]; ``coalition_values`` [samples, 2^n] with column j the value of coalition j (player
     k in it iff bit k of j is set: column 0 = no player, last column = all players), ``coalitions`` their player
@@ -370,14 +370,14 @@ def modality_shapley(lens, samples, players: Sequence[str] | None = None, remova
                      coalitions_per_forward: int | None = None, dataset=None,
                      angle: tuple[str, str] | None = None, angle_how: str = "ratio",
                      progress: bool = True) -> ModalityShapleyResult:
-    """Exact modality Shapley values per sample (SPEC 10, [PB]) over all 2^n coalitions of ``players``.
+    """Exact modality Shapley values per sample (docs/methods/shapley.md, [PB]) over all 2^n coalitions of ``players``.
 
     players: token-group / sample-part names, n <= 4 (default: those of image, audio, context present in every
     sample, :func:`present_players`). v(S) is the score of the model's next-token distribution at the last prompt
     position with only the players in S present:
 
     * ``value="logprob"`` (default): log P(D) = log sum_{v in D} softmax(z)_v, D = the reference answer's
-      first-token ids (the Answer Entity Dictionary, SPEC 1); ``"accuracy"``: 1 if argmax_v z_v is in D.
+      first-token ids (the Answer Entity Dictionary, docs/methods/conflict-samples.md); ``"accuracy"``: 1 if argmax_v z_v is in D.
     * ``reference``: ``"compliant"`` (y_p, default), ``"competitor"`` (y_c), ``"vision"`` / ``"text"`` (the
       answer that modality supports; on an agreement sample, its single answer).
     * ``removal="knockout"`` (default): the absent players' tokens are knocked out as keys for every query
@@ -491,7 +491,7 @@ def _captum_one(lens, sample: ConflictSample, players: list[str], removal: str, 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# key-space analysis (SPEC 9)
+# key-space analysis (docs/methods/keyspace.md)
 
 
 class _KeyCollector(Probe):
@@ -560,7 +560,7 @@ def _self_attention_layers(lens, layers) -> list[int]:
 
 @dataclass
 class KeySpaceExperimentResult:
-    """Key-space analysis per layer (SPEC 9) between modalities ``a`` and ``b``.
+    """Key-space analysis per layer (docs/methods/keyspace.md) between modalities ``a`` and ``b``.
 
     ``results[layer]``: the :class:`arbiter.metrics.keyspace.KeySpaceResult` (None where a modality has < 2 keys);
     arrays over ``layers``: :attr:`mmd`, :attr:`intra_a`, :attr:`intra_b`, :attr:`p_value`, :attr:`jsd`;
@@ -621,11 +621,11 @@ def keyspace(lens, samples, modalities: tuple[GroupSpec, GroupSpec] = ("image", 
              max_n: int = 5000, n_components: int = 50, jsd_components: int = 10, kernel: str = "gaussian",
              n_permutations: int = 200, n_splits: int = 5, seed: int = 0, plot_points: int = 1000,
              progress: bool = True) -> KeySpaceExperimentResult:
-    """Key-space analysis (SPEC 9, [KS]) of a model's attention keys at two modalities' positions, per layer.
+    """Key-space analysis (docs/methods/keyspace.md, [KS]) of a model's attention keys at two modalities' positions, per layer.
 
     modalities: two token groups (names such as ``"image"``, ``"text"``, ``"context"``, ``"image|audio"``, or
     callables ``groups -> [batch, positions] bool``); default image vs text (every non-modality prompt token).
-    keys: ``"pre_rope"`` (default, SPEC 9: the ``attn.k_pre`` site, the output of each layer's k_proj Linear;
+    keys: ``"pre_rope"`` (default, docs/methods/keyspace.md: the ``attn.k_pre`` site, the output of each layer's k_proj Linear;
     before any k-norm) or ``"post_rope"`` (the ``attn.k`` site: keys after RoPE, as attention sees them).
     kv_head: one KV head's keys (option), or None to concatenate all KV heads (default).
     Keys are pooled over samples per layer (self-attention layers only: cross-attention keys have no text
@@ -715,12 +715,12 @@ def plot_keyspace_pca(result: KeySpaceExperimentResult, layer: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# attention imbalance (SPEC 8)
+# attention imbalance (docs/methods/imbalance.md)
 
 
 @dataclass
 class ImbalanceExperimentResult:
-    """Attention imbalance heat map (SPEC 8): ``result`` is the metric's :class:`ImbalanceResult` over all samples
+    """Attention imbalance heat map (docs/methods/imbalance.md): ``result`` is the metric's :class:`ImbalanceResult` over all samples
     (``imbalance`` [layers, heads], ``scalar``, masses, norms, ``per_sample`` [samples, layers, heads]); ``layers``
     the layer index of each heat-map row; ``modalities`` (m1, m2): imbalance > 0 means m1's output norm is larger."""
 
@@ -793,7 +793,7 @@ def _imbalance_by_shape(alpha: list, v: list, W_O: list, m1, m2, **kw) -> Imbala
 def imbalance(lens, samples, modalities: tuple[GroupSpec, GroupSpec] = ("image", "context"), query: str = "last",
               how: str = "log_ratio", per_token: bool = False, eps: float = 0.0, layers: Any = "all",
               batch_size: int = 4, dataset=None, progress: bool = True) -> ImbalanceExperimentResult:
-    """Attention imbalance heat map over (layer, head) (SPEC 8, after [MI]; proposed formulas).
+    """Attention imbalance heat map over (layer, head) (docs/methods/imbalance.md, after [MI]; proposed formulas).
 
     Records, per batch, the attention row of the ``query`` position (``attn.probs``, default ``last``) and the
     values (``attn.v``) of every self-attention layer, and calls

@@ -1,4 +1,4 @@
-"""Plots of the conflict results (SPEC 3-7): MAM / LDAR, the knockout map, head scores, blocking, amplification and
+"""Plots of the conflict results (docs/methods/mam.md … docs/methods/mfr.md): MAM / LDAR, the knockout map, head scores, blocking, amplification and
 each ranking's blocking curves, drawn from the results' ``to_dict()`` form, so a report read back from JSON draws alike.
 
 Every function takes the result or its dict, draws on ``ax`` / ``axes`` when given (else on a new matplotlib

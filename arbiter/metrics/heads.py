@@ -1,4 +1,4 @@
-"""Arbitration-head scores (SPEC 7): direct logit attribution of each head on the MAM direction at ``last``.
+"""Arbitration-head scores (docs/methods/mfr.md): direct logit attribution of each head on the MAM direction at ``last``.
 
 TopG selection and the ranking comparisons (Spearman, top-k overlap) used against the exhaustive sweep."""
 
@@ -46,7 +46,7 @@ class HeadScores(ToDict):
 def head_scores(head_out: torch.Tensor, W_O: torch.Tensor, W_U: torch.Tensor, ids_p, ids_c,
                 gamma_final: torch.Tensor, h_final: torch.Tensor, targets: Sequence[str] | None = None,
                 *, eps: float = 0.0) -> HeadScores:
-    """DLA head score on the MAM direction (SPEC 7, proposed): c^{l,h}(s) = u . (gamma_final * o^{l,h}) / rms(h^L_last).
+    """DLA head score on the MAM direction (docs/methods/mfr.md, proposed): c^{l,h}(s) = u . (gamma_final * o^{l,h}) / rms(h^L_last).
 
     head_out: the per-head outputs at ``last`` (the o_proj input, split by head) [samples, layers, heads, head_dim];
     W_O: o_proj weights [layers, hidden, heads*head_dim]; o^{l,h} = W_O[l][:, h*d:(h+1)*d] . head_out[s, l, h].
@@ -55,7 +55,7 @@ def head_scores(head_out: torch.Tensor, W_O: torch.Tensor, W_U: torch.Tensor, id
     ``lens.facts.norm_scale(final_norm, hidden)`` reads it off the module); h_final [samples, hidden]: the final residual h^L at ``last`` of the clean
     run, which freezes the norm's scale. rms(h) = sqrt(mean(h^2) + eps): pass the model's norm eps to match
     it exactly (default 0). targets: optional ``"vision"``/``"text"`` per sample; the score is averaged per target
-    then across targets. Alternatives named by the SPEC (exhaustive single-head blocking, attribution patching)
+    then across targets. Alternatives named in docs/methods/arbitration-heads.md (exhaustive single-head blocking, attribution patching)
     are experiments on a model, not pure functions: this DLA is the cheap estimator to be checked against them."""
     if head_out.ndim != 4:
         fail(f"head_out must be [samples, layers, heads, head_dim], got shape {tuple(head_out.shape)}.")

@@ -1,4 +1,4 @@
-"""Attention imbalance between two modalities per (layer, head) (SPEC 8, after [MI]; proposed formulas).
+"""Attention imbalance between two modalities per (layer, head) (docs/methods/imbalance.md, after [MI]; proposed formulas).
 
 Attention mass A_m, output norm N_m = ||W_O^(h) sum_{j in T_m} alpha_{q,j} v_j||, log-ratio heat map and scalar."""
 

@@ -1,4 +1,4 @@
-"""Key-space analysis of two modalities' attention keys (SPEC 9, after [KS]; proposed estimators).
+"""Key-space analysis of two modalities' attention keys (docs/methods/keyspace.md, after [KS]; proposed estimators).
 
 Subsample, pooled z-score and PCA; unbiased MMD with intra-modal baseline and permutation test; per-component JSD."""
 
@@ -219,7 +219,7 @@ def _prepare(keys_a, keys_b, preprocess: bool, max_n: int, n_components: int, se
 def keyspace_mmd(keys_a, keys_b, *, kernel: str = "gaussian", max_n: int = 5000, n_components: int = 50,
                  n_permutations: int = 200, n_splits: int = 5, seed: int = 0, bandwidth: float | None = None,
                  preprocess: bool = True) -> MMDResult:
-    """MMD between two modalities' keys (SPEC 9, proposed estimator). keys_a [n_a, d], keys_b [n_b, d].
+    """MMD between two modalities' keys (docs/methods/keyspace.md, proposed estimator). keys_a [n_a, d], keys_b [n_b, d].
 
     With ``preprocess`` (default): <= ``max_n`` rows per modality (fixed ``seed``), pooled z-score, PCA to
     ``n_components`` (:func:`pooled_pca`); without it the rows are used as given. Kernel (``kernel``):
@@ -276,7 +276,7 @@ def _jsd_on(a: np.ndarray, b: np.ndarray, n_components: int, bins: int, eps: flo
 def keyspace_jsd(keys_a, keys_b, *, n_components: int = 10, bins: int = 50, eps: float = 1e-10,
                  percentiles: tuple[float, float] = (0.5, 99.5), outliers: str = "drop", max_n: int = 5000,
                  pca_components: int = 50, seed: int = 0, preprocess: bool = True) -> JSDResult:
-    """JSD per top PCA component (SPEC 9, proposed estimator), in bits, averaged over the top ``n_components`` (10).
+    """JSD per top PCA component (docs/methods/keyspace.md, proposed estimator), in bits, averaged over the top ``n_components`` (10).
 
     Per component: one shared histogram of ``bins`` (50) equal bins over the pooled ``percentiles`` (0.5-99.5);
     each modality's bin frequencies + ``eps`` (1e-10), renormalised; JSD in bits. ``outliers``: values outside
@@ -301,9 +301,9 @@ class KeySpaceResult(ToDict):
 def keyspace_analysis(keys_a, keys_b, *, kernel: str = "gaussian", max_n: int = 5000, n_components: int = 50,
                       jsd_components: int = 10, bins: int = 50, eps: float = 1e-10, outliers: str = "drop",
                       n_permutations: int = 200, n_splits: int = 5, seed: int = 0) -> KeySpaceResult:
-    """Both estimators of SPEC 9 on one subsample / z-score / PCA of keys_a [n_a, d] and keys_b [n_b, d]
+    """Both estimators of docs/methods/keyspace.md on one subsample / z-score / PCA of keys_a [n_a, d] and keys_b [n_b, d]
     (e.g. image-position and text-position keys of one layer, pooled over samples). Which keys to pass is the
-    caller's choice: k_proj output pre-RoPE (SPEC default) or post-RoPE, all KV heads concatenated or one KV head.
+    caller's choice: k_proj output pre-RoPE (the default) or post-RoPE, all KV heads concatenated or one KV head.
     Options as in :func:`keyspace_mmd` and :func:`keyspace_jsd`. Returns :class:`KeySpaceResult`."""
     a, b, pca = _prepare(keys_a, keys_b, True, max_n, n_components, seed)
     mmd = _mmd_on(a, b, kernel, n_permutations, n_splits, seed, None)

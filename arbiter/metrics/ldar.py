@@ -1,4 +1,4 @@
-"""LDAR, the Latent Decision Alignment Rate (SPEC 6): does the MAM sign at the instruction anchors match the answer?
+"""LDAR, the Latent Decision Alignment Rate (docs/methods/ldar.md): does the MAM sign at the instruction anchors match the answer?
 
 TopK instruction aggregation per layer, latent vs final decision, the per-layer rate (chance 0.5)."""
 
@@ -60,7 +60,7 @@ class LDARResult(ToDict):
 def ldar(mam_instr: torch.Tensor | Sequence[torch.Tensor], final_mam: torch.Tensor | Sequence[float] | None = None,
          *, final_answer: Sequence[int | None] | None = None, k: int = 2,
          targets: Sequence[str] | None = None) -> LDARResult:
-    """LDAR^l = mean_s 1[d^l(s) = d*(s)] (SPEC 6, proposed operationalisation).
+    """LDAR^l = mean_s 1[d^l(s) = d*(s)] (docs/methods/ldar.md, proposed operationalisation).
 
     mam_instr: MAM^l_i at the instruction positions: a tensor [samples, layers, n_instr] or a list of
     [layers, n_i] tensors (samples may differ in n_i). Latent decision per :func:`latent_decision` (TopK, ``k``).

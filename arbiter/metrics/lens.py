@@ -1,4 +1,4 @@
-"""Logit lens z(h), the modality signal Phi_m and the Modality Arbitration Margin (SPEC sections 2 and 3).
+"""Logit lens z(h), the modality signal Phi_m and the Modality Arbitration Margin (docs/methods/logit-lens.md and docs/methods/mam.md).
 
 Also the attention / MLP split of a layer's MAM change and the per-target averaging of MAM profiles."""
 
@@ -54,7 +54,7 @@ def signal(z: torch.Tensor, ids: Sequence[int], how: str = "mean") -> torch.Tens
 
 
 def mam(z: torch.Tensor, ids_p: Sequence[int], ids_c: Sequence[int], how: str = "mean") -> torch.Tensor:
-    """MAM = Phi_p(z) - Phi_c(z) from logits z [..., vocab] (SPEC 3). Returns [...]; > 0 leans to the compliant answer.
+    """MAM = Phi_p(z) - Phi_c(z) from logits z [..., vocab] (docs/methods/mam.md). Returns [...]; > 0 leans to the compliant answer.
 
     ids_p / ids_c: the token ids of D_p (instruction-compliant answer) and D_c (competitor).
     ``how`` picks the signal Phi (proposed; see :func:`signal`)."""
@@ -139,7 +139,7 @@ class TargetProfile(ToDict):
 
 
 def mam_by_target(values: torch.Tensor | Sequence[torch.Tensor], targets: Sequence[str] | None = None) -> TargetProfile:
-    """Average MAM profiles over samples, split by target modality (SPEC 3).
+    """Average MAM profiles over samples, split by target modality (docs/methods/mam.md).
 
     values: [samples, ...] (e.g. [samples, layers] MAM at ``last``) or a list of equally shaped tensors.
     targets: ``"vision"`` / ``"text"`` per sample. ``all`` is the mean of the vision mean and the text mean (each

@@ -1,4 +1,4 @@
-"""MFR, the modality-following ratio (SPEC 7): the fraction of answers that follow the instructed modality.
+"""MFR, the modality-following ratio (docs/methods/mfr.md): the fraction of answers that follow the instructed modality.
 
 From generated answers read at their first answer entity (:func:`read_answer`), or the cheap variant pi > 0.5."""
 
@@ -68,7 +68,7 @@ class AnswerReading:
 
 
 def read_answer(answer: str, forms_p: Sequence[str] | str, forms_c: Sequence[str] | str) -> AnswerReading:
-    """Read a generated answer at its first answer entity (SPEC 7): the answer stops at the first newline
+    """Read a generated answer at its first answer entity (docs/methods/mfr.md): the answer stops at the first newline
     (:func:`first_line`; the caller cuts it at the end token), is normalised (:func:`normalise`), and follows
     the modality of the first D_p ∪ D_c form it mentions as whole words ("cyan blue white" with D_p = {cyan},
     D_c = {white} follows: +1). At one position the longer form wins ("dark red" over "dark"); a form in both
@@ -101,7 +101,7 @@ def answer_follows(answer: str, forms_p: Sequence[str] | str, forms_c: Sequence[
     """Which modality a generated answer follows: +1 compliant, -1 competitor, 0 neither (or undecided).
 
     forms_p / forms_c: the surface forms of D_p / D_c (canonical answer and aliases), plain strings; answer and
-    forms are compared after :func:`normalise`. ``match``: ``"first"`` (default, SPEC 7) the first answer entity
+    forms are compared after :func:`normalise`. ``match``: ``"first"`` (default, docs/methods/mfr.md) the first answer entity
     of the first line decides (:func:`read_answer`); ``"contains"`` the whole answer must mention a D_p form and
     no D_c form, as whole words ("the answer is red" matches "red", "reddish" does not; "red blue" is 0);
     ``"exact"`` the whole answer equals a form."""
@@ -162,7 +162,7 @@ def _summary(follows: list[int], targets: Sequence[str], variant: str) -> MFRRes
 
 def mfr(answers: Sequence[str], forms_p: Sequence[Sequence[str]], forms_c: Sequence[Sequence[str]],
         targets: Sequence[str], match: str = "first") -> MFRResult:
-    """MFR from greedy generated answers (SPEC 7): a sample follows when the first answer entity its answer
+    """MFR from greedy generated answers (docs/methods/mfr.md): a sample follows when the first answer entity its answer
     mentions is a D_p form (``match="first"``, default; see :func:`answer_follows` for the other modes).
     forms_p / forms_c: one list of surface forms per sample; targets: ``"vision"`` / ``"text"`` per sample.
     ``overall`` is over all samples (not the mean of the splits); ``answers`` counts the answers that mention

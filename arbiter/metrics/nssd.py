@@ -1,4 +1,4 @@
-"""I_NSSD, the Normalized Signed Structural Divergence of an intervention (SPEC 5), and its options.
+"""I_NSSD, the Normalized Signed Structural Divergence of an intervention (docs/methods/i-nssd.md), and its options.
 
 pi = P(D_p) / (P(D_p) + P(D_c)) from next-token probabilities; an exactly zero-safe Jensen-Shannon divergence."""
 
@@ -120,7 +120,7 @@ def i_nssd(pi: torch.Tensor | Sequence[float], pi_prime: torch.Tensor | Sequence
            how: str = "signed_jsd") -> NSSDResult:
     """I_NSSD averaged over samples from clean pi and intervened pi' ([samples] each). See :func:`nssd_values`.
 
-    SPEC 5 (proposed formula): I_NSSD = sign(pi' - pi) * JSD(B||B') / ln 2, B = (pi, 1 - pi) (the "binary
+    docs/methods/i-nssd.md (proposed formula): I_NSSD = sign(pi' - pi) * JSD(B||B') / ln 2, B = (pi, 1 - pi) (the "binary
     distribution constraint"); negative = the intervention hurts modality following. Returns :class:`NSSDResult`."""
     return _result(nssd_values(pi, pi_prime, how), how)
 

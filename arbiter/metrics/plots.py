@@ -1,4 +1,4 @@
-"""Plots of the metric results (SPEC 2-7): MAM profiles and their attention / MLP split, LDAR, MFR, I_NSSD, head
+"""Plots of the metric results (docs/methods/logit-lens.md … docs/methods/mfr.md): MAM profiles and their attention / MLP split, LDAR, MFR, I_NSSD, head
 scores; and the small figure helpers that :mod:`arbiter.experiments.plots` shares.
 
 Every function draws on ``ax`` / ``axes`` when given (else on a new matplotlib ``Figure``, no pyplot state), saves

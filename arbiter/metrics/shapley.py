@@ -1,4 +1,4 @@
-"""Exact modality Shapley values over all coalitions (SPEC 10, [PB]) and the X-vs-Y preference angle.
+"""Exact modality Shapley values over all coalitions (docs/methods/shapley.md, [PB]) and the X-vs-Y preference angle.
 
 The value function is given, never computed here: a callable on frozensets or a table of coalition values."""
 
@@ -47,7 +47,7 @@ def shapley(value: Callable[[frozenset], float] | Mapping[Iterable[Hashable], fl
     value: a callable taking a frozenset of players (each coalition is evaluated once), or a mapping from
     coalitions (frozenset / set / tuple of players, including the empty one) to v(S). players: the player
     order (needed with a callable; inferred from a mapping's keys, sorted by name, when omitted).
-    ``max_players`` (4, SPEC 10): exact enumeration costs 2^n evaluations; raise it deliberately for more.
+    ``max_players`` (4, docs/methods/shapley.md): exact enumeration costs 2^n evaluations; raise it deliberately for more.
     Returns :class:`ShapleyResult`."""
     table: dict[frozenset, float] | None = None
     if isinstance(value, Mapping):
@@ -68,7 +68,7 @@ def shapley(value: Callable[[frozenset], float] | Mapping[Iterable[Hashable], fl
     if n == 0:
         fail("no players.")
     if n > max_players:
-        fail(f"{n} players: exact Shapley enumerates 2^{n} coalitions; SPEC 10 covers n <= {max_players} "
+        fail(f"{n} players: exact Shapley enumerates 2^{n} coalitions; docs/methods/shapley.md covers n <= {max_players} "
              f"(pass max_players={n} to do it anyway).")
     cache: dict[frozenset, float] = {}
 
@@ -102,7 +102,7 @@ def shapley(value: Callable[[frozenset], float] | Mapping[Iterable[Hashable], fl
 
 
 def preference_angle(phi_x: float, phi_y: float, how: str = "ratio") -> float:
-    """Preference angle in degrees between modality X and modality Y (SPEC 10, proposed).
+    """Preference angle in degrees between modality X and modality Y (docs/methods/shapley.md, proposed).
 
     ``"ratio"`` (default): theta = 90 * (phi_Y - phi_X) / (|phi_X| + |phi_Y|) in [-90, 90]; 0 balanced, +90 only Y,
     -90 only X. ``"atan2"`` (option): 2 * atan2(phi_Y, phi_X) - 90 with both phi clipped at 0 first.

@@ -1,5 +1,5 @@
 """A deterministic synthetic six-emotion task with a face image and a voice clip per sample, in the spirit of
-[PB]'s CREMA-D experiment (SPEC 10): the data of the ``omni_emotion_tiny`` organism.
+[PB]'s CREMA-D experiment (docs/methods/shapley.md): the data of the ``omni_emotion_tiny`` organism.
 
 Every sample has a label (one of :data:`LABELS`, the six CREMA-D emotions) and two independent pieces of
 evidence drawn from it:
@@ -28,7 +28,7 @@ neutralised modality carries no evidence); :meth:`EmotionTask.fallback` is the l
 classifier answers when only some labels are offered. The training script of the organism uses it as the
 target when the true label is removed from the prompt (:mod:`arbiter.organisms.train_omni`).
 
-:func:`generate_emotions` writes a SPEC section 1 data file: the header ``{"arbiter_dataset": 1, "template":
+:func:`generate_emotions` writes a docs/methods/conflict-samples.md data file: the header ``{"arbiter_dataset": 1, "template":
 ..., "labels": [...], "generator": {...}}``, then one classification sample per line (``label``, empty
 context and instruction, the question :data:`QUESTION`, ``image`` and ``audio`` paths, and the latent features
 in the extra fields ``face`` / ``voice``). The same arguments give byte-identical files (same numpy, Pillow
@@ -80,7 +80,7 @@ __all__ = [
 ]
 
 LABELS: tuple[str, ...] = ("happy", "neutral", "sad", "angry", "disgust", "fear")
-"""The six CREMA-D emotions, in SPEC 10's order (= :data:`arbiter.experiments.attractors.CREMA_D_LABELS`)."""
+"""The six CREMA-D emotions, in docs/methods/shapley.md's order (= :data:`arbiter.experiments.attractors.CREMA_D_LABELS`)."""
 
 QUESTION = "What is the emotion of the person?"
 """The question of every sample; the label options are appended by the prompt builder of the experiment

@@ -1,5 +1,5 @@
 """Train the ``omni_emotion_tiny`` organism: a tiny Qwen2.5-Omni thinker (image + audio) that names the emotion
-of a synthetic face and voice, choosing among the labels the prompt offers ([PB]'s CREMA-D protocol, SPEC 10).
+of a synthetic face and voice, choosing among the labels the prompt offers ([PB]'s CREMA-D protocol, docs/methods/shapley.md).
 
 Usage::
 

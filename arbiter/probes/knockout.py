@@ -1,4 +1,4 @@
-"""Knockout: sever attention edges from key group ``src`` to query group ``dst`` (SPEC section 4).
+"""Knockout: sever attention edges from key group ``src`` to query group ``dst`` (docs/methods/knockout.md).
 
 It edits the ``attn.mask`` site: a False entry is finfo.min added to the score before the softmax, so the
 remaining weights renormalise; the model's own mask (padding, sliding window, bidirectional blocks) is kept."""

@@ -1,4 +1,4 @@
-"""Physics surrogate of SPEC 11 ([PB]): two populations of phase oscillators with softmax couplings on a Lorenz task.
+"""Physics surrogate of docs/methods/surrogate.md ([PB]): two populations of phase oscillators with softmax couplings on a Lorenz task.
 
 Oscillators, Lorenz drive, ridge readout, dynamical SHAP, β sweeps with identifiability, and fitting β to a Trace."""
 

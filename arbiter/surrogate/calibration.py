@@ -1,4 +1,4 @@
-"""A shipped c(β) calibration of the surrogate (SPEC 11), so that :func:`arbiter.surrogate.fit` needs no hour of
+"""A shipped c(β) calibration of the surrogate (docs/methods/surrogate.md), so that :func:`arbiter.surrogate.fit` needs no hour of
 integration inside ``arbiter diagnose``.
 
 A calibration is a compact copy of a full β sweep (:class:`~arbiter.surrogate.sweep.SweepResult` as a dict):
@@ -8,8 +8,8 @@ quantities a prediction needs (NMSE of the X, Y and X∪Y readouts, c, drift). I
 surrogate's angle and NMSE at the fitted β from its cells (:func:`table_point`) instead of simulating.
 
 The shipped table ``responsive_5x5_5seeds`` (package data, ``arbiter/surrogate/data/``): preset ``responsive``
-with its SPEC 11 numerics (N = 50 + 50, t in [-10, 80], RK4 dt 0.01 with the automatic substeps, train [0, 30],
-test (30, 80]), β_self x β_cross on the default 5 x 5 log grid 0.1..100, seeds 0-4 (SPEC 11 recommends >= 10:
+with its docs/methods/surrogate.md numerics (N = 50 + 50, t in [-10, 80], RK4 dt 0.01 with the automatic substeps, train [0, 30],
+test (30, 80]), β_self x β_cross on the default 5 x 5 log grid 0.1..100, seeds 0-4 (docs/methods/surrogate.md recommends >= 10:
 fewer allowed, spread larger). It took 70 min of one CPU core. To rebuild it exactly (same code, same numbers)::
 
     python -m arbiter.surrogate.calibration --out arbiter/surrogate/data/responsive_5x5_5seeds.json
@@ -22,7 +22,7 @@ Accuracy of the table path (``predict="table"``): the angle and NMSE at a fitted
 (log β_self, log β_cross), per seed, from the four surrounding cells (log NMSE interpolated, then the dynamical
 SHAP and the angle of the seed-mean φ, as in a sweep cell). Between cells that is an approximation of a new
 simulation; on this table the angle's identifiability ratio is ≈ 0.7 (the angle does not depend on β beyond seed
-noise, SPEC 11), so the interpolation error is below the seed scatter it reports."""
+noise, docs/methods/surrogate.md), so the interpolation error is below the seed scatter it reports."""
 
 from __future__ import annotations
 

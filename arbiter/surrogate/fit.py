@@ -1,4 +1,4 @@
-"""Fit the surrogate's β to a recorded MLLM (SPEC 11, proposed bridge): attention concentration per layer from a Trace.
+"""Fit the surrogate's β to a recorded MLLM (docs/methods/surrogate.md, proposed bridge): attention concentration per layer from a Trace.
 
 Inverts the tabulated c(β) curves of a preset (monotone in log β; clipped and flagged outside), then simulates."""
 
@@ -297,7 +297,7 @@ class FitResult(ToDict):
 
     beta_self, beta_cross: from the layer-mean concentrations (None where not invertible); angle_pred, nmse:
     the surrogate simulated at those β with the table's seeds (angle None: undefined); angle_measured: the
-    caller's SPEC 10 modality Shapley angle, shown next to it; identifiability: the sweep's ratios (angle,
+    caller's docs/methods/shapley.md modality Shapley angle, shown next to it; identifiability: the sweep's ratios (angle,
     log NMSE, c): an angle ratio near or below 1 means the predicted angle carries no information about β;
     layers: per layer c and fitted β with flags; flags: every clip, flat curve and caveat."""
 
@@ -322,7 +322,7 @@ def fit(trace, *, x: str = "image", y: str = "text", sweep_result=None, preset: 
         count: str = "visible", min_keys: int = 2, cache_dir: str | Path | None = None,
         concentrations: dict | None = None, predict: str = "simulate",
         log: Callable[[str], None] | None = None) -> FitResult:
-    """Fit β_self, β_cross to a recorded MLLM (SPEC 11, proposed): modality X = ``x`` and Y = ``y`` token groups.
+    """Fit β_self, β_cross to a recorded MLLM (docs/methods/surrogate.md, proposed): modality X = ``x`` and Y = ``y`` token groups.
 
     1. :func:`trace_concentrations` per layer; 2. the c(β) curves of ``sweep_result`` (a SweepResult, dict or
     sweep.json path; default: :func:`cached_sweep` of ``preset``, ``grid``, ``seeds``, which integrates the whole
@@ -330,7 +330,7 @@ def fit(trace, *, x: str = "image", y: str = "text", sweep_result=None, preset: 
     for the layer means (monotone PCHIP in log β; outside the table: clipped to its end and flagged, never
     extrapolated); 4. simulate the preset at the overall β with the table's seeds (angle ``how``).
     Caveats (in the flags): the MLLM's c is normalised by its own key counts, the oscillators' by N = 50; the
-    surrogate angle is a readout-restriction SHAP, not SPEC 10's input-removal Shapley.
+    surrogate angle is a readout-restriction SHAP, not docs/methods/shapley.md's input-removal Shapley.
 
     Options: ``concentrations``: a precomputed :func:`trace_concentrations` dict (e.g. merged over batches; then
     ``trace`` is not read and may be None); ``predict``: ``"simulate"`` (default, step 4) or ``"table"``: the angle
@@ -347,7 +347,7 @@ def fit(trace, *, x: str = "image", y: str = "text", sweep_result=None, preset: 
     table = concentration_table(sw, curve)
     flags = list(table.flags)
     if p.name != "responsive":
-        flags.append(f"the c(β) table comes from preset '{p.name}'; SPEC 11 inverts the 'responsive' preset "
+        flags.append(f"the c(β) table comes from preset '{p.name}'; docs/methods/surrogate.md inverts the 'responsive' preset "
                      f"(under 'paper' c stays ≈ 1 and β is not identifiable)")
     layers = []
     for layer in conc["layers"]:
@@ -366,7 +366,7 @@ def fit(trace, *, x: str = "image", y: str = "text", sweep_result=None, preset: 
     if ar is None or not (ar > IDENTIFIABLE_ABOVE):
         flags.append(f"the angle's identifiability ratio is {ar if ar is None else round(ar, 3)} (<= "
                      f"{IDENTIFIABLE_ABOVE}): the predicted angle carries no information about β in this surrogate")
-    flags.append("the surrogate angle is a dynamical SHAP (readout restricted to X, Y or both), not SPEC 10's "
+    flags.append("the surrogate angle is a dynamical SHAP (readout restricted to X, Y or both), not docs/methods/shapley.md's "
                  "input-removal modality Shapley: compare with that caveat")
     flags.append("c of the MLLM is normalised by its own key counts, c of the oscillators by N = "
                  f"{p.n_x}/{p.n_y}: the bridge assumes the fraction of effectively attended keys transfers")

@@ -1,4 +1,4 @@
-"""Lorenz signal of SPEC 11: one RK4 trajectory per run, shared by every β cell and every seed.
+"""Lorenz signal of docs/methods/surrogate.md: one RK4 trajectory per run, shared by every β cell and every seed.
 
 Values between grid points come from cubic Hermite interpolation with the Lorenz vector field as exact slopes."""
 
@@ -61,7 +61,7 @@ def lorenz(t0: float = -10.0, t_end: float = 80.0, dt: float = 0.005, x0=(1.0, 1
            rho: float = 28.0, b: float = 8.0 / 3.0) -> LorenzSignal:
     """Integrate the Lorenz system with classical RK4 at step ``dt`` from ``x0`` at ``t0`` to ``t_end``.
 
-    Defaults (SPEC 11, proposed where the paper is silent): sigma 10, rho 28, b 8/3, start (1, 1, 1) at t = -10.
+    Defaults (docs/methods/surrogate.md, proposed where the paper is silent): sigma 10, rho 28, b 8/3, start (1, 1, 1) at t = -10.
     The trajectory is chaotic: two step sizes agree only statistically after a few tens of time units, which is
     why one signal is made per run and shared by every cell and seed."""
     if not (dt > 0 and t_end > t0):

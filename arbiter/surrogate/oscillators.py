@@ -1,4 +1,4 @@
-"""Two populations of phase oscillators with softmax (attention-like) couplings, SPEC 11 ([PB]); presets and RK4.
+"""Two populations of phase oscillators with softmax (attention-like) couplings, docs/methods/surrogate.md ([PB]); presets and RK4.
 
 One torch computation integrates every (β cell, seed) pair of a grid at once (float64 phases; the vector field in
 float64 or float32); seeds are paired across cells."""
@@ -54,7 +54,7 @@ SMALL_SCATTER = 2048  # (seed, edge) pairs up to which the general edges are sca
 
 @dataclass(frozen=True)
 class Preset:
-    """Every parameter of one surrogate configuration (SPEC 11). ``(paper)`` = from [PB]; ``(proposed)`` = ours.
+    """Every parameter of one surrogate configuration (docs/methods/surrogate.md). ``(paper)`` = from [PB]; ``(proposed)`` = ours.
 
     Model: ``dθ_i/dt = ω_i + Σ_j K0 softmax_j(β_self cos(θ_i-θ_j)) a_ij sin(θ_j-θ_i) + (same over the other
     population with β_cross) + drive_gain · h_i sin θ_i · s_σ(t)``, s_X = drive_scale · x(t), s_Y = drive_scale ·
@@ -65,7 +65,7 @@ class Preset:
     - cross_adjacency (proposed, the paper is silent): ``"independent"`` draws a^X, a^Y and a WS(n, k, p) X→Y
       block per seed, Y→X being its transpose; ``"blocks"`` cuts one WS graph on n_x + n_y nodes into blocks.
     - drive_gain (paper 1; ``responsive`` 3, proposed), drive_scale (proposed 1: the paper's amplitude is unknown),
-      drive_x, drive_y (1; 0 zeroes that population's drive: the input-knockout SHAP option of SPEC 11),
+      drive_x, drive_y (1; 0 zeroes that population's drive: the input-knockout SHAP option of docs/methods/surrogate.md),
       omega_std (paper 0; ``responsive`` 2, proposed: we read "ω ~ N(0, 4)" as variance 4).
     - features (paper: ``("sin",)``; ``responsive``: sin θ and cos 2θ, proposed); an intercept is always added.
     - beta_min, beta_max: the default log-spaced grid range (paper 1e-4..1; ``responsive`` 1e-1..1e2, proposed);
@@ -145,12 +145,12 @@ class Preset:
 
 
 PAPER = Preset()
-"""The equations and constants printed in [PB] (SPEC 11). Not expected to reproduce the paper's map: with K0 = 200
+"""The equations and constants printed in [PB] (docs/methods/surrogate.md). Not expected to reproduce the paper's map: with K0 = 200
 the coupling dominates the drive, the populations lock and the softmax is uniform in the reached state."""
 
 RESPONSIVE = Preset(name="responsive", k0=20.0, drive_gain=3.0, omega_std=2.0, features=("sin", "cos2"),
                     beta_min=1e-1, beta_max=1e2)
-"""Proposed (SPEC 11): ω ~ N(0, 4), K0 = 20, drive 3 h sin θ s(t), β in 1e-1..1e2, features sin θ and cos 2θ.
+"""Proposed (docs/methods/surrogate.md): ω ~ N(0, 4), K0 = 20, drive 3 h sin θ s(t), β in 1e-1..1e2, features sin θ and cos 2θ.
 Here β moves the attention concentration c; label β "attention concentration and synchrony", not "preference"."""
 
 PRESETS = {"paper": PAPER, "responsive": RESPONSIVE}
@@ -261,7 +261,7 @@ def series_terms(beta: float, tol: float = 1e-17) -> int:
 
 
 def substeps_for(beta_self: float, beta_cross: float, preset: Preset) -> int:
-    """RK4 substeps per dt for a cell (SPEC 11: "dt = 0.01, smaller where β > 1"; the rule is proposed).
+    """RK4 substeps per dt for a cell (docs/methods/surrogate.md: "dt = 0.01, smaller where β > 1"; the rule is proposed).
 
     ``preset.substeps`` an int: that. ``"auto"``: 1 while max β <= 1, else the smallest power of two >=
     dt · K0 · max β / substep_scale (the softmax's phase derivative scales like K0 β): 1 for every ``paper`` cell

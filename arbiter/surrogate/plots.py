@@ -1,4 +1,4 @@
-"""Figures of a surrogate sweep (SPEC 11): the β map of preference arrows coloured by NMSE, and predicted vs true attractors.
+"""Figures of a surrogate sweep (docs/methods/surrogate.md): the β map of preference arrows coloured by NMSE, and predicted vs true attractors.
 
 Both take a SweepResult (or its dict) and return a matplotlib Figure, saved when a path is given."""
 

@@ -1,4 +1,4 @@
-"""Ridge readout of SPEC 11: standardised oscillator features plus an unpenalised intercept predict Lorenz z(t).
+"""Ridge readout of docs/methods/surrogate.md: standardised oscillator features plus an unpenalised intercept predict Lorenz z(t).
 
 λ is chosen per feature subset on a validation split, then the readout is refit and scored by NMSE on the test window."""
 
@@ -40,7 +40,7 @@ def nmse(z: np.ndarray, z_hat: np.ndarray) -> float:
 
 
 def windows(times: np.ndarray, t_fit: float = 20.0, t_train: float = 30.0, t_end: float = 80.0) -> dict:
-    """Index arrays of the SPEC 11 windows: fit [0, t_fit], validate (t_fit, t_train], train [0, t_train],
+    """Index arrays of the docs/methods/surrogate.md windows: fit [0, t_fit], validate (t_fit, t_train], train [0, t_train],
     test (t_train, t_end] (a tolerance of 1e-9 on the time grid)."""
     t = np.asarray(times, dtype=np.float64)
     eps = 1e-9
@@ -99,7 +99,7 @@ def _as_slice(idx: np.ndarray):
 def ridge_readout(F: np.ndarray, z: np.ndarray, times: np.ndarray, *, t_fit: float = 20.0, t_train: float = 30.0,
                   t_end: float = 80.0, lambdas: Sequence[float] = tuple(10.0 ** k for k in range(-8, 1)),
                   keep_prediction: bool = False, keep_weights: bool = False, chunk: int = 16):
-    """Ridge readout (SPEC 11). F: features [T, P] or a batch [B, T, P] sharing the target z [T] and ``times`` [T].
+    """Ridge readout (docs/methods/surrogate.md). F: features [T, P] or a batch [B, T, P] sharing the target z [T] and ``times`` [T].
 
     1. standardise on the fit window [0, t_fit] (features with zero spread stay 0), centre z (the intercept is
        not penalised); for every λ of the grid solve min (1/n)||z - X w||² + λ||w||² by SVD (not by normal

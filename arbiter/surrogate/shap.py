@@ -1,4 +1,4 @@
-"""Dynamical SHAP of SPEC 11: two-player Shapley values of the readout restricted to X, Y or both, v(S) = -NMSE_S.
+"""Dynamical SHAP of docs/methods/surrogate.md: two-player Shapley values of the readout restricted to X, Y or both, v(S) = -NMSE_S.
 
 Corrected form by default (φ(Y) - φ(X) = NMSE_X - NMSE_Y); the paper's printed form, which cancels, behind a flag."""
 
@@ -26,7 +26,7 @@ def dynamical_shap(nmse_x: float, nmse_y: float, nmse_xy: float, *, printed: boo
     φ(X) = ½[(1 - NMSE_X) + (NMSE_Y - NMSE_XY)], φ(Y) - φ(X) = NMSE_X - NMSE_Y (positive: Y dominates) and
     φ(X) + φ(Y) = 1 - NMSE_XY (efficiency). ``printed=True``: the formula as printed in [PB], read as the
     telescoping sum φ(X) = ½[(v(X) - v(∅)) + (v(X∪Y) - v(X))], which cancels to ½[v(X∪Y) - v(∅)] for both
-    players (φ(X) = φ(Y) whatever the data: kept only to show that; SPEC 11)."""
+    players (φ(X) = φ(Y) whatever the data: kept only to show that; docs/methods/surrogate.md)."""
     vals = [float(nmse_x), float(nmse_y), float(nmse_xy), float(nmse_empty)]
     if not all(math.isfinite(v) for v in vals):
         fail(f"dynamical_shap: NMSE values must be finite, got {vals}.")
@@ -45,7 +45,7 @@ def dynamical_shap(nmse_x: float, nmse_y: float, nmse_xy: float, *, printed: boo
 class CellShap(ToDict):
     """Dynamical SHAP of one β cell over its seeds.
 
-    phi_x, phi_y: means over seeds (φ is averaged BEFORE the angle, SPEC 11); angle: preference_angle of those
+    phi_x, phi_y: means over seeds (φ is averaged BEFORE the angle, docs/methods/surrogate.md); angle: preference_angle of those
     means (``how``), None when the seed-mean NMSE_{X∪Y} >= 1 (no arrow: ``angle_defined`` False, a flag says
     so); log_nmse_ratio: mean over seeds of log(NMSE_Y / NMSE_X), which the angle hides; per_seed: every seed's
     φ, angle (nan where that seed's NMSE_{X∪Y} >= 1) and log ratio."""

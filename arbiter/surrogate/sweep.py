@@ -1,4 +1,4 @@
-"""β sweeps of the surrogate (SPEC 11): NMSE, dynamical SHAP angle, attention concentration and order parameters per cell.
+"""β sweeps of the surrogate (docs/methods/surrogate.md): NMSE, dynamical SHAP angle, attention concentration and order parameters per cell.
 
 Seeds are paired across cells; identifiability ratios say whether a quantity depends on β at all."""
 
@@ -31,7 +31,7 @@ BETA_LABEL = "attention concentration and synchrony"
 def beta_grid(n: int = 5, preset: str | Preset = "paper", *, extended: bool = False) -> np.ndarray:
     """``n`` log-spaced β from preset.beta_min to preset.beta_max (``extended``: to preset.beta_max_extended).
 
-    SPEC 11: 1e-4..1e0 for ``paper`` (5 x 5 default, 9 x 9 option, extended range up to 1e2); 1e-1..1e2 for
+    docs/methods/surrogate.md: 1e-4..1e0 for ``paper`` (5 x 5 default, 9 x 9 option, extended range up to 1e2); 1e-1..1e2 for
     ``responsive`` (proposed)."""
     p = get_preset(preset)
     if n < 1:
@@ -41,7 +41,7 @@ def beta_grid(n: int = 5, preset: str | Preset = "paper", *, extended: bool = Fa
 
 
 def identifiability_ratio(values) -> dict:
-    """Spread of the cell means across the β grid / spread across seeds within a cell (SPEC 11).
+    """Spread of the cell means across the β grid / spread across seeds within a cell (docs/methods/surrogate.md).
 
     values [cells, seeds] (nan = missing). Seeds are paired: each seed's offset (its mean over cells minus the
     grand mean) is removed first; the within-cell spread is the residual standard deviation of that two-way
@@ -180,8 +180,8 @@ def evaluate_cells(preset: str | Preset, cells, seeds: Iterable[int], *, signal=
     arrays: per-seed [C, S] arrays (nmse, nmse_x, nmse_y, angle, log_nmse_ratio, c_self, c_cross, R_X, R_Y, drift,
     chosen λ ...); info: timings, substeps, methods; points: the dicts of :class:`SweepResult`. Cells are
     integrated ``max_cells`` at a time (each chunk one batched computation; None: all at once).
-    ``shap_mode``: ``"readout"`` (SPEC 11 default: NMSE_X, NMSE_Y from the readout restricted to one population)
-    or ``"knockout"`` (the SPEC 11 option: NMSE of the full readout when only X, or only Y, is driven; two
+    ``shap_mode``: ``"readout"`` (docs/methods/surrogate.md default: NMSE_X, NMSE_Y from the readout restricted to one population)
+    or ``"knockout"`` (the docs/methods/surrogate.md option: NMSE of the full readout when only X, or only Y, is driven; two
     extra simulations per chunk). ``dtype`` (default ``"float32"``: the vector field in float32, phases and RK4
     sums in float64; on the default paper sweep per-seed NMSE within 3e-5, angles within 0.004°, c within 1e-7
     of ``"float64"``), ``workers``, ``batch_cells``: see :func:`simulate`; the readouts of the cells also run on
@@ -309,11 +309,11 @@ def sweep(preset: str | Preset = "paper", grid: int = 5, seeds: int | Iterable[i
           method: str = "auto", max_cells: int | None = 25, shap_mode: str = "readout", dtype: str = "float32",
           workers: int | None = None, batch_cells: int | None = None,
           log: Callable[[str], None] | None = None) -> SweepResult:
-    """Sweep β_self x β_cross over a log grid (SPEC 11) with paired seeds; one Lorenz run shared by all cells.
+    """Sweep β_self x β_cross over a log grid (docs/methods/surrogate.md) with paired seeds; one Lorenz run shared by all cells.
 
     grid: points per axis (5 default, 9 option); extended: up to preset.beta_max_extended; betas: explicit axis
     values instead; seeds: a count (seeds 0..n-1; >= 10 recommended, fewer allowed) or explicit seeds; angle:
-    ``"ratio"`` or ``"atan2"`` (SPEC 10); printed: the paper's printed SHAP formula (cancels; for comparison);
+    ``"ratio"`` or ``"atan2"`` (docs/methods/shapley.md); printed: the paper's printed SHAP formula (cancels; for comparison);
     shap_mode: ``"readout"`` (default) or ``"knockout"`` (zero one population's drive; see :func:`evaluate_cells`);
     dtype, workers, batch_cells: the integration's field dtype (default float32, see :func:`evaluate_cells` for
     its tolerance; ``"float64"`` reproduces the reference numerics), threads and cells per batch (:func:`simulate`).
@@ -381,7 +381,7 @@ def _c_curves(arr, cells, axis) -> dict:
 
 
 def _summary(points, axis) -> dict:
-    """Descriptive checks of the paper's findings (SPEC 11): low β X-dominated with high error; balanced with the
+    """Descriptive checks of the paper's findings (docs/methods/surrogate.md): low β X-dominated with high error; balanced with the
     lowest error at the top of the grid. Thresholds (proposed): X-dominated = angle < -45°, balanced = |angle| <
     15°."""
     lo, hi = axis.min(), axis.max()
@@ -402,15 +402,15 @@ def _summary(points, axis) -> dict:
 
 
 def _notes(p: Preset, printed: bool, shap_mode: str = "readout") -> list:
-    notes = [f"β is labelled '{BETA_LABEL}', not 'modality preference' (SPEC 11).",
+    notes = [f"β is labelled '{BETA_LABEL}', not 'modality preference' (docs/methods/surrogate.md).",
              "Dynamical SHAP restricts the readout to X, Y or both; it does not remove an input, so it is a "
-             "different quantity from the input-removal modality Shapley of SPEC 10." if shap_mode == "readout" else
+             "different quantity from the input-removal modality Shapley of docs/methods/shapley.md." if shap_mode == "readout" else
              "Dynamical SHAP in 'knockout' mode: NMSE_X (NMSE_Y) is the full readout's NMSE when only X (only Y) "
-             "is driven (SPEC 11 option).",
+             "is driven (docs/methods/surrogate.md option).",
              "The Lorenz signal is chaotic: implementations agree only statistically."]
     if p.name == "paper":
         notes.insert(0, "Preset 'paper': with K0 = 200 the coupling dominates the drive; the paper's map is NOT "
-                        "expected here (SPEC 11); see the identifiability ratios.")
+                        "expected here (docs/methods/surrogate.md); see the identifiability ratios.")
     if printed:
         notes.append("printed=True: the paper's printed SHAP formula cancels to φ(X) = φ(Y); every angle is 0.")
     return notes
