@@ -65,7 +65,7 @@ def test_import_arbiter_and_building_the_help_import_no_heavy_module(tmp_path):
 
 def test_help_of_each_command_imports_no_torch(tmp_path):
     code = ("import sys\nfrom arbiter import cli\n"
-            "for cmd in ([], ['diagnose'], ['demo'], ['steer']):\n"
+            "for cmd in ([], ['diagnose'], ['demo'], ['steer'], ['surrogate'], ['surrogate', 'fit'], ['surrogate', 'sweep']):\n"
             "    try:\n        cli.main([*cmd, '--help'])\n    except SystemExit as e:\n        assert e.code == 0, e\n"
             "print('torch' in sys.modules, 'transformers' in sys.modules, file=sys.stderr)")
     r = _python(code, tmp_path)

@@ -364,3 +364,13 @@ def test_sweep_threaded_readout_matches_serial():
     for x, y in zip(a, b):
         for k in ("nmse", "nmse_x", "nmse_y", "angle", "c_self", "c_cross", "R_X", "R_Y", "drift"):
             assert x[k] == pytest.approx(y[k], rel=1e-9, abs=1e-12), k
+
+
+def test_package_names_stay_the_functions_after_their_submodules_load():
+    import arbiter.surrogate as package
+    import arbiter.surrogate.fit
+    import arbiter.surrogate.lorenz
+    import arbiter.surrogate.sweep  # noqa: F401  (the import system sets the submodules as package attributes)
+
+    for name in ("fit", "lorenz", "sweep"):
+        assert callable(getattr(package, name)) and getattr(package, name).__module__ == f"arbiter.surrogate.{name}"

@@ -2,12 +2,23 @@
 
 Oscillators, Lorenz drive, ridge readout, dynamical SHAP, β sweeps with identifiability, and fitting β to a Trace."""
 
-from .fit import ConcentrationTable, FitResult, concentration_table, fit, merge_concentrations, trace_concentrations
-from .lorenz import LorenzSignal, lorenz
-from .oscillators import PAPER, PRESETS, RESPONSIVE, Draws, Preset, SimResult, draw, get_preset, simulate, substeps_for
-from .readout import ReadoutResult, nmse, ridge_readout
-from .shap import CellShap, cell_shap, dynamical_shap
-from .sweep import SweepResult, beta_grid, identifiability_ratio, sweep
+import importlib
+import sys
+import types
+
+# name -> submodule; loaded on first use (PEP 562), so `arbiter surrogate --help` does not import torch and
+# `python -m arbiter.surrogate.calibration` does not find its module imported already
+_LAZY = {
+    **dict.fromkeys(("ConcentrationTable", "FitResult", "concentration_table", "fit", "merge_concentrations",
+                     "trace_concentrations"), "fit"),
+    **dict.fromkeys(("LorenzSignal", "lorenz"), "lorenz"),
+    **dict.fromkeys(("PAPER", "PRESETS", "RESPONSIVE", "Draws", "Preset", "SimResult", "draw", "get_preset",
+                     "simulate", "substeps_for"), "oscillators"),
+    **dict.fromkeys(("ReadoutResult", "nmse", "ridge_readout"), "readout"),
+    **dict.fromkeys(("CellShap", "cell_shap", "dynamical_shap"), "shap"),
+    **dict.fromkeys(("SweepResult", "beta_grid", "identifiability_ratio", "sweep"), "sweep"),
+    **dict.fromkeys(("DEFAULT_CALIBRATION", "load_calibration", "table_point"), "calibration"),
+}
 
 __all__ = [
     "DEFAULT_CALIBRATION",
@@ -43,13 +54,29 @@ __all__ = [
     "trace_concentrations",
 ]
 
-_CALIBRATION = ("DEFAULT_CALIBRATION", "load_calibration", "table_point")
 
 
 def __getattr__(name: str):
-    # lazy, so that `python -m arbiter.surrogate.calibration` does not find its module imported already
-    if name in _CALIBRATION:
-        from . import calibration
-
-        return getattr(calibration, name)
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        if _LAZY[name] != "calibration":
+            globals()[name] = value
+        return value
     raise AttributeError(f"module 'arbiter.surrogate' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(types.ModuleType):
+    """Keeps ``fit``, ``lorenz`` and ``sweep`` the functions: importing the submodule of the same name (which the
+    import system then sets as a package attribute) binds the function instead, as an eager import would."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}" and _LAZY.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
