@@ -29,6 +29,9 @@ if TYPE_CHECKING:  # pragma: no cover
 RUNTIME: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[Lens, int]]" = weakref.WeakKeyDictionary()
 
 PREFIX = "arbiter_"
+# id(text config) -> [weak reference to it, base implementation, number of Lenses routing it]: an encoder-decoder
+# whose stacks share one config is switched once and restored when the last of its Lenses closes
+_SHARED: dict[int, list] = {}
 # mask functions whose masks arbiter can read and edit: None, 2D padding masks, 4D bool or float masks
 EDITABLE_MASKS = (sdpa_mask, eager_mask, flash_attention_mask)
 
@@ -109,6 +112,12 @@ class AttentionRouter:
         return req
 
     def install(self) -> None:
+        shared = _SHARED.get(id(self.text_config))
+        if shared is not None and shared[0]() is self.text_config and \
+                self.text_config._attn_implementation == routed_name(shared[1]):
+            shared[2] += 1   # another stack of the same model, attached by its own Lens: already routed
+            self.base, self.path = shared[1], config_path(self.model, self.text_config)
+            return
         base = self.text_config._attn_implementation or "sdpa"
         if base.startswith(PREFIX):
             raise UnsupportedModelError("this model is already routed through arbiter (another Lens is attached "
@@ -137,9 +146,19 @@ class AttentionRouter:
                 f"{type(self.model).__name__} did not accept attention implementation {name!r} through "
                 "set_attn_implementation() (its modeling code does not dispatch through AttentionInterface), so "
                 "arbiter cannot see its attention; attention sites and knockouts are not available for it.")
+        _SHARED[id(self.text_config)] = [weakref.ref(self.text_config), base, 1]
 
     def remove(self) -> None:
-        if self.base is not None and self.text_config._attn_implementation != self.base:
+        if self.base is None:
+            return
+        shared = _SHARED.get(id(self.text_config))
+        if shared is not None and shared[0]() is self.text_config:
+            shared[2] -= 1
+            if shared[2] > 0:   # another Lens still routes this config
+                self.base = None
+                return
+            del _SHARED[id(self.text_config)]
+        if self.text_config._attn_implementation != self.base:
             self.model.set_attn_implementation(self._request(self.base))
         self.base = None
 

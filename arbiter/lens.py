@@ -13,8 +13,8 @@ from torch import nn
 
 from . import attention as attn_fn
 from . import mixers
-from .adapters.base import ModelFacts, key_projection, model_facts
-from .errors import ArbiterError, GroupError, ProbeError, SiteError
+from .adapters.base import ENCODER_FEATURE_INPUTS, ModelFacts, key_projection, model_facts
+from .errors import ArbiterError, GroupError, ProbeError, SiteError, UnsupportedModelError
 from .groups import TokenGroups
 from .probes.base import ATTENTION_SITES, CROSS_SITES, GLOBAL_SITES, Ctx, Probe, RowSpec, callback_name
 from .replay import Capture, ReplayModule, decoder_siblings, map_tensors, repeat_dim0, swap_modules
@@ -70,6 +70,12 @@ class _Runtime:
         self.groups: TokenGroups | None = None
         self._rows_cache: dict = {}
         self.mixer_inputs: dict[int, tuple] = {}   # layer -> (inputs so far, padding mask) for mixer knockouts
+        # an encoder-decoder's decoder: token groups over the encoder's positions (the keys of its cross-attention)
+        self.encoder_groups: TokenGroups | None = None
+        self.encoder_modality: str | None = None   # every encoder position is this modality (a feature encoder)
+        self.encoder_why = "the encoder has not run under this Lens yet"   # why the groups are unknown
+        self.encoder_fresh = False   # the encoder ran since the decoder's last prefill
+        self.embedded_ids: torch.Tensor | None = None   # the ids the input embedding last received
 
     # -- table -------------------------------------------------------------------------------------------
     def rebuild(self) -> None:
@@ -117,6 +123,48 @@ class _Runtime:
             out = (positions[sel], torch.ones(b, int(sel.sum()), dtype=torch.bool))
         self._rows_cache[key] = out
         return out
+
+    def encoder_key_mask(self, name: str, positions: torch.Tensor) -> torch.Tensor:
+        """[batch, keys] mask of group ``name`` over the encoder positions a cross-attention reads."""
+        g = self.encoder_groups
+        if g is None and self.encoder_modality is not None:   # every position is one modality, whatever its length
+            n = int(positions.max()) + 1 if len(positions) else 0
+            every = torch.ones(max(self.batch, 1), n, dtype=torch.bool)
+            g = TokenGroups({m: (every if m == self.encoder_modality else torch.zeros_like(every))
+                             for m in ("image", "video", "audio", "text", "pad")})
+        if g is None:
+            raise GroupError(f"group {name!r} over the encoder's positions (the keys of the decoder's "
+                             f"cross-attention): arbiter cannot place them in token groups here ({self.encoder_why}). "
+                             "Run the model on its own inputs (input_ids with the modality placeholders, or the "
+                             "modality features), not on encoder_outputs computed outside the Lens.")
+        if g.batch_size not in (1, self.batch):
+            raise GroupError(f"the encoder's token groups are for a batch of {g.batch_size} but the decoder runs a "
+                             f"batch of {self.batch} (beam search or expanded encoder outputs?); run a batch of "
+                             "one row per sample.")
+        parts = [p.strip() for p in name.split("|")]
+        unknown = [p for p in parts if p not in g and p not in ("last", "generated", "all")]
+        if unknown and not all(self.groups is not None and p in self.groups for p in unknown):
+            g[unknown[0]]   # raises GroupError naming the groups there are
+        n = max(int(positions.max()) + 1 if len(positions) else 0, g.length)
+        m = torch.zeros(g.batch_size, n, dtype=torch.bool)
+        for p in parts:
+            if p in g:
+                m |= g.mask(p, length=n)
+        if m.shape[0] == 1 and self.batch > 1:
+            m = m.expand(self.batch, -1)
+        return m[:, positions.cpu()]
+
+    def decoder_key_mask(self, name: str, positions: torch.Tensor) -> torch.Tensor:
+        """[batch, keys] mask of group ``name`` over the decoder's own positions, for a name that may exist only
+        over the encoder's positions (an encoder-decoder's ``image``): no decoder position is in it."""
+        g = self.groups
+        length = int(max(int(positions.max()) + 1 if len(positions) else 0, g.length))
+        enc = self.encoder_groups
+        m = torch.zeros(g.batch_size, length, dtype=torch.bool)
+        for p in (p.strip() for p in name.split("|")):
+            if p in g or enc is None or p not in enc:
+                m |= g.mask(p, length=length)   # raises GroupError for a name neither stack has
+        return m[:, positions.cpu()]
 
     def ctx(self, site, layer, positions, row_mask, **kw) -> Ctx:
         return Ctx(lens=self.lens, site=site, layer=layer, step=self.step, groups=self.groups,
@@ -223,14 +271,14 @@ class _Runtime:
                         mask_b, _ = attn_fn.protect_empty_rows(mask_b, q_pos.to(mask_b.device),
                                                                k_pos.to(mask_b.device))
         if eager:
-            out = self.eager_layer(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site)
+            out = self.eager_layer(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, empty)
         else:
             if edited:
                 out = attn_fn.masked_attention(kind, base, module, query, key, value, mask_b, mask_f, kwargs)
             else:
                 out = base(module, query, key, value, attention_mask, **kwargs)
             if has["scores"] or has["probs"]:
-                self.read_rows(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site)
+                self.read_rows(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, empty)
         if empty is not None and bool(empty.any()):
             o = out[0]  # [b, q, h, d]
             keep = (~empty).transpose(1, 2)[..., None].to(o.dtype)  # [b, q, h|1, 1]
@@ -246,7 +294,7 @@ class _Runtime:
             rows.update(self.resolve_rows(s, q_pos)[0].tolist())
         return torch.tensor(sorted(rows), dtype=torch.long)
 
-    def read_rows(self, layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site):
+    def read_rows(self, layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, empty=None):
         rows = self._rows_union(layer, q_pos, site)
         if len(rows) == 0:
             return
@@ -254,18 +302,28 @@ class _Runtime:
         mb = mask_b.index_select(2, idx)
         mf = mask_f.index_select(2, idx) if mask_f is not None else None
         q_rows = query.index_select(2, idx)
+        cut = empty.index_select(2, idx)[..., None] if empty is not None and bool(empty.any()) else None
         if self.entries(site["scores"], layer):
             scores = attn_fn.row_scores(module, q_rows, key, mb, mf, kwargs)
+            if cut is not None:   # a cross-attention row with every key severed: every score masked
+                scores = scores.masked_fill(cut, torch.finfo(scores.dtype).min)
             self.run_site(site["scores"], layer, scores, 2, rows, **kw)
         if self.entries(site["probs"], layer):
             probs = attn_fn.row_probs(module, q_rows, key, value, mb, mf, kwargs)
+            if cut is not None:   # ... and no attention at all: the row's output is zero
+                probs = probs.masked_fill(cut, 0.0)
             self.run_site(site["probs"], layer, probs, 2, rows, **kw)
 
-    def eager_layer(self, layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site):
+    def eager_layer(self, layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, empty=None):
         attn_fn.check_score_edit(module, layer)
         scores = attn_fn.row_scores(module, query, key, mask_b, mask_f, kwargs)
+        cut = empty[..., None] if empty is not None and bool(empty.any()) else None
+        if cut is not None:
+            scores = scores.masked_fill(cut, torch.finfo(scores.dtype).min)
         scores = self.run_site(site["scores"], layer, scores, 2, q_pos, **kw)
         probs = attn_fn.softmax_probs(scores, query.dtype)
+        if cut is not None:
+            probs = probs.masked_fill(cut, 0.0)
         probs = self.run_site(site["probs"], layer, probs, 2, q_pos, **kw)
         return attn_fn.eager_output(probs, value), None
 
@@ -288,6 +346,12 @@ class Lens:
     def __enter__(self) -> "Lens":
         if self._entered:
             raise ProbeError("this Lens is already attached; nest probes inside it instead of re-entering.")
+        if any(lf.attn in attn_fn.RUNTIME or lf.cross_attn in attn_fn.RUNTIME for lf in self.facts.layers):
+            raise UnsupportedModelError(f"this model's {self.facts.stack} stack is already routed through arbiter "
+                                        "(another Lens is attached to it); detach that Lens first, or nest your "
+                                        "probes in it. (An encoder-decoder's encoder and decoder may each have "
+                                        "their own Lens at once: attach(model, stack='encoder') beside "
+                                        "attach(model).)")
         self._router.install()
         # attention computing inline (no AttentionInterface call): the adapter's stand-ins, swapped in while attached
         self._stand_ins = self.facts.attention_stand_ins()
@@ -307,6 +371,13 @@ class Lens:
             *(m.register_forward_pre_hook(self._on_model, with_kwargs=True) for m in self.facts.input_modules()),
             self.facts.decoder.register_forward_pre_hook(self._on_decoder, with_kwargs=True),
         ]
+        if self.facts.encoder is not None:   # the decoder reads an encoder: group its positions at each run
+            self._base_handles.append(
+                self.facts.encoder.register_forward_pre_hook(self._on_encoder, with_kwargs=True))
+        if self.facts.encoder is not None or self.facts.stack == "encoder":
+            embed = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+            if isinstance(embed, nn.Module):
+                self._base_handles.append(embed.register_forward_pre_hook(self._on_embed))
         self._entered = True
         return self
 
@@ -507,6 +578,8 @@ class Lens:
         runs (``ModelFacts.sequence_groups``: modality masks and prepended positions the adapter reads off the
         inputs)."""
         ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+        if self.facts.encoder is not None:   # an encoder-decoder's decoder runs its own ids (the encoder: above)
+            ids = kwargs.get("decoder_input_ids")
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = _cache_length(cache)
         if past == 0 and ids is not None and ids.dim() == 2:
@@ -517,11 +590,56 @@ class Lens:
                     and g.prompt_length in lengths:
                 g.truncate(g.prompt_length)
             if g is None or g.batch_size != ids.shape[0] or g.length not in lengths:
-                g = TokenGroups.from_input_ids(ids, kwargs.get("attention_mask"), self.facts.modality_token_ids,
+                mask = (_padding_mask({"attention_mask": kwargs.get("decoder_attention_mask")}, ids)
+                        if self.facts.encoder is not None else kwargs.get("attention_mask"))
+                g = TokenGroups.from_input_ids(ids, mask, self.facts.modality_token_ids,
                                                kwargs.get("mm_token_type_ids"))
             if g.length == ids.shape[1]:
                 g = self.facts.sequence_groups(g, kwargs)
             self._runtime.groups = g
+        return None
+
+    def companion(self, stack: str) -> "Lens | None":
+        """The Lens attached to this model's other stack (``"encoder"``: an encoder-decoder's encoder), if any."""
+        other = self.facts.encoder if stack == "encoder" else None
+        for m in other.modules() if other is not None else ():
+            entry = attn_fn.RUNTIME.get(m)
+            if entry is not None and entry[0] is not self:
+                return entry[0]
+        return None
+
+    def _on_embed(self, module, args):
+        """The input embedding's ids: an encoder that receives merged embeddings (image features scattered into
+        the prompt's placeholder positions) is grouped by the ids they were embedded from."""
+        if args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point() and args[0].dim() == 2:
+            self._runtime.embedded_ids = args[0]
+        return None
+
+    def _on_encoder(self, module, args, kwargs):
+        """An encoder-decoder's encoder starts: token groups over its positions, read from its inputs: ids (their
+        modality placeholders), the ids its merged embeddings came from, or one modality's features."""
+        rt = self._runtime
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        ids = kwargs.get("input_ids")
+        if ids is None and first is not None and not first.is_floating_point():
+            ids = first
+        emb = kwargs.get("inputs_embeds")
+        if ids is None and emb is not None and rt.embedded_ids is not None \
+                and tuple(rt.embedded_ids.shape) == tuple(emb.shape[:2]):
+            ids = rt.embedded_ids
+        rt.embedded_ids = None
+        rt.encoder_groups, rt.encoder_modality, rt.encoder_fresh = None, None, True
+        if ids is not None and ids.dim() == 2:
+            g = self.groups   # set with use() / encode(): the encoder's prompt, with any groups the user added
+            rt.encoder_groups = g if (g is not None and g.length == ids.shape[1] and g.batch_size == ids.shape[0]) \
+                else TokenGroups.from_input_ids(ids, _padding_mask(kwargs, ids), self.facts.modality_token_ids)
+            return None
+        main = getattr(module, "main_input_name", None)
+        given = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)] + ([main] if first is not None else [])
+        rt.encoder_modality = next((ENCODER_FEATURE_INPUTS[k] for k in given if k in ENCODER_FEATURE_INPUTS), None)
+        if rt.encoder_modality is None:
+            rt.encoder_why = (f"the encoder ran on {', '.join(given) or 'no tensor input'}: neither token ids nor "
+                              "embeddings of known ids nor one modality's features")
         return None
 
     def _on_decoder(self, module, args, kwargs):
@@ -535,9 +653,22 @@ class Lens:
         past = _cache_length(cache)
         rt.batch, rt.q_len, rt.offset = emb.shape[0], emb.shape[1], past
         rt._rows_cache = {}
+        embedded, rt.embedded_ids = rt.embedded_ids, None
+        if self.facts.stack == "encoder" and past == 0 and kwargs.get("inputs_embeds") is not None \
+                and embedded is not None and tuple(embedded.shape) == tuple(emb.shape[:2]) \
+                and not (self.groups is not None and self.groups.length == rt.q_len):
+            # an encoder run on merged embeddings (generate() runs it without the model's forward): its groups
+            # are read off the ids those embeddings came from, at every run
+            rt.groups = TokenGroups.from_input_ids(embedded, _padding_mask(kwargs, embedded),
+                                                   self.facts.modality_token_ids)
         if rt.groups is None or (past == 0 and rt.q_len not in (rt.groups.length, rt.groups.prompt_length)):
-            base = self.groups if (self.groups is not None and rt.q_len in (self.groups.length,
-                                                                            self.groups.prompt_length)) else None
+            # (an encoder-decoder's decoder: groups set with use() / encode() describe the encoder's prompt)
+            base = self.groups if (self.groups is not None and self.facts.encoder is None
+                                   and rt.q_len in (self.groups.length, self.groups.prompt_length)) else None
+            ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+            if base is None and self.facts.encoder is not None and ids is not None and ids.dim() == 2 \
+                    and not ids.is_floating_point() and past == 0:   # an encoder-decoder's decoder: its own ids
+                base = TokenGroups.from_input_ids(ids, _padding_mask(kwargs, ids), self.facts.modality_token_ids)
             if base is None:
                 mask = kwargs.get("attention_mask")
                 am = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
@@ -547,6 +678,12 @@ class Lens:
                                                              rt.q_len).bool())
             rt.groups = base
         g = rt.groups
+        if past == 0 and self.facts.encoder is not None:
+            if not rt.encoder_fresh:   # encoder_outputs from elsewhere: groups of an earlier run would be stale
+                rt.encoder_groups, rt.encoder_modality = None, None
+                rt.encoder_why = ("the encoder did not run in this call (encoder_outputs were passed in), so its "
+                                  "positions' groups are unknown")
+            rt.encoder_fresh = False
         if past == 0:
             rt.step = 0
             if g.length > rt.q_len:
@@ -670,9 +807,12 @@ class Lens:
         return list(range(self.facts.n_layers))
 
     def use(self, groups: TokenGroups | None) -> None:
-        """Set the token groups of the batch you are about to run (encode() does this for you)."""
+        """Set the token groups of the batch you are about to run (encode() does this for you). On an
+        encoder-decoder's decoder they are the groups of the encoder's prompt (the keys of the cross-attention);
+        the decoder's own positions are grouped from its ids."""
         self.groups = groups
-        self._runtime.groups = groups
+        if self.facts.encoder is None:
+            self._runtime.groups = groups
 
     def record(self, *what: str, layers: Any = "all", rows: RowSpec = "all", heads: Sequence[int] | None = None,
                steps: str = "all"):
@@ -830,6 +970,12 @@ def _seq_dim(x: torch.Tensor, rt: _Runtime) -> int:
 def _k_proj(lf) -> nn.Linear | None:
     """The layer's key projection (the attn.k_pre site), or None where its attention has no k_proj Linear."""
     return key_projection(lf.attn)
+
+
+def _padding_mask(kwargs, ids: torch.Tensor) -> torch.Tensor | None:
+    """The call's 2D padding mask when it matches ``ids`` (a decoder may receive the encoder's mask), else None."""
+    mask = kwargs.get("attention_mask")
+    return mask if isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(ids.shape) else None
 
 
 def _cache_length(cache) -> int:

@@ -1,9 +1,11 @@
 """Cross-attention outside the layers' own mixers (IDEFICS gated blocks, an encoder-decoder's decoder): served on the
-xattn.* sites, severed by knockouts; encoder-decoders attach to the decoder and refuse knockouts they cannot make
-complete. Checked against eager attention and perturbed pixels."""
+xattn.* sites, severed by knockouts; an encoder-decoder's decoder groups the encoder's positions from the encoder's
+own inputs, its encoder is a second stack with a Lens of its own. Checked against eager attention, weights edited by
+hand and perturbed pixels / audio features."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import pytest
@@ -123,12 +125,138 @@ def test_encoder_decoder_attaches_to_the_decoder_that_makes_the_logits():
         torch.testing.assert_close(by_hand, logits[0, -1], atol=1e-5, rtol=1e-5)
 
 
-def test_encoder_decoder_knockout_is_refused_naming_the_encoder():
+def test_decoder_knockout_zeroes_the_cross_attention_on_the_encoders_image_positions():
     tm = _tm("florence2")
+    inputs = _inputs(tm)
+    image = (inputs["input_ids"] == tm.model.config.image_token_id)[0]   # the encoder's positions of the image
+    assert image.any() and (~image).any()
     with arbiter.attach(tm.model, tm.processor) as lens:
-        with pytest.raises(SiteError, match="encoder"):
-            with lens.knockout("image", "text"):
-                pass
+        with pytest.warns(UserWarning, match="still carry 'image'"), lens.knockout("image", "last"), \
+                lens.record("xattn", rows="last") as rec:
+            cut = _last(tm, inputs)
+        n = lens.facts.n_layers
+    for i in range(n):
+        p = rec.trace[f"L{i}.xattn.probs"][0, :, -1]     # [heads, encoder positions]
+        assert p[:, image].abs().max() == 0
+        torch.testing.assert_close(p.sum(-1), torch.ones(p.shape[0]), atol=1e-6, rtol=0)
+    assert (cut - _last(tm, inputs)).abs().max() > 1e-4
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield
+
+
+def _encoder_decoder_delta(tm, a, b, enc_lens, dec_lens, src="image", dst="text"):
+    with enc_lens.knockout(src, dst) if enc_lens else _nothing(), dec_lens.knockout(src, dst):
+        return (_last(tm, a) - _last(tm, b)).abs().max().item()
+
+
+def test_decoder_knockout_alone_leaves_the_encoders_mixing_and_says_so():
+    tm = _tm("florence2")
+    a, b = _inputs(tm, 0), _inputs(tm, 1)
+    with arbiter.attach(tm.model, tm.processor) as dec, pytest.warns(UserWarning, match="knock it out in the encoder"):
+        delta = _encoder_decoder_delta(tm, a, b, None, dec)
+    assert delta > 1e-6   # the encoder's prompt positions still carry the pixels into the decoder
+
+
+def test_encoder_and_decoder_knockouts_together_free_the_answer_from_the_pixels():
+    tm = _tm("florence2")
+    a, b = _inputs(tm, 0), _inputs(tm, 1)
+    assert (_last(tm, a) - _last(tm, b)).abs().max() > 1e-4
+    with arbiter.attach(tm.model, tm.processor, stack="encoder") as enc, arbiter.attach(tm.model, tm.processor) as dec:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")   # the encoder Lens severs the image there: no warning
+            delta = _encoder_decoder_delta(tm, a, b, enc, dec)
+    assert delta <= 1e-6
+
+
+def test_encoder_and_decoder_knockouts_free_generation_from_the_pixels():
+    tm = _tm("florence2")
+    a, b = _inputs(tm, 0), _inputs(tm, 1)
+    kw = dict(max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        free = [tm.model.generate(**x, **kw).scores for x in (a, b)]
+    assert max((s - t).abs().max().item() for s, t in zip(*free)) > 1e-4
+    with arbiter.attach(tm.model, tm.processor, stack="encoder") as enc, arbiter.attach(tm.model, tm.processor) as dec, \
+            enc.knockout("image", "text"), dec.knockout("image", "text|generated"), torch.no_grad():
+        cut = [tm.model.generate(**x, **kw) for x in (a, b)]
+    assert torch.equal(cut[0].sequences, cut[1].sequences)
+    assert max((s - t).abs().max().item() for s, t in zip(cut[0].scores, cut[1].scores)) <= 1e-6
+
+
+def test_encoder_outputs_computed_outside_the_lens_cannot_be_grouped():
+    tm = _tm("florence2")
+    inputs = _inputs(tm)
+    with torch.no_grad():
+        enc_out = tm.model.get_encoder()(inputs_embeds=tm.model.get_input_embeddings()(inputs["input_ids"]),
+                                          attention_mask=inputs["attention_mask"])
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        _last(tm, inputs)   # a run that grouped the encoder's positions: not reused for the next one
+        with pytest.raises(arbiter.errors.GroupError, match="encoder did not run in this call"):
+            with lens.knockout("image", "last"), torch.no_grad():
+                start = tm.model.config.text_config.decoder_start_token_id
+                tm.model(encoder_outputs=enc_out, attention_mask=inputs["attention_mask"],
+                         decoder_input_ids=torch.tensor([[start]]))
+
+
+def test_the_two_stacks_share_the_routing_and_restore_it_when_the_last_lens_closes():
+    tm = _tm("florence2")
+    inputs = _inputs(tm)
+    before = _last(tm, inputs)
+    cfg = tm.model.config.text_config
+    enc = arbiter.attach(tm.model, tm.processor, stack="encoder").__enter__()
+    dec = arbiter.attach(tm.model, tm.processor).__enter__()
+    dec.close()
+    assert cfg._attn_implementation.startswith("arbiter_")   # the encoder Lens still routes the shared config
+    with enc.knockout("image", "text"):
+        assert (_last(tm, inputs) - before).abs().max() > 1e-4
+    enc.close()
+    assert cfg._attn_implementation == "sdpa"
+    assert torch.equal(_last(tm, inputs), before)
+
+
+def test_a_second_lens_on_the_same_stack_is_refused():
+    tm = _tm("florence2")
+    with arbiter.attach(tm.model, tm.processor, stack="encoder"):
+        with pytest.raises(arbiter.errors.UnsupportedModelError, match="encoder stack is already routed"):
+            arbiter.attach(tm.model, tm.processor, stack="encoder").__enter__()
+
+
+def _tiny_whisper():
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = WhisperConfig(vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8,
+                        max_source_positions=16, max_target_positions=32, pad_token_id=0, decoder_start_token_id=1,
+                        eos_token_id=2, bos_token_id=1, suppress_tokens=[], begin_suppress_tokens=[])
+    return WhisperForConditionalGeneration(cfg).eval()
+
+
+def test_a_feature_encoders_positions_are_all_its_modality():
+    """Whisper's encoder runs on audio features only: every key of the decoder's cross-attention is audio, so
+    audio -> text in every decoder layer frees the logits from the audio (perturbed features)."""
+    model = _tiny_whisper()
+    fa, fb = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(1)), \
+        torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(2))
+    ids = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 10]])
+
+    def last(f):
+        with torch.no_grad():
+            return model(input_features=f, decoder_input_ids=ids).logits[:, -1]
+
+    assert (last(fa) - last(fb)).abs().max() > 1e-5
+    with arbiter.attach(model) as lens:
+        assert lens.facts.unserved == []
+        with lens.knockout("audio", "text"):
+            assert (last(fa) - last(fb)).abs().max() <= 1e-6
+        with lens.knockout("audio", "last"), lens.record("xattn", rows="last") as rec:
+            last(fa)
+    for i in range(2):   # every key severed: no attention at all (the row's output is zero), recorded as such
+        assert rec.trace[f"L{i}.xattn.probs"].abs().max() == 0
 
 
 def test_encoder_decoder_head_block_equals_zeroed_out_proj_columns():
@@ -228,3 +356,21 @@ def test_layers_the_model_skips_are_named_not_silently_missing():
     assert rec.trace.layers("resid.post") == ran
     # the model's own hidden states (captured by hooks on the layers that ran) agree: one per layer that ran
     assert len(out.hidden_states) == len(ran) + 1
+
+
+def test_groups_set_with_use_on_the_decoder_describe_the_encoders_prompt():
+    """A group the user adds over the prompt (here: the image's first half) is severed in the cross-attention."""
+    tm = _tm("florence2")
+    inputs = _inputs(tm)
+    groups = arbiter.groups.TokenGroups.from_input_ids(inputs["input_ids"], inputs["attention_mask"],
+                                                       {"image": [tm.model.config.image_token_id]})
+    image = groups["image"][0].nonzero().flatten()
+    half = torch.zeros_like(groups["image"])
+    half[0, image[: len(image) // 2]] = True
+    groups.add("half", half)
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        lens.use(groups)
+        with pytest.warns(UserWarning), lens.knockout("half", "last"), lens.record("xattn", rows="last") as rec:
+            _last(tm, inputs)
+    p = rec.trace["L0.xattn.probs"][0, :, -1]
+    assert p[:, half[0]].abs().max() == 0 and p[:, image[len(image) // 2:]].min() > 0

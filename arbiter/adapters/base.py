@@ -34,6 +34,10 @@ _MODALITY_ID_KEYS = {
     "video": ("video_token_id", "video_token_index"),
     "audio": ("audio_token_id", "audio_token_index"),
 }
+# an encoder input that holds one modality only, by its keyword in transformers' forwards: every position of an
+# encoder run on it is that modality (Whisper's input_features, Pix2Struct's flattened_patches)
+ENCODER_FEATURE_INPUTS = {"input_features": "audio", "input_values": "audio", "audio_values": "audio",
+                          "pixel_values": "image", "flattened_patches": "image"}
 
 
 @dataclass
@@ -112,6 +116,8 @@ class ModelFacts:
     adapter: "Adapter | None" = field(default=None, repr=False)   # whose behaviour the methods below ask
     unserved: list[str] = field(default_factory=list)  # token mixers arbiter does not route (knockouts refuse)
     stack: str = "decoder"           # which stack the facts describe: "decoder" (makes the logits) or "encoder"
+    # the encoder whose positions the layers' cross-attention reads (an encoder-decoder's decoder facts), else None
+    encoder: nn.Module | None = None
     residual: "ResidualLayout" = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -349,14 +355,15 @@ class Adapter:
 
     def cross_sources(self, model: nn.Module, decoder: nn.Module, layers: list[LayerFacts]) -> list[str]:
         """Unrouted stacks whose outputs the layers' cross-attention reads. Generic: where a layer holds a second
-        attention (an encoder-decoder), its keys are an encoder's positions, which mix the modalities before the
-        decoder reads them; an adapter whose cross-attention reads one modality's states returns []."""
+        attention (an encoder-decoder), its keys are an encoder's positions, grouped at run time from the
+        encoder's inputs: served when the encoder is found; an adapter whose cross-attention reads one
+        modality's states returns []."""
         if not any(lf.cross_attn is not None for lf in layers):
             return []
-        encoder = self.encoder_stack(model, decoder)
-        name = type(encoder).__name__ if encoder is not None else "the encoder whose states the decoder reads"
-        return [f"the encoder ({name}), whose positions mix the modalities before the decoder's cross-attention "
-                "reads them (arbiter routes the decoder only)"]
+        if self.encoder_stack(model, decoder) is not None:
+            return []  # its positions are grouped at run time from its own inputs (ModelFacts.encoder_groups)
+        return ["the encoder whose states the decoder's cross-attention reads (arbiter found no encoder module "
+                "beside the decoder, so it cannot place those keys in token groups)"]
 
     def encoder_stack(self, model: nn.Module, decoder: nn.Module) -> nn.Module | None:
         """The encoder whose output the decoder's cross-attention reads (encoder-decoder models), else None."""
@@ -549,6 +556,10 @@ class Adapter:
         for index, module in self.cross_attentions(decoder, layers, cfg).items():
             layers[index].cross_attn = module
         unserved = self.unserved_mixers(decoder, layers, cfg) + self.cross_sources(model, decoder, layers)
+        encoder = None
+        if stack == "decoder" and any(lf.cross_attn is not None and not self.cross_unit_key_groups(
+                lf, frozenset(self.token_ids(model))) for lf in layers):
+            encoder = self.encoder_stack(model, decoder)
         lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if stack == "encoder":
             lm_head = None   # the encoder's positions are not unembedded
@@ -564,7 +575,7 @@ class Adapter:
             modality_token_ids=self.token_ids(model), notes=list(self.notes),
             prefix_bidirectional=self.prefix_bidirectional,
             resid_stacked=self.resid_stacked, prefix_replay=self.prefix_replay and not kv_shared, adapter=self,
-            unserved=unserved, stack=stack)
+            unserved=unserved, stack=stack, encoder=encoder)
 
 
 def patch_view(name: str, offset: int, rows: int, cols: int, row_stride: int | None = None,

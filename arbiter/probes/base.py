@@ -101,10 +101,15 @@ class Ctx:
     def group(self, name: str, over: str = "rows") -> torch.Tensor:
         """Group mask restricted to this callback's rows (``over="rows"``) or keys (``over="keys"``): [batch, n]."""
         pos = self.positions if over == "rows" else self.key_positions
-        if over == "keys" and self.cross:  # every key of a cross-attention layer is in the adapter's groups
-            inside = self.lens.facts.cross_key_groups(self.layer, unit=self.unit)
-            val = any(part in inside for part in name.split("|"))
-            return torch.full((self.batch_size, len(pos)), val, dtype=torch.bool)
+        facts, rt = self.lens.facts, self.lens._runtime
+        if over == "keys" and self.cross:
+            inside = facts.cross_key_groups(self.layer, unit=self.unit)
+            if inside or facts.encoder is None:   # every key is in the groups the adapter names, or in none
+                val = any(part in inside for part in name.split("|"))
+                return torch.full((self.batch_size, len(pos)), val, dtype=torch.bool)
+            return rt.encoder_key_mask(name, pos)   # an encoder's positions, grouped from its inputs
+        if over == "keys" and facts.encoder is not None:
+            return rt.decoder_key_mask(name, pos)
         m = self.groups.mask(name, length=int(max(int(pos.max()) + 1 if len(pos) else 0, self.groups.length)))
         return m[:, pos.cpu()]
 

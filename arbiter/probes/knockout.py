@@ -5,6 +5,7 @@ remaining weights renormalise; the model's own mask (padding, sliding window, bi
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -35,8 +36,10 @@ class Knockout(Probe):
         self.batch_rows = None if batch_rows is None else sorted(set(int(r) for r in batch_rows))
         self.allow_empty = allow_empty
         self._checked_step = None
+        self._warned = False
 
     def on_attach(self, lens) -> None:
+        self._warned = False
         if self.heads is not None:
             nh = min(lens.facts.heads(layer)[0] for layer in lens.facts.attention_layers)
             bad = [h for h in self.heads if not 0 <= h < nh]
@@ -44,15 +47,54 @@ class Knockout(Probe):
                 raise SiteError(f"Knockout: heads {bad} out of range; layers have {nh} heads (0..{nh - 1}).")
 
     def on_forward(self, ctx: Ctx) -> None:
-        if ctx.step != 0 or self.allow_empty:
+        if ctx.step != 0:
+            return
+        rt, facts = ctx.lens._runtime, ctx.lens.facts
+        if facts.encoder is not None:
+            self._check_encoder_paths(ctx)
+        if self.allow_empty:
             return
         for name in (self.src, self.dst):
-            if name == "generated" or name in ctx.lens.facts.cross_key_groups():
+            if name == "generated" or name in facts.cross_key_groups():
                 continue
-            m = ctx.groups[name]  # raises on unknown names
+            if name == self.src and facts.encoder is not None:   # keys in the decoder or over the encoder
+                n = rt.encoder_groups.length if rt.encoder_groups is not None else 1
+                m = rt.encoder_key_mask(name, torch.arange(n)).any(dim=1)
+                m = m | rt.decoder_key_mask(name, torch.arange(ctx.groups.length)).any(dim=1)
+            else:
+                m = ctx.groups[name]  # raises on unknown names
             if not bool(m.any()):
                 raise GroupError(f"Knockout {self.src}->{self.dst}: group {name!r} is empty for every sample of "
                                  "this batch, so the knockout would do nothing; pass allow_empty=True if intended.")
+
+    def _check_encoder_paths(self, ctx: Ctx) -> None:
+        """An encoder-decoder's decoder: the knockout severs the cross-attention edges from the encoder's ``src``
+        positions. Where the encoder's other positions hold more than ``src`` (e.g. an image and a prompt), its
+        self-attention carries ``src`` into them: say so, unless an encoder Lens severs ``src`` there too."""
+        enc = ctx.lens._runtime.encoder_groups
+        if enc is None or self._warned:
+            return
+        parts = [p.strip() for p in self.src.split("|")]
+        real = ~enc["pad"]
+        src = torch.zeros_like(real)
+        for p in parts:
+            if p in enc:
+                src |= enc[p]
+        if not bool(src.any()) or not bool((real & ~src).any()):
+            return   # the encoder holds src only, or none of it: its positions carry nothing else
+        companion = ctx.lens.companion("encoder")
+        if companion is not None and any(
+                isinstance(a.probe, Knockout) and a.probe.src == self.src and a.probe.heads is None
+                and len(a.layers.get("attn.mask", ())) == companion.facts.n_layers
+                for a in companion._runtime.active):
+            return
+        self._warned = True
+        warnings.warn(
+            f"Knockout {self.src}->{self.dst} on an encoder-decoder's decoder severs the cross-attention edges "
+            f"from the encoder's {self.src!r} positions; the encoder's other positions still carry {self.src!r} "
+            "(its self-attention mixes them). To sever every path, knock it out in the encoder too, in every "
+            f"layer: `with arbiter.attach(model, stack='encoder') as enc, enc.knockout({self.src!r}, 'text'):` "
+            "around this one.", UserWarning, stacklevel=2)
 
     def attn_mask(self, ctx: Ctx, mask: torch.Tensor) -> torch.Tensor:
         q = ctx.group(self.dst, over="rows").to(mask.device)     # [b, q]
