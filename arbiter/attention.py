@@ -259,7 +259,6 @@ def row_probs(module, query_rows, key, value, mask_rows_bool, mask_rows_float, k
 
 
 @functools.lru_cache(maxsize=None)
-@functools.lru_cache(maxsize=None)
 def dispatches(cls: type) -> bool:
     """Whether an attention module class's forward calls transformers' attention interface (so the router sees it),
     read off its source; True where the source cannot be read."""

@@ -251,6 +251,11 @@ class _Runtime:
                     cur = torch.cat([cur[:, :, :start], tail], dim=2)
                 key, value = (cur, value) if t == "key" else (key, cur)
         eager = any(a.specs[site[s]][0] == "edit" for s in ("scores", "probs") for a in self.entries(site[s], layer))
+        if has["mask"] and not (eager or has["scores"] or has["probs"]):
+            rows = self.mask_edit_rows(layer, site, q_pos, kw)
+            if rows is not None:
+                return self.row_sliced(layer, module, base, kind, query, key, value, attention_mask, kwargs, q_pos,
+                                       kw, site, rows, cross)
         need_mask = has["mask"] or has["scores"] or has["probs"]
         mask_b = mask_f = None
         edited = False
@@ -284,6 +289,65 @@ class _Runtime:
             keep = (~empty).transpose(1, 2)[..., None].to(o.dtype)  # [b, q, h|1, 1]
             out = (o * keep, out[1])
         return out
+
+    ROW_SLICE_SHARE = 0.25   # mask edits on at most this share of a call's query rows recompute only those rows
+
+    def mask_edit_rows(self, layer: int, site: dict, q_pos: torch.Tensor, kw: dict) -> torch.Tensor | None:
+        """The only rows the layer's attn.mask editors can change, as a [batch, rows] bool over the call's rows,
+        when every editor names them (``Probe.attn_mask_rows``) and they are at most ``ROW_SLICE_SHARE`` of a
+        multi-row call; None: the whole layer is recomputed with the edited mask."""
+        if len(q_pos) < 2:
+            return None
+        union = None
+        for a in self.entries(site["mask"], layer):
+            ctx = self.ctx(site["mask"], layer, q_pos, torch.ones(self.batch, len(q_pos), dtype=torch.bool), **kw)
+            rows = a.probe.attn_mask_rows(ctx)
+            if rows is None:
+                return None
+            union = rows if union is None else union | rows
+        if union is None or int(union.any(dim=0).sum()) > self.ROW_SLICE_SHARE * len(q_pos):
+            return None
+        return union.expand(self.batch, -1) if union.shape[0] == 1 else union
+
+    def row_sliced(self, layer, module, base, kind, query, key, value, attention_mask, kwargs, q_pos, kw, site,
+                   rows: torch.Tensor, cross: bool):  # rows: [b, q] bool from mask_edit_rows
+        """The layer's own kernel on every row, then the rows an attn.mask edit can change recomputed alone with
+        the edited mask: other rows bit-identical to the untouched layer, flash kernels kept."""
+        out = base(module, query, key, value, attention_mask, **kwargs)
+        which = rows          # [b, q]: the (sample, row) pairs the edit can change
+        rows = which.any(dim=0).nonzero().flatten()
+        if len(rows) == 0:
+            return out
+        dev = query.device
+        rows_d = rows.to(dev)
+        b = query.shape[0]
+        k_pos = kw["key_positions"]
+        mask_b, mask_f = attn_fn.bool_mask(attention_mask, module, kwargs, b, q_pos, k_pos, cross, dev)
+        mask_b, mask_f = mask_b.index_select(2, rows_d), (mask_f.index_select(2, rows_d) if mask_f is not None
+                                                           else None)
+        before = mask_b
+        mask_b = self.run_site(site["mask"], layer, mask_b, 2, q_pos[rows], **kw)
+        if mask_b is before:
+            return out
+        mask_b = mask_b.expand(torch.broadcast_shapes(mask_b.shape, before.shape))
+        empty = None
+        if cross:
+            empty = ~mask_b.any(dim=-1)
+            mask_b = mask_b | empty[..., None]
+        else:
+            mask_b, _ = attn_fn.protect_empty_rows(mask_b, q_pos[rows].to(dev), k_pos.to(dev))
+        sub = attn_fn.masked_attention(kind, base, module, query.index_select(2, rows_d), key, value, mask_b, mask_f,
+                                       kwargs)
+        o = sub[0]            # [b, rows, h, d]
+        if empty is not None:
+            o = o * (~empty).transpose(1, 2)[..., None].to(o.dtype)
+        take = which[:, rows].to(dev)   # other samples keep the kernel's rows bit for bit
+        o = torch.where(take[:, :, None, None], o.to(out[0].dtype), out[0].index_select(1, rows_d))
+        weights = out[1]
+        if weights is not None and sub[1] is not None:
+            w = torch.where(take[:, None, :, None], sub[1].to(weights.dtype), weights.index_select(2, rows_d))
+            weights = weights.index_copy(2, rows_d, w)
+        return out[0].index_copy(1, rows_d, o), weights
 
     def _rows_union(self, layer, q_pos, site):
         specs = [a.specs[site[s]][1] for s in ("scores", "probs") for a in self.entries(site[s], layer)]

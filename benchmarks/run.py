@@ -49,7 +49,9 @@ QUICK = dict(model=dict(hidden=128, layers=4, heads=4, kv_heads=4, image_tokens=
              sweep_samples=2, sweep_heads_per_layer=1, sweep_repeats=3, trace_mb=10, attribution_samples=2,
              stream_samples=(10, 1000),
              surrogate=dict(grid=2, seeds=2, horizon=0.5, loop_cells=2, repeats=1), organism_samples=8)
-SECTIONS = ("forwards", "sweep", "trace_io", "attribution", "stream_memory", "surrogate", "organism")
+SECTIONS = ("forwards", "fixed", "sweep", "trace_io", "attribution", "stream_memory", "surrogate", "organism")
+# the fixed cost per layer: a model so narrow that compute is small, the sequence and batch of the forwards section
+FIXED_MODEL = dict(hidden=64, layers=8, heads=4, kv_heads=4, image_tokens=576)
 # the streamed evaluation runs a small model in fresh processes (1 thread): memory, not speed, is measured
 STREAM_MODEL = dict(hidden=64, layers=4, heads=4, kv_heads=2, image_tokens=16)
 QUESTION = "In case there is an inconsistency between the text context and the image content, which colour " \
@@ -58,17 +60,20 @@ QUESTION = "In case there is an inconsistency between the text context and the i
 
 # ------------------------------------------------------------------------------------------------ helpers
 
-def _median_times(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, tuple[float, Any]]:
+def _median_times(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
+                  clock: Callable[[], float] = time.perf_counter) -> dict[str, tuple[float, Any]]:
     """Round-robin timing: each round calls every fn once, so load changes on a shared machine hit them alike.
-    {name: (median seconds over ``repeats`` rounds after ``warmup`` untimed rounds, the last call's result)}."""
+    {name: (median seconds over ``repeats`` rounds after ``warmup`` untimed rounds, the last call's result)}.
+    ``clock``: wall time by default; ``time.process_time`` counts this process's CPU time only (steadier on a
+    shared machine for single-threaded CPU work)."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     last: dict[str, Any] = {}
     for i in range(warmup + repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = clock()
             last[name] = fn()
             if i >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
     return {name: (statistics.median(times[name]), last[name]) for name in fns}
 
 
@@ -182,6 +187,78 @@ def _wrap(model):
     from nnsight import NNsight
 
     return NNsight(model)
+
+
+# ------------------------------------------------------------------------------------------------ fixed cost
+
+def _fixed_paths(lens, model, inputs, n_layers: int) -> dict[str, Callable[[], Any]]:
+    """The paths whose added time per layer the fixed section reports, on a model with ``lens`` attached once (as
+    a user attaches once and runs many forwards): each path activates its probe for one forward."""
+    def idle():
+        return _forward(model, inputs)
+
+    def record_probs_last():
+        with lens.record("attn.probs", rows="last"):
+            return _forward(model, inputs)
+
+    def record_resid_all_probs_last():
+        with lens.record("resid.post", rows="all"), lens.record("attn.probs", rows="last"):
+            return _forward(model, inputs)
+
+    def knockout_image_last():
+        with lens.knockout("image", "last", layers="all"):
+            return _forward(model, inputs)
+
+    def block_head():
+        with lens.block_heads([(i, 0) for i in range(n_layers)]):
+            return _forward(model, inputs)
+
+    return {"idle": idle, "record_probs_last": record_probs_last,
+            "record_resid_all_probs_last": record_resid_all_probs_last,
+            "knockout_image_last": knockout_image_last, "block_head": block_head}
+
+
+def bench_fixed(cfg) -> dict[str, Any]:
+    """Time arbiter adds per layer and forward on a model so narrow (hidden 64) that compute is small: (path -
+    plain forward) / layers, in ms, per path; and each path's ratio to the plain forward. The Lens is attached
+    once; each path activates its probe for its forward; the plain forward runs on an unattached copy. On CUDA too
+    when present (synchronised timing)."""
+    shape = {**FIXED_MODEL, **({"image_tokens": cfg["model"]["image_tokens"]} if cfg is QUICK else {})}
+    out: dict[str, Any] = {}
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        tm = tiny("llava", **shape)
+        model = tm.model.to(device)
+        plain_model = copy.deepcopy(model)   # the same weights, never attached: the plain forward
+        inputs = {k: v.to(device) for k, v in _batch_inputs(tm, cfg["batch"]).items()}
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+        def timed(fn):
+            def run_synced():
+                r = fn()
+                sync()
+                return r
+            return run_synced
+
+        with arbiter.attach(model, tm.processor) as lens:
+            fns = {"plain": timed(lambda: _forward(plain_model, inputs)),
+                   **{k: timed(v) for k, v in _fixed_paths(lens, model, inputs, shape["layers"]).items()}}
+            _section(f"fixed cost on {device}: {len(fns)} paths round-robin, {cfg['repeats'] * 6} rounds")
+            # CPU: this process's CPU time with one torch thread (steady on a shared machine); CUDA: wall time
+            single = device == "cpu" and torch.get_num_threads() == 1
+            res = _median_times(fns, cfg["repeats"] * 6, warmup=1,
+                                clock=time.process_time if single else time.perf_counter)
+        out["fixed_clock"] = "process CPU time" if single else "wall time"
+        plain = res["plain"][0]
+        suffix = "" if device == "cpu" else "_cuda"
+        out[f"fixed_plain_forward_ms{suffix}"] = plain * 1e3
+        for name, (t, _) in res.items():
+            if name != "plain":
+                out[f"fixed_ms_per_layer_{name}{suffix}"] = (t - plain) * 1e3 / shape["layers"]
+                out[f"fixed_ratio_{name}{suffix}"] = t / plain
+        out["fixed_seq_len"] = int(inputs["input_ids"].shape[1])
+        out["fixed_hidden"], out["fixed_layers"] = shape["hidden"], shape["layers"]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ forwards
@@ -596,7 +673,7 @@ def run(quick: bool = False, only: Any = None, **overrides: Any) -> dict[str, An
     torch.manual_seed(0)
     started = time.perf_counter()
     r: dict[str, Any] = {"quick": quick, "sections": [s for s in SECTIONS if s in todo], "load_avg_start": _load()}
-    if todo - {"stream_memory", "surrogate", "organism"}:
+    if todo - {"stream_memory", "surrogate", "organism", "fixed"}:
         tm = tiny("llava", **cfg["model"])
         inputs = _batch_inputs(tm, cfg["batch"])
         r.update({"batch": cfg["batch"], "seq_len": int(inputs["input_ids"].shape[1]), "repeats": cfg["repeats"]})
@@ -604,6 +681,8 @@ def run(quick: bool = False, only: Any = None, **overrides: Any) -> dict[str, An
     with torch.no_grad():
         if "forwards" in todo:
             r.update(bench_forwards(tm, inputs, cfg))
+        if "fixed" in todo:
+            r.update(bench_fixed(cfg))
         if "sweep" in todo:
             r.update(bench_sweep(tm, cfg))
     if "trace_io" in todo:

@@ -71,7 +71,7 @@ def test_untouched_layers_keep_the_loaded_kernel():
         CALLS["counting_sdpa"] = 0
         with lens.knockout("image", "last", layers=[1]):
             knocked = logits(tm.model, inputs)
-        assert CALLS["counting_sdpa"] == n - 1        # the edited layer runs SDPA with the edited mask
+        assert CALLS["counting_sdpa"] == n            # the kernel runs every row; the edited row is recomputed alone
     assert torch.equal(attached, plain)
     sdpa = tiny("llava")
     with arbiter.attach(sdpa.model, sdpa.processor) as lens, lens.knockout("image", "last", layers=[1]):
@@ -128,3 +128,27 @@ def test_probs_come_from_the_modules_own_eager_function():
         module.eager_attention_forward = original
         tm.model.set_attn_implementation("sdpa")
     torch.testing.assert_close(rec.trace["L0.attn.probs"][:, :, -1], eager, atol=1e-6, rtol=0)
+
+
+def test_a_knockout_keeps_every_other_row_bit_identical():
+    """image -> last changes only the last row of each layer; causal rows before it never read it, so every other
+    row of the logits is the plain forward's, bit for bit (the kernel ran them untouched)."""
+    tm = tiny("llava")
+    inputs = inputs_for(tm, n=2)
+    plain = logits(tm.model, inputs)
+    with arbiter.attach(tm.model, tm.processor) as lens, lens.knockout("image", "last"):
+        knocked = logits(tm.model, inputs)
+    assert torch.equal(knocked[:, :-1], plain[:, :-1])
+    assert (knocked[:, -1] - plain[:, -1]).abs().max() > 1e-4
+
+
+def test_recomputing_the_edited_rows_alone_equals_recomputing_the_layer(monkeypatch):
+    tm = tiny("qwen2_vl")
+    inputs = inputs_for(tm, n=2)
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        with lens.knockout("image", "last"):
+            rows = logits(tm.model, inputs)
+        monkeypatch.setattr(type(lens._runtime), "ROW_SLICE_SHARE", 0.0)   # every edit recomputes the whole layer
+        with lens.knockout("image", "last"):
+            whole = logits(tm.model, inputs)
+    torch.testing.assert_close(rows, whole, atol=1e-6, rtol=0)

@@ -179,6 +179,13 @@ class Probe:
             return {k: v for k, v in zip(keys, vals)}
         return {k: list(self._emitted[k]) for k in keys}
 
+    def attn_mask_rows(self, ctx: Ctx) -> torch.Tensor | None:
+        """Optional, for a probe that edits ``attn.mask``: the query rows its edit can change, as a [batch, rows]
+        bool over ``ctx.positions``, or None (any row; the default). Where every mask editor of a layer names its
+        rows and they are few, the Lens runs the layer's own kernel for every row and recomputes those rows
+        alone (then the edit receives only those rows of the mask)."""
+        return None
+
     # -- lifecycle hooks (optional) ------------------------------------------------------------------------
     def on_attach(self, lens: "Lens") -> None:
         """Called when the probe is activated (validate parameters against the model here). ``served_layers``

@@ -96,7 +96,20 @@ class Knockout(Probe):
             f"layer: `with arbiter.attach(model, stack='encoder') as enc, enc.knockout({self.src!r}, 'text'):` "
             "around this one.", UserWarning, stacklevel=2)
 
+    def attn_mask_rows(self, ctx: Ctx) -> torch.Tensor:
+        """The rows the knockout edits: the destination group's (in the chosen batch rows)."""
+        q = ctx.group(self.dst, over="rows")
+        if self.heads is not None and not self.heads:   # no head chosen: nothing to sever
+            return torch.zeros_like(q)
+        if self.batch_rows is not None:
+            keep = torch.zeros(q.shape[0], dtype=torch.bool)
+            keep[[r for r in self.batch_rows if r < q.shape[0]]] = True
+            q = q & keep[:, None]
+        return q
+
     def attn_mask(self, ctx: Ctx, mask: torch.Tensor) -> torch.Tensor:
+        if self.heads is not None and not self.heads:
+            return mask
         q = ctx.group(self.dst, over="rows").to(mask.device)     # [b, q]
         k = ctx.group(self.src, over="keys").to(mask.device)     # [b, k]
         if self.batch_rows is not None:
