@@ -353,10 +353,15 @@ class _Runtime:
         specs = [a.specs[site[s]][1] for s in ("scores", "probs") for a in self.entries(site[s], layer)]
         if any(isinstance(s, str) and s == "all" for s in specs):
             return q_pos
-        rows = set()
-        for s in specs:
-            rows.update(self.resolve_rows(s, q_pos)[0].tolist())
-        return torch.tensor(sorted(rows), dtype=torch.long)
+        key = ("rows_union", tuple(s if isinstance(s, (str, int)) else tuple(s) for s in specs),
+               int(q_pos[0]) if len(q_pos) else 0, len(q_pos))
+        hit = self._rows_cache.get(key)   # the same union recurs in every layer of a forward
+        if hit is None:
+            rows = set()
+            for s in specs:
+                rows.update(self.resolve_rows(s, q_pos)[0].tolist())
+            hit = self._rows_cache[key] = torch.tensor(sorted(rows), dtype=torch.long)
+        return hit
 
     def read_rows(self, layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, empty=None):
         rows = self._rows_union(layer, q_pos, site)

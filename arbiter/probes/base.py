@@ -102,6 +102,17 @@ class Ctx:
         """Group mask restricted to this callback's rows (``over="rows"``) or keys (``over="keys"``): [batch, n]."""
         pos = self.positions if over == "rows" else self.key_positions
         facts, rt = self.lens.facts, self.lens._runtime
+        # the same group over the same positions recurs in every layer of a forward: built once per forward
+        key = ("group", name, over, self.cross and over == "keys", self.layer if self.cross else None, self.unit,
+               int(pos[0]) if len(pos) else 0, len(pos))
+        hit = rt._rows_cache.get(key)
+        if hit is not None:
+            return hit
+        out = self._group(name, over, pos, facts, rt)
+        rt._rows_cache[key] = out
+        return out
+
+    def _group(self, name: str, over: str, pos: torch.Tensor, facts, rt) -> torch.Tensor:
         if over == "keys" and self.cross:
             inside = facts.cross_key_groups(self.layer, unit=self.unit)
             if inside or facts.encoder is None:   # every key is in the groups the adapter names, or in none
