@@ -49,7 +49,17 @@ QUICK = dict(model=dict(hidden=128, layers=4, heads=4, kv_heads=4, image_tokens=
              sweep_samples=2, sweep_heads_per_layer=1, sweep_repeats=3, trace_mb=10, attribution_samples=2,
              stream_samples=(10, 1000),
              surrogate=dict(grid=2, seeds=2, horizon=0.5, loop_cells=2, repeats=1), organism_samples=8)
-SECTIONS = ("forwards", "fixed", "sweep", "trace_io", "attribution", "stream_memory", "surrogate", "organism")
+SECTIONS = ("forwards", "fixed", "scale", "sweep", "trace_io", "attribution", "stream_memory", "surrogate",
+            "organism")
+# real widths, few layers (the ratios are per layer): LLaVA-1.5-7B, Qwen2-VL-7B (28 query / 4 KV heads, M-RoPE),
+# LLaVA-NeXT tiling (~2,900 image tokens); batch 1, random weights
+SCALE_SHAPES = {
+    "llava7b": ("llava", dict(hidden=4096, heads=32, kv_heads=32, intermediate=11008, image_tokens=576)),
+    "qwen2vl7b": ("qwen2_vl", dict(hidden=3584, heads=28, kv_heads=4, intermediate=18944, image_tokens=576)),
+    "llavanext_tiles": ("llava_next", dict(hidden=4096, heads=32, kv_heads=32, intermediate=11008,
+                                           image_tokens=2880)),
+}
+SCALE_QUICK = dict(hidden=256, heads=4, kv_heads=4, intermediate=512, image_tokens=64)
 # the fixed cost per layer: a model so narrow that compute is small, the sequence and batch of the forwards section
 FIXED_MODEL = dict(hidden=64, layers=8, heads=4, kv_heads=4, image_tokens=576)
 # the streamed evaluation runs a small model in fresh processes (1 thread): memory, not speed, is measured
@@ -258,6 +268,77 @@ def bench_fixed(cfg) -> dict[str, Any]:
                 out[f"fixed_ratio_{name}{suffix}"] = t / plain
         out["fixed_seq_len"] = int(inputs["input_ids"].shape[1])
         out["fixed_hidden"], out["fixed_layers"] = shape["hidden"], shape["layers"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ real widths
+
+def _peak_rss_added(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """(peak resident memory during ``fn`` above the resident memory before it, bytes; fn's result). Resets the
+    kernel's peak counter (/proc/self/clear_refs) first; Linux only."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kib("VmRSS")
+    result = fn()
+    return (_status_kib("VmHWM") - before) * 1024.0, result
+
+
+def bench_scale(cfg) -> dict[str, Any]:
+    """Real-width models with few layers: plain forward, arbiter record (every residual + last-row attention),
+    knockout image -> last and a probe, timed round-robin in fp32 and bf16; the peak memory each adds over the
+    plain forward (resident, and CUDA's max_memory_allocated where present) against the size of what it keeps."""
+    out: dict[str, Any] = {}
+    quick = cfg is QUICK or cfg.get("quick")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for name, (family, shape) in SCALE_SHAPES.items():
+        for dtype in (torch.float32, torch.bfloat16):
+            dn = "fp32" if dtype == torch.float32 else "bf16"
+            key = f"scale_{name}_{dn}"
+            # a CPU without bf16 matmul units runs bf16 ~9x slower than fp32 (47 s vs 5.4 s for LLaVA-7B widths,
+            # 2 layers, 618 tokens, here): there bf16 gets one layer and one timed round, and the ~2,900-token
+            # shape none
+            slow_bf16 = device == "cpu" and dtype == torch.bfloat16 and not quick
+            if slow_bf16 and shape["image_tokens"] > 1000:
+                out[f"{key}_skipped"] = "bf16 on this CPU: one forward of ~2,900 tokens takes minutes"
+                continue
+            layers = 1 if (slow_bf16 or shape["image_tokens"] > 1000) and not quick else 2
+            repeats = 1 if slow_bf16 else (2 if quick else cfg.get("scale_repeats", 3))
+            shape = {**shape, **(SCALE_QUICK if quick else {}), "layers": layers}
+            _section(f"scale {name} {dn}: hidden {shape['hidden']}, {layers} layers, {repeats} rounds")
+            tm = tiny(family, dtype=dtype, **shape)
+            tm.model.to(device)
+            inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device))
+                      for k, v in _batch_inputs(tm, 1).items()}
+            n_tokens = int(inputs["input_ids"].shape[1])
+            paths = {"plain": lambda: _forward(tm.model, inputs), **_arbiter_paths(tm, inputs)}
+            res = _median_times(paths, repeats, warmup=0 if slow_bf16 else 1)
+            plain = res["plain"][0]
+            out[f"{key}_tokens"], out[f"{key}_layers"], out[f"{key}_rounds"] = n_tokens, layers, repeats
+            out[f"{key}_plain_s"] = plain
+            for p, (t_path, _) in res.items():
+                if p != "plain":
+                    out[f"{key}_{p.removesuffix('_s')}_ratio"] = t_path / plain
+            # memory: the recorder keeps every residual [1, T, hidden] and last-row probs [1, heads, 1, T] per layer
+            kept = layers * n_tokens * (shape["hidden"] + shape["heads"]) * torch.finfo(dtype).bits // 8
+            if device == "cpu":
+                plain_peak, _ = _peak_rss_added(paths["plain"])
+                rec_peak, traces = _peak_rss_added(paths["record_s"])
+            else:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                paths["plain"]()
+                plain_peak = torch.cuda.max_memory_allocated() - base
+                torch.cuda.reset_peak_memory_stats()
+                traces = paths["record_s"]()
+                rec_peak = torch.cuda.max_memory_allocated() - base
+            out[f"{key}_record_kept_mb"] = kept / 2**20
+            out[f"{key}_record_added_peak_mb"] = (rec_peak - plain_peak) / 2**20
+            out[f"{key}_record_added_over_kept"] = (rec_peak - plain_peak) / kept
+            del traces, tm, inputs, paths
+            gc.collect()
+    out["scale_device"] = device
     return out
 
 
@@ -673,7 +754,7 @@ def run(quick: bool = False, only: Any = None, **overrides: Any) -> dict[str, An
     torch.manual_seed(0)
     started = time.perf_counter()
     r: dict[str, Any] = {"quick": quick, "sections": [s for s in SECTIONS if s in todo], "load_avg_start": _load()}
-    if todo - {"stream_memory", "surrogate", "organism", "fixed"}:
+    if todo - {"stream_memory", "surrogate", "organism", "fixed", "scale"}:
         tm = tiny("llava", **cfg["model"])
         inputs = _batch_inputs(tm, cfg["batch"])
         r.update({"batch": cfg["batch"], "seq_len": int(inputs["input_ids"].shape[1]), "repeats": cfg["repeats"]})
@@ -683,6 +764,8 @@ def run(quick: bool = False, only: Any = None, **overrides: Any) -> dict[str, An
             r.update(bench_forwards(tm, inputs, cfg))
         if "fixed" in todo:
             r.update(bench_fixed(cfg))
+        if "scale" in todo:
+            r.update(bench_scale({**cfg, "quick": quick}))
         if "sweep" in todo:
             r.update(bench_sweep(tm, cfg))
     if "trace_io" in todo:
