@@ -41,6 +41,9 @@ class SweepResult:
     baseline: torch.Tensor
     forwards: int = 0
     layers_skipped: int = 0
+    chunk: int | None = None                 # settings per forward, as used (the memory budget may lower it)
+    memory_budget: int | None = None         # bytes the chunks were sized for (None: not sized)
+    clean_peak_bytes: int | None = None      # peak memory one clean forward of the batch added
 
     def effects(self, reduce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Per setting effect: ``reduce(values[i], baseline)`` (default: mean over samples of the metric change)."""
@@ -50,7 +53,8 @@ class SweepResult:
 
     def to_dict(self) -> dict:
         return {"settings": [dict(name=s.name, **s.meta) for s in self.settings],
-                "forwards": self.forwards, "layers_skipped": self.layers_skipped}
+                "forwards": self.forwards, "layers_skipped": self.layers_skipped, "chunk": self.chunk,
+                "memory_budget": self.memory_budget, "clean_peak_bytes": self.clean_peak_bytes}
 
 
 def _repeat(x, n: int):
@@ -93,17 +97,41 @@ def _clean_outputs(lens, inputs: dict, last_only: bool = True
 
 
 def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = last_token_logits,
-          chunk: int = 16, reuse_prefix: bool = True, progress: bool = False, last_only: bool = True) -> SweepResult:
-    """Evaluate ``settings`` on ``inputs`` (a batch of b samples): ``chunk`` settings per forward, each setting
-    on its own copy of the b rows. Equals a loop of separate forwards to float rounding.
+          chunk: int = 16, reuse_prefix: bool = True, progress: bool = False, last_only: bool = True,
+          memory_budget: int | str | None = None) -> SweepResult:
+    """Evaluate ``settings`` on ``inputs`` (a batch of b samples): up to ``chunk`` settings per forward, each
+    setting on its own copy of the b rows. Equals a loop of separate forwards to float rounding.
 
+    The chunk is also bounded by memory: a forward of n settings holds n copies of the batch, each costing about
+    the peak one clean forward of the batch adds (measured on CUDA; estimated from the model's widths on a CPU,
+    :func:`arbiter.memory.forward_peak_estimate`), so n stays within ``memory_budget`` (bytes or a size such as
+    "8GiB"; default: ``$ARBITER_MEMORY_BUDGET``, else half the memory free on the model's device).
     ``last_only`` (default): the metric sees logits of the last position only ([rows, 1, vocab]), so the
     unembedding runs on one row; pass False for a metric that reads other positions."""
+    from . import memory
+
     if not settings:
         raise InterventionError("sweep() got no settings.")
     fkw = _forward_kwargs(lens, last_only)
     inputs = {k: v for k, v in inputs.items() if k != "labels"}  # no loss: logits only
-    logits, outs, enc = _clean_outputs(lens, inputs, last_only)
+    device = next(lens.model.parameters()).device
+    budget = memory.budget_bytes(device, memory_budget)
+    if device.type == "cuda":
+        peak, (logits, outs, enc) = memory.peak_added(lambda: _clean_outputs(lens, inputs, last_only), device)
+    else:   # a CPU allocator keeps freed memory, so the process's peak says little: estimate from the widths
+        logits, outs, enc = _clean_outputs(lens, inputs, last_only)
+        ids = inputs.get("input_ids")
+        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else (1, 1)
+        dtype = next(lens.model.parameters()).dtype
+        peak = memory.forward_peak_estimate(lens.facts.text_config, shape[0], shape[1] + lens.facts.prefix_length(
+            inputs), dtype)
+    if budget is not None and peak:
+        fit = int(budget // peak)
+        if fit < 1:
+            raise InterventionError(
+                f"one setting needs about {peak / 2**20:.0f} MiB (the peak of one clean forward of this batch), "
+                f"more than the memory budget of {budget / 2**20:.0f} MiB; use a smaller batch or a larger budget.")
+        chunk = min(chunk, fit)
     baseline = metric(logits)
     order = sorted(range(len(settings)), key=lambda i: settings[i].first_layer)
     values: list[torch.Tensor | None] = [None] * len(settings)
@@ -132,7 +160,7 @@ def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = la
         skipped += first
         for j, i in enumerate(idx):
             values[i] = out[j * b:(j + 1) * b]
-    return SweepResult(list(settings), torch.stack(values), baseline, forwards, skipped)
+    return SweepResult(list(settings), torch.stack(values), baseline, forwards, skipped, chunk, budget, peak)
 
 
 def head_settings(lens, heads: Sequence[tuple[int, int]] | None = None, alpha: float = 0.0) -> list[Setting]:
@@ -160,9 +188,11 @@ class _RowScale(HeadScale):
 
 
 def head_sweep(lens, inputs: dict, heads=None, alpha: float = 0.0, metric: Callable = last_token_logits,
-               chunk: int = 16, reuse_prefix: bool = True, progress: bool = False) -> SweepResult:
-    """Every single-head block (or scale by ``alpha``) in batched forwards."""
-    return sweep(lens, inputs, head_settings(lens, heads, alpha), metric, chunk, reuse_prefix, progress)
+               chunk: int = 16, reuse_prefix: bool = True, progress: bool = False,
+               memory_budget: int | str | None = None) -> SweepResult:
+    """Every single-head block (or scale by ``alpha``) in batched forwards (chunks bounded as in :func:`sweep`)."""
+    return sweep(lens, inputs, head_settings(lens, heads, alpha), metric, chunk, reuse_prefix, progress,
+                 memory_budget=memory_budget)
 
 
 def knockout_settings(lens, edges: Sequence[tuple[str, str]], window: int = 9,
@@ -183,7 +213,7 @@ def knockout_settings(lens, edges: Sequence[tuple[str, str]], window: int = 9,
 
 def knockout_sweep(lens, inputs: dict, edges: Sequence[tuple[str, str]], window: int = 9, centers=None,
                    metric: Callable = last_token_logits, chunk: int = 8, reuse_prefix: bool = True,
-                   progress: bool = False) -> SweepResult:
-    """The knockout map: every (edge family, centre layer) in batched forwards."""
+                   progress: bool = False, memory_budget: int | str | None = None) -> SweepResult:
+    """The knockout map: every (edge family, centre layer) in batched forwards (chunks bounded as in :func:`sweep`)."""
     return sweep(lens, inputs, knockout_settings(lens, edges, window, centers), metric, chunk, reuse_prefix,
-                 progress)
+                 progress, memory_budget=memory_budget)

@@ -274,14 +274,11 @@ def bench_fixed(cfg) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ real widths
 
 def _peak_rss_added(fn: Callable[[], Any]) -> tuple[float, Any]:
-    """(peak resident memory during ``fn`` above the resident memory before it, bytes; fn's result). Resets the
-    kernel's peak counter (/proc/self/clear_refs) first; Linux only."""
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _status_kib("VmRSS")
-    result = fn()
-    return (_status_kib("VmHWM") - before) * 1024.0, result
+    """(peak resident memory during ``fn`` above the resident memory before it, bytes; fn's result)."""
+    from arbiter.memory import peak_added
+
+    peak, result = peak_added(fn, "cpu")
+    return float("nan") if peak is None else float(peak), result
 
 
 def bench_scale(cfg) -> dict[str, Any]:
