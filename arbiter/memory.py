@@ -112,9 +112,14 @@ def forward_peak_estimate(config, batch: int, seq: int, dtype: torch.dtype) -> i
     """Bytes one forward of ``batch`` x ``seq`` tokens holds at its peak beyond the weights, from the text config's
     widths: the residual stream and one layer's transients (queries, keys, values, attention output, the MLP's
     up / gate / activation, a [heads, seq, seq] score matrix where the attention kernel forms one)."""
-    hidden = int(getattr(config, "hidden_size", 0) or 0)
-    inter = int(getattr(config, "intermediate_size", 0) or 4 * hidden)
-    heads = int(getattr(config, "num_attention_heads", 0) or 1)
+    def widest(name: str, default: int) -> int:   # a per-layer list of widths: the widest layer
+        v = getattr(config, name, None)
+        v = max(v) if isinstance(v, (list, tuple)) and v else v
+        return int(v) if isinstance(v, (int, float)) and v else default
+
+    hidden = widest("hidden_size", 0)
+    inter = widest("intermediate_size", 4 * hidden)
+    heads = widest("num_attention_heads", 1)
     size = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
     per_token = hidden * 8 + inter * 3          # residual, norm, q, k, v, attention out, o_proj; up, gate, act
     return int(size * batch * (seq * per_token + heads * seq * seq))
