@@ -226,11 +226,40 @@ def float_mask(mask_bool: torch.Tensor, mask_float: torch.Tensor | None, dtype: 
     return torch.where(mask_bool | (model <= lowest / 2), model, lowest)
 
 
+# tensor keyword arguments of attention calls that do not enter the scores of eager / SDPA attention
+_POSITIONAL_KWARGS = frozenset({"position_ids", "cache_position", "cu_seq_lens_q", "cu_seq_lens_k", "s_aux",
+                                "sinks", "max_length_q", "max_length_k"})
+
+
+def score_terms(kwargs) -> list[str]:
+    """Tensor keyword arguments that may add to the attention scores (a position bias, ...): arbiter's own score
+    formula does not know them."""
+    return sorted(k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in _POSITIONAL_KWARGS)
+
+
+def row_kwargs(kwargs, rows: torch.Tensor, q_len: int, k_len: int) -> dict | None:
+    """The call's keyword arguments for a subset of its query rows: per-query-and-key tensors ([..., q, k], e.g. a
+    position bias) cut to those rows; None when a tensor has a query dimension arbiter cannot place."""
+    out = dict(kwargs)
+    for name in score_terms(kwargs):
+        v = kwargs[name]
+        if v.dim() >= 2 and v.shape[-2] == q_len and v.shape[-1] == k_len:
+            out[name] = v.index_select(-2, rows.to(v.device)) if v.shape[-2] > 1 else v
+        elif q_len in v.shape and q_len > 1:
+            return None
+    return out
+
+
 def row_scores(module, query_rows, key, mask_rows_bool, mask_rows_float, kwargs) -> torch.Tensor:
     """Pre-softmax scores of the given query rows (scaling, softcap, mask), as eager attention forms them.
 
     Eager functions return probabilities only, so this is the one place arbiter forms scores itself; layers
     whose eager function adds terms to the softmax (attention sinks) refuse score edits (see ``check_score_edit``)."""
+    extra = score_terms(kwargs)
+    if extra:
+        raise SiteError(f"{type(module).__name__}'s attention receives {', '.join(extra)}, which may add to its scores; "
+                        "arbiter's score formula (scaling, softcap, mask) does not include it, so attn.scores cannot "
+                        "be served here. Read attn.probs (computed by the module's own eager function) instead.")
     n_rep = query_rows.shape[1] // key.shape[1]
     k = repeat_kv(key, n_rep)
     scaling = kwargs.get("scaling")

@@ -253,7 +253,7 @@ class _Runtime:
         eager = any(a.specs[site[s]][0] == "edit" for s in ("scores", "probs") for a in self.entries(site[s], layer))
         if has["mask"] and not (eager or has["scores"] or has["probs"]):
             rows = self.mask_edit_rows(layer, site, q_pos, kw)
-            if rows is not None:
+            if rows is not None and attn_fn.row_kwargs(kwargs, q_pos[:1], q_len, key.shape[2]) is not None:
                 return self.row_sliced(layer, module, base, kind, query, key, value, attention_mask, kwargs, q_pos,
                                        kw, site, rows, cross)
         need_mask = has["mask"] or has["scores"] or has["probs"]
@@ -337,7 +337,7 @@ class _Runtime:
         else:
             mask_b, _ = attn_fn.protect_empty_rows(mask_b, q_pos[rows].to(dev), k_pos.to(dev))
         sub = attn_fn.masked_attention(kind, base, module, query.index_select(2, rows_d), key, value, mask_b, mask_f,
-                                       kwargs)
+                                       attn_fn.row_kwargs(kwargs, rows, len(q_pos), key.shape[2]))
         o = sub[0]            # [b, rows, h, d]
         if empty is not None:
             o = o * (~empty).transpose(1, 2)[..., None].to(o.dtype)
@@ -378,7 +378,12 @@ class _Runtime:
                 scores = scores.masked_fill(cut, torch.finfo(scores.dtype).min)
             self.run_site(site["scores"], layer, scores, 2, rows, **kw)
         if self.entries(site["probs"], layer):
-            probs = attn_fn.row_probs(module, q_rows, key, value, mb, mf, kwargs)
+            rkw = kwargs if len(rows) == len(q_pos) else attn_fn.row_kwargs(kwargs, idx, len(q_pos), key.shape[2])
+            if rkw is None:
+                raise SiteError(f"layer {layer}: {type(module).__name__}'s attention receives per-query tensors "
+                                f"({', '.join(attn_fn.score_terms(kwargs))}) arbiter cannot cut to the requested "
+                                "rows; record attn.probs with rows='all' on this layer.")
+            probs = attn_fn.row_probs(module, q_rows, key, value, mb, mf, rkw)
             if cut is not None:   # ... and no attention at all: the row's output is zero
                 probs = probs.masked_fill(cut, 0.0)
             self.run_site(site["probs"], layer, probs, 2, rows, **kw)
@@ -429,6 +434,16 @@ class Lens:
         except BaseException:
             self._router.remove()
             raise
+        try:
+            self._install_base()
+        except BaseException:   # a failed attach leaves the model as it was
+            self.close()
+            raise
+        self._entered = True
+        return self
+
+    def _install_base(self) -> None:
+        """The runtime's registrations and the hooks every attach needs (undone by :meth:`close`)."""
         for lf in self.facts.layers:
             if lf.attn is not None:
                 attn_fn.RUNTIME[lf.attn] = (self, lf.index)
@@ -436,19 +451,20 @@ class Lens:
                     attn_fn.RUNTIME[self._stand_ins[lf.attn]] = (self, lf.index)
             if lf.cross_attn is not None:
                 attn_fn.RUNTIME[lf.cross_attn] = (self, lf.index, "xattn")
-        self._base_handles = [
-            *(m.register_forward_pre_hook(self._on_model, with_kwargs=True) for m in self.facts.input_modules()),
-            self.facts.decoder.register_forward_pre_hook(self._on_decoder, with_kwargs=True),
-        ]
+        self._base_handles = []   # filled one by one: a failure half-way leaves close() every handle made
+        for m in self.facts.input_modules():
+            self._base_handles.append(m.register_forward_pre_hook(self._on_model, with_kwargs=True))
+        self._base_handles.append(self.facts.decoder.register_forward_pre_hook(self._on_decoder, with_kwargs=True))
         if self.facts.encoder is not None:   # the decoder reads an encoder: group its positions at each run
             self._base_handles.append(
                 self.facts.encoder.register_forward_pre_hook(self._on_encoder, with_kwargs=True))
         if self.facts.encoder is not None or self.facts.stack == "encoder":
-            embed = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+            try:   # a model whose class does not implement it: encoders fed merged embeddings go ungrouped
+                embed = self.model.get_input_embeddings()
+            except (NotImplementedError, AttributeError):
+                embed = None
             if isinstance(embed, nn.Module):
                 self._base_handles.append(embed.register_forward_pre_hook(self._on_embed))
-        self._entered = True
-        return self
 
     def __exit__(self, *exc) -> None:
         self.close()

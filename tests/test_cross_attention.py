@@ -374,3 +374,38 @@ def test_groups_set_with_use_on_the_decoder_describe_the_encoders_prompt():
             _last(tm, inputs)
     p = rec.trace["L0.xattn.probs"][0, :, -1]
     assert p[:, half[0]].abs().max() == 0 and p[:, image[len(image) // 2:]].min() > 0
+
+
+def test_a_failed_attach_leaves_the_model_as_it_was(monkeypatch):
+    tm = _tm("florence2")
+    inputs = _inputs(tm)
+    before = _last(tm, inputs)
+    cfg = tm.model.config.text_config
+
+    def broken(self):
+        raise RuntimeError("an input module that cannot be hooked")
+
+    def hooks():   # transformers may keep output-capturing hooks of its own: compare with before
+        return [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in tm.model.modules()]
+
+    hooks_before = hooks()
+    monkeypatch.setattr(arbiter.adapters.base.ModelFacts, "input_modules", broken)
+    with pytest.raises(RuntimeError, match="cannot be hooked"):
+        arbiter.attach(tm.model, tm.processor).__enter__()
+    assert cfg._attn_implementation == "sdpa"
+    assert hooks() == hooks_before
+    assert not any(m in arbiter.attention.RUNTIME for m in tm.model.modules())
+    assert torch.equal(_last(tm, inputs), before)
+
+
+def test_an_encoder_decoder_without_get_input_embeddings_attaches(monkeypatch):
+    tm = _tm("florence2")
+
+    def not_implemented(self):
+        raise NotImplementedError("`get_input_embeddings` not auto-handled")
+
+    monkeypatch.setattr(type(tm.model), "get_input_embeddings", not_implemented)
+    inputs = _inputs(tm)
+    with arbiter.attach(tm.model, tm.processor) as lens, lens.record("xattn", rows="last") as rec:
+        _last(tm, inputs)
+    assert rec.trace["L0.xattn.probs"].shape[-1] == inputs["input_ids"].shape[1]
