@@ -201,45 +201,40 @@ def _wrap(model):
 
 # ------------------------------------------------------------------------------------------------ fixed cost
 
-def _fixed_paths(lens, model, inputs, n_layers: int) -> dict[str, Callable[[], Any]]:
-    """The paths whose added time per layer the fixed section reports, on a model with ``lens`` attached once (as
-    a user attaches once and runs many forwards): each path activates its probe for one forward."""
-    def idle():
-        return _forward(model, inputs)
+def _fixed_paths(model, proc, inputs, n_layers: int) -> dict[str, Callable[[], Any]]:
+    """The paths whose added time per layer the fixed section reports; each attaches, runs one forward with its
+    probe and detaches (``attach_detach``: the attach and detach alone, subtracted from the others)."""
+    def attached(*probes):
+        def run():
+            with arbiter.attach(model, proc) as lens, contextlib.ExitStack() as stack:
+                for make in probes:
+                    stack.enter_context(make(lens))
+                return _forward(model, inputs)
+        return run
 
-    def record_probs_last():
-        with lens.record("attn.probs", rows="last"):
-            return _forward(model, inputs)
+    def attach_detach():
+        with arbiter.attach(model, proc):
+            return None
 
-    def record_resid_all_probs_last():
-        with lens.record("resid.post", rows="all"), lens.record("attn.probs", rows="last"):
-            return _forward(model, inputs)
-
-    def knockout_image_last():
-        with lens.knockout("image", "last", layers="all"):
-            return _forward(model, inputs)
-
-    def block_head():
-        with lens.block_heads([(i, 0) for i in range(n_layers)]):
-            return _forward(model, inputs)
-
-    return {"idle": idle, "record_probs_last": record_probs_last,
-            "record_resid_all_probs_last": record_resid_all_probs_last,
-            "knockout_image_last": knockout_image_last, "block_head": block_head}
+    return {"attach_detach": attach_detach, "idle": attached(),
+            "record_probs_last": attached(lambda lens: lens.record("attn.probs", rows="last")),
+            "record_resid_all_probs_last": attached(lambda lens: lens.record("resid.post", rows="all"),
+                                                    lambda lens: lens.record("attn.probs", rows="last")),
+            "knockout_image_last": attached(lambda lens: lens.knockout("image", "last", layers="all")),
+            "block_head": attached(lambda lens: lens.block_heads([(i, 0) for i in range(n_layers)]))}
 
 
 def bench_fixed(cfg) -> dict[str, Any]:
     """Time arbiter adds per layer and forward on a model so narrow (hidden 64) that compute is small: (path -
-    plain forward) / layers, in ms, per path; and each path's ratio to the plain forward. The Lens is attached
-    once; each path activates its probe for its forward; the plain forward runs on an unattached copy. On CUDA too
-    when present (synchronised timing)."""
+    attach and detach - plain forward) / layers, in ms, per path; and each path's ratio to the plain forward. One
+    model: each path attaches, runs its forward and detaches, the attach and detach alone timed and subtracted.
+    On CUDA too when present (synchronised timing)."""
     shape = {**FIXED_MODEL, **({"image_tokens": cfg["model"]["image_tokens"]} if cfg is QUICK else {})}
     out: dict[str, Any] = {}
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         tm = tiny("llava", **shape)
         model = tm.model.to(device)
-        plain_model = copy.deepcopy(model)   # the same weights, never attached: the plain forward
         inputs = {k: v.to(device) for k, v in _batch_inputs(tm, cfg["batch"]).items()}
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
@@ -250,22 +245,21 @@ def bench_fixed(cfg) -> dict[str, Any]:
                 return r
             return run_synced
 
-        with arbiter.attach(model, tm.processor) as lens:
-            fns = {"plain": timed(lambda: _forward(plain_model, inputs)),
-                   **{k: timed(v) for k, v in _fixed_paths(lens, model, inputs, shape["layers"]).items()}}
-            _section(f"fixed cost on {device}: {len(fns)} paths round-robin, {cfg['repeats'] * 6} rounds")
-            # CPU: this process's CPU time with one torch thread (steady on a shared machine); CUDA: wall time
-            single = device == "cpu" and torch.get_num_threads() == 1
-            res = _median_times(fns, cfg["repeats"] * 6, warmup=1,
-                                clock=time.process_time if single else time.perf_counter)
+        fns = {"plain": timed(lambda: _forward(model, inputs)),
+               **{k: timed(v) for k, v in _fixed_paths(model, tm.processor, inputs, shape["layers"]).items()}}
+        _section(f"fixed cost on {device}: {len(fns)} paths round-robin, {cfg['repeats'] * 6} rounds")
+        # CPU: this process's CPU time with one torch thread (steady on a shared machine); CUDA: wall time
+        single = device == "cpu" and torch.get_num_threads() == 1
+        res = _median_times(fns, cfg["repeats"] * 6, warmup=1, clock=time.process_time if single else time.perf_counter)
         out["fixed_clock"] = "process CPU time" if single else "wall time"
-        plain = res["plain"][0]
+        plain, attach = res["plain"][0], res["attach_detach"][0]
         suffix = "" if device == "cpu" else "_cuda"
         out[f"fixed_plain_forward_ms{suffix}"] = plain * 1e3
+        out[f"fixed_attach_detach_ms{suffix}"] = attach * 1e3
         for name, (t, _) in res.items():
-            if name != "plain":
-                out[f"fixed_ms_per_layer_{name}{suffix}"] = (t - plain) * 1e3 / shape["layers"]
-                out[f"fixed_ratio_{name}{suffix}"] = t / plain
+            if name not in ("plain", "attach_detach"):
+                out[f"fixed_ms_per_layer_{name}{suffix}"] = (t - attach - plain) * 1e3 / shape["layers"]
+                out[f"fixed_ratio_{name}{suffix}"] = (t - attach) / plain
         out["fixed_seq_len"] = int(inputs["input_ids"].shape[1])
         out["fixed_hidden"], out["fixed_layers"] = shape["hidden"], shape["layers"]
     return out
