@@ -179,8 +179,6 @@ def test_demo_takes_device_and_dtype():
 
 
 def test_demo_loads_the_organism_in_the_asked_dtype(monkeypatch, tmp_path):
-    import torch
-
     from arbiter import organisms
 
     seen = {}
@@ -188,14 +186,14 @@ def test_demo_loads_the_organism_in_the_asked_dtype(monkeypatch, tmp_path):
     class Loaded(Exception):
         pass
 
-    def fake_load(name, dtype=torch.float32):
-        seen.update(name=name, dtype=dtype)
+    def fake_load(model, device, dtype, **placement):
+        seen.update(model=model, device=device, dtype=dtype)
         raise Loaded
 
-    monkeypatch.setattr(organisms, "load", fake_load)
+    monkeypatch.setattr(cli, "load_model", fake_load)
     with pytest.raises(Loaded):
         cli.main(["demo", "--out", str(tmp_path), "--dtype", "bfloat16", "--organism", "qwen2vl_tiny"])
-    assert seen == {"name": "qwen2vl_tiny", "dtype": torch.bfloat16}
+    assert seen == {"model": str(organisms.path("qwen2vl_tiny")), "device": "cpu", "dtype": "bfloat16"}
 
 
 def test_demo_with_an_unknown_organism_is_a_clear_error(tmp_path, capsys):
@@ -335,7 +333,7 @@ def test_valid_inputs_reach_the_model_loader(tmp_path, model_dir, monkeypatch):
     class Reached(Exception):
         pass
 
-    def reached(path, device, dtype):
+    def reached(path, device, dtype, **placement):
         calls.append((path, device, dtype))
         raise Reached
     monkeypatch.setattr(cli, "load_model", reached)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .._threads import idle_cores
 from ..metrics._common import check_choice, fail
 from .lorenz import LorenzSignal, lorenz
 
@@ -890,10 +890,7 @@ def resolve_workers(workers: int | None) -> int:
     the cores busy, a second worker only time-slices with the first (measured on 2 cores at load ~4: the default
     sweep took 210 s with 2 workers, 157 s with 1). The worker count never changes the results (a test checks)."""
     if workers is None:
-        w = torch.get_num_threads()
-        with contextlib.suppress(OSError, AttributeError):
-            w = min(w, max(1, round((os.cpu_count() or w) - os.getloadavg()[0])))
-        return w
+        return idle_cores(cap=torch.get_num_threads())
     w = int(workers)
     if w < 1:
         fail(f"workers={w} must be >= 1.")
