@@ -821,6 +821,11 @@ class Lens:
         f = self.facts
         chosen = _resolve_layers(layer_spec, f.n_layers, range(f.n_layers), who)
         explicit = not (layer_spec is None or (isinstance(layer_spec, str) and layer_spec == "all"))
+        routed_sites = [s for s in specs if s in ATTENTION_SITES]
+        if f.merged_encoder and routed_sites:
+            raise SiteError(f"{who}: {', '.join(routed_sites)} cannot be served on this model: {f.merged_encoder}; "
+                            "arbiter cannot place those keys in token groups. The residual, MLP, attn.head_out and "
+                            "attn.out sites work; attach(model, stack='encoder') serves the encoder's attention.")
         if specs.get("attn.mask", ("read",))[0] == "edit" and f.unserved:
             raise SiteError(f"{who}: this model also mixes tokens through modules arbiter does not route "
                             f"({'; '.join(f.unserved[:3])}{' ...' if len(f.unserved) > 3 else ''}), so a knockout "

@@ -409,3 +409,25 @@ def test_an_encoder_decoder_without_get_input_embeddings_attaches(monkeypatch):
     with arbiter.attach(tm.model, tm.processor) as lens, lens.record("xattn", rows="last") as rec:
         _last(tm, inputs)
     assert rec.trace["L0.xattn.probs"].shape[-1] == inputs["input_ids"].shape[1]
+
+
+def test_a_decoder_that_reads_the_encoder_in_its_self_attention_refuses_attention_sites_at_activation():
+    """T5Gemma 2's decoder attends over its own and the encoder's keys in one call (no cross-attention module):
+    attention sites are refused when the probe is activated, naming why; residual sites still record."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import zoo_runtime
+
+    model, _ = zoo_runtime.build("t5gemma2", "T5Gemma2ForConditionalGeneration", False)
+    with arbiter.attach(model) as lens:
+        assert lens.facts.merged_encoder and "inside its self-attention" in lens.facts.merged_encoder
+        with pytest.raises(SiteError, match="cannot be served on this model: the decoder reads the encoder"):
+            with lens.record("attn.probs", rows="last"):
+                pass
+        with pytest.raises(SiteError, match="cannot be served on this model"):
+            with lens.knockout("image", "last"):
+                pass
+        with lens.record("resid.post", rows="last"):
+            pass

@@ -118,6 +118,9 @@ class ModelFacts:
     stack: str = "decoder"           # which stack the facts describe: "decoder" (makes the logits) or "encoder"
     # the encoder whose positions the layers' cross-attention reads (an encoder-decoder's decoder facts), else None
     encoder: nn.Module | None = None
+    # an encoder-decoder whose decoder layers hold no cross-attention: they read the encoder inside their own
+    # attention (keys of both sequences in one call), which arbiter cannot place in token groups
+    merged_encoder: str | None = None
     residual: "ResidualLayout" = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -556,10 +559,16 @@ class Adapter:
         for index, module in self.cross_attentions(decoder, layers, cfg).items():
             layers[index].cross_attn = module
         unserved = self.unserved_mixers(decoder, layers, cfg) + self.cross_sources(model, decoder, layers)
-        encoder = None
+        encoder = merged = None
         if stack == "decoder" and any(lf.cross_attn is not None and not self.cross_unit_key_groups(
                 lf, frozenset(self.token_ids(model))) for lf in layers):
             encoder = self.encoder_stack(model, decoder)
+        elif stack == "decoder" and not any(lf.cross or lf.cross_attn is not None for lf in layers):
+            enc = self.encoder_stack(model, decoder)
+            if enc is not None:
+                merged = (f"the decoder reads the encoder ({type(enc).__name__}) inside its self-attention (no "
+                          "cross-attention module in its layers), so each attention call mixes the two sequences' "
+                          "keys")
         lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if stack == "encoder":
             lm_head = None   # the encoder's positions are not unembedded
@@ -575,7 +584,7 @@ class Adapter:
             modality_token_ids=self.token_ids(model), notes=list(self.notes),
             prefix_bidirectional=self.prefix_bidirectional,
             resid_stacked=self.resid_stacked, prefix_replay=self.prefix_replay and not kv_shared, adapter=self,
-            unserved=unserved, stack=stack, encoder=encoder)
+            unserved=unserved, stack=stack, encoder=encoder, merged_encoder=merged)
 
 
 def patch_view(name: str, offset: int, rows: int, cols: int, row_stride: int | None = None,
