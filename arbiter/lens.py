@@ -207,7 +207,8 @@ class _Runtime:
                              f"{type(after).__name__}; an editing callback must return the new tensor.")
         if site in ("attn.mask", "xattn.mask"):
             try:
-                torch.broadcast_shapes(after.shape, before.shape)
+                if after.shape != before.shape:   # (the check is costly per layer; equal shapes need none)
+                    torch.broadcast_shapes(after.shape, before.shape)
             except RuntimeError:
                 raise ProbeError(f"probe {probe!r} returned an attn.mask of shape {tuple(after.shape)} at layer "
                                  f"{layer}; expected one broadcastable with {tuple(before.shape)}.") from None
@@ -268,7 +269,8 @@ class _Runtime:
                 mask_b = self.run_site(site["mask"], layer, mask_b, 2, q_pos, **kw)
                 if mask_b is not before:
                     edited = True
-                    mask_b = mask_b.expand(torch.broadcast_shapes(mask_b.shape, before.shape))
+                    if mask_b.shape != before.shape:
+                        mask_b = mask_b.expand(torch.broadcast_shapes(mask_b.shape, before.shape))
                     if cross:
                         empty = ~mask_b.any(dim=-1)
                         mask_b = mask_b | empty[..., None]
@@ -329,7 +331,8 @@ class _Runtime:
         mask_b = self.run_site(site["mask"], layer, mask_b, 2, q_pos[rows], **kw)
         if mask_b is before:
             return out
-        mask_b = mask_b.expand(torch.broadcast_shapes(mask_b.shape, before.shape))
+        if mask_b.shape != before.shape:
+            mask_b = mask_b.expand(torch.broadcast_shapes(mask_b.shape, before.shape))
         empty = None
         if cross:
             empty = ~mask_b.any(dim=-1)
