@@ -224,6 +224,54 @@ def _fixed_paths(model, proc, inputs, n_layers: int) -> dict[str, Callable[[], A
             "block_head": attached(lambda lens: lens.block_heads([(i, 0) for i in range(n_layers)]))}
 
 
+@contextlib.contextmanager
+def _inside_attention_clock(acc: dict[str, float]):
+    """Accumulate, in ``acc``, the CPU time spent inside arbiter's routed attention calls (``total``) and inside the
+    model's own kernel those calls make (``kernel``): their difference is arbiter's own work there (mask edits, row
+    recomputes, row reads), free of the model's compute and of the machine's load."""
+    from arbiter import attention as attn_fn
+    from arbiter import lens as lens_mod
+
+    orig_attention, orig_base = lens_mod._Runtime.attention, attn_fn.base_function
+
+    def base_function(base, module):
+        fn = orig_base(base, module)
+
+        def run(*a, **k):
+            start = time.process_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                acc["kernel"] += time.process_time() - start
+        return run
+
+    def attention(self, *a, **k):
+        start = time.process_time()
+        try:
+            return orig_attention(self, *a, **k)
+        finally:
+            acc["total"] += time.process_time() - start
+            acc["calls"] += 1
+
+    lens_mod._Runtime.attention, attn_fn.base_function = attention, base_function
+    try:
+        yield acc
+    finally:
+        lens_mod._Runtime.attention, attn_fn.base_function = orig_attention, orig_base
+
+
+def _inside_ms_per_layer(fn: Callable[[], Any], rounds: int) -> float:
+    """Median over ``rounds`` forwards of arbiter's own time per attention call, ms (see _inside_attention_clock)."""
+    per = []
+    for i in range(rounds + 1):
+        acc = {"total": 0.0, "kernel": 0.0, "calls": 0}
+        with _inside_attention_clock(acc):
+            fn()
+        if i and acc["calls"]:
+            per.append((acc["total"] - acc["kernel"]) / acc["calls"] * 1e3)
+    return statistics.median(per) if per else float("nan")
+
+
 def bench_fixed(cfg) -> dict[str, Any]:
     """Time arbiter adds per layer and forward on a model so narrow (hidden 64) that compute is small: (path -
     attach and detach - plain forward) / layers, in ms, per path; and each path's ratio to the plain forward. One
@@ -260,6 +308,10 @@ def bench_fixed(cfg) -> dict[str, Any]:
             if name not in ("plain", "attach_detach"):
                 out[f"fixed_ms_per_layer_{name}{suffix}"] = (t - attach - plain) * 1e3 / shape["layers"]
                 out[f"fixed_ratio_{name}{suffix}"] = (t - attach) / plain
+        if device == "cpu":   # arbiter's own work inside the attention calls, read directly (load-independent)
+            for name, fn in _fixed_paths(model, tm.processor, inputs, shape["layers"]).items():
+                if name != "attach_detach":
+                    out[f"fixed_inside_ms_per_layer_{name}"] = _inside_ms_per_layer(fn, cfg["repeats"] * 2)
         out["fixed_seq_len"] = int(inputs["input_ids"].shape[1])
         out["fixed_hidden"], out["fixed_layers"] = shape["hidden"], shape["layers"]
     return out

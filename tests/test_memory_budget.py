@@ -34,10 +34,16 @@ def test_the_default_budget_is_half_the_free_memory_or_the_environment(monkeypat
 
 
 def test_peak_added_counts_what_the_call_holds():
-    size = 200 * 2**20
-    peak, kept = memory.peak_added(lambda: torch.ones(size // 4), "cpu")   # 200 MiB of float32, touched
-    assert kept.numel() * 4 == size
-    assert size * 0.95 <= peak <= size * 1.2
+    """In a fresh process (a long-lived one may hand the call memory it already holds, which no peak counter sees)."""
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom arbiter import memory\nsize = 200 * 2**20\n"
+            "peak, kept = memory.peak_added(lambda: torch.ones(size // 4), 'cpu')\n"   # 200 MiB of float32, touched
+            "print(peak / size, kept.numel() * 4 == size)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    share, whole = out.stdout.split()
+    assert whole == "True" and 0.95 <= float(share) <= 1.2
 
 
 def _batch(tm):

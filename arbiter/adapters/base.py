@@ -372,7 +372,8 @@ class Adapter:
         """The encoder whose output the decoder's cross-attention reads (encoder-decoder models), else None."""
         for m in model.modules():
             enc = getattr(m, "encoder", None)
-            if m is not model and isinstance(enc, nn.Module) and any(c is decoder for c in m.children()):
+            if m is not model and isinstance(enc, nn.Module) and enc is not decoder \
+                    and any(c is decoder for c in m.children()):
                 return enc
         return None
 
