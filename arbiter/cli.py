@@ -540,7 +540,7 @@ def _fraction(text: str) -> float:
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="DIR|HUB_ID",
                    help="a transformers model and its processor: a save_pretrained() folder, or a hub id (org/name, "
-                        "e.g. llava-hf/llava-1.5-7b-hf) already in the local Hugging Face cache; loaded offline (no "
+                        "e.g. ORG/MODEL-NAME) already in the local Hugging Face cache; loaded offline (no "
                         "download), no remote code")
     p.add_argument("--data", required=True, metavar="FILE",
                    help=f"conflict data, JSON Lines (format: {DATA_DOC})")

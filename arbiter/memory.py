@@ -39,20 +39,10 @@ def parse_bytes(value: int | float | str) -> int:
     return n
 
 
-def _meminfo_kib(field: str) -> int | None:
+def _proc_kib(path: str, field: str) -> int | None:
+    """A ``kB`` field of a /proc file (``/proc/meminfo``'s MemAvailable, ``/proc/self/status``'s VmRSS), or None."""
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1])
@@ -67,7 +57,7 @@ def free_bytes(device: torch.device | str) -> int | None:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
-    kib = _meminfo_kib("MemAvailable")
+    kib = _proc_kib("/proc/meminfo", "MemAvailable")
     return None if kib is None else kib * 1024
 
 
@@ -100,9 +90,9 @@ def peak_added(fn: Callable[[], Any], device: torch.device | str) -> tuple[int |
             f.write("5")
     except OSError:
         return None, fn()
-    before = _status_kib("VmRSS")
+    before = _proc_kib("/proc/self/status", "VmRSS")
     result = fn()
-    peak = _status_kib("VmHWM")
+    peak = _proc_kib("/proc/self/status", "VmHWM")
     if before is None or peak is None:
         return None, result
     return max(0, (peak - before) * 1024), result

@@ -81,9 +81,9 @@ def image_token_id(tm) -> int:
     raise AssertionError(f"{tm.family}: config has no image token id")
 
 
-def check_deterministic_in_seed(family: str, prompt: str) -> None:
+def check_deterministic_in_seed(family: str, prompt: str) -> int:
     """Same seed, same weights, inputs and logits; another seed changes every randomly drawn parameter (not the
-    constant norms and biases) and nothing else."""
+    constant norms and biases) and nothing else. Returns how many drawn parameters were compared."""
     import numpy as np
 
     a, b, c = tiny(family, seed=3), tiny(family, seed=3), tiny(family, seed=4)
@@ -103,3 +103,4 @@ def check_deterministic_in_seed(family: str, prompt: str) -> None:
     ia, ib = a.inputs(a.prompt(prompt)), b.inputs(b.prompt(prompt))
     assert ia.keys() == ib.keys() and all(torch.equal(torch.as_tensor(ia[k]), torch.as_tensor(ib[k])) for k in ia)
     torch.testing.assert_close(forward_logits(a, ia), forward_logits(b, ib), atol=0, rtol=0)
+    return len(drawn)

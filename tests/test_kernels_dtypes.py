@@ -192,7 +192,8 @@ def logit_tol(ref: torch.Tensor, dtype: torch.dtype, device: str) -> float:
 
 def assert_logits_close(out: torch.Tensor, ref: torch.Tensor, dtype, device, effect_of: torch.Tensor | None = None):
     """out (any dtype / device) within the logit tolerance of the fp32 reference; with ``effect_of`` (the fp32
-    logits without the intervention), the intervention's effect must exceed twice that tolerance."""
+    logits without the intervention), the intervention's effect must exceed twice that tolerance. Returns the
+    error as a share of the tolerance."""
     out = out.float().cpu()
     assert torch.isfinite(out).all(), f"{dtype} on {device}: non-finite logits"
     tol = logit_tol(ref, dtype, device)
@@ -201,6 +202,7 @@ def assert_logits_close(out: torch.Tensor, ref: torch.Tensor, dtype, device, eff
         assert effect > 2 * tol, f"effect {effect:.3g} too small to tell from {dtype} rounding ({tol:.3g})"
     err = (out - ref).abs().max().item()
     assert err <= tol, f"{dtype} on {device}: max |logit - fp32 reference| = {err:.3g} > {tol:.3g}"
+    return err / tol
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -250,7 +252,7 @@ def kernel_layers(tm) -> list[int | str]:
 
 # ================================================================================================ 1. kernels
 
-def check_idle_attach_is_bit_exact(family: str, device: str) -> None:
+def check_idle_attach_is_bit_exact(family: str, device: str) -> tuple[int, int]:
     tm = kernel_model(family, device)
     inputs = move(inputs_for(tm, n=2), device, torch.float32)
     n = len(text_layers(tm.model))
@@ -264,14 +266,16 @@ def check_idle_attach_is_bit_exact(family: str, device: str) -> None:
         called = kernel_layers(tm)
     assert called == ["tower"] * towers + list(range(n))        # once per layer, the tower untouched too
     assert torch.equal(attached, plain)
+    return called.count("tower"), len(called) - called.count("tower")
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_idle_attach_is_bit_exact_and_calls_the_kernel_once_per_layer(family):
-    check_idle_attach_is_bit_exact(family, "cpu")
+    towers, layers = check_idle_attach_is_bit_exact(family, "cpu")
+    assert layers == len(text_layers(fp32_model(family).model))
 
 
-def check_knockout_under_kernel(family: str, device: str) -> None:
+def check_knockout_under_kernel(family: str, device: str) -> float:
     """Knockout image -> last on layers {1, 3}: layers 0 and 2 (and the tower) still call the kernel, once; in 1 and
     3 arbiter computes the edited rows (the kernel may serve the others), and the logits equal the hand-masked fp32
     reference."""
@@ -291,12 +295,12 @@ def check_knockout_under_kernel(family: str, device: str) -> None:
     tm.model.cpu()
     ref = reference_logits(tm, cpu_inputs, layers=[1, 3], allowed=allowed_keys(tm, cpu_inputs, "image", "last"))
     real = cpu_inputs["attention_mask"].bool()
-    assert_logits_close(knocked.cpu()[real], ref[real], torch.float32, device, effect_of=plain[real])
+    return assert_logits_close(knocked.cpu()[real], ref[real], torch.float32, device, effect_of=plain[real])
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_knockout_on_some_layers_leaves_the_others_on_the_kernel_and_equals_a_hand_masked_reference(family):
-    check_knockout_under_kernel(family, "cpu")
+    assert check_knockout_under_kernel(family, "cpu") <= 1   # the error as a share of the stated tolerance
 
 
 def test_close_restores_the_kernel_everywhere():
@@ -352,7 +356,7 @@ def test_a_kernel_with_a_mask_arbiter_cannot_read_serves_idle_and_refuses_knocko
 DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
 
 
-def check_last_row_probs(dtype, device, sharpen=1.0) -> None:
+def check_last_row_probs(dtype, device, sharpen=1.0) -> float:
     tm = fp32_model("llava")
     cpu_inputs = inputs_for(tm, n=2)                                    # left-padded: sample 0 has padding keys
     model = model_in("llava", device, dtype, sharpen)
@@ -367,18 +371,20 @@ def check_last_row_probs(dtype, device, sharpen=1.0) -> None:
     probs = probs.float()
     err = (probs - ref).abs()
     bound = e * ref * (1 + 4 * max_score) + e / 64
-    assert (err <= bound).all(), f"max |p - p32| / bound = {(err / bound).max():.3g}"
+    share = (err / bound).max().item()
+    assert share <= 1, f"max |p - p32| / bound = {share:.3g}"
     assert ((probs.sum(-1) - 1).abs() <= e).all()
     assert not probs.masked_fill(real, 0).any()                         # padding keys get no weight
+    return share
 
 
 @pytest.mark.parametrize("sharpen", [pytest.param(1.0, id="flat"), pytest.param(PEAKED, id="peaked")])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_last_row_probs_are_finite_and_close_to_fp32(dtype, sharpen):
-    check_last_row_probs(dtype, "cpu", sharpen)
+    assert check_last_row_probs(dtype, "cpu", sharpen) <= 1   # the error as a share of the stated tolerance
 
 
-def check_knockout(dtype, device, src="image", dst="last", layers=None, check_effect=True) -> None:
+def check_knockout(dtype, device, src="image", dst="last", layers=None, check_effect=True) -> float:
     """A knockout src -> dst on ``layers`` (default all) against the hand-masked fp32 reference; with
     ``check_effect``, it must move the logits by more than twice the tolerance."""
     tm = fp32_model("llava")
@@ -391,15 +397,15 @@ def check_knockout(dtype, device, src="image", dst="last", layers=None, check_ef
     real = cpu_inputs["attention_mask"].bool()
     ref = reference_logits(tm, cpu_inputs, layers=layers, allowed=allowed_keys(tm, cpu_inputs, src, dst))
     effect = reference_logits(tm, cpu_inputs)[real] if check_effect else None
-    assert_logits_close(out.cpu()[real], ref[real], dtype, device, effect_of=effect)
+    return assert_logits_close(out.cpu()[real], ref[real], dtype, device, effect_of=effect)
 
 
 @pytest.mark.parametrize("dtype", [*DTYPES, pytest.param(torch.float32, id="fp32")])
 def test_knockout_image_to_last_in_every_layer_is_close_to_fp32(dtype):
-    check_knockout(dtype, "cpu")
+    assert check_knockout(dtype, "cpu") <= 1   # the error as a share of the stated tolerance
 
 
-def check_block_head(dtype, device) -> None:
+def check_block_head(dtype, device) -> float:
     tm = fp32_model("llava")
     cpu_inputs = inputs_for(tm, n=2)
     model = model_in("llava", device, dtype)
@@ -407,15 +413,15 @@ def check_block_head(dtype, device) -> None:
         out = forward(model, move(cpu_inputs, device, dtype)).logits
     real = cpu_inputs["attention_mask"].bool()
     ref = reference_logits(tm, cpu_inputs, blocked_heads=[(2, 1)])
-    assert_logits_close(out.cpu()[real], ref[real], dtype, device, effect_of=reference_logits(tm, cpu_inputs)[real])
+    return assert_logits_close(out.cpu()[real], ref[real], dtype, device, effect_of=reference_logits(tm, cpu_inputs)[real])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_blocked_head_is_close_to_fp32(dtype):
-    check_block_head(dtype, "cpu")
+    assert check_block_head(dtype, "cpu") <= 1   # the error as a share of the stated tolerance
 
 
-def check_row_with_no_key_left(dtype, device) -> None:
+def check_row_with_no_key_left(dtype, device) -> float:
     """Knockout all -> last: the last row would read no key; it keeps its own position (one-hot probabilities,
     never NaN), and the logits follow the hand-masked fp32 reference."""
     tm = fp32_model("llava")
@@ -432,12 +438,12 @@ def check_row_with_no_key_left(dtype, device) -> None:
     real = cpu_inputs["attention_mask"].bool()
     ref = reference_logits(tm, cpu_inputs, layers=range(len(text_layers(model))),
                            allowed=allowed_keys(tm, cpu_inputs, "all", "last"))
-    assert_logits_close(out.cpu()[real], ref[real], dtype, device, effect_of=reference_logits(tm, cpu_inputs)[real])
+    return assert_logits_close(out.cpu()[real], ref[real], dtype, device, effect_of=reference_logits(tm, cpu_inputs)[real])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_a_row_left_with_no_key_keeps_itself_without_nan(dtype):
-    check_row_with_no_key_left(dtype, "cpu")
+    assert check_row_with_no_key_left(dtype, "cpu") <= 1   # the error as a share of the stated tolerance
 
 
 GROUPS = ("image", "text", "last", "all")
@@ -448,7 +454,8 @@ GROUPS = ("image", "text", "last", "all")
        layers=st.sets(st.integers(0, 3), min_size=1).map(sorted),
        dtype=st.sampled_from([torch.bfloat16, torch.float16]))
 def test_any_knockout_in_low_precision_is_finite_and_close_to_fp32(src, dst, layers, dtype):
-    check_knockout(dtype, "cpu", src, dst, layers, check_effect=False)   # some pairs sever nothing (last -> image)
+    # some pairs sever nothing (last -> image): no effect size checked
+    assert check_knockout(dtype, "cpu", src, dst, layers, check_effect=False) <= 1
 
 
 # ================================================================================================ 3. CUDA
