@@ -141,12 +141,11 @@ def _close(a, b, path: str, tol: float = 1e-6) -> None:
         assert a == b, (path, a, b)
 
 
-@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                    reason="needs torch.distributed with gloo")
-def test_torchrun_two_processes_give_the_single_process_report(tmp_path):
+def single_and_torchrun_reports(tmp_path, device: str = "cpu") -> tuple[dict, dict]:
+    """``arbiter diagnose`` on a tiny saved LLaVA and 8 synthetic samples, once in one process and once under
+    ``torchrun --nproc_per_node 2`` (gloo on a CPU, nccl on CUDA): (single report, distributed report)."""
     from arbiter import cli
     from arbiter.data import generate_synthetic
-    from arbiter.trace import read_trace_dir
 
     tm = _tiny("llava")
     model_dir = tmp_path / "model"
@@ -155,7 +154,7 @@ def test_torchrun_two_processes_give_the_single_process_report(tmp_path):
     ds = generate_synthetic(tmp_path / "data", 8, seed=0, image_size=32)
     assert len([s for s in ds.samples if s.conflict]) == 7     # batches of 2: 4 batches, the last one of 1
     args = ["diagnose", "--model", str(model_dir), "--data", str(ds.path), "--window", "3", "--batch-size", "2",
-            "--skip", "shapley,keyspace,surrogate", "--random-draws", "2", "--no-generate"]
+            "--skip", "shapley,keyspace,surrogate", "--random-draws", "2", "--no-generate", "--device", device]
     # imbalance is not skipped: it runs on rank 0 only and is broadcast (the path of every modality step)
     assert cli.main([*args, "--out", str(tmp_path / "single")]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
@@ -165,8 +164,16 @@ def test_torchrun_two_processes_give_the_single_process_report(tmp_path):
                           capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("[arbiter] MFR overall") == 1       # rank 0 reports, rank 1 is silent
-    single = json.loads((tmp_path / "single" / "report.json").read_text())
-    dist = json.loads((tmp_path / "dist" / "report.json").read_text())
+    return (json.loads((tmp_path / "single" / "report.json").read_text()),
+            json.loads((tmp_path / "dist" / "report.json").read_text()))
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_torchrun_two_processes_give_the_single_process_report(tmp_path):
+    from arbiter.trace import read_trace_dir
+
+    single, dist = single_and_torchrun_reports(tmp_path)
     for key in _COMPARED:
         _close(single[key], dist[key], key)
     assert "skipped" not in dist["imbalance"] and dist["heads"]["scores"]["exhaustive"]

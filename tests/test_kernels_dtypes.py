@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -486,28 +482,10 @@ def test_cuda_fp32_knockout_equals_the_cpu_fp32_reference():
 
 def check_torchrun_matches_single(tmp_path: Path, device: str, tol: float) -> int:
     """``torchrun --nproc_per_node 2 -m arbiter diagnose --device DEVICE`` (nccl on CUDA, one GPU per rank) gives the
-    single-process report's numbers within ``tol``."""
-    from arbiter import cli
-    from arbiter.data import generate_synthetic
-    from test_distributed import _COMPARED, _close
+    single-process report's numbers within ``tol``; returns how many report fields were compared."""
+    from test_distributed import _COMPARED, _close, single_and_torchrun_reports
 
-    tm = _tiny("llava")
-    model_dir = tmp_path / "model"
-    tm.model.save_pretrained(model_dir)
-    tm.processor.save_pretrained(model_dir)
-    ds = generate_synthetic(tmp_path / "data", 8, seed=0, image_size=32)
-    args = ["diagnose", "--model", str(model_dir), "--data", str(ds.path), "--window", "3", "--batch-size", "2",
-            "--skip", "shapley,keyspace,surrogate", "--random-draws", "2", "--no-generate", "--device", device]
-    assert cli.main([*args, "--out", str(tmp_path / "single")]) == 0
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "arbiter", *args, "--out", str(tmp_path / "dist")], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=420)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("[arbiter] MFR overall") == 1       # rank 0 reports
-    single = json.loads((tmp_path / "single" / "report.json").read_text())
-    dist = json.loads((tmp_path / "dist" / "report.json").read_text())
+    single, dist = single_and_torchrun_reports(tmp_path, device)
     for key in _COMPARED:
         _close(single[key], dist[key], key, tol)
     return len(_COMPARED)
