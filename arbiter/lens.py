@@ -294,30 +294,44 @@ class _Runtime:
 
     ROW_SLICE_SHARE = 0.25   # mask edits on at most this share of a call's query rows recompute only those rows
 
-    def mask_edit_rows(self, layer: int, site: dict, q_pos: torch.Tensor, kw: dict) -> torch.Tensor | None:
-        """The only rows the layer's attn.mask editors can change, as a [batch, rows] bool over the call's rows,
-        when every editor names them (``Probe.attn_mask_rows``) and they are at most ``ROW_SLICE_SHARE`` of a
-        multi-row call; None: the whole layer is recomputed with the edited mask."""
+    def mask_edit_rows(self, layer: int, site: dict, q_pos: torch.Tensor, kw: dict) -> tuple | None:
+        """The only rows the layer's attn.mask editors can change, as ([batch, rows] bool over the call's rows, the
+        indices of the rows any sample has), when every editor names them (``Probe.attn_mask_rows``) and they are at
+        most ``ROW_SLICE_SHARE`` of a multi-row call; None: the whole layer is recomputed with the edited mask."""
         if len(q_pos) < 2:
             return None
+        entries = self.entries(site["mask"], layer)
+        # editors whose rows do not depend on the layer (a knockout: its destination) are asked once per forward
+        key = ("mask_rows", tuple(id(a.probe) for a in entries), int(q_pos[0]), len(q_pos))
+        cacheable = all(getattr(a.probe, "mask_rows_per_forward", False) for a in entries)
+        if cacheable and key in self._rows_cache:
+            return self._rows_cache[key]
+        out = self._mask_edit_rows(entries, layer, site, q_pos, kw)
+        if cacheable:
+            self._rows_cache[key] = out
+        return out
+
+    def _mask_edit_rows(self, entries, layer, site, q_pos, kw) -> tuple | None:
         union = None
-        for a in self.entries(site["mask"], layer):
+        for a in entries:
             ctx = self.ctx(site["mask"], layer, q_pos, torch.ones(self.batch, len(q_pos), dtype=torch.bool), **kw)
             rows = a.probe.attn_mask_rows(ctx)
             if rows is None:
                 return None
             union = rows if union is None else union | rows
-        if union is None or int(union.any(dim=0).sum()) > self.ROW_SLICE_SHARE * len(q_pos):
+        if union is None:
             return None
-        return union.expand(self.batch, -1) if union.shape[0] == 1 else union
+        rows = union.any(dim=0).nonzero().flatten()
+        if len(rows) > self.ROW_SLICE_SHARE * len(q_pos):
+            return None
+        return (union.expand(self.batch, -1) if union.shape[0] == 1 else union), rows
 
     def row_sliced(self, layer, module, base, kind, query, key, value, attention_mask, kwargs, q_pos, kw, site,
-                   rows: torch.Tensor, cross: bool):  # rows: [b, q] bool from mask_edit_rows
+                   rows: tuple, cross: bool):  # rows: ([b, q] bool, [n] indices) from mask_edit_rows
         """The layer's own kernel on every row, then the rows an attn.mask edit can change recomputed alone with
         the edited mask: other rows bit-identical to the untouched layer, flash kernels kept."""
         out = base(module, query, key, value, attention_mask, **kwargs)
-        which = rows          # [b, q]: the (sample, row) pairs the edit can change
-        rows = which.any(dim=0).nonzero().flatten()
+        which, rows = rows    # [b, q]: the (sample, row) pairs the edit can change; [n]: the rows among them
         if len(rows) == 0:
             return out
         dev = query.device

@@ -194,7 +194,8 @@ class Probe:
         """Optional, for a probe that edits ``attn.mask``: the query rows its edit can change, as a [batch, rows]
         bool over ``ctx.positions``, or None (any row; the default). Where every mask editor of a layer names its
         rows and they are few, the Lens runs the layer's own kernel for every row and recomputes those rows
-        alone (then the edit receives only those rows of the mask)."""
+        alone (then the edit receives only those rows of the mask). A probe whose rows are the same in every
+        layer of a forward sets ``mask_rows_per_forward = True`` and is asked once per forward."""
         return None
 
     # -- lifecycle hooks (optional) ------------------------------------------------------------------------

@@ -24,6 +24,7 @@ class Knockout(Probe):
     GroupError unless ``allow_empty=True``, in which case the knockout is a bit-exact no-op there."""
 
     edits = {"attn.mask": "all", "xattn.mask": "all"}
+    mask_rows_per_forward = True   # attn_mask_rows depends on the destination group only, not on the layer
     optional_sites = frozenset({"xattn.mask"})   # a layer's cross-attention, severed where the layer has one
 
     def __init__(self, src: str, dst: str, heads: Sequence[int] | None = None,
