@@ -265,18 +265,7 @@ class _Runtime:
             mask_b, mask_f = attn_fn.bool_mask(attention_mask, module, kwargs, b, q_pos, k_pos, cross,
                                                query.device)
             if has["mask"]:
-                before = mask_b
-                mask_b = self.run_site(site["mask"], layer, mask_b, 2, q_pos, **kw)
-                if mask_b is not before:
-                    edited = True
-                    if mask_b.shape != before.shape:
-                        mask_b = mask_b.expand(torch.broadcast_shapes(mask_b.shape, before.shape))
-                    if cross:
-                        empty = ~mask_b.any(dim=-1)
-                        mask_b = mask_b | empty[..., None]
-                    else:
-                        mask_b, _ = attn_fn.protect_empty_rows(mask_b, q_pos.to(mask_b.device),
-                                                               k_pos.to(mask_b.device))
+                mask_b, edited, empty = self.edit_mask(layer, site, mask_b, q_pos, k_pos, kw, cross)
         if eager:
             out = self.eager_layer(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, empty)
         else:
@@ -291,6 +280,22 @@ class _Runtime:
             keep = (~empty).transpose(1, 2)[..., None].to(o.dtype)  # [b, q, h|1, 1]
             out = (o * keep, out[1])
         return out
+
+    def edit_mask(self, layer, site, mask_b, q_pos, k_pos, kw, cross):
+        """The attn.mask editors' mask for the rows at ``q_pos``: (mask, edited, empty). A self-attention row left
+        with no key keeps its own position (never NaN); a cross-attention row left with none is marked in
+        ``empty`` [b, h|1, rows] (its output is zeroed) and keeps every key meanwhile."""
+        before = mask_b
+        mask_b = self.run_site(site["mask"], layer, mask_b, 2, q_pos, **kw)
+        if mask_b is before:
+            return mask_b, False, None
+        if mask_b.shape != before.shape:
+            mask_b = mask_b.expand(torch.broadcast_shapes(mask_b.shape, before.shape))
+        if cross:
+            empty = ~mask_b.any(dim=-1)
+            return mask_b | empty[..., None], True, empty
+        mask_b, _ = attn_fn.protect_empty_rows(mask_b, q_pos.to(mask_b.device), k_pos.to(mask_b.device))
+        return mask_b, True, None
 
     ROW_SLICE_SHARE = 0.25   # mask edits on at most this share of a call's query rows recompute only those rows
 
@@ -341,18 +346,9 @@ class _Runtime:
         mask_b, mask_f = attn_fn.bool_mask(attention_mask, module, kwargs, b, q_pos, k_pos, cross, dev)
         mask_b, mask_f = mask_b.index_select(2, rows_d), (mask_f.index_select(2, rows_d) if mask_f is not None
                                                            else None)
-        before = mask_b
-        mask_b = self.run_site(site["mask"], layer, mask_b, 2, q_pos[rows], **kw)
-        if mask_b is before:
+        mask_b, edited, empty = self.edit_mask(layer, site, mask_b, q_pos[rows], k_pos, kw, cross)
+        if not edited:
             return out
-        if mask_b.shape != before.shape:
-            mask_b = mask_b.expand(torch.broadcast_shapes(mask_b.shape, before.shape))
-        empty = None
-        if cross:
-            empty = ~mask_b.any(dim=-1)
-            mask_b = mask_b | empty[..., None]
-        else:
-            mask_b, _ = attn_fn.protect_empty_rows(mask_b, q_pos[rows].to(dev), k_pos.to(dev))
         sub = attn_fn.masked_attention(kind, base, module, query.index_select(2, rows_d), key, value, mask_b, mask_f,
                                        attn_fn.row_kwargs(kwargs, rows, len(q_pos), key.shape[2]))
         o = sub[0]            # [b, rows, h, d]
