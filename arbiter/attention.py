@@ -274,10 +274,12 @@ def row_scores(module, query_rows, key, mask_rows_bool, mask_rows_float, kwargs)
     return scores.masked_fill(~mask_rows_bool, torch.finfo(scores.dtype).min)
 
 
-def row_probs(module, query_rows, key, value, mask_rows_bool, mask_rows_float, kwargs) -> torch.Tensor:
+def row_probs(module, query_rows, key, value, mask_rows_bool, mask_rows_float, kwargs,
+              additive: torch.Tensor | None = None) -> torch.Tensor:
     """Attention probabilities of the given query rows, computed by the module's own eager attention function
-    (its scaling, softcap, sinks and dtype handling), with the (possibly edited) mask of those rows."""
-    mask = float_mask(mask_rows_bool, mask_rows_float, query_rows.dtype)
+    (its scaling, softcap, sinks and dtype handling), with the (possibly edited) mask of those rows; ``additive``:
+    that mask already in float_mask's form."""
+    mask = float_mask(mask_rows_bool, mask_rows_float, query_rows.dtype) if additive is None else additive
     kw = {**kwargs, "dropout": 0.0}
     _, probs = module_eager_function(module)(module, query_rows, key, value, mask, **kw)
     if probs is None or probs.shape[-1] != key.shape[2]:

@@ -257,7 +257,8 @@ class _Runtime:
             if rows is not None and attn_fn.row_kwargs(kwargs, q_pos[:1], q_len, key.shape[2]) is not None:
                 return self.row_sliced(layer, module, base, kind, query, key, value, attention_mask, kwargs, q_pos,
                                        kw, site, rows, cross)
-        need_mask = has["mask"] or has["scores"] or has["probs"]
+        # a read alone (no mask edit, no eager recompute) builds its rows' masks itself, once per forward
+        need_mask = has["mask"] or eager
         mask_b = mask_f = None
         edited = False
         empty = None
@@ -274,7 +275,8 @@ class _Runtime:
             else:
                 out = base(module, query, key, value, attention_mask, **kwargs)
             if has["scores"] or has["probs"]:
-                self.read_rows(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, empty)
+                self.read_rows(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, empty,
+                               attention_mask)
         if empty is not None and bool(empty.any()):
             o = out[0]  # [b, q, h, d]
             keep = (~empty).transpose(1, 2)[..., None].to(o.dtype)  # [b, q, h|1, 1]
@@ -376,13 +378,43 @@ class _Runtime:
             hit = self._rows_cache[key] = torch.tensor(sorted(rows), dtype=torch.long)
         return hit
 
-    def read_rows(self, layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, empty=None):
+    def read_masks(self, module, attention_mask, kwargs, b, q_pos, k_pos, rows, idx, cross, dtype, device):
+        """(bool, float values or None, additive) masks of the rows at positions ``rows`` (``idx`` among the call's)
+        of the model's own unedited mask. Every layer of a forward that receives the same mask object reads the same
+        rows: built once per forward (the cache entry holds the mask object, so it can never match another mask)."""
+        key = None
+        if len(rows) <= 64:
+            key = ("read_masks", id(attention_mask), kwargs.get("is_causal"), getattr(module, "is_causal", True),
+                   kwargs.get("sliding_window"), cross, b, int(q_pos[0]), len(q_pos), len(k_pos),
+                   tuple(rows.tolist()), dtype, str(device))
+            hit = self._rows_cache.get(key)
+            if hit is not None and hit[0] is attention_mask:
+                return hit[1]
+        if attention_mask is None or attention_mask.dim() == 2:   # rebuilt from positions: the rows alone
+            mb, mf = attn_fn.bool_mask(attention_mask, module, kwargs, b, rows, k_pos, cross, device)
+        else:
+            mb, mf = attn_fn.bool_mask(attention_mask, module, kwargs, b, q_pos, k_pos, cross, device)
+            mb, mf = mb.index_select(2, idx), (mf.index_select(2, idx) if mf is not None else None)
+        out = (mb, mf, attn_fn.float_mask(mb, mf, dtype))
+        if key is not None:
+            self._rows_cache[key] = (attention_mask, out)
+        return out
+
+    def read_rows(self, layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, empty=None,
+                  attention_mask=None):
+        """Hand the requested rows' scores / probabilities to the layer's readers; ``mask_b`` None: the model's
+        own mask, unedited (read from ``attention_mask``)."""
         rows = self._rows_union(layer, q_pos, site)
         if len(rows) == 0:
             return
         idx = (rows - q_pos[0]).to(query.device)
-        mb = mask_b.index_select(2, idx)
-        mf = mask_f.index_select(2, idx) if mask_f is not None else None
+        if mask_b is None:
+            mb, mf, additive = self.read_masks(module, attention_mask, kwargs, query.shape[0], q_pos,
+                                               kw["key_positions"], rows, idx, kw["cross"], query.dtype, query.device)
+        else:
+            mb = mask_b.index_select(2, idx)
+            mf = mask_f.index_select(2, idx) if mask_f is not None else None
+            additive = None
         q_rows = query.index_select(2, idx)
         cut = empty.index_select(2, idx)[..., None] if empty is not None and bool(empty.any()) else None
         if self.entries(site["scores"], layer):
@@ -396,7 +428,7 @@ class _Runtime:
                 raise SiteError(f"layer {layer}: {type(module).__name__}'s attention receives per-query tensors "
                                 f"({', '.join(attn_fn.score_terms(kwargs))}) arbiter cannot cut to the requested "
                                 "rows; record attn.probs with rows='all' on this layer.")
-            probs = attn_fn.row_probs(module, q_rows, key, value, mb, mf, rkw)
+            probs = attn_fn.row_probs(module, q_rows, key, value, mb, mf, rkw, additive)
             if cut is not None:   # ... and no attention at all: the row's output is zero
                 probs = probs.masked_fill(cut, 0.0)
             self.run_site(site["probs"], layer, probs, 2, rows, **kw)
