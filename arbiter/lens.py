@@ -96,7 +96,13 @@ class _Runtime:
 
     # -- positions ---------------------------------------------------------------------------------------
     def chunk_positions(self, n: int | None = None) -> torch.Tensor:
-        return torch.arange(self.offset, self.offset + (self.q_len if n is None else n))
+        """The absolute positions of this chunk's rows (the last ``n``), one tensor per forward (never edited)."""
+        n = self.q_len if n is None else n
+        key = ("positions", self.offset, n)
+        hit = self._rows_cache.get(key)
+        if hit is None:
+            hit = self._rows_cache[key] = torch.arange(self.offset, self.offset + n)
+        return hit
 
     def resolve_rows(self, spec: RowSpec, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(positions [R], row_mask [b, R]) of the requested rows among ``positions``."""
@@ -166,6 +172,24 @@ class _Runtime:
                 m |= g.mask(p, length=length)   # raises GroupError for a name neither stack has
         return m[:, positions.cpu()]
 
+    def to_device(self, t: torch.Tensor, device, *anchors) -> torch.Tensor:
+        """``t``, a tensor arbiter built on the CPU (rows, group masks), on ``device``: copied once per forward and,
+        on an accelerator, from pinned memory without making the host wait for the device (a blocking copy from
+        pageable memory synchronises the stream). ``t`` is derived from ``anchors`` (tensors this forward shares;
+        default ``t`` itself) and, while they live, is the same: the cache holds them, so their ids stay unique."""
+        device = torch.device(device)
+        if t.device == device:
+            return t
+        anchors = anchors or (t,)
+        key = ("on_device", str(device), *map(id, anchors))
+        hit = self._rows_cache.get(key)
+        if hit is not None and all(x is y for x, y in zip(hit[0], anchors)):
+            return hit[1]
+        src = t.pin_memory() if device.type == "cuda" and t.device.type == "cpu" else t
+        out = src.to(device, non_blocking=src.is_pinned())
+        self._rows_cache[key] = (anchors, out, src)
+        return out
+
     def ctx(self, site, layer, positions, row_mask, **kw) -> Ctx:
         return Ctx(lens=self.lens, site=site, layer=layer, step=self.step, groups=self.groups,
                    positions=positions, row_mask=row_mask, **kw)
@@ -179,7 +203,8 @@ class _Runtime:
             if len(rows) == 0:
                 continue
             full = len(rows) == len(positions)
-            idx = (rows - positions[0]).to(value.device) if not full else None
+            idx = self.to_device(rows - positions[0], value.device, rows, positions) \
+                if not full else None
             part = value if full else value.index_select(dim, idx)
             ctx = self.ctx(site, layer, rows, row_mask, **ctx_kw)
             out = self.call(a.probe, site, ctx, part)
@@ -277,7 +302,7 @@ class _Runtime:
             if has["scores"] or has["probs"]:
                 self.read_rows(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, empty,
                                attention_mask)
-        if empty is not None and bool(empty.any()):
+        if empty is not None:   # cross-attention rows left with no key: output zero (no wait on the device)
             o = out[0]  # [b, q, h, d]
             keep = (~empty).transpose(1, 2)[..., None].to(o.dtype)  # [b, q, h|1, 1]
             out = (o * keep, out[1])
@@ -342,7 +367,7 @@ class _Runtime:
         if len(rows) == 0:
             return out
         dev = query.device
-        rows_d = rows.to(dev)
+        rows_d = self.to_device(rows, dev)
         b = query.shape[0]
         k_pos = kw["key_positions"]
         mask_b, mask_f = attn_fn.bool_mask(attention_mask, module, kwargs, b, q_pos, k_pos, cross, dev)
@@ -356,7 +381,7 @@ class _Runtime:
         o = sub[0]            # [b, rows, h, d]
         if empty is not None:
             o = o * (~empty).transpose(1, 2)[..., None].to(o.dtype)
-        take = which[:, rows].to(dev)   # other samples keep the kernel's rows bit for bit
+        take = self.to_device(which[:, rows], dev, which, rows)   # other samples: kernel's rows
         o = torch.where(take[:, :, None, None], o.to(out[0].dtype), out[0].index_select(1, rows_d))
         weights = out[1]
         if weights is not None and sub[1] is not None:
@@ -407,7 +432,7 @@ class _Runtime:
         rows = self._rows_union(layer, q_pos, site)
         if len(rows) == 0:
             return
-        idx = (rows - q_pos[0]).to(query.device)
+        idx = self.to_device(rows - q_pos[0], query.device, rows, q_pos)
         if mask_b is None:
             mb, mf, additive = self.read_masks(module, attention_mask, kwargs, query.shape[0], q_pos,
                                                kw["key_positions"], rows, idx, kw["cross"], query.dtype, query.device)
@@ -416,7 +441,7 @@ class _Runtime:
             mf = mask_f.index_select(2, idx) if mask_f is not None else None
             additive = None
         q_rows = query.index_select(2, idx)
-        cut = empty.index_select(2, idx)[..., None] if empty is not None and bool(empty.any()) else None
+        cut = empty.index_select(2, idx)[..., None] if empty is not None else None
         if self.entries(site["scores"], layer):
             scores = attn_fn.row_scores(module, q_rows, key, mb, mf, kwargs)
             if cut is not None:   # a cross-attention row with every key severed: every score masked
@@ -436,7 +461,7 @@ class _Runtime:
     def eager_layer(self, layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, empty=None):
         attn_fn.check_score_edit(module, layer)
         scores = attn_fn.row_scores(module, query, key, mask_b, mask_f, kwargs)
-        cut = empty[..., None] if empty is not None and bool(empty.any()) else None
+        cut = empty[..., None] if empty is not None else None
         if cut is not None:
             scores = scores.masked_fill(cut, torch.finfo(scores.dtype).min)
         scores = self.run_site(site["scores"], layer, scores, 2, q_pos, **kw)

@@ -6,6 +6,7 @@ benchmarks/gpu.sh, skipped without CUDA) with ``"cuda"``."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 from pathlib import Path
@@ -478,6 +479,56 @@ def test_cuda_knockout_under_the_kernel_equals_the_cpu_fp32_reference():
 @cuda_test
 def test_cuda_fp32_knockout_equals_the_cpu_fp32_reference():
     assert check_knockout(torch.float32, "cuda") <= 1
+
+
+def count_host_syncs(fn) -> int:
+    """How many times ``fn`` makes the host wait on the CUDA device (torch's sync debug mode, one warning each)."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in seen)
+
+
+def check_host_syncs_do_not_grow_with_layers(device: str) -> dict[str, tuple[int, int]]:
+    """Per path (record last-row probabilities, knockout image -> last, block a head per layer): the host syncs arbiter
+    adds to a forward of a 2-layer and of a 4-layer model. Equal: none of them happens per layer."""
+    out = {}
+    for layers in (2, 4):
+        tm = tiny("llava", layers=layers)
+        model = tm.model.to(device)
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs_for(tm, 2).items()}
+
+        def forward(*make):
+            def run():
+                with arbiter.attach(model, tm.processor) as lens, contextlib.ExitStack() as stack:
+                    for m in make:
+                        stack.enter_context(m(lens))
+                    with torch.no_grad():
+                        model(**inputs)
+            return run
+
+        forward()()   # warm: kernels chosen, caches filled
+        idle = count_host_syncs(forward())
+        paths = {"record": forward(lambda lens: lens.record("attn.probs", rows="last")),
+                 "knockout": forward(lambda lens: lens.knockout("image", "last")),
+                 "block": forward(lambda lens: lens.block_heads([(i, 0) for i in range(layers)]))}
+        for name, fn in paths.items():
+            fn()
+            out.setdefault(name, []).append(count_host_syncs(fn) - idle)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+@cuda_test
+def test_cuda_interventions_add_no_host_sync_per_layer():
+    added = check_host_syncs_do_not_grow_with_layers("cuda")
+    assert all(two == four for two, four in added.values()), added
 
 
 def check_torchrun_matches_single(tmp_path: Path, device: str, tol: float) -> int:

@@ -98,6 +98,11 @@ class Ctx:
             return (0, 0, 0)
         return self.lens.facts.cross_heads(self.layer) if self.unit == "xattn" else self.lens.facts.heads(self.layer)
 
+    def on_device(self, t: torch.Tensor, device) -> torch.Tensor:
+        """A CPU tensor this forward shares across layers (``group()``'s masks, ``row_mask``) on ``device``: copied
+        once per forward, without making the host wait for the device."""
+        return self.lens._runtime.to_device(t, device)
+
     def group(self, name: str, over: str = "rows") -> torch.Tensor:
         """Group mask restricted to this callback's rows (``over="rows"``) or keys (``over="keys"``): [batch, n]."""
         pos = self.positions if over == "rows" else self.key_positions

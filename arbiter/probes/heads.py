@@ -39,7 +39,7 @@ def _validate_range(lens, heads: list[tuple[int, int]], who: str) -> None:
 
 def _row_factor(ctx: Ctx, batch_rows: Sequence[int] | None, device) -> torch.Tensor:
     """[b, R] bool: where the intervention applies (row belongs to the group for that sample, batch row chosen)."""
-    m = ctx.row_mask.to(device)
+    m = ctx.on_device(ctx.row_mask, device)
     if batch_rows is not None:
         keep = torch.zeros(m.shape[0], dtype=torch.bool, device=device)
         keep[[r for r in batch_rows if r < m.shape[0]]] = True
@@ -89,12 +89,13 @@ class HeadScale(Probe):
         b, r, nh, _ = x.shape
         where = _row_factor(ctx, self.batch_rows, x.device)                       # [b, R]
         if ctx.layer in self.table:
-            t = self.table[ctx.layer].to(x.device)
+            t = self.table[ctx.layer]
             if t.shape[0] != b or t.shape[1] != nh:
                 raise InterventionError(f"table[{ctx.layer}] is {tuple(t.shape)} but the batch has {b} rows and "
                                         f"{nh} heads.")
-            if bool((t == 1).all()):
+            if t.device.type == "cpu" and bool((t == 1).all()):   # checked where it costs no wait on the device
                 return x
+            t = t.to(x.device)
             factor = torch.where(where[:, :, None], t[:, None, :], torch.ones((), device=x.device))
         else:
             s = self._scale(ctx.layer, nh)

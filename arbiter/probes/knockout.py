@@ -111,14 +111,15 @@ class Knockout(Probe):
     def attn_mask(self, ctx: Ctx, mask: torch.Tensor) -> torch.Tensor:
         if self.heads is not None and not self.heads:
             return mask
-        q = ctx.group(self.dst, over="rows").to(mask.device)     # [b, q]
-        k = ctx.group(self.src, over="keys").to(mask.device)     # [b, k]
+        q = ctx.group(self.dst, over="rows")     # [b, q], on the CPU: the checks below never wait on the device
+        k = ctx.group(self.src, over="keys")     # [b, k]
         if self.batch_rows is not None:
-            keep = torch.zeros(q.shape[0], dtype=torch.bool, device=mask.device)
+            keep = torch.zeros(q.shape[0], dtype=torch.bool)
             keep[[r for r in self.batch_rows if r < q.shape[0]]] = True
             q = q & keep[:, None]
         if not bool(q.any()) or not bool(k.any()):
             return mask
+        q, k = ctx.on_device(q, mask.device), ctx.on_device(k, mask.device)
         sever = q[:, None, :, None] & k[:, None, None, :]      # [b, 1, q, k]
         if self.heads is not None:
             nh = ctx.heads[0]
