@@ -489,6 +489,14 @@ def bench_sweep(tm, cfg) -> dict[str, Any]:
         _nnsight_block(nm, _one_sample(inputs), *heads[0], head_dim)
         timed = _median_times({"sweep": sweep, "naive": naive, "nnsight": nnsight_loop}, cfg["sweep_repeats"], 0)
     (sweep_s, res), (naive_s, naive_vals), (nn_s, nn_vals) = timed["sweep"], timed["naive"], timed["nnsight"]
+    # what batching settings can give on this device: one forward of 8 copies of the batch vs 8 forwards of it
+    # (on a CPU the forward is compute-bound, so tiling settings saves little; the sweep's gain is the replay)
+    b = inputs["input_ids"].shape[0]
+    tiled = {k: v.repeat(8, *([1] * (v.dim() - 1))) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == b
+             else v for k, v in inputs.items()}
+    _section("batching gain: one forward of 8 tiled copies vs 8 forwards")
+    tiles = _median_times({"one": lambda: _forward(model, inputs), "tiled": lambda: _forward(model, tiled)},
+                          cfg["sweep_repeats"], 1)
     n_layers = tc.num_hidden_layers
     sweep_layer_forwards = n_layers * (res.forwards + 1) - res.layers_skipped   # + the clean run
     return {"sweep_samples": cfg["sweep_samples"], "sweep_heads_total": total, "sweep_heads_timed": len(heads),
@@ -497,6 +505,7 @@ def bench_sweep(tm, cfg) -> dict[str, Any]:
             "sweep_layer_forward_ratio": len(heads) * n_layers / sweep_layer_forwards,
             "sweep_s": sweep_s * scale, "naive_loop_s": naive_s * scale, "nnsight_loop_s": nn_s * scale,
             "sweep_speedup": naive_s / sweep_s, "nnsight_sweep_speedup": nn_s / sweep_s,
+            "sweep_batching_gain_8": 8 * tiles["one"][0] / tiles["tiled"][0],
             "nnsight_sweep_heads_timed": len(heads),
             "sweep_max_abs_diff": float((res.values - naive_vals).abs().max()),
             "nnsight_sweep_max_abs_diff": float((nn_vals - naive_vals).abs().max())}
