@@ -1,17 +1,19 @@
 """Memory budgets: sizes people write ("8GiB"), the memory free on a device, and the peak a call adds.
 
 Sweeps size their chunks from a budget (default: half the memory free on the model's device) and the peak that
-one forward of the batch adds (measured on CUDA; estimated from the model's widths on a CPU, whose allocator
-keeps freed memory), so that a chunk never holds more rows than fit."""
+one forward of the batch adds (measured: CUDA's allocator statistics, or the tensor storage torch operations hold,
+:class:`AllocationMeter`), so that a chunk never holds more rows than fit."""
 
 from __future__ import annotations
 
 import gc
 import os
 import re
+import weakref
 from typing import Any, Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import ArbiterError
 
@@ -72,10 +74,47 @@ def budget_bytes(device: torch.device | str, budget: int | float | str | None = 
     return None if free is None else int(free * DEFAULT_SHARE)
 
 
-def peak_added(fn: Callable[[], Any], device: torch.device | str) -> tuple[int | None, Any]:
-    """(the peak memory ``fn`` adds on ``device`` above what was in use before it, in bytes, or None where it cannot
-    be read; fn's result). CUDA: max_memory_allocated; CPU: the process's peak resident memory (Linux: the kernel's
-    peak counter, reset through /proc/self/clear_refs)."""
+class AllocationMeter(TorchDispatchMode):
+    """Counts the bytes of tensor storage that torch operations create while it is active: ``live`` (still held)
+    and ``peak`` (the most held at once), freed storages subtracted when torch frees them. Views and in-place results
+    add nothing. It sees every tensor an operation returns (on any device), not the scratch a native kernel uses
+    inside itself: a measure of what a call holds, free of the allocator's caching (a CPU allocator keeps freed
+    memory, so the process's resident size cannot say what a call added)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._held: dict[int, int] = {}   # id of a live storage's finaliser key -> bytes
+
+    def _freed(self, key: int) -> None:
+        self.live -= self._held.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        returns = func._schema.returns
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        for i, t in enumerate(outs):
+            if not isinstance(t, torch.Tensor) or (i < len(returns) and returns[i].alias_info is not None):
+                continue   # a view of an input or an in-place result: no new memory
+            storage = t.untyped_storage()
+            n = storage.nbytes()
+            if n == 0:
+                continue
+            key = id(storage)
+            if key in self._held:
+                continue
+            self._held[key] = n
+            weakref.finalize(storage, self._freed, key)
+            self.live += n
+            self.peak = max(self.peak, self.live)
+        return out
+
+
+def measure(fn: Callable[[], Any], device: torch.device | str) -> tuple[int, int, Any]:
+    """(the peak memory ``fn`` adds on ``device`` above what was in use before it, the memory it still holds when it
+    returns, both in bytes; fn's result). CUDA: the allocator's statistics; elsewhere: the tensor storage ``fn``'s
+    operations hold (:class:`AllocationMeter`, which leaves out native kernels' internal scratch)."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -83,33 +122,16 @@ def peak_added(fn: Callable[[], Any], device: torch.device | str) -> tuple[int |
         before = torch.cuda.memory_allocated(device)
         result = fn()
         torch.cuda.synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device) - before), result
+        return (int(torch.cuda.max_memory_allocated(device) - before),
+                int(torch.cuda.memory_allocated(device) - before), result)
     gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return None, fn()
-    before = _proc_kib("/proc/self/status", "VmRSS")
-    result = fn()
-    peak = _proc_kib("/proc/self/status", "VmHWM")
-    if before is None or peak is None:
-        return None, result
-    return max(0, (peak - before) * 1024), result
+    with AllocationMeter() as meter:
+        result = fn()
+    gc.collect()
+    return int(meter.peak), int(meter.live), result
 
 
-def forward_peak_estimate(config, batch: int, seq: int, dtype: torch.dtype) -> int:
-    """Bytes one forward of ``batch`` x ``seq`` tokens holds at its peak beyond the weights, from the text config's
-    widths: the residual stream and one layer's transients (queries, keys, values, attention output, the MLP's
-    up / gate / activation, a [heads, seq, seq] score matrix where the attention kernel forms one)."""
-    def widest(name: str, default: int) -> int:   # a per-layer list of widths: the widest layer
-        v = getattr(config, name, None)
-        v = max(v) if isinstance(v, (list, tuple)) and v else v
-        return int(v) if isinstance(v, (int, float)) and v else default
-
-    hidden = widest("hidden_size", 0)
-    inter = widest("intermediate_size", 4 * hidden)
-    heads = widest("num_attention_heads", 1)
-    size = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
-    per_token = hidden * 8 + inter * 3          # residual, norm, q, k, v, attention out, o_proj; up, gate, act
-    return int(size * batch * (seq * per_token + heads * seq * seq))
+def peak_added(fn: Callable[[], Any], device: torch.device | str) -> tuple[int, Any]:
+    """(the peak memory ``fn`` adds on ``device``, bytes; fn's result): :func:`measure` without the held part."""
+    peak, _, result = measure(fn, device)
+    return peak, result

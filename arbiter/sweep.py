@@ -44,6 +44,7 @@ class SweepResult:
     chunk: int | None = None                 # settings per forward, as used (the memory budget may lower it)
     memory_budget: int | None = None         # bytes the chunks were sized for (None: not sized)
     clean_peak_bytes: int | None = None      # peak memory one clean forward of the batch added
+    clean_held_bytes: int | None = None      # memory held while the chunks run (clean outputs, results)
 
     def effects(self, reduce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Per setting effect: ``reduce(values[i], baseline)`` (default: mean over samples of the metric change)."""
@@ -54,7 +55,8 @@ class SweepResult:
     def to_dict(self) -> dict:
         return {"settings": [dict(name=s.name, **s.meta) for s in self.settings],
                 "forwards": self.forwards, "layers_skipped": self.layers_skipped, "chunk": self.chunk,
-                "memory_budget": self.memory_budget, "clean_peak_bytes": self.clean_peak_bytes}
+                "memory_budget": self.memory_budget, "clean_peak_bytes": self.clean_peak_bytes,
+                "clean_held_bytes": self.clean_held_bytes}
 
 
 def _repeat(x, n: int):
@@ -103,8 +105,8 @@ def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = la
     setting on its own copy of the b rows. Equals a loop of separate forwards to float rounding.
 
     The chunk is also bounded by memory: a forward of n settings holds n copies of the batch, each costing about
-    the peak one clean forward of the batch adds (measured on CUDA; estimated from the model's widths on a CPU,
-    :func:`arbiter.memory.forward_peak_estimate`), so n stays within ``memory_budget`` (bytes or a size such as
+    the peak one clean forward of the batch adds, beside the clean outputs held for replay (both measured,
+    :func:`arbiter.memory.measure`), so that the sweep stays within ``memory_budget`` (bytes or a size such as
     "8GiB"; default: ``$ARBITER_MEMORY_BUDGET``, else half the memory free on the model's device).
     ``last_only`` (default): the metric sees logits of the last position only ([rows, 1, vocab]), so the
     unembedding runs on one row; pass False for a metric that reads other positions."""
@@ -116,23 +118,21 @@ def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = la
     inputs = {k: v for k, v in inputs.items() if k != "labels"}  # no loss: logits only
     device = next(lens.model.parameters()).device
     budget = memory.budget_bytes(device, memory_budget)
-    if device.type == "cuda":
-        peak, (logits, outs, enc) = memory.peak_added(lambda: _clean_outputs(lens, inputs, last_only), device)
-    else:   # a CPU allocator keeps freed memory, so the process's peak says little: estimate from the widths
-        logits, outs, enc = _clean_outputs(lens, inputs, last_only)
-        ids = inputs.get("input_ids")
-        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else (1, 1)
-        dtype = next(lens.model.parameters()).dtype
-        peak = memory.forward_peak_estimate(lens.facts.text_config, shape[0], shape[1] + lens.facts.prefix_length(
-            inputs), dtype)
+    peak, held, (logits, outs, enc) = memory.measure(lambda: _clean_outputs(lens, inputs, last_only), device)
+    baseline = metric(logits)
+    # held while the chunks run: the clean outputs (replayed) and the metric values gathered so far
+    held += baseline.numel() * baseline.element_size() * len(settings)
+    # each setting in a chunk: its copy of the inputs and the peak one clean forward of them adds
+    per_setting = peak + sum(v.numel() * v.element_size() for v in inputs.values() if isinstance(v, torch.Tensor))
     if budget is not None and peak:
-        fit = int(budget // peak)
+        fit = int((budget - held) // per_setting)
         if fit < 1:
             raise InterventionError(
-                f"one setting needs about {peak / 2**20:.0f} MiB (the peak of one clean forward of this batch), "
-                f"more than the memory budget of {budget / 2**20:.0f} MiB; use a smaller batch or a larger budget.")
+                f"one setting needs about {per_setting / 2**20:.0f} MiB (its inputs and the peak of one clean "
+                f"forward of this batch) "
+                f"beside the {held / 2**20:.0f} MiB held for replay and for the results, more than the memory "
+                f"budget of {budget / 2**20:.0f} MiB; use a smaller batch or a larger budget.")
         chunk = min(chunk, fit)
-    baseline = metric(logits)
     order = sorted(range(len(settings)), key=lambda i: settings[i].first_layer)
     values: list[torch.Tensor | None] = [None] * len(settings)
     b = baseline.shape[0]
@@ -159,8 +159,9 @@ def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = la
         forwards += 1
         skipped += first
         for j, i in enumerate(idx):
-            values[i] = out[j * b:(j + 1) * b]
-    return SweepResult(list(settings), torch.stack(values), baseline, forwards, skipped, chunk, budget, peak)
+            values[i] = out[j * b:(j + 1) * b].clone()   # not a view holding the chunk's whole output
+        del big, out   # released before the next chunk's copies are made
+    return SweepResult(list(settings), torch.stack(values), baseline, forwards, skipped, chunk, budget, peak, held)
 
 
 def head_settings(lens, heads: Sequence[tuple[int, int]] | None = None, alpha: float = 0.0) -> list[Setting]:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 import arbiter
+from arbiter import memory
 from arbiter.sweep import head_sweep
 from arbiter.testing.tiny import tiny
 from arbiter.trace import Trace
@@ -319,18 +320,11 @@ def bench_fixed(cfg) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ real widths
 
-def _peak_rss_added(fn: Callable[[], Any]) -> tuple[float, Any]:
-    """(peak resident memory during ``fn`` above the resident memory before it, bytes; fn's result)."""
-    from arbiter.memory import peak_added
-
-    peak, result = peak_added(fn, "cpu")
-    return float("nan") if peak is None else float(peak), result
-
-
 def bench_scale(cfg) -> dict[str, Any]:
     """Real-width models with few layers: plain forward, arbiter record (every residual + last-row attention),
     knockout image -> last and a probe, timed round-robin in fp32 and bf16; the peak memory each adds over the
-    plain forward (resident, and CUDA's max_memory_allocated where present) against the size of what it keeps."""
+    plain forward (arbiter.memory.measure: CUDA's max_memory_allocated, or on a CPU the tensor storage the operations
+    hold) against the size of what it keeps."""
     out: dict[str, Any] = {}
     quick = cfg is QUICK or cfg.get("quick")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -364,18 +358,9 @@ def bench_scale(cfg) -> dict[str, Any]:
                     out[f"{key}_{p.removesuffix('_s')}_ratio"] = t_path / plain
             # memory: the recorder keeps every residual [1, T, hidden] and last-row probs [1, heads, 1, T] per layer
             kept = layers * n_tokens * (shape["hidden"] + shape["heads"]) * torch.finfo(dtype).bits // 8
-            if device == "cpu":
-                plain_peak, _ = _peak_rss_added(paths["plain"])
-                rec_peak, traces = _peak_rss_added(paths["record_s"])
-            else:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                paths["plain"]()
-                plain_peak = torch.cuda.max_memory_allocated() - base
-                torch.cuda.reset_peak_memory_stats()
-                traces = paths["record_s"]()
-                rec_peak = torch.cuda.max_memory_allocated() - base
+            # peak added above the weights: CUDA's allocator statistics, or the tensor storage the operations hold
+            plain_peak, _, _ = memory.measure(paths["plain"], device)
+            rec_peak, _, traces = memory.measure(paths["record_s"], device)
             out[f"{key}_record_kept_mb"] = kept / 2**20
             out[f"{key}_record_added_peak_mb"] = (rec_peak - plain_peak) / 2**20
             out[f"{key}_record_added_over_kept"] = (rec_peak - plain_peak) / kept
