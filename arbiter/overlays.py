@@ -17,6 +17,7 @@ import torch
 
 from .errors import SiteError, TraceError
 from .groups import TokenGroups
+from .trace import site_key
 
 __all__ = ["patch_grids", "sample_images", "attention_row", "token_labels", "plot_image_attention",
            "show_image_attention", "image_attention_figures"]
@@ -119,12 +120,13 @@ def attention_row(trace, sample: int | str = 0, layer: int | None = None, head: 
         if layer in cross:
             raise SiteError(f"layer {layer} is a cross-attention layer: its keys are not the prompt's positions.")
         if layer not in recorded:
-            raise TraceError(f"the trace has no L{layer}.{_SITE} (recorded layers: {recorded}); record that layer.")
+            raise TraceError(f"the trace has no {site_key(_SITE, layer)} (recorded layers: {recorded}); record that "
+                             "layer.")
         layers = [layer]
-    rows = trace.get(f"rows.{_SITE}")
-    rowmask = trace.get(f"rowmask.{_SITE}")
-    if rows is None or rowmask is None:
-        raise TraceError(f"the trace has no rows.{_SITE} / rowmask.{_SITE}: record it with lens.record.")
+    recorded_rows = trace.rows(_SITE)
+    if recorded_rows is None:
+        raise TraceError(f"the trace has no recorded rows of {_SITE}: record it with lens.record.")
+    rows, rowmask = recorded_rows
     hit = ((rows == position) & rowmask[i]).nonzero().flatten()
     if len(hit) == 0:
         raise TraceError(f"no attention row was recorded at position {position} of sample {groups.sample_ids[i]!r} "
@@ -133,9 +135,9 @@ def attention_row(trace, sample: int | str = 0, layer: int | None = None, head: 
     heads = trace.meta.get("heads")
     out = []
     for lay in layers:
-        probs = trace[f"L{lay}.{_SITE}"]
+        probs = trace.site(_SITE, lay)
         if probs.shape[0] != groups.batch_size:
-            raise TraceError(f"L{lay}.{_SITE} holds {probs.shape[0]} samples but the trace's groups describe "
+            raise TraceError(f"{site_key(_SITE, lay)} holds {probs.shape[0]} samples but the trace's groups describe "
                              f"{groups.batch_size} (a concatenated trace keeps the first part's groups): use the "
                              "trace of one batch.")
         rows_h = probs[i, :, r, :].float()

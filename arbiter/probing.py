@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Mapping, Sequence
 
@@ -13,10 +12,9 @@ import torch
 
 from .adapters.base import residual_layout
 from .errors import DataError
+from .trace import site_key
 
 __all__ = ["LinearProbeResult", "linear"]
-
-_LAYER_NAME = re.compile(r"^L(\d+)\.(.+)$")
 
 
 @dataclass
@@ -91,25 +89,13 @@ class LinearProbeResult:
 # ---------------------------------------------------------------------------------------------------- features
 
 
-def _trace_sites(trace) -> list[str]:
-    sites = set()
-    for name in trace:
-        m = _LAYER_NAME.match(name)
-        if m:
-            sites.add(m.group(2))
-        elif not name.startswith(("rows.", "rowmask.")):
-            sites.add(name)
-    return sorted(sites)
-
-
 def _row_weights(trace, site: str, b: int, r: int) -> torch.Tensor:
     """[b, r] weights for averaging over recorded rows: the rows that belong to each sample (``rowmask``) and are
     not padding (``meta["groups"]["pad"]`` at the recorded positions ``rows.{site}``)."""
     w = torch.ones(b, r, dtype=torch.bool)
-    rowmask = trace.get(f"rowmask.{site}")
+    positions, rowmask = trace.rows(site) or (None, None)
     if rowmask is not None and tuple(rowmask.shape) == (b, r):
         w &= rowmask.bool()
-    positions = trace.get(f"rows.{site}")
     pad = (trace.meta.get("groups") or {}).get("groups", {}).get("pad")
     if positions is not None and pad is not None and len(positions) == r and len(pad) == b:
         pos = positions.tolist()
@@ -127,7 +113,7 @@ def _from_trace(trace, site: str, rows, layers) -> tuple[list[int], list[np.ndar
     available = trace.layers(site)
     if not available:
         raise DataError(f"the trace has no tensors for site {site!r} (names like 'L0.{site}'); it has sites "
-                        f"{', '.join(_trace_sites(trace)) or 'none'}. Record it with lens.record({site!r}, ...).")
+                        f"{', '.join(trace.sites()) or 'none'}. Record it with lens.record({site!r}, ...).")
     chosen = available if layers is None else [int(layer) for layer in layers]
     missing = [layer for layer in chosen if layer not in available]
     if missing:
@@ -135,8 +121,7 @@ def _from_trace(trace, site: str, rows, layers) -> tuple[list[int], list[np.ndar
     layout = residual_layout((trace.meta.get("model") or {}).get("family"))
     feats = []
     for layer in chosen:
-        t = trace[f"L{layer}.{site}"]
-        t = layout.main_stream(t)  # stacked residual streams -> the one the model reads out (adapter's layout)
+        t = layout.main_stream(trace.site(site, layer))  # stacked residual streams -> the one the model reads out
         if t.dim() == 2:          # [batch, hidden]: already one vector per sample
             x = t
         elif t.dim() == 3:        # [batch, rows, hidden]
@@ -148,11 +133,11 @@ def _from_trace(trace, site: str, rows, layers) -> tuple[list[int], list[np.ndar
                 idx = [rows] if isinstance(rows, int) else list(rows)
                 bad = [i for i in idx if not -r <= int(i) < r]
                 if bad:
-                    raise DataError(f"rows {bad} out of range: L{layer}.{site} has {r} recorded rows "
+                    raise DataError(f"rows {bad} out of range: {site_key(site, layer)} has {r} recorded rows "
                                     f"(indices -{r}..{r - 1}).")
                 x = t[:, [int(i) for i in idx]].to(torch.float64).mean(1)
         else:
-            raise DataError(f"L{layer}.{site} has shape {tuple(t.shape)}; expected [batch, rows, hidden] "
+            raise DataError(f"{site_key(site, layer)} has shape {tuple(t.shape)}; expected [batch, rows, hidden] "
                             "(or [batch, hidden]).")
         feats.append(x.detach().cpu().to(torch.float64).numpy())
     return chosen, feats
@@ -218,7 +203,7 @@ def linear(trace_or_tensors, site: str = "resid.post", labels: Sequence[Hashable
            seed: int = 0, C: float = 1.0) -> LinearProbeResult:
     """Fit a cross-validated logistic-regression probe per layer and report its accuracy.
 
-    ``trace_or_tensors``: an ``arbiter.Trace`` (features from ``trace[f"L{l}.{site}"]``, [batch, rows, hidden]:
+    ``trace_or_tensors``: an ``arbiter.Trace`` (features from ``trace.site(site, l)``, [batch, rows, hidden]:
     the recorded row ``rows`` (an index, or a list of indices to average; negative counts from the end), or by
     default the mean over the recorded rows that belong to the sample, padding excluded), or features
     [layers, samples, hidden] (a tensor / array, a list of [samples, hidden], or a {layer: [samples, hidden]} dict).

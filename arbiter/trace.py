@@ -18,7 +18,7 @@ import torch
 
 from arbiter.errors import TraceError
 
-__all__ = ["FORMAT_VERSION", "Trace", "TraceWriter", "read_trace_dir", "iter_trace_dir"]
+__all__ = ["FORMAT_VERSION", "Trace", "TraceWriter", "read_trace_dir", "iter_trace_dir", "site_key", "rows_keys"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -186,6 +186,22 @@ def _dtype_name(dtype: torch.dtype) -> str:
 # --------------------------------------------------------------------------- Trace
 
 
+def site_key(site: str, layer: int | None = None, call: int = 0) -> str:
+    """The name a trace gives ``site`` at ``layer`` (None: a site outside the layers, e.g. ``"logits"``) on the
+    model's ``call``-th pass through it (0: the prompt; generation steps count up): ``"L3.attn.probs"``,
+    ``"L3.attn.probs@2"``. The one place the schema is spelled."""
+    base = site if layer is None else f"L{int(layer)}.{site}"
+    return base if call == 0 else f"{base}@{int(call)}"
+
+
+def rows_keys(site: str, call: int = 0) -> tuple[str, str]:
+    """The names of ``site``'s row positions ([rows] absolute positions) and row mask ([batch, rows]: the row
+    belongs to the requested group for that sample) on ``call``."""
+    suffix = "" if call == 0 else f"@{int(call)}"
+    return f"rows.{site}{suffix}", f"rowmask.{site}{suffix}"
+
+
+
 class Trace:
     """Recorded tensors by flat name (``"L3.attn.probs"``, ``"logits"``) plus a JSON ``meta`` dict.
 
@@ -260,6 +276,34 @@ class Trace:
 
     # -- per-layer sites
 
+    def site(self, site: str, layer: int | None = None, call: int = 0) -> torch.Tensor:
+        """The tensor recorded at ``site`` in ``layer`` (None: a site outside the layers) on ``call``."""
+        return self[site_key(site, layer, call)]
+
+    def has_site(self, site: str, layer: int | None = None, call: int = 0) -> bool:
+        return site_key(site, layer, call) in self._tensors
+
+    def rows(self, site: str, call: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(positions [rows], row_mask [batch, rows])`` of ``site``'s recorded rows on ``call``; None where the
+        trace holds no rows for it (a trace not written by a Recorder)."""
+        pos, mask = (self._tensors.get(k) for k in rows_keys(site, call))
+        if pos is None and mask is None:
+            return None
+        if pos is None or mask is None:
+            raise TraceError(f"trace holds only one of {rows_keys(site, call)}: it is corrupt or was edited by hand")
+        return pos, mask
+
+    def sites(self) -> list[str]:
+        """The sites the trace holds, sorted: per-layer sites by name (``"attn.probs"``), other tensors by their
+        name (``"logits"``); row bookkeeping and later calls (``@n``) left out."""
+        found = set()
+        for name in self._tensors:
+            if name.startswith(("rows.", "rowmask.")):
+                continue
+            match = _LAYER_RE.match(name)
+            found.add((match.group(2) if match else name).split("@")[0])
+        return sorted(found)
+
     def layers(self, site: str) -> list[int]:
         """Sorted layers ``l`` for which a tensor ``"L{l}.{site}"`` exists."""
         found = []
@@ -276,7 +320,7 @@ class Trace:
             raise TraceError(f"trace has no tensors for site {site!r} (names look like 'L0.{site}')")
         tensors = []
         for layer in chosen:
-            name = f"L{layer}.{site}"
+            name = site_key(site, layer)
             if name not in self._tensors:
                 raise TraceError(f"trace has no tensor {name!r}; layers with site {site!r}: {self.layers(site)}")
             tensors.append(self._tensors[name])
@@ -397,66 +441,45 @@ def _looks_like(head: bytes) -> str:
     return ""
 
 
-def _read_trace_meta(path: Path) -> tuple[dict[str, Any], str | None]:
-    """Check the safetensors header of ``path`` and return the trace meta and the tensors' checksum (None in a
-    file written before traces carried one), or raise TraceError."""
-    if path.is_dir():
-        raise TraceError(f"{path} is a directory; use read_trace_dir() for a TraceWriter directory")
+def _unreadable(path: Path, why: str) -> TraceError:
+    """What is wrong with a file safetensors refused (``why``: its message), said for a person."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
-            if len(head) == 8:
-                length = int.from_bytes(head, "little")
-                if length > _MAX_HEADER:
-                    raw = b""
-                else:
-                    raw = f.read(length)
-    except FileNotFoundError:
-        raise TraceError(f"no trace file at {path}") from None
+    except OSError as exc:
+        return TraceError(f"cannot read trace {path}: {exc}")
+    looks = _looks_like(head)
+    if size == 0:
+        return TraceError(f"trace {path} is truncated: the file is empty")
+    if looks:
+        return _not_safetensors(path, looks)
+    if size < 8:
+        return TraceError(f"trace {path} is truncated: {size} bytes, too short for a safetensors header")
+    length = int.from_bytes(head, "little")
+    if length <= _MAX_HEADER and length > size - 8:
+        return TraceError(f"trace {path} is truncated: its header says {length} bytes but the file holds only "
+                          f"{size - 8} after it")
+    if "not fully covered" in why:
+        return TraceError(f"trace {path} is truncated: its tensors need more data bytes than the file holds")
+    return _not_safetensors(path, f"safetensors could not read it: {why}")
+
+
+def _read_trace_meta(path: Path) -> tuple[dict[str, Any], str | None]:
+    """Check ``path`` with safetensors and return the trace meta and the tensors' checksum (None in a file
+    written before traces carried one), or raise TraceError."""
+    if path.is_dir():
+        raise TraceError(f"{path} is a directory; use read_trace_dir() for a TraceWriter directory")
+    if not path.exists():
+        raise TraceError(f"no trace file at {path}")
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+    except safetensors.SafetensorError as exc:
+        raise _unreadable(path, str(exc)) from None
     except OSError as exc:
         raise TraceError(f"cannot read trace {path}: {exc}") from exc
 
-    if size == 0:
-        raise TraceError(f"trace {path} is truncated: the file is empty")
-    looks = _looks_like(head)
-    if len(head) < 8:
-        if looks:
-            raise _not_safetensors(path, looks)
-        raise TraceError(f"trace {path} is truncated: {size} bytes, too short for a safetensors header")
-    if length > _MAX_HEADER:
-        raise _not_safetensors(path, looks or f"its first 8 bytes give a header length of {length}")
-    if raw[:1] != b"{":
-        if not raw:
-            raise TraceError(f"trace {path} is truncated: the header of {length} bytes is missing")
-        raise _not_safetensors(path, looks or "no JSON header after the first 8 bytes")
-    if len(raw) < length:
-        raise TraceError(
-            f"trace {path} is truncated: its header says {length} bytes but the file holds only {size - 8} after it"
-        )
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _not_safetensors(path, f"its header is not valid JSON: {exc}") from exc
-    if not isinstance(header, dict):
-        raise _not_safetensors(path, "its header is not a JSON object")
-
-    data_size = size - 8 - length
-    ends = [
-        entry["data_offsets"][1]
-        for key, entry in header.items()
-        if key != _RESERVED_NAME
-        and isinstance(entry, dict)
-        and isinstance(entry.get("data_offsets"), list)
-        and len(entry["data_offsets"]) == 2
-        and isinstance(entry["data_offsets"][1], int)
-    ]
-    if ends and max(ends) > data_size:
-        raise TraceError(
-            f"trace {path} is truncated: its tensors need {max(ends)} data bytes but the file holds only {data_size}"
-        )
-
-    metadata = header.get(_RESERVED_NAME)
     if not isinstance(metadata, dict) or "arbiter_trace" not in metadata:
         raise TraceError(
             f"{path} is not an arbiter trace: a safetensors file without the 'arbiter_trace' metadata "

@@ -90,10 +90,6 @@ class BaselineResult:
         return plot_mam_ldar(self, path=path, axes=axes)
 
 
-def _rows_of(rec_trace, site: str):
-    return rec_trace[f"rows.{site}"], rec_trace[f"rowmask.{site}"]
-
-
 def evaluate(lens, samples: Sequence[ConflictSample], batch_size: int = 8, dataset=None, generate: bool = True,
              max_new_tokens: int = 4, k: int = 2, progress: bool = True, trace_dir=None) -> BaselineResult:
     """Run the clean model on the conflict samples and compute MFR, π, MAM per layer (+ split) and LDAR.
@@ -132,14 +128,14 @@ def evaluate(lens, samples: Sequence[ConflictSample], batch_size: int = 8, datas
                 logits = lens.model(**b.inputs).logits[:, -1]
             pi = pi_from_logits(logits, item.ids_p, item.ids_c)
             tr = rec.trace
-            pos, rmask = _rows_of(tr, "resid.post")
+            pos, rmask = tr.rows("resid.post")
             last_pos = b.groups["last"]
             instr = b.groups["instruction"]
             L = facts.n_layers
 
             def stack(site):  # [b, L, R, d]: the main stream of each layer's residual (adapter's layout)
-                return torch.stack([facts.residual.main_stream(tr[f"L{layer}.{site}"]) for layer in range(L)], 1)
-            h_in, h_mid, h_out = stack("resid.pre"), stack("resid.mid") if f"L0.resid.mid" in tr else None, \
+                return torch.stack([facts.residual.main_stream(tr.site(site, layer)) for layer in range(L)], 1)
+            h_in, h_mid, h_out = stack("resid.pre"), stack("resid.mid") if tr.has_site("resid.mid", 0) else None, \
                 stack("resid.post")
             for i, s in enumerate(b.samples):
                 r_last = int((pos == int(last_pos[i].nonzero()[-1])).nonzero()[0])

@@ -27,7 +27,7 @@ import torch
 
 from ..adapters.base import key_projection
 from ..data import ConflictSample
-from ..errors import DataError, GroupError, SiteError
+from ..errors import DataError, GroupError, SiteError, TraceError
 from ..groups import TokenGroups
 from ..metrics._common import check_choice, jsonable
 from ..metrics.imbalance import ImbalanceResult, attention_imbalance
@@ -748,7 +748,10 @@ class ImbalanceExperimentResult:
 
 def _query_rows(trace, site: str, groups: TokenGroups, query: str) -> list[int]:
     """For each sample, the index of its query row among the recorded rows."""
-    pos, rmask = trace[f"rows.{site}"], trace[f"rowmask.{site}"]
+    recorded = trace.rows(site)
+    if recorded is None:
+        raise TraceError(f"the trace holds no recorded rows of {site}: record it with lens.record(..., rows=...).")
+    pos, rmask = recorded
     q = groups[query]
     out = []
     for i in range(q.shape[0]):
@@ -828,8 +831,8 @@ def imbalance(lens, samples, modalities: tuple[GroupSpec, GroupSpec] = ("image",
         tp, tv = rp.trace, rv.trace
         r = _query_rows(tp, "attn.probs", g, query)
         b = len(chunk)
-        alpha = [tp[f"L{l}.attn.probs"][torch.arange(b), :, r] for l in chosen]   # per layer [b, H, K]
-        v = [tv[f"L{l}.attn.v"] for l in chosen]                                   # per layer [b, KV, K, D]
+        alpha = [tp.site("attn.probs", l)[torch.arange(b), :, r] for l in chosen]  # per layer [b, H, K]
+        v = [tv.site("attn.v", l) for l in chosen]                                  # per layer [b, KV, K, D]
         K = alpha[0].shape[-1]
         if any(x.shape[2] != K for x in v) or m1.shape[1] < K:
             raise SiteError(f"attention keys ({K}) and values / prompt positions ({m1.shape[1]}) disagree; the "

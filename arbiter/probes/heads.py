@@ -10,6 +10,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from ..errors import InterventionError, SiteError
+from ..trace import Trace, site_key
 from .base import Ctx, Probe, RowSpec
 
 
@@ -137,7 +138,7 @@ class HeadBlock(HeadScale):
                 lens.model(**ref)
             ref = rec.trace
         for layer in self.layer_list:
-            t = ref[f"L{layer}.attn.head_out"] if _is_trace(ref) else ref[layer]
+            t = ref.site("attn.head_out", layer) if _is_trace(ref) else ref[layer]
             self._means[layer] = t.reshape(-1, t.shape[-2], t.shape[-1]).float().mean(0)
 
     def attn_head_out(self, ctx: Ctx, x: torch.Tensor) -> torch.Tensor:
@@ -151,10 +152,11 @@ class HeadBlock(HeadScale):
 
 
 def _is_trace(obj) -> bool:
-    return type(obj).__name__ == "Trace"
+    return isinstance(obj, Trace)
 
 
-def _source_tensor(source: Any, key: str, layer: int) -> torch.Tensor:
+def _source_tensor(source: Any, site: str, layer: int) -> torch.Tensor:
+    key = site_key(site, layer)
     if _is_trace(source) or (isinstance(source, Mapping) and key in source):
         return source[key]
     if isinstance(source, Mapping) and layer in source:
@@ -182,10 +184,10 @@ class HeadPatch(Probe):
     def on_attach(self, lens) -> None:
         _validate_range(lens, self.heads, "HeadPatch")
         for layer in self.layer_list:
-            _source_tensor(self.source, f"L{layer}.attn.head_out", layer)
+            _source_tensor(self.source, "attn.head_out", layer)
 
     def attn_head_out(self, ctx: Ctx, x: torch.Tensor) -> torch.Tensor:
-        src = _source_tensor(self.source, f"L{ctx.layer}.attn.head_out", ctx.layer)
+        src = _source_tensor(self.source, "attn.head_out", ctx.layer)
         full_len = int(ctx.positions.max()) + 1
         if src.dim() != 4 or src.shape[0] not in (1, x.shape[0]) or src.shape[2:] != x.shape[2:] \
                 or src.shape[1] < full_len:
@@ -212,7 +214,7 @@ class ResidPatch(Probe):
         self._reads = {}
 
     def _patch(self, ctx: Ctx, x: torch.Tensor) -> torch.Tensor:
-        src = _source_tensor(self.source, f"L{ctx.layer}.{self.site}", ctx.layer)
+        src = _source_tensor(self.source, self.site, ctx.layer)
         full_len = int(ctx.positions.max()) + 1
         if src.dim() != 3 or src.shape[0] not in (1, x.shape[0]) or src.shape[2] != x.shape[2] \
                 or src.shape[1] < full_len:

@@ -119,17 +119,16 @@ class Recorder(Probe):
         return out
 
     def _build(self):
-        from ..trace import Trace
+        from ..trace import Trace, rows_keys, site_key
 
         tensors: dict[str, torch.Tensor] = {}
         for (site, layer), values in self._store.items():
-            base = site if site in GLOBAL_SITES else f"L{layer}.{site}"
             for i, v in enumerate(values):
-                tensors[base if i == 0 else f"{base}@{i}"] = v
+                tensors[site_key(site, None if site in GLOBAL_SITES else layer, i)] = v
         for (site, call), (pos, rmask) in self._rows.items():
-            suffix = "" if call == 0 else f"@{call}"
-            tensors[f"rows.{site}{suffix}"] = pos.to(torch.long)
-            tensors[f"rowmask.{site}{suffix}"] = rmask.to(torch.bool)
+            rows_name, mask_name = rows_keys(site, call)
+            tensors[rows_name] = pos.to(torch.long)
+            tensors[mask_name] = rmask.to(torch.bool)
         lens = self._lens
         meta = {
             "arbiter": "trace",

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..metrics._common import ToDict, check_choice, fail, jsonable
+from ..trace import site_key
 from .oscillators import Preset, get_preset
 from .sweep import IDENTIFIABLE_ABOVE, SweepResult, evaluate_cells, sweep
 
@@ -55,14 +56,65 @@ def concentration(probs: torch.Tensor, key_mask: torch.Tensor, visible: torch.Te
     return torch.where(bad, torch.full_like(c, math.nan), c)
 
 
+def probs_concentrations(P: torch.Tensor, rows: torch.Tensor, row_mask: torch.Tensor, x_mask: torch.Tensor,
+                         y_mask: torch.Tensor, *, count: str = "visible", min_keys: int = 2) -> dict:
+    """One layer's concentrations (see :func:`trace_concentrations`) from tensors: ``P`` [batch, heads, rows, keys]
+    attention probabilities, ``rows`` [rows] their absolute positions, ``row_mask`` [batch, rows] which sample owns
+    a row, ``x_mask`` / ``y_mask`` [batch, length >= keys and > every row position] the two token groups."""
+    check_choice("count", count, COUNTS)
+    P = P.to(torch.float64)
+    if P.dim() != 4:
+        fail(f"attention probabilities of shape {tuple(P.shape)}; expected [batch, heads, rows, keys].")
+    b, _h, R, K = P.shape
+    rows, rmask = rows.to(torch.long), row_mask.to(torch.bool)
+    if rows.shape != (R,) or rmask.shape != (b, R):
+        fail(f"{R} attention rows of {b} samples but row positions {tuple(rows.shape)} and row mask "
+             f"{tuple(rmask.shape)}.")
+    mx, my = x_mask.to(torch.bool), y_mask.to(torch.bool)
+    kpos = torch.arange(K)
+    vals = {k: [] for k in ("c_self_x", "c_cross_x", "c_self_y", "c_cross_y")}
+    nrows = {"x": 0, "y": 0}
+    for i in range(b):
+        for q_name, q_mask, own, oth in (("x", mx, mx, my), ("y", my, my, mx)):
+            sel = rmask[i] & q_mask[i, rows]
+            if not bool(sel.any()):
+                continue
+            nrows[q_name] += int(sel.sum())
+            Pi = P[i][:, sel]  # [h, r, K]
+            qpos = rows[sel]
+            vis = None
+            if count == "visible":
+                vis = (kpos[None, :] <= qpos[:, None])[None] | (Pi > 0)
+            for key_name, kmask in (("self", own[i, :K]), ("cross", oth[i, :K])):
+                c = concentration(Pi, kmask, vis, min_keys)  # [h, r]
+                ch = torch.nanmean(c, dim=1)  # rows -> per head
+                vals[f"c_{key_name}_{q_name}"].append(float(torch.nanmean(ch)) if bool(torch.isfinite(ch).any())
+                                                      else math.nan)
+    entry = {}
+    for k, v in vals.items():
+        v = np.array(v, dtype=np.float64)
+        entry[k] = float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
+    entry["c_self"] = _nanmean([entry["c_self_x"], entry["c_self_y"]])
+    entry["c_cross"] = _nanmean([entry["c_cross_x"], entry["c_cross_y"]])
+    entry["n_rows_x"], entry["n_rows_y"] = nrows["x"], nrows["y"]
+    return entry
+
+
+def concentrations_result(per: dict, x: str, y: str, count: str, min_keys: int) -> dict:
+    """The dict :func:`trace_concentrations` returns, from its per-layer entries ({layer: entry})."""
+    overall = {k: _nanmean([per[l][k] for l in per]) for k in _C_KEYS}
+    return {"layers": [int(l) for l in per], "per_layer": per, "overall": overall, "x": x, "y": y,
+            "count": count, "min_keys": min_keys}
+
+
 def trace_concentrations(trace, x: str = "image", y: str = "text", *, count: str = "visible", min_keys: int = 2,
                          layers: Sequence[int] | None = None, site: str = "attn.probs") -> dict:
     """Per layer, the attention concentration of X-query rows over X keys (self) and over Y keys (cross), and of
     Y-query rows over Y keys (self) and over X keys (cross), averaged over rows, then heads, then samples.
 
-    Needs ``L{l}.attn.probs`` [batch, heads, rows, keys] and ``trace.meta["groups"]`` (TokenGroups.to_dict);
-    row positions from ``rows.attn.probs`` (else rows = all positions when rows == keys) and which sample owns
-    a row from ``rowmask.attn.probs``. ``count`` (proposed): ``"visible"`` divides exp(H) by the keys of the set
+    Needs the trace's ``attn.probs`` [batch, heads, rows, keys] per layer and ``trace.meta["groups"]``
+    (TokenGroups.to_dict); row positions and which sample owns a row from the trace's recorded rows (else rows =
+    all positions when rows == keys). ``count`` (proposed): ``"visible"`` divides exp(H) by the keys of the set
     the row can see (key position <= query position, or non-zero probability: bidirectional image blocks),
     ``"all"`` by every key of the set. Rows with fewer than ``min_keys`` such keys are skipped (a single key
     would read as uniform). Returns {"layers", "per_layer": {layer: {...}}, "overall": layer means, "x", "y"}."""
@@ -78,54 +130,23 @@ def trace_concentrations(trace, x: str = "image", y: str = "text", *, count: str
     layers = trace.layers(site) if layers is None else list(layers)
     if not layers:
         fail(f"trace_concentrations: the trace has no '{site}' tensors (record attention probabilities).")
-    rows_t = trace.get(f"rows.{site}")
-    rmask_t = trace.get(f"rowmask.{site}")
+    recorded = trace.rows(site)
     per = {}
     for layer in layers:
-        P = trace[f"L{layer}.{site}"].to(torch.float64)
+        P = trace.site(site, layer)
         if P.dim() != 4:
-            fail(f"L{layer}.{site} has shape {tuple(P.shape)}; expected [batch, heads, rows, keys].")
+            fail(f"{site_key(site, layer)} has shape {tuple(P.shape)}; expected [batch, heads, rows, keys].")
         b, _h, R, K = P.shape
-        if rows_t is not None:
-            rows = rows_t.to(torch.long)
+        if recorded is not None:
+            rows, rmask = recorded
         elif R == K:
-            rows = torch.arange(K)
+            rows, rmask = torch.arange(K), torch.ones(b, R, dtype=torch.bool)
         else:
-            fail(f"L{layer}.{site} has {R} rows and {K} keys but the trace has no 'rows.{site}' positions.")
-        rmask = rmask_t.to(torch.bool) if rmask_t is not None else torch.ones(b, R, dtype=torch.bool)
+            fail(f"{site_key(site, layer)} has {R} rows and {K} keys but the trace has no recorded row positions.")
         length = max(K, int(rows.max()) + 1)
-        mx, my = groups.mask(x, length=length), groups.mask(y, length=length)
-        kpos = torch.arange(K)
-        vals = {k: [] for k in ("c_self_x", "c_cross_x", "c_self_y", "c_cross_y")}
-        nrows = {"x": 0, "y": 0}
-        for i in range(b):
-            for q_name, q_mask, own, oth in (("x", mx, mx, my), ("y", my, my, mx)):
-                sel = rmask[i] & q_mask[i, rows]
-                if not bool(sel.any()):
-                    continue
-                nrows[q_name] += int(sel.sum())
-                Pi = P[i][:, sel]  # [h, r, K]
-                qpos = rows[sel]
-                vis = None
-                if count == "visible":
-                    vis = (kpos[None, :] <= qpos[:, None])[None] | (Pi > 0)
-                for key_name, kmask in (("self", own[i, :K]), ("cross", oth[i, :K])):
-                    c = concentration(Pi, kmask, vis, min_keys)  # [h, r]
-                    ch = torch.nanmean(c, dim=1)  # rows -> per head
-                    vals[f"c_{key_name}_{q_name}"].append(float(torch.nanmean(ch)) if bool(torch.isfinite(ch).any())
-                                                          else math.nan)
-        entry = {}
-        for k, v in vals.items():
-            v = np.array(v, dtype=np.float64)
-            entry[k] = float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
-        entry["c_self"] = _nanmean([entry["c_self_x"], entry["c_self_y"]])
-        entry["c_cross"] = _nanmean([entry["c_cross_x"], entry["c_cross_y"]])
-        entry["n_rows_x"], entry["n_rows_y"] = nrows["x"], nrows["y"]
-        per[int(layer)] = entry
-    overall = {k: _nanmean([per[l][k] for l in per]) for k in ("c_self", "c_cross", "c_self_x", "c_self_y",
-                                                                 "c_cross_x", "c_cross_y")}
-    return {"layers": [int(l) for l in layers], "per_layer": per, "overall": overall, "x": x, "y": y,
-            "count": count, "min_keys": min_keys}
+        per[int(layer)] = probs_concentrations(P, rows, rmask, groups.mask(x, length=length),
+                                               groups.mask(y, length=length), count=count, min_keys=min_keys)
+    return concentrations_result(per, x, y, count, min_keys)
 
 
 _C_KEYS = ("c_self", "c_cross", "c_self_x", "c_self_y", "c_cross_x", "c_cross_y")
