@@ -14,8 +14,8 @@ import re
 import sys
 from pathlib import Path
 
-from ._threads import ENV as THREADS_ENV
-from ._threads import choose_threads
+from .threads import ENV as THREADS_ENV
+from .threads import choose_threads
 from .errors import ArbiterError, DataError
 
 # Mirrors of arbiter.experiments.diagnose's constants, kept here so that building the parser imports no torch
@@ -404,7 +404,7 @@ def _steer(args) -> int:
                                   lambda: _load_data(args.data, command="steer"), report_check)
     import torch
 
-    from .experiments.diagnose import _atomic_json
+    from .util import atomic_write_json
     from .lens import attach
     from .steer import SteeringPlan, steering_experiment
 
@@ -419,9 +419,9 @@ def _steer(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if res["best"] is not None:
         SteeringPlan(**res["best"]).save(out / "steering.json")
-    _atomic_json(out / "steering_report.json", res)
+    atomic_write_json(out / "steering_report.json", res)
     # the diagnosis with its steering section added (the input report is left as it was)
-    _atomic_json(out / "report.json", {**report.data, "steering": {**res, "data": str(args.data),
+    atomic_write_json(out / "report.json", {**report.data, "steering": {**res, "data": str(args.data),
                                                                    "diagnosis": str(report.path)}})
     _plot_steering(res, out / "steering.png")
     for r in res["sweep"]:

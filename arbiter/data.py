@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from arbiter.errors import DataError
+from arbiter.util import atomic_write_text
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -38,7 +39,6 @@ __all__ = [
     "prompt_spans",
     "AnswerDictionary",
     "normalise_answer",
-    "matches",
     "Instruction",
     "COLOURS",
     "COLOUR_RGB",
@@ -364,9 +364,7 @@ class ConflictDataset(Sequence[ConflictSample]):
                     "save the clip to a file and set sample.audio to its path"
                 )
             lines.append(json.dumps(d, ensure_ascii=False))
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        os.replace(tmp, out)
+        atomic_write_text(out, "\n".join(lines) + "\n")
         return out
 
 
@@ -707,40 +705,26 @@ def prompt_spans(
 
 
 def normalise_answer(text: str) -> str:
-    """Normalise an answer for matching (docs/methods/mfr.md): lower-case, delete punctuation (Unicode category P*),
-    collapse runs of whitespace to one space and strip the ends. ``"  The Red-Circle!"`` → ``"the redcircle"``."""
-    lowered = text.lower()
-    kept = "".join(ch for ch in lowered if not unicodedata.category(ch).startswith("P"))
+    """The one answer normaliser (docs/methods/mfr.md), used wherever answers are compared: Unicode NFKC, lower-case,
+    delete punctuation (Unicode categories P*), collapse runs of whitespace to one space and strip the ends.
+    ``"  The Red-Circle!"`` → ``"the redcircle"``. How a normalised answer is then read (its first answer entity,
+    as whole words) is :func:`arbiter.metrics.read_answer`."""
+    text = unicodedata.normalize("NFKC", str(text)).lower()
+    kept = "".join(ch for ch in text if not unicodedata.category(ch).startswith("P"))
     return " ".join(kept.split())
-
-
-def matches(text: str, forms: Iterable[str]) -> bool:
-    """Whether generated ``text`` gives one of the answer ``forms``.
-
-    Rule (proposed; docs/methods/mfr.md says only "normalised ... matches"): after :func:`normalise_answer` on both
-    sides, the text equals a form, or starts with the form followed by a space (a whole-word prefix:
-    "red circle" matches "red", "reddish" does not). Forms that normalise to ``""`` never match. MFR counts
-    a sample as following the instruction when the answer matches D_p's forms and not D_c's.
-    """
-    t = normalise_answer(text)
-    for form in forms:
-        f = normalise_answer(form)
-        if f and (t == f or t.startswith(f + " ")):
-            return True
-    return False
 
 
 # --------------------------------------------------------------------------------------------------
 # Answer Entity Dictionary
 
 
-def _encode_ids(tokenizer: Any, text: str) -> list[int]:
+def encode_ids(tokenizer: Any, text: str) -> list[int]:
     out = tokenizer.encode(text, add_special_tokens=False)
     ids = getattr(out, "ids", out)  # tokenizers.Tokenizer returns an Encoding
     return [int(i) for i in ids]
 
 
-def _unwrap_tokenizer(tokenizer: Any) -> Any:
+def unwrap_tokenizer(tokenizer: Any) -> Any:
     inner = getattr(tokenizer, "tokenizer", None)
     if inner is not None and callable(getattr(inner, "encode", None)):
         return inner  # a processor: use its tokenizer
@@ -789,7 +773,7 @@ class AnswerDictionary:
         Raises :class:`DataError` naming the sample and the forms when D_p, or D_c unless
         ``allow_empty_c``, ends up empty (e.g. both answers share their first token).
         """
-        tok = _unwrap_tokenizer(tokenizer)
+        tok = unwrap_tokenizer(tokenizer)
         skip: set[int] = set()
         unk = getattr(tok, "unk_token_id", None)
         if unk is not None:
@@ -800,7 +784,7 @@ class AnswerDictionary:
             ids: set[int] = set()
             for form in forms:
                 for variant in _variants(form):
-                    enc = _encode_ids(tok, variant)
+                    enc = encode_ids(tok, variant)
                     if enc and enc[0] not in skip:
                         ids.add(enc[0])
             return ids
@@ -995,9 +979,7 @@ def _render(
 def write_jsonl_lines(out: Path, lines: Sequence[str]) -> ConflictDataset:
     """Write ``out/data.jsonl`` atomically (a temporary file, then a rename) and load it back."""
     path = out / "data.jsonl"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return load_jsonl(path)
 
 

@@ -282,29 +282,30 @@ def merge_rank_traces(directory: str | os.PathLike) -> bool:
     visible here (no shared file system: the per-rank folders stay as they are)."""
     import json
 
-    from .trace import _MANIFEST, MANIFEST_VERSION, _atomic_write_text, _load_manifest, _shard_name
+    from .trace import MANIFEST_NAME, MANIFEST_VERSION, load_manifest, shard_name
+    from .util import atomic_write_text
 
     g = active()
     if g is None or not g.is_main:
         return False
     root = Path(directory)
     parts = [root / f"rank{r}" for r in range(g.world)]
-    if not all((p / _MANIFEST).is_file() for p in parts):
+    if not all((p / MANIFEST_NAME).is_file() for p in parts):
         return False
-    manifests = [_load_manifest(p) for p in parts]
+    manifests = [load_manifest(p) for p in parts]
     for old in root.glob("shard-*.safetensors"):
         old.unlink()
-    (root / _MANIFEST).unlink(missing_ok=True)
+    (root / MANIFEST_NAME).unlink(missing_ok=True)
     shards, schema = [], None
     for p, m in zip(parts, manifests):
         schema = schema or m.get("schema")
         for entry in m["shards"]:
-            name = _shard_name(len(shards))
+            name = shard_name(len(shards))
             os.replace(p / entry["file"], root / name)
             shards.append({**entry, "file": name})
     merged = {"arbiter_trace_dir": MANIFEST_VERSION, "meta": manifests[0].get("meta"), "schema": schema,
               "shards": shards, "merged_from_ranks": g.world}
-    _atomic_write_text(root / _MANIFEST, json.dumps(merged, indent=1))
+    atomic_write_text(root / MANIFEST_NAME, json.dumps(merged, indent=1))
     for p in parts:
         shutil.rmtree(p, ignore_errors=True)
     return True

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from . import attention as attn_fn
@@ -684,11 +685,10 @@ class Lens:
 
         def hook(module, args, kwargs):
             x = args[0]
-            b, s = x.shape[0], x.shape[1]
-            heads = x.view(b, s, nh, hd)
-            new = rt.run_site("attn.head_out", layer, heads, 1, rt.chunk_positions(s))
+            heads = rearrange(x, "b s (h d) -> b s h d", h=nh, d=hd)
+            new = rt.run_site("attn.head_out", layer, heads, 1, rt.chunk_positions(x.shape[1]))
             if new is not heads:
-                return (new.reshape(b, s, nh * hd), *args[1:]), kwargs
+                return (rearrange(new, "b s h d -> b s (h d)"), *args[1:]), kwargs
             return None
         return hook
 
@@ -706,8 +706,8 @@ class Lens:
         _, nkv, hd = self.facts.heads(layer)
 
         def hook(module, args, output):
-            b, s = output.shape[0], output.shape[1]
-            rt.run_site("attn.k_pre", layer, output.reshape(b, s, nkv, hd), 1, rt.chunk_positions(s))
+            rt.run_site("attn.k_pre", layer, rearrange(output, "b s (h d) -> b s h d", h=nkv, d=hd), 1,
+                        rt.chunk_positions(output.shape[1]))
             return None
         return hook
 
@@ -992,7 +992,7 @@ class Lens:
     def block_heads(self, heads: Iterable[tuple[int, int]], mode: str = "zero", reference: Any = None,
                     rows: RowSpec = "all", batch_rows: Sequence[int] | None = None, steps: str = "all"):
         """Zero (``mode="zero"``) or mean-ablate (``mode="mean"``, with ``reference`` inputs or a trace) heads."""
-        from .probes.heads import HeadBlock
+        from .probes.head_interventions import HeadBlock
 
         p = HeadBlock(heads, mode=mode, reference=reference, rows=rows, batch_rows=batch_rows)
         return self.probe(p, layers=p.layer_list, steps=steps)
@@ -1000,7 +1000,7 @@ class Lens:
     def amplify_heads(self, heads: Iterable[tuple[int, int]], alpha: float | Sequence[float] = 2.0,
                       rows: RowSpec = "all", batch_rows: Sequence[int] | None = None, steps: str = "all"):
         """Scale heads' outputs (o_proj input slices) by ``alpha``."""
-        from .probes.heads import HeadScale
+        from .probes.head_interventions import HeadScale
 
         p = HeadScale(heads, alpha=alpha, rows=rows, batch_rows=batch_rows)
         return self.probe(p, layers=p.layer_list, steps=steps)
@@ -1008,7 +1008,7 @@ class Lens:
     def patch_heads(self, heads: Iterable[tuple[int, int]], source: Any, rows: RowSpec = "all",
                     batch_rows: Sequence[int] | None = None, steps: str = "prefill"):
         """Replace heads' outputs by those recorded in ``source`` (a Trace with attn.head_out, or {layer: tensor})."""
-        from .probes.heads import HeadPatch
+        from .probes.head_interventions import HeadPatch
 
         p = HeadPatch(heads, source, rows=rows, batch_rows=batch_rows)
         return self.probe(p, layers=p.layer_list, steps=steps)
@@ -1016,7 +1016,7 @@ class Lens:
     def patch_resid(self, layer: int, source: Any, rows: RowSpec = "all", site: str = "resid.post",
                     batch_rows: Sequence[int] | None = None, steps: str = "prefill"):
         """Replace the residual stream at ``layer`` (``resid.post`` or ``resid.pre``) and rows by ``source``."""
-        from .probes.heads import ResidPatch
+        from .probes.head_interventions import ResidPatch
 
         return self.probe(ResidPatch(site, source, rows=rows, batch_rows=batch_rows), layers=[layer], steps=steps)
 

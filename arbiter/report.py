@@ -1230,11 +1230,11 @@ def html_page(report: dict, out: str | os.PathLike | None = None, drawn: dict[st
 def write(report: dict, out: str | os.PathLike) -> dict[str, Path]:
     """Write report.json, the PNG figures, report.md, a self-contained report.html and the methods pages they link
     to (``methods/``) into ``out``."""
-    from .experiments.diagnose import _atomic_json
+    from .util import atomic_write_json
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_json(out / "report.json", report)
+    atomic_write_json(out / "report.json", report)
     pngs = _plots(report, out)
     _copy_methods_docs(out)
     (out / "report.md").write_text(markdown(report, out, set(pngs)))

@@ -4,6 +4,8 @@ Runtime steering is the HeadScale probe; baking scales o_proj input columns, whi
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 import os
@@ -16,8 +18,9 @@ import torch
 
 from .errors import DataError, InterventionError
 from .experiments.common import batches, pi_from_logits
-from .experiments.diagnose import _atomic_json, config_hash
-from .probes.heads import HeadScale
+from .experiments.diagnose import config_hash
+from .util import atomic_write_json
+from .probes.head_interventions import HeadScale
 
 
 def head_roles(by_target: dict, top: Sequence[tuple[int, int]], ratio: float = 2.0) -> dict[str, str]:
@@ -77,7 +80,7 @@ class SteeringPlan:
         return asdict(self)
 
     def save(self, path: str | os.PathLike) -> None:
-        _atomic_json(Path(path), {"arbiter_steering_plan": 1, **self.to_dict()})
+        atomic_write_json(Path(path), {"arbiter_steering_plan": 1, **self.to_dict()})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SteeringPlan":
@@ -141,7 +144,7 @@ def _follow_rate(lens, samples, plan: SteeringPlan | None, batch_size: int, data
         return float("nan"), 0
     hits = 0
     for item in batches(lens, samples, batch_size, dataset):
-        ctx = lens.probe(plan.probe()) if plan is not None else _null()
+        ctx = lens.probe(plan.probe()) if plan is not None else contextlib.nullcontext()
         with ctx, torch.no_grad():
             lg = lens.model(**item.batch.inputs).logits[:, -1]
         for i, s in enumerate(item.batch.samples):
@@ -150,14 +153,6 @@ def _follow_rate(lens, samples, plan: SteeringPlan | None, batch_size: int, data
             else:
                 hits += int(int(lg[i].argmax()) in set(item.ids_p[i]))
     return hits / len(samples), len(samples)
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def steering_experiment(lens, dataset, report, alphas=(1.5, 2.0, 3.0, 5.0), top: float = 0.05,
@@ -171,7 +166,7 @@ def steering_experiment(lens, dataset, report, alphas=(1.5, 2.0, 3.0, 5.0), top:
     (:func:`arbiter.sweep.sweep`);
     the report's model must be this model (class and config hash), else InterventionError. ``toward``: as in
     :func:`plan_from_report` ("vision" / "text": that modality's experts and the shared hubs among TopG)."""
-    from .experiments.heads import _mfr_under
+    from .experiments.heads import mfr_under
 
     samples = list(dataset.samples)[:limit] if limit else list(dataset.samples)
     conflict = [s for s in samples if s.conflict]
@@ -206,7 +201,7 @@ def steering_experiment(lens, dataset, report, alphas=(1.5, 2.0, 3.0, 5.0), top:
                             base_plan.roles, base_plan.meta)
         restored, rnd = float("nan"), []
         if failed:
-            ok = (_mfr_under(lens, failed, [topg] + randoms, float(a), batch_size, chunk, dataset) > 0.5).float()
+            ok = (mfr_under(lens, failed, [topg] + randoms, float(a), batch_size, chunk, dataset) > 0.5).float()
             restored, rnd = float(ok[0].mean()), ok[1:].mean(1).tolist()
         keep, _ = _follow_rate(lens, correct, plan, batch_size, dataset)  # one setting: a plain forward per batch
         agree, _ = _follow_rate(lens, agreement, plan, batch_size, dataset)

@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .errors import InterventionError, SiteError
-from .probes.heads import HeadScale
+from .probes.head_interventions import HeadScale
 from .probes.knockout import Knockout
 
 
@@ -59,7 +59,7 @@ class SweepResult:
                 "clean_held_bytes": self.clean_held_bytes}
 
 
-def _repeat(x, n: int):
+def tile_batch(x, n: int):
     if isinstance(x, torch.Tensor):
         return torch.cat([x] * n, dim=0) if x.dim() > 0 else x
     return x
@@ -80,7 +80,7 @@ def tiled_groups(lens, b: int, n: int) -> Iterator[None]:
         yield
 
 
-def _forward_kwargs(lens, last_only: bool) -> dict:
+def forward_kwargs(lens, last_only: bool) -> dict:
     """``logits_to_keep=1`` where the model takes it (transformers convention): the metric reads the last row only."""
     import inspect
 
@@ -94,7 +94,7 @@ def _clean_outputs(lens, inputs: dict, last_only: bool = True
     """The clean run: last-row logits, every decoder layer's output, and the outputs of the encoders that ran
     exactly once before the decoder started (recorded by ``lens.capture()``)."""
     with lens.capture() as cap, torch.no_grad():
-        logits = lens.model(**inputs, **_forward_kwargs(lens, last_only)).logits
+        logits = lens.model(**inputs, **forward_kwargs(lens, last_only)).logits
     return logits, cap.layers, cap.encoders
 
 
@@ -114,7 +114,7 @@ def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = la
 
     if not settings:
         raise InterventionError("sweep() got no settings.")
-    fkw = _forward_kwargs(lens, last_only)
+    fkw = forward_kwargs(lens, last_only)
     inputs = {k: v for k, v in inputs.items() if k != "labels"}  # no loss: logits only
     device = next(lens.model.parameters()).device
     budget = memory.budget_bytes(device, memory_budget)
@@ -144,7 +144,7 @@ def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = la
     it = progress_bar(chunks, f"sweep: {len(settings)} settings", unit="forward", progress=progress, leave=False)
     for idx in it:
         n = len(idx)
-        big = {k: _repeat(v, n) for k, v in inputs.items()}
+        big = {k: tile_batch(v, n) for k, v in inputs.items()}
         replay = reuse_prefix and lens.facts.prefix_replay
         first = min(settings[i].first_layer for i in idx) if replay else 0
         with contextlib.ExitStack() as stack:

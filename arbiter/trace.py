@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 from collections.abc import ItemsView, Iterable, Iterator, KeysView, Sequence, ValuesView
 from pathlib import Path
 from typing import Any, Union
@@ -17,6 +16,7 @@ import safetensors.torch
 import torch
 
 from arbiter.errors import TraceError
+from arbiter.util import atomic_write_text, fsync_dir, temp_path_beside
 
 __all__ = ["FORMAT_VERSION", "Trace", "TraceWriter", "read_trace_dir", "iter_trace_dir", "site_key", "rows_keys"]
 
@@ -27,7 +27,7 @@ FORMAT_VERSION = 1
 #: Version of the ``manifest.json`` layout written by :class:`TraceWriter`.
 MANIFEST_VERSION = 1
 
-_MANIFEST = "manifest.json"
+MANIFEST_NAME = "manifest.json"
 _SHARD_RE = re.compile(r"^shard-(\d+)\.safetensors$")
 _TEMP_RE = re.compile(r"^\.(shard-\d+\.safetensors|manifest\.json)\..*\.tmp$")
 _MAX_HEADER = 100_000_000  # safetensors refuses larger headers
@@ -79,42 +79,14 @@ def _dump_meta(meta: dict[str, Any], what: str = "meta") -> str:
         raise TraceError(f"trace {what} is not JSON-serialisable: {exc}") from exc
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _temp_path(path: Path) -> Path:
-    """A new empty file ``.{name}.{random}.tmp`` beside ``path``, created with mode 0666 less the umask (as
-    ``open()`` creates files; ``tempfile.mkstemp`` would give 0600, which the rename would carry over)."""
-    for _ in range(100):
-        name = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-        try:
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue
-        os.close(fd)
-        return name
-    raise FileExistsError(f"cannot create a temporary file beside {path}: 100 names taken")
-
-
 def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write a safetensors file to a temp file beside ``path``, fsync it, then rename it into place."""
     try:
-        tmp = _temp_path(path)
+        tmp = temp_path_beside(path)
     except OSError as exc:
         raise TraceError(f"cannot write trace {path}: {exc}") from exc
     try:
-        mode = tmp.stat().st_mode & 0o777  # 0666 less the umask (_temp_path); safetensors writes files 0600
+        mode = tmp.stat().st_mode & 0o777  # 0666 less the umask (temp_path_beside); safetensors writes files 0600
         safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
         os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:
@@ -125,22 +97,7 @@ def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata:
         if isinstance(exc, (OSError, ValueError, RuntimeError, safetensors.SafetensorError)):
             raise TraceError(f"cannot write trace {path}: {exc}") from exc
         raise
-    _fsync_dir(path.parent)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a fsynced temp file and a rename."""
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _sha256(path: Path) -> str:
@@ -515,7 +472,7 @@ def _read_trace_meta(path: Path) -> tuple[dict[str, Any], str | None]:
 # --------------------------------------------------------------------------- sharded writing
 
 
-def _shard_name(index: int) -> str:
+def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
 
@@ -526,13 +483,13 @@ def _shard_index(name: str) -> int:
     return int(match.group(1))
 
 
-def _load_manifest(directory: Path) -> dict[str, Any]:
+def load_manifest(directory: Path) -> dict[str, Any]:
     """Read and sanity-check ``directory/manifest.json``."""
-    path = directory / _MANIFEST
+    path = directory / MANIFEST_NAME
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise TraceError(f"{directory} has no {_MANIFEST}: not a TraceWriter directory") from None
+        raise TraceError(f"{directory} has no {MANIFEST_NAME}: not a TraceWriter directory") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise TraceError(f"manifest {path} is corrupt: {exc}") from exc
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
@@ -586,9 +543,9 @@ class TraceWriter:
         except OSError as exc:
             raise TraceError(f"cannot create trace directory {self.directory}: {exc}") from exc
 
-        manifest_path = self.directory / _MANIFEST
+        manifest_path = self.directory / MANIFEST_NAME
         if resume and manifest_path.exists():
-            manifest = _load_manifest(self.directory)
+            manifest = load_manifest(self.directory)
             if manifest.get("meta") != self.meta:
                 raise TraceError(
                     f"{self.directory} holds a run with different meta ({manifest.get('meta')!r} vs {self.meta!r}); "
@@ -603,7 +560,7 @@ class TraceWriter:
         for entry in self._manifest["shards"]:
             if not (self.directory / entry["file"]).is_file():
                 raise TraceError(
-                    f"{self.directory}: shard {entry['file']} listed in {_MANIFEST} is missing; "
+                    f"{self.directory}: shard {entry['file']} listed in {MANIFEST_NAME} is missing; "
                     "pass resume=False to start over"
                 )
         self._done: frozenset[str] = frozenset(i for e in self._manifest["shards"] for i in e["sample_ids"])
@@ -620,9 +577,9 @@ class TraceWriter:
                 path.unlink(missing_ok=True)
 
     def _write_manifest(self) -> None:
-        path = self.directory / _MANIFEST
+        path = self.directory / MANIFEST_NAME
         try:
-            _atomic_write_text(path, json.dumps(self._manifest, indent=1))
+            atomic_write_text(path, json.dumps(self._manifest, indent=1))
         except OSError as exc:
             raise TraceError(f"cannot write manifest {path}: {exc}") from exc
 
@@ -686,7 +643,7 @@ class TraceWriter:
         """Write the first ``count`` buffered samples as a shard, then record it in the manifest."""
         joined = {name: torch.cat(parts) if len(parts) > 1 else parts[0] for name, parts in self._buf.items()}
         ids = self._buf_ids[:count]
-        name = _shard_name(self._next_index)
+        name = shard_name(self._next_index)
         path = self.directory / name
         shard = Trace._owned({k: t[:count] for k, t in joined.items()}, {**self.meta, "sample_ids": ids})
         shard.save(path)
@@ -722,13 +679,13 @@ class TraceWriter:
 
 
 def _verified_shards(directory: Path) -> tuple[dict[str, Any], Iterator[Trace]]:
-    manifest = _load_manifest(directory)
+    manifest = load_manifest(directory)
 
     def shards() -> Iterator[Trace]:
         for entry in manifest["shards"]:
             path = directory / entry["file"]
             if not path.is_file():
-                raise TraceError(f"shard {entry['file']} listed in {directory / _MANIFEST} is missing")
+                raise TraceError(f"shard {entry['file']} listed in {directory / MANIFEST_NAME} is missing")
             if _sha256(path) != entry["sha256"]:
                 raise TraceError(
                     f"shard {entry['file']} in {directory} is corrupt: its sha256 does not match the manifest"

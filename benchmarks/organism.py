@@ -24,7 +24,7 @@ from arbiter import organisms
 from arbiter.experiments.common import batches, margin_from_logits, pi_from_logits
 from arbiter.experiments.heads import attribution_ranking, exhaustive_ranking
 from arbiter.experiments.knockout_map import EDGE_FAMILIES, knockout_map
-from arbiter.probes.heads import HeadScale
+from arbiter.probes.head_interventions import HeadScale
 from arbiter.sweep import knockout_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from arbiter import _threads, cli
+from arbiter import cli, threads
 from arbiter.errors import ArbiterError, DataError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -215,7 +215,7 @@ def test_cached_hub_id_without_config_is_a_partial_download(hub_cache, tmp_path)
 @pytest.fixture
 def machine(monkeypatch):
     """Fakes the machine: ``machine(cores, load)`` (load None: the OS gives no load average)."""
-    monkeypatch.delenv(_threads.ENV, raising=False)
+    monkeypatch.delenv(threads.ENV, raising=False)
 
     def set_(cores: int, load: float | None):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
@@ -238,45 +238,45 @@ def machine(monkeypatch):
 ])
 def test_default_threads_are_the_idle_cores(machine, cores, load, expected):
     machine(cores, load)
-    choice = _threads.choose_threads()
+    choice = threads.choose_threads()
     assert (choice.count, choice.source, choice.cores) == (expected, "idle cores", cores)
-    assert _threads.idle_cores() == expected
+    assert threads.idle_cores() == expected
 
 
 def test_idle_cores_are_capped(machine):
     machine(16, 0.0)
-    assert _threads.choose_threads(cap=4).count == 4
-    assert _threads.idle_cores(cap=4) == 4
+    assert threads.choose_threads(cap=4).count == 4
+    assert threads.idle_cores(cap=4) == 4
     machine(16, 15.7)
-    assert _threads.choose_threads(cap=4).count == 1
+    assert threads.choose_threads(cap=4).count == 1
 
 
 def test_env_and_argument_override_the_idle_cores(machine, monkeypatch):
     machine(2, 3.9)
-    monkeypatch.setenv(_threads.ENV, "3")
-    assert (_threads.choose_threads().count, _threads.choose_threads().source) == (3, "ARBITER_THREADS")
-    assert _threads.choose_threads(cap=1).count == 3   # an explicit count is not capped
-    assert (_threads.choose_threads(5).count, _threads.choose_threads(5).source) == (5, "--threads")
+    monkeypatch.setenv(threads.ENV, "3")
+    assert (threads.choose_threads().count, threads.choose_threads().source) == (3, "ARBITER_THREADS")
+    assert threads.choose_threads(cap=1).count == 3   # an explicit count is not capped
+    assert (threads.choose_threads(5).count, threads.choose_threads(5).source) == (5, "--threads")
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "two"])
 def test_bad_threads_variable_is_a_clear_error(machine, monkeypatch, value):
     machine(2, 0.0)
-    monkeypatch.setenv(_threads.ENV, value)
+    monkeypatch.setenv(threads.ENV, value)
     with pytest.raises(ArbiterError, match=f"ARBITER_THREADS='{value}': must be a positive integer"):
-        _threads.choose_threads()
+        threads.choose_threads()
 
 
 def test_thread_count_below_one_is_a_clear_error(machine):
     machine(2, 0.0)
     with pytest.raises(ArbiterError, match="--threads 0: must be >= 1"):
-        _threads.choose_threads(0)
+        threads.choose_threads(0)
 
 
 def test_thread_choice_describes_itself(machine):
     machine(2, 3.94)
-    assert _threads.choose_threads().describe() == "1 torch thread (idle cores: load 3.9 on 2 cores)"
-    assert _threads.choose_threads(4).describe() == "4 torch threads (--threads)"
+    assert threads.choose_threads().describe() == "1 torch thread (idle cores: load 3.9 on 2 cores)"
+    assert threads.choose_threads(4).describe() == "4 torch threads (--threads)"
 
 
 def test_surrogate_workers_read_the_same_idle_cores(machine):
@@ -310,9 +310,9 @@ def test_command_sets_prints_and_restores_its_thread_count(tmp_path, monkeypatch
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps(_sample()) + "\n")
     if env is None:
-        monkeypatch.delenv(_threads.ENV, raising=False)
+        monkeypatch.delenv(threads.ENV, raising=False)
     else:
-        monkeypatch.setenv(_threads.ENV, env)
+        monkeypatch.setenv(threads.ENV, env)
     seen = []
 
     class Reached(Exception):

@@ -32,7 +32,6 @@ from arbiter.data import (
     build_prompt_parts,
     generate_synthetic,
     load_jsonl,
-    matches,
     normalise_answer,
     prompt_spans,
     synthetic_vocabulary,
@@ -414,14 +413,11 @@ def test_normalise_answer(raw: str, norm: str) -> None:
     assert normalise_answer(raw) == norm
 
 
-def test_matches() -> None:
-    assert matches("Red.", ["red"])
-    assert matches("red circle", ["blue", "Red"])
-    assert not matches("reddish", ["red"])
-    assert not matches("the red one", ["red"])
-    assert matches("dark blue!", ["Dark Blue"])
-    assert not matches("anything", ["", "?"])
-    assert not matches("", ["red"])
+def test_one_normaliser_serves_data_and_mfr() -> None:
+    from arbiter.metrics import normalise
+
+    assert normalise is normalise_answer
+    assert normalise_answer("ＲＥＤ") == "red"          # full-width letters: NFKC folds them, everywhere
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from arbiter.errors import DataError
-from arbiter.metrics.heads import answer_direction, head_scores, spearman, top_g, topk_overlap
-from arbiter.metrics.lens import mam_from_hidden
+from arbiter.metrics.head_scores import answer_direction, head_scores, spearman, top_g, topk_overlap
+from arbiter.metrics.logit_lens import mam_from_hidden
 
 # 1 layer, 2 heads, head_dim 1, hidden 2. W_O = identity: head 0 writes to dim 0, head 1 to dim 1.
 W_O = torch.eye(2)[None]  # [layers=1, hidden=2, heads*head_dim=2]

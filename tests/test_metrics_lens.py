@@ -1,5 +1,6 @@
 """Logit lens, Phi and MAM against values computed by hand."""
 
+import importlib
 import json
 import math
 
@@ -7,9 +8,9 @@ import pytest
 import torch
 
 from arbiter.errors import ArbiterError, DataError
-from arbiter.metrics import lens
-from arbiter.metrics.lens import logit_lens, mam, mam_by_target, mam_components, mam_from_hidden, signal
+from arbiter.metrics.logit_lens import logit_lens, mam, mam_by_target, mam_components, mam_from_hidden, signal
 
+lens = importlib.import_module("arbiter.metrics.logit_lens")   # the module (arbiter.metrics.logit_lens is the function)
 IDENT = lambda x: x  # noqa: E731  identity final norm
 # 2-token vocabulary, hidden 2: z(h) = [h0 + 2 h1, 3 h0 - h1]
 W2 = torch.tensor([[1.0, 2.0], [3.0, -1.0]])

@@ -115,3 +115,20 @@ def test_property_jsd_range_and_identity(u, w):
     assert 0.0 <= d <= 1.0
     assert jsd(p, q).item() == jsd(q, p).item()
     assert jsd(p, p).item() == 0.0
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(0.0, 10.0), min_size=3, max_size=8), st.lists(st.floats(0.0, 10.0), min_size=3, max_size=8))
+def test_jsd_equals_scipys_jensen_shannon(u, w):
+    """The package's one Jensen-Shannon divergence (used by I_NSSD and the key-space gap) is scipy's, squared (scipy
+    returns the distance), in bits and nats, zeros included."""
+    from hypothesis import assume
+    from scipy.spatial.distance import jensenshannon
+
+    n = min(len(u), len(w))
+    p, q = torch.tensor(u[:n], dtype=torch.float64), torch.tensor(w[:n], dtype=torch.float64)
+    assume(float(p.sum()) > 0 and float(q.sum()) > 0)
+    p, q = p / p.sum(), q / q.sum()
+    assert math.isclose(jsd(p, q, bits=True).item(), jensenshannon(p.numpy(), q.numpy(), base=2) ** 2,
+                        rel_tol=1e-9, abs_tol=1e-12)
+    assert math.isclose(jsd(p, q).item(), jensenshannon(p.numpy(), q.numpy()) ** 2, rel_tol=1e-9, abs_tol=1e-12)

@@ -128,7 +128,7 @@ def test_ldar_plot_draws_rate_targets_and_chance(tmp_path):
 
 
 def test_profile_plot_is_lines_per_layer_or_a_heat_map_per_position():
-    from arbiter.metrics.lens import mam_by_target
+    from arbiter.metrics.logit_lens import mam_by_target
 
     per_layer = mam_by_target(torch.tensor([[1.0, 2.0], [3.0, 4.0], [-1.0, 0.0]]), ["vision", "vision", "text"])
     lines = {ln.get_label(): ln.get_ydata() for ln in per_layer.plot().axes[0].get_lines()}
@@ -142,7 +142,7 @@ def test_profile_plot_is_lines_per_layer_or_a_heat_map_per_position():
 
 
 def test_mam_components_plot_averages_all_but_the_layer_dimension():
-    from arbiter.metrics.lens import MAMComponents
+    from arbiter.metrics.logit_lens import MAMComponents
 
     attn = torch.tensor([[1.0, 3.0], [0.0, 2.0]])                     # [layers, positions]
     c = MAMComponents(torch.zeros(2, 2), attn, attn - 1, attn, -torch.ones(2, 2))

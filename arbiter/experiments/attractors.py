@@ -68,10 +68,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data import AnswerDictionary, ConflictSample, _encode_ids, _unwrap_tokenizer
+from ..data import AnswerDictionary, ConflictSample, encode_ids, unwrap_tokenizer
 from ..errors import DataError
-from ..metrics._common import check_choice, jsonable
-from .modality import _DEFAULT_PLAYERS, NEUTRAL_PLAYERS, neutral_sample, present_players
+from ..util import check_choice, jsonable
+from .modality import DEFAULT_PLAYERS, NEUTRAL_PLAYERS, neutral_sample, present_players
 
 __all__ = [
     "CREMA_D_LABELS",
@@ -160,10 +160,10 @@ def label_token_ids(tokenizer, labels: Sequence[str], rule: str = "dictionary") 
                             "shared with another label, or unknown); rename the labels so that their first tokens "
                             "differ, or pass tokens='space'.")
         return out
-    tok = _unwrap_tokenizer(tokenizer)
+    tok = unwrap_tokenizer(tokenizer)
     out = []
     for lab in labels:
-        enc = _encode_ids(tok, " " + lab.strip()) if lab.strip() else []
+        enc = encode_ids(tok, " " + lab.strip()) if lab.strip() else []
         if not lab.strip() or not enc:
             raise DataError(f"label {lab!r} encodes to no token; give non-empty labels.")
         out.append([int(enc[0])])
@@ -624,7 +624,7 @@ def label_perturbation(lens, samples, labels: Sequence[str] | None = None, *, pl
     labels = _label_set(labels, dataset, samples)
     if lens is None and scorer is None:
         raise DataError("label_perturbation needs an attached lens (or a scorer).")
-    players = present_players(samples, _DEFAULT_PLAYERS) if players is None else list(players)
+    players = present_players(samples, DEFAULT_PLAYERS) if players is None else list(players)
     bad = [p for p in players if p not in NEUTRAL_PLAYERS]
     if bad or len(set(players)) != len(players):
         raise DataError(f"players must be distinct modalities with a neutral input ({', '.join(NEUTRAL_PLAYERS)}), "

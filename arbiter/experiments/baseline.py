@@ -13,7 +13,7 @@ import torch
 from ..data import ConflictSample
 from ..encode import tokenizer_of
 from ..metrics import ldar, mam_from_hidden, mention_counts, read_answer
-from ..metrics._common import jsonable
+from ..util import jsonable
 from ..progress import progress_bar
 from .common import batch_plan, batches, by_target, module_weight, per_sample, pi_from_logits, require_conflicts
 

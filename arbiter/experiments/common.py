@@ -120,10 +120,10 @@ def metric_pi_and_margin(ids_p, ids_c):
 def clean_metric(lens, inputs: dict, metric: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``metric(logits)`` of one plain forward without gradients, the logits of the last position only where the
     model takes ``logits_to_keep`` (metrics read the last row)."""
-    from ..sweep import _forward_kwargs
+    from ..sweep import forward_kwargs
 
     with torch.no_grad():
-        logits = lens.model(**{k: v for k, v in inputs.items() if k != "labels"}, **_forward_kwargs(lens, True)).logits
+        logits = lens.model(**{k: v for k, v in inputs.items() if k != "labels"}, **forward_kwargs(lens, True)).logits
     return metric(logits)
 
 

@@ -57,7 +57,7 @@ from .. import distributed
 from ..data import ConflictDataset
 from ..errors import ArbiterError, DataError
 from ..lens import attach
-from ..metrics._common import jsonable
+from ..util import atomic_write_json, jsonable
 from ..probes.base import Probe
 from .baseline import evaluate
 from .heads import (
@@ -78,16 +78,6 @@ MODALITY_STEPS = ("shapley", "keyspace", "imbalance", "surrogate")
 SKIPPABLE_STEPS = (*MODALITY_STEPS, "attractors")
 """Steps that ``skip=`` may leave out (the first five feed each other and the report)."""
 NO_CONFLICT = "no conflict sample"
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(jsonable(obj), f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def config_hash(model) -> str:
@@ -128,7 +118,7 @@ class _Steps:
         result = jsonable(fn() if g is None or collective else distributed.run_on_main(g, fn))
         result["seconds"] = round(time.perf_counter() - t, 3)
         if g is None or g.is_main:
-            _atomic_json(path, {"key": key, "result": result})
+            atomic_write_json(path, {"key": key, "result": result})
         self.log(f"[arbiter] {name}: {result['seconds']:.1f} s")
         return result
 

@@ -14,12 +14,12 @@ import torch
 
 from ..data import ConflictSample
 from ..metrics import head_scores, spearman, top_g, topk_overlap
-from ..metrics._common import jsonable
+from ..util import jsonable
 from ..probes.base import Probe
-from ..probes.heads import HeadScale
+from ..probes.head_interventions import HeadScale
 from ..progress import progress_bar
 from ..errors import InterventionError
-from ..sweep import Setting, _repeat, head_sweep, sweep, tiled_groups
+from ..sweep import Setting, tile_batch, head_sweep, sweep, tiled_groups
 from .common import (batch_plan, batches, margin_from_logits, metric_pi_and_margin, module_weight, per_sample,
                      require_conflicts)
 
@@ -271,7 +271,7 @@ def attribution_ranking(lens, samples: Sequence[ConflictSample], batch_size: int
             b, k = item.size, len(alphas)
             est = _graddrop_batch(lens, item, L, H) if method == "graddrop" else torch.zeros(b, L, H)
             if paths:  # the path methods (GradDrop has none: its one forward ran above)
-                big = {key: _repeat(v, k) for key, v in item.batch.inputs.items() if key != "labels"}
+                big = {key: tile_batch(v, k) for key, v in item.batch.inputs.items() if key != "labels"}
                 alpha = torch.tensor(alphas).repeat_interleave(b)                 # rows: copy-major
             for layers in paths:
                 probe = _HeadPath(alpha, None if method != "ig-layer" else layers)
@@ -420,7 +420,7 @@ def _values_under(lens, samples, head_sets, alpha, batch_size, chunk, dataset, d
     return per_sample(part_results, samples, batch_size)
 
 
-def _mfr_under(lens, samples, head_sets, alpha, batch_size, chunk, dataset, desc: str = "head sets: batches",
+def mfr_under(lens, samples, head_sets, alpha, batch_size, chunk, dataset, desc: str = "head sets: batches",
                progress: bool = False) -> torch.Tensor:
     """[len(head_sets), samples] π' under each head set scaled by alpha."""
     return _values_under(lens, samples, head_sets, alpha, batch_size, chunk, dataset, desc, progress)[1][:, :, 0].T
@@ -463,7 +463,7 @@ def blocking_experiment(lens, samples: Sequence[ConflictSample], correct: Sequen
     randoms = [sorted(rng.sample(pool, len(heads))) for _ in range(n_random)]
     if not chosen or not heads:
         return BlockingResult(fraction, [list(h) for h in heads], 0, float("nan"), float("nan"), [], None, None, None)
-    pi = _mfr_under(lens, chosen, [list(heads)] + randoms, 0.0, batch_size, chunk, dataset,
+    pi = mfr_under(lens, chosen, [list(heads)] + randoms, 0.0, batch_size, chunk, dataset,
                     f"blocking: TopG + {n_random} random head sets, batches", progress)
     mfr = (pi > 0.5).float().mean(1)
     base = 1.0

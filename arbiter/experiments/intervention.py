@@ -12,7 +12,7 @@ import torch
 from ..data import ConflictSample
 from ..errors import InterventionError
 from ..metrics import MFRResult, NSSDResult, i_nssd_from_probs, mention_counts, mfr_from_follows, mfr_from_pi
-from ..metrics._common import jsonable
+from ..util import jsonable
 from ..probes.base import Probe
 from .common import batch_plan, batches, clean_metric, per_sample, require_conflicts
 

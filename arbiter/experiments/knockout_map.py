@@ -11,7 +11,7 @@ import torch
 
 from ..data import ConflictSample
 from ..metrics import i_nssd
-from ..metrics._common import jsonable
+from ..util import jsonable
 from ..progress import progress_bar
 from ..sweep import knockout_settings, sweep
 from .common import batch_plan, batches, clean_metric, metric_pi_and_margin, per_sample, require_conflicts

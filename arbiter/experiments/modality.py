@@ -29,7 +29,7 @@ from ..adapters.base import key_projection
 from ..data import ConflictSample
 from ..errors import DataError, GroupError, SiteError, TraceError
 from ..groups import TokenGroups
-from ..metrics._common import check_choice, jsonable
+from ..util import check_choice, jsonable
 from ..metrics.imbalance import ImbalanceResult, attention_imbalance
 from ..metrics.keyspace import KeySpaceResult, keyspace_analysis, pooled_pca, subsample
 from ..metrics.shapley import ANGLE_METHODS, preference_angle, shapley
@@ -62,7 +62,7 @@ VALUES = ("logprob", "accuracy")
 REFERENCES = ("compliant", "competitor", "vision", "text")
 KEY_KINDS = ("pre_rope", "post_rope")
 NEUTRAL_PLAYERS = ("image", "audio", "context", "instruction", "question")
-_DEFAULT_PLAYERS = ("image", "audio", "context")
+DEFAULT_PLAYERS = ("image", "audio", "context")
 
 GroupSpec = str | Callable[[TokenGroups], torch.Tensor]
 
@@ -127,7 +127,7 @@ def _spec_name(spec: GroupSpec) -> str:
 # modality Shapley (docs/methods/shapley.md)
 
 
-def present_players(samples, candidates: Sequence[str] = _DEFAULT_PLAYERS) -> list[str]:
+def present_players(samples, candidates: Sequence[str] = DEFAULT_PLAYERS) -> list[str]:
     """The candidate modalities present in every sample: ``image`` / ``audio`` when the sample has one,
     text parts (``context`` ...) when their text is non-empty."""
     samples = _conflict_list(samples)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from einops import rearrange
 
 __all__ = [
     "NnsightSites",
@@ -141,8 +142,8 @@ def block_heads_nnsight(nn_model: Any, sites: Any, heads: Iterable[tuple[int, in
             keep = torch.zeros(x.shape[1], dtype=torch.bool)
             keep[pos] = True
             factor = torch.where(keep[None, :, None], factor, torch.ones(()))
-        heads_view = x.view(x.shape[0], x.shape[1], nh, hd)
-        env.input = (heads_view * factor[..., None].to(x.device, x.dtype)).reshape(x.shape)
+        heads_view = rearrange(x, "b s (h d) -> b s h d", h=nh, d=hd)
+        env.input = rearrange(heads_view * factor[..., None].to(x.device, x.dtype), "b s h d -> b s (h d)")
 
 
 def amplify_heads_nnsight(nn_model: Any, sites: Any, heads: Iterable[tuple[int, int]],

@@ -2,12 +2,12 @@
 
 They never touch a model; each returns a tensor, a float or a small dataclass with ``to_dict()``."""
 
-from .heads import HeadScores, answer_direction, head_scores, spearman, top_g, topk_overlap
+from .head_scores import HeadScores, answer_direction, head_scores, spearman, top_g, topk_overlap
 from .imbalance import IMBALANCE_METHODS, ImbalanceResult, attention_imbalance
 from .keyspace import (KERNELS, JSDResult, KeySpaceResult, MMDResult, PCAResult, keyspace_analysis, keyspace_jsd,
                        keyspace_mmd, kernel_matrix, median_bandwidth, mmd2_unbiased, pooled_pca, subsample)
 from .ldar import LDARResult, latent_decision, ldar, topk_positions
-from .lens import (SIGNALS, MAMComponents, TargetProfile, logit_lens, mam, mam_by_target, mam_components,
+from .logit_lens import (SIGNALS, MAMComponents, TargetProfile, logit_lens, mam, mam_by_target, mam_components,
                    mam_from_hidden, signal)
 from .mfr import (MATCH_MODES, MENTIONS, AnswerReading, MFRResult, answer_follows, first_line, mention_counts, mfr,
                   mfr_from_follows, mfr_from_pi, normalise, read_answer)

@@ -10,7 +10,7 @@ import torch
 from einops import rearrange
 
 from ..errors import GroupError
-from ._common import ToDict, check_choice, fail
+from ..util import ToDict, check_choice, fail
 
 IMBALANCE_METHODS = ("log_ratio", "share")
 

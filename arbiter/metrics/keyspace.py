@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ._common import ToDict, check_choice, fail
+from ..util import ToDict, check_choice, fail
+from .nssd import jsd
 
 KERNELS = ("gaussian", "multi_gaussian", "linear", "polynomial")
 OUTLIERS = ("drop", "clip")
@@ -242,14 +243,6 @@ class JSDResult(ToDict):
     outliers: str = "drop"
 
 
-def _jsd_bits(p: np.ndarray, q: np.ndarray) -> float:
-    if np.array_equal(p, q):
-        return 0.0
-    m = (p + q) / 2
-    val = 0.5 * float(np.sum(p * np.log2(p / m))) + 0.5 * float(np.sum(q * np.log2(q / m)))
-    return min(max(val, 0.0), 1.0)
-
-
 def _jsd_on(a: np.ndarray, b: np.ndarray, n_components: int, bins: int, eps: float, lo_pct: float,
             hi_pct: float, outliers: str) -> JSDResult:
     check_choice("outliers", outliers, OUTLIERS)
@@ -269,7 +262,7 @@ def _jsd_on(a: np.ndarray, b: np.ndarray, n_components: int, bins: int, eps: flo
         hq, _ = np.histogram(y, bins=bins, range=(lo, hi))
         p = hp / max(hp.sum(), 1) + eps
         q = hq / max(hq.sum(), 1) + eps
-        vals.append(_jsd_bits(p / p.sum(), q / q.sum()))
+        vals.append(float(jsd(torch.from_numpy(p / p.sum()), torch.from_numpy(q / q.sum()), bits=True)))
     return JSDResult(float(np.mean(vals)), vals, bins, outliers)
 
 

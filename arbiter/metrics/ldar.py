@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._common import ToDict, check_targets, fail
+from ..util import ToDict, check_targets, fail
 
 __all__ = ["topk_positions", "latent_decision", "LDARResult", "ldar"]
 

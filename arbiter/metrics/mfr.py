@@ -4,14 +4,13 @@ From generated answers read at their first answer entity (:func:`read_answer`), 
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from ._common import ToDict, check_choice, check_targets, fail
+from ..data import normalise_answer
+from ..util import ToDict, check_choice, check_targets, fail
 
 MATCH_MODES = ("first", "contains", "exact")
 MENTIONS = ("compliant", "competitor", "both", "neither")
@@ -19,16 +18,8 @@ MENTIONS = ("compliant", "competitor", "both", "neither")
 __all__ = ["MATCH_MODES", "MENTIONS", "normalise", "first_line", "AnswerReading", "read_answer", "answer_follows",
            "mention_counts", "MFRResult", "mfr", "mfr_from_follows", "mfr_from_pi"]
 
-_SPACE = re.compile(r"\s+")
-
-
-def normalise(text: str) -> str:
-    """Lower-case, drop punctuation (Unicode categories P*) and collapse / strip whitespace.
-
-    ``"  New-York!! "`` -> ``"newyork"``; ``"The Red car."`` -> ``"the red car"``."""
-    text = unicodedata.normalize("NFKC", str(text)).lower()
-    text = "".join(ch for ch in text if not unicodedata.category(ch).startswith("P"))
-    return _SPACE.sub(" ", text).strip()
+normalise = normalise_answer
+"""The one answer normaliser, :func:`arbiter.data.normalise_answer` (NFKC, lower-case, no punctuation, single spaces)."""
 
 
 def first_line(text: str) -> str:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import ToDict, as_ids, check_choice, check_vocab, fail, per_sample_ids
+from ..util import ToDict, as_ids, check_choice, check_vocab, fail, per_sample_ids
 
 NSSD_METHODS = ("signed_jsd", "normalised_signed_change", "relative_change", "three_outcome")
 LN2 = math.log(2.0)

@@ -60,7 +60,7 @@ def plot_score_grid(grid, title: str = "head scores", path=None, ax=None, cmap: 
 
 
 def plot_profile(profile, path=None, ax=None, ylabel: str = "MAM (Φ_p − Φ_c)", xlabel: str = "layer"):
-    """A :class:`~arbiter.metrics.lens.TargetProfile`: one line per target and their average when it is per layer
+    """A :class:`~arbiter.metrics.logit_lens.TargetProfile`: one line per target and their average when it is per layer
     ([layers]); a heat map of the average when it is [layers, positions]; bars when it is one number."""
     a_ = _np(profile.all)
     if a_.ndim > 2:
@@ -88,7 +88,7 @@ def plot_profile(profile, path=None, ax=None, ylabel: str = "MAM (Φ_p − Φ_c)
 
 
 def plot_mam_components(components, path=None, ax=None, layer_dim: int = 0):
-    """A :class:`~arbiter.metrics.lens.MAMComponents`: the attention and MLP contributions per layer (bars) and
+    """A :class:`~arbiter.metrics.logit_lens.MAMComponents`: the attention and MLP contributions per layer (bars) and
     the MAM after the layer (line), averaged over every dimension but ``layer_dim``."""
     def per_layer(t):
         v = _np(t)

@@ -9,7 +9,7 @@ import math
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ._common import ToDict, check_choice, fail
+from ..util import ToDict, check_choice, fail
 
 ANGLE_METHODS = ("ratio", "atan2")
 

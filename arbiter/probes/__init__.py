@@ -3,7 +3,7 @@
 Subclass ``Probe`` to read or edit named sites on any supported architecture."""
 
 from .base import ALIASES, SITES, Ctx, Probe, canonical_site
-from .heads import HeadBlock, HeadPatch, HeadScale, ResidPatch
+from .head_interventions import HeadBlock, HeadPatch, HeadScale, ResidPatch
 from .knockout import Knockout
 from .record import Recorder
 

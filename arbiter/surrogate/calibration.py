@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..metrics._common import check_choice, fail, jsonable
+from ..util import check_choice, fail, jsonable
 from ..metrics.shapley import ANGLE_METHODS
 from .oscillators import Preset, get_preset
 from .shap import cell_shap
@@ -97,9 +97,9 @@ def make_calibration(sweep, preset: str | Preset | None = None, provenance: dict
     must equal it in every parameter that affects the dynamics or the readout (a difference in ``drift_threshold``
     only is accepted); its parameters are then stored and each cell's ``drift_seeds`` / ``drift_flag`` recomputed
     from the per-seed drift with its threshold. ``provenance``: stored under ``params.provenance``."""
-    from .fit import _load_sweep
+    from .sweep import load_sweep_result
 
-    r = _load_sweep(sweep)
+    r = load_sweep_result(sweep)
     params = json.loads(json.dumps(r.params))
     if preset is not None:
         p = get_preset(preset)
@@ -145,10 +145,10 @@ def table_point(sweep, beta_self: float, beta_cross: float, how: str = "ratio") 
     the four surrounding cells (β outside the grid: clamped to its edge, flagged); then :func:`cell_shap` gives φ
     (seed means), the angle (``how``; None when the seed-mean NMSE_{X∪Y} >= 1) and log(NMSE_Y / NMSE_X), as in a
     sweep cell. Seeds with a non-finite NMSE in any of those cells are dropped (flagged)."""
-    from .fit import _load_sweep
+    from .sweep import load_sweep_result
 
     check_choice("how", how, ANGLE_METHODS)
-    r = _load_sweep(sweep)
+    r = load_sweep_result(sweep)
     if not r.points or "per_seed" not in r.points[0]:
         fail("table_point: the sweep has no per-seed cell values (a calibration or a full sweep.json is needed).")
     bs_axis, bc_axis = r.betas()

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..metrics._common import ToDict, check_choice, fail, jsonable
+from ..util import ToDict, check_choice, fail, jsonable
 from ..trace import site_key
 from .oscillators import Preset, get_preset
-from .sweep import IDENTIFIABLE_ABOVE, SweepResult, evaluate_cells, sweep
+from .sweep import IDENTIFIABLE_ABOVE, SweepResult, evaluate_cells, load_sweep_result, sweep
 
 __all__ = [
     "ConcentrationTable",
@@ -245,7 +245,7 @@ class ConcentrationTable(ToDict):
 def concentration_table(result, curve: str = "marginal") -> ConcentrationTable:
     """The c(β) curves of a sweep (:class:`SweepResult`, its dict, or a path to sweep.json)."""
     check_choice("curve", curve, CURVES)
-    r = _load_sweep(result)
+    r = load_sweep_result(result)
     cc = r.params.get("concentration_curves")
     if not cc:
         fail("concentration_table: the sweep has no 'concentration_curves' (run arbiter.surrogate.sweep).")
@@ -270,19 +270,6 @@ def concentration_table(result, curve: str = "marginal") -> ConcentrationTable:
 # ----------------------------------------------------------------------------------------------- sweeps, cached
 
 _MEMO: dict = {}
-
-
-def _load_sweep(result) -> SweepResult:
-    if isinstance(result, SweepResult):
-        return result
-    if isinstance(result, dict):
-        return SweepResult.from_dict(result)
-    path = Path(result)
-    if path.is_dir():
-        path = path / "sweep.json"
-    if not path.exists():
-        fail(f"no sweep at {path} (run `arbiter surrogate sweep --out DIR` first, or let fit run one).")
-    return SweepResult.from_dict(json.loads(path.read_text()))
 
 
 def cached_sweep(preset: str | Preset = "responsive", grid: int = 5, seeds=10, cache_dir: str | Path | None = None,
@@ -363,7 +350,8 @@ def fit(trace, *, x: str = "image", y: str = "text", sweep_result=None, preset: 
         conc = concentrations
     else:
         conc = trace_concentrations(trace, x, y, count=count, min_keys=min_keys)
-    sw = _load_sweep(sweep_result) if sweep_result is not None else cached_sweep(preset, grid, seeds, cache_dir, log)
+    sw = (load_sweep_result(sweep_result) if sweep_result is not None
+          else cached_sweep(preset, grid, seeds, cache_dir, log))
     p = get_preset(sw.params.get("preset_params") or sw.params.get("preset", "responsive"))
     table = concentration_table(sw, curve)
     flags = list(table.flags)

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .._threads import idle_cores
-from ..metrics._common import check_choice, fail
+from ..threads import idle_cores
+from ..util import check_choice, fail
 from .lorenz import LorenzSignal, lorenz
 
 __all__ = [

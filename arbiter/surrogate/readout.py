@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..metrics._common import ToDict, check_choice, fail
+from ..util import ToDict, check_choice, fail
 
 __all__ = ["FEATURE_FNS", "ReadoutResult", "features", "nmse", "ridge_readout", "windows"]
 

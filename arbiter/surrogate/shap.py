@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..metrics._common import ToDict, fail
+from ..util import ToDict, fail
 from ..metrics.shapley import preference_angle, shapley
 
 __all__ = ["PLAYERS", "CellShap", "cell_shap", "dynamical_shap"]

@@ -4,17 +4,19 @@ Seeds are paired across cells; identifiability ratios say whether a quantity dep
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..metrics._common import ToDict, check_choice, fail, jsonable
+from ..util import ToDict, check_choice, fail, jsonable
 from ..metrics.shapley import ANGLE_METHODS
 from .oscillators import Preset, get_preset, make_signal, resolve_workers, simulate, torch_threads
 from .readout import FEATURE_FNS, ridge_readout, windows
@@ -414,3 +416,17 @@ def _notes(p: Preset, printed: bool, shap_mode: str = "readout") -> list:
     if printed:
         notes.append("printed=True: the paper's printed SHAP formula cancels to φ(X) = φ(Y); every angle is 0.")
     return notes
+
+
+def load_sweep_result(result) -> SweepResult:
+    """A SweepResult from itself, its dict, a sweep.json or the folder holding one."""
+    if isinstance(result, SweepResult):
+        return result
+    if isinstance(result, dict):
+        return SweepResult.from_dict(result)
+    path = Path(result)
+    if path.is_dir():
+        path = path / "sweep.json"
+    if not path.exists():
+        fail(f"no sweep at {path} (run `arbiter surrogate sweep --out DIR` first, or let fit run one).")
+    return SweepResult.from_dict(json.loads(path.read_text()))

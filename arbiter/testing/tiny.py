@@ -154,7 +154,7 @@ def _base_tokenizer_json() -> str:
     return tok.to_str()
 
 
-def _make_tokenizer(
+def make_tokenizer(
     *,
     bos: str | None,
     eos: str,
@@ -211,7 +211,7 @@ def _make_tokenizer(
 # --------------------------------------------------------------------------------------------------
 
 
-def _content_template(image: str, audio: str = "", video: str = "") -> str:
+def content_template(image: str, audio: str = "", video: str = "") -> str:
     """Jinja snippet rendering ``message['content']`` (a string or a list of typed parts)."""
     return (
         "{%- if message['content'] is string -%}{{ message['content'] }}"
@@ -224,7 +224,7 @@ def _content_template(image: str, audio: str = "", video: str = "") -> str:
     )
 
 
-def _chatml_template(image: str = "", audio: str = "", video: str = "", system: str | None = None) -> str:
+def chatml_template(image: str = "", audio: str = "", video: str = "", system: str | None = None) -> str:
     sys = ""
     if system is not None:
         sys = (
@@ -234,7 +234,7 @@ def _chatml_template(image: str = "", audio: str = "", video: str = "", system: 
     return (
         sys + "{%- for message in messages -%}"
         "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-        + _content_template(image, audio, video)
+        + content_template(image, audio, video)
         + "{{ '<|im_end|>\\n' }}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
@@ -245,7 +245,7 @@ def _gemma_template(image: str = "", audio: str = "") -> str:
     return (
         "{%- for message in messages -%}"
         "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
-        "{{ '<start_of_turn>' + role + '\\n' }}" + _content_template(image, audio) + "{{ '<end_of_turn>\\n' }}"
+        "{{ '<start_of_turn>' + role + '\\n' }}" + content_template(image, audio) + "{{ '<end_of_turn>\\n' }}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
     )
@@ -276,7 +276,7 @@ def _llava_next_template() -> str:
         "{%- for part in message['content'] if part['type'] == 'image' -%}{{ '<image>\\n' }}{%- endfor -%}"
         "{%- for part in message['content'] if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
         "{%- endif -%}{{ ' [/INST]' }}"
-        "{%- else -%}{{ ' ' }}" + _content_template("") + "{{ eos_token }}{%- endif -%}"
+        "{%- else -%}{{ ' ' }}" + content_template("") + "{{ eos_token }}{%- endif -%}"
         "{%- endfor -%}"
     )
 
@@ -285,7 +285,7 @@ def _llama3_template(image: str = "<|image|>") -> str:
     return (
         "{%- for message in messages -%}"
         "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
-        + _content_template(image)
+        + content_template(image)
         + "{{ '<|eot_id|>' }}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif -%}"
@@ -471,14 +471,14 @@ def _resolve_sizes(sizes: dict[str, Any]) -> dict[str, Any]:
     return s
 
 
-def _vocab_size(tok, s) -> int:
+def tokenizer_vocab_size(tok, s) -> int:
     n = len(tok)
     if s["vocab"] is not None:
         n = max(n, int(s["vocab"]))
     return n
 
 
-def _side(tokens: int) -> int:
+def grid_side(tokens: int) -> int:
     return max(1, int(round(math.sqrt(tokens))))
 
 
@@ -500,7 +500,7 @@ def _llama_text(s, vocab, tok, **extra):
     )
 
 
-def _qwen2_text(s, vocab, tok, cls=None, **extra):
+def qwen2_text(s, vocab, tok, cls=None, **extra):
     from transformers import Qwen2Config
 
     cls = cls or Qwen2Config
@@ -538,7 +538,7 @@ def _gemma_text(s, vocab, tok, **extra):
     )
 
 
-def _mrope_section(head_dim: int) -> list[int]:
+def mrope_sections(head_dim: int) -> list[int]:
     half = head_dim // 2
     hw = (half * 3) // 8
     return [half - 2 * hw, hw, hw]
@@ -558,7 +558,7 @@ def _clip_vision(s, image_size, patch):
     )
 
 
-def _siglip_vision(s, image_size, patch, **extra):
+def siglip_vision(s, image_size, patch, **extra):
     from transformers import SiglipVisionConfig
 
     return SiglipVisionConfig(
@@ -580,29 +580,29 @@ def _siglip_vision(s, image_size, patch, **extra):
 def _build_llama(s):
     from transformers import LlamaForCausalLM
 
-    tok = _make_tokenizer(bos="<s>", eos="</s>", pad="<pad>", unk="<unk>", add_bos=True)
-    cfg = _llama_text(s, _vocab_size(tok, s), tok)
+    tok = make_tokenizer(bos="<s>", eos="</s>", pad="<pad>", unk="<unk>", add_bos=True)
+    cfg = _llama_text(s, tokenizer_vocab_size(tok, s), tok)
     return LlamaForCausalLM, cfg, tok, {}
 
 
 def _build_qwen2(s):
     from transformers import Qwen2ForCausalLM
 
-    tok = _make_tokenizer(
+    tok = make_tokenizer(
         bos=None,
         eos="<|im_end|>",
         pad="<|endoftext|>",
         extra=["<|im_start|>"],
-        chat_template=_chatml_template(system="You are a helpful assistant."),
+        chat_template=chatml_template(system="You are a helpful assistant."),
     )
-    cfg = _qwen2_text(s, _vocab_size(tok, s), tok)
+    cfg = qwen2_text(s, tokenizer_vocab_size(tok, s), tok)
     return Qwen2ForCausalLM, cfg, tok, {}
 
 
 def _build_gemma(s):
     from transformers import GemmaForCausalLM
 
-    tok = _make_tokenizer(
+    tok = make_tokenizer(
         bos="<bos>",
         eos="<eos>",
         pad="<pad>",
@@ -611,7 +611,7 @@ def _build_gemma(s):
         extra=["<start_of_turn>", "<end_of_turn>"],
         chat_template=_gemma_template(),
     )
-    cfg = _gemma_text(s, _vocab_size(tok, s), tok)
+    cfg = _gemma_text(s, tokenizer_vocab_size(tok, s), tok)
     return GemmaForCausalLM, cfg, tok, {}
 
 
@@ -619,8 +619,8 @@ def _build_llava(s):
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     patch = 14  # CLIP ViT-L/14; image_tokens=576 gives LLaVA-1.5's 336 px, 24 x 24 patches
-    side = _side(s["image_tokens"]) * patch
-    tok = _make_tokenizer(
+    side = grid_side(s["image_tokens"]) * patch
+    tok = make_tokenizer(
         bos="<s>", eos="</s>", pad="<pad>", unk="<unk>", add_bos=True, named={"image_token": "<image>"}
     )
     ip = CLIPImageProcessor(
@@ -637,7 +637,7 @@ def _build_llava(s):
     )
     cfg = LlavaConfig(
         vision_config=_clip_vision(s, side, patch),
-        text_config=_llama_text(s, _vocab_size(tok, s), tok),
+        text_config=_llama_text(s, tokenizer_vocab_size(tok, s), tok),
         image_token_index=tok.image_token_id,
         image_seq_length=(side // patch) ** 2,
         vision_feature_select_strategy="default",
@@ -664,7 +664,7 @@ def _build_llava_next(s):
     n = max(1, int(round((-1 + math.sqrt(1 + 8 * s["image_tokens"])) / 4)))
     side = n * patch
     pinpoints = [[side, side], [side, 2 * side], [2 * side, side], [2 * side, 2 * side]]
-    tok = _make_tokenizer(
+    tok = make_tokenizer(
         bos="<s>", eos="</s>", pad="<pad>", unk="<unk>", add_bos=True, named={"image_token": "<image>"}
     )
     ip = LlavaNextImageProcessor(
@@ -682,7 +682,7 @@ def _build_llava_next(s):
     )
     cfg = LlavaNextConfig(
         vision_config=_clip_vision(s, side, patch),
-        text_config=_llama_text(s, _vocab_size(tok, s), tok),
+        text_config=_llama_text(s, tokenizer_vocab_size(tok, s), tok),
         image_token_index=tok.image_token_id,
         image_grid_pinpoints=pinpoints,
         image_seq_length=n * n,
@@ -698,7 +698,7 @@ def _build_llava_next(s):
 
 
 def _qwen_vl_image_side(s) -> int:
-    return _side(s["image_tokens"]) * 28  # patch 14, 2x2 merge -> one token per 28x28 pixels
+    return grid_side(s["image_tokens"]) * 28  # patch 14, 2x2 merge -> one token per 28x28 pixels
 
 
 def _qwen_vl_processors(side: int, video: bool = True):
@@ -710,28 +710,28 @@ def _qwen_vl_processors(side: int, video: bool = True):
     return ip, vp
 
 
-_QWEN_VL_TOKENS = ["<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_VL_TOKENS = ["<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
 
 def _build_qwen2_vl_like(s, family):
     import transformers as T
 
     side = _qwen_vl_image_side(s)
-    tok = _make_tokenizer(
+    tok = make_tokenizer(
         bos=None,
         eos="<|im_end|>",
         pad="<|endoftext|>",
-        extra=_QWEN_VL_TOKENS,
-        chat_template=_chatml_template(
+        extra=QWEN_VL_TOKENS,
+        chat_template=chatml_template(
             image="<|vision_start|><|image_pad|><|vision_end|>",
             video="<|vision_start|><|video_pad|><|vision_end|>",
             system="You are a helpful assistant.",
         ),
     )
     ip, vp = _qwen_vl_processors(side)
-    vocab = _vocab_size(tok, s)
+    vocab = tokenizer_vocab_size(tok, s)
     head_dim = s["hidden"] // s["heads"]
-    rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": _mrope_section(head_dim)}
+    rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope_sections(head_dim)}
     text_kw = dict(
         vocab_size=vocab,
         hidden_size=s["hidden"],
@@ -820,14 +820,14 @@ def _build_qwen2_5_omni(s):
         "audio_bos_token": "<|audio_bos|>",
         "audio_eos_token": "<|audio_eos|>",
     }
-    tok = _make_tokenizer(
+    tok = make_tokenizer(
         bos=None,
         eos="<|im_end|>",
         pad="<|endoftext|>",
         named=named,
         extra=["<|im_start|>"],
         padding_side="left",
-        chat_template=_chatml_template(
+        chat_template=chatml_template(
             image="<|vision_bos|><|IMAGE|><|vision_eos|>",
             audio="<|audio_bos|><|AUDIO|><|audio_eos|>",
             video="<|vision_bos|><|VIDEO|><|vision_eos|>",
@@ -841,7 +841,7 @@ def _build_qwen2_5_omni(s):
     proc = T.Qwen2_5OmniProcessor(
         image_processor=ip, video_processor=vp, feature_extractor=fe, tokenizer=tok, chat_template=tok.chat_template
     )
-    vocab = _vocab_size(tok, s)
+    vocab = tokenizer_vocab_size(tok, s)
     head_dim = s["hidden"] // s["heads"]
     text = T.Qwen2_5OmniTextConfig(
         vocab_size=vocab,
@@ -851,7 +851,7 @@ def _build_qwen2_5_omni(s):
         num_attention_heads=s["heads"],
         num_key_value_heads=s["kv_heads"],
         max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": _mrope_section(head_dim)},
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope_sections(head_dim)},
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
         tie_word_embeddings=False,
@@ -904,11 +904,11 @@ def _build_qwen2_5_omni(s):
 def _build_gemma3(s):
     import transformers as T
 
-    t = _side(s["image_tokens"])  # tokens per side after pooling
+    t = grid_side(s["image_tokens"])  # tokens per side after pooling
     patch = 8
     side = 2 * t * patch  # 2x2 average pooling of the SigLIP patch grid, as in Gemma 3 (4x4 there)
     named = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
-    tok = _make_tokenizer(
+    tok = make_tokenizer(
         bos="<bos>",
         eos="<eos>",
         pad="<pad>",
@@ -924,7 +924,7 @@ def _build_gemma3(s):
     layer_types = ["sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(s["layers"])]
     layer_types[-1] = "full_attention"
     text = T.Gemma3TextConfig(
-        vocab_size=_vocab_size(tok, s),
+        vocab_size=tokenizer_vocab_size(tok, s),
         hidden_size=s["hidden"],
         intermediate_size=s["intermediate"],
         num_hidden_layers=s["layers"],
@@ -939,7 +939,7 @@ def _build_gemma3(s):
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    vision = _siglip_vision(s, side, patch, vision_use_head=False)
+    vision = siglip_vision(s, side, patch, vision_use_head=False)
     cfg = T.Gemma3Config(
         text_config=text,
         vision_config=vision,
@@ -960,16 +960,16 @@ def _build_paligemma(s):
     import transformers as T
 
     patch = 8
-    side = _side(s["image_tokens"]) * patch
+    side = grid_side(s["image_tokens"]) * patch
     n_img = (side // patch) ** 2
-    tok = _make_tokenizer(bos="<bos>", eos="<eos>", pad="<pad>", unk="<unk>", add_bos=True)
+    tok = make_tokenizer(bos="<bos>", eos="<eos>", pad="<pad>", unk="<unk>", add_bos=True)
     ip = T.SiglipImageProcessor(size={"height": side, "width": side})
     ip.image_seq_length = n_img
     # the processor adds <image> and 1024 <locNNNN> + 128 <segNNN> tokens, so size the model after it
     proc = T.PaliGemmaProcessor(image_processor=ip, tokenizer=tok)
-    vocab = _vocab_size(tok, s)
+    vocab = tokenizer_vocab_size(tok, s)
     text = _gemma_text(s, vocab, tok)
-    vision = _siglip_vision(s, side, patch, vision_use_head=False)
+    vision = siglip_vision(s, side, patch, vision_use_head=False)
     cfg = T.PaliGemmaConfig(
         text_config=text,
         vision_config=vision,
@@ -997,7 +997,7 @@ def _build_internvl(s):
     import transformers as T
 
     patch = 8
-    side = 2 * _side(s["image_tokens"]) * patch  # pixel shuffle with downsample_ratio 0.5
+    side = 2 * grid_side(s["image_tokens"]) * patch  # pixel shuffle with downsample_ratio 0.5
     n_img = (side // patch) ** 2 // 4
     named = {
         "start_image_token": "<img>",
@@ -1005,14 +1005,14 @@ def _build_internvl(s):
         "context_image_token": "<IMG_CONTEXT>",
         "video_token": "<video>",
     }
-    tok = _make_tokenizer(
+    tok = make_tokenizer(
         bos=None,
         eos="<|im_end|>",
         pad="<|endoftext|>",
         named=named,
         extra=["<|im_start|>"],
         padding_side="left",
-        chat_template=_chatml_template(image="<IMG_CONTEXT>\n", video="<video>\n"),
+        chat_template=chatml_template(image="<IMG_CONTEXT>\n", video="<video>\n"),
     )
     ip = T.GotOcr2ImageProcessor(
         size={"height": side, "width": side}, crop_to_patches=False, min_patches=1, max_patches=4
@@ -1021,7 +1021,7 @@ def _build_internvl(s):
     proc = T.InternVLProcessor(
         image_processor=ip, tokenizer=tok, video_processor=vp, image_seq_length=n_img, chat_template=tok.chat_template
     )
-    text = _qwen2_text(s, _vocab_size(tok, s), tok, tie_word_embeddings=False)
+    text = qwen2_text(s, tokenizer_vocab_size(tok, s), tok, tie_word_embeddings=False)
     vision = T.InternVLVisionConfig(
         hidden_size=s["vision_hidden"],
         intermediate_size=2 * s["vision_hidden"],
@@ -1053,11 +1053,11 @@ def _idefics_like(s, family):
 
     patch = 8
     scale = 2
-    side = scale * _side(s["image_tokens"]) * patch
+    side = scale * grid_side(s["image_tokens"]) * patch
     seq = (side // patch) ** 2 // (scale * scale)
     if family == "idefics3":
         # Idefics3-8B: Llama 3 tokenizer
-        tok = _make_tokenizer(
+        tok = make_tokenizer(
             bos="<|begin_of_text|>",
             eos="<end_of_utterance>",
             pad="<|finetune_right_pad_id|>",
@@ -1074,7 +1074,7 @@ def _idefics_like(s, family):
             "end_of_utterance_token": "<end_of_utterance>",
             "video_token": "<video>",
         }
-        tok = _make_tokenizer(
+        tok = make_tokenizer(
             bos="<|im_start|>",
             eos="<end_of_utterance>",
             pad="<|im_end|>",
@@ -1103,7 +1103,7 @@ def _idefics_like(s, family):
             image_seq_len=seq,
             chat_template=DEFAULT_CHAT_TEMPLATE,
         )
-    text = _llama_text(s, _vocab_size(tok, s), tok, rms_norm_eps=1e-5)
+    text = _llama_text(s, tokenizer_vocab_size(tok, s), tok, rms_norm_eps=1e-5)
     vcls = T.Idefics3VisionConfig if family == "idefics3" else T.SmolVLMVisionConfig
     vision = vcls(
         hidden_size=s["vision_hidden"],
@@ -1146,9 +1146,9 @@ def _build_mllama(s):
     import transformers as T
 
     patch = 8
-    side = _side(s["image_tokens"]) * patch  # tile size; (side/patch)^2 + 1 vision tokens per tile
+    side = grid_side(s["image_tokens"]) * patch  # tile size; (side/patch)^2 + 1 vision tokens per tile
     max_tiles = 2
-    tok = _make_tokenizer(
+    tok = make_tokenizer(
         bos="<|begin_of_text|>",
         eos="<|eot_id|>",
         pad="<|finetune_right_pad_id|>",
@@ -1163,7 +1163,7 @@ def _build_mllama(s):
     # here every 4th, from 2, so that self-attention layers follow the first one)
     cross = [i for i in range(n) if i % 4 == 2] or [n - 1]
     text = T.MllamaTextConfig(
-        vocab_size=_vocab_size(tok, s),
+        vocab_size=tokenizer_vocab_size(tok, s),
         hidden_size=s["hidden"],
         intermediate_size=s["intermediate"],
         num_hidden_layers=n,
@@ -1221,7 +1221,7 @@ def _gemma3n_vision_block_args(width: int) -> list:
 def _build_gemma3n(s):
     import transformers as T
 
-    t = _side(s["image_tokens"])  # MobileNetV5's multi-scale fusion adapter pools to t x t soft tokens
+    t = grid_side(s["image_tokens"])  # MobileNetV5's multi-scale fusion adapter pools to t x t soft tokens
     side = 16 * t  # stride-16 features are t x t
     audio_tokens = 32  # soft tokens per audio clip (188 in Gemma 3n, for 30 s); ~5 s of audio fit
     n_mm = 4  # rows of the vision / audio hard-token embedders (128 each in Gemma 3n)
@@ -1237,7 +1237,7 @@ def _build_gemma3n(s):
         "eoa_token": "<end_of_audio>",
         "audio_token": "<audio_soft_token>",
     }
-    tok = _make_tokenizer(
+    tok = make_tokenizer(
         bos="<bos>",
         eos="<eos>",
         pad="<pad>",
@@ -1329,7 +1329,7 @@ def _build_gemma3n(s):
     return T.Gemma3nForConditionalGeneration, cfg, proc, extra
 
 
-_BUILDERS: dict[str, Callable[[dict[str, Any]], tuple]] = {
+FAMILY_BUILDERS: dict[str, Callable[[dict[str, Any]], tuple]] = {
     "llama": _build_llama,
     "qwen2": _build_qwen2,
     "gemma": _build_gemma,
@@ -1412,10 +1412,10 @@ def _post_init(model, family: str, seed: int) -> None:
 
 def tiny(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **sizes) -> TinyModel:
     """Build a tiny random model of ``family`` with its real, offline processor (see module doc)."""
-    if family not in _BUILDERS:
+    if family not in FAMILY_BUILDERS:
         raise KeyError(f"unknown family {family!r}; known: {sorted(FAMILIES)}")
     s = _resolve_sizes(sizes)
-    model_cls, cfg, proc, extra = _BUILDERS[family](s)
+    model_cls, cfg, proc, extra = FAMILY_BUILDERS[family](s)
     timm_args = getattr(getattr(cfg, "vision_config", None), "model_args", None)
     timm_args = copy.deepcopy(timm_args) if timm_args else None
     # seed right before init (so the weights do not depend on what the builder consumed), without
@@ -1433,6 +1433,3 @@ def tiny(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **sizes
     if tok is not None and tok.chat_template is None and getattr(proc, "chat_template", None) is not None:
         tok.chat_template = proc.chat_template  # as on the Hub: both carry it
     return TinyModel(model=model, processor=proc, family=family, sizes=s, **extra)
-
-
-from . import tiny_more as _tiny_more  # noqa: E402,F401  (registers the families of tiny_more.py)

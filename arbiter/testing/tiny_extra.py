@@ -59,20 +59,20 @@ from typing import Any
 
 import torch
 
-from .tiny import _BUILDERS as _TINY_BUILDERS
+from .tiny import FAMILY_BUILDERS as _TINY_BUILDERS
 from .tiny import FAMILIES as _TINY_FAMILIES
 from .tiny import (
-    _QWEN_VL_TOKENS,
-    _chatml_template,
-    _content_template,
-    _make_tokenizer,
-    _mrope_section,
-    _qwen2_text,
-    _side,
-    _siglip_vision,
-    _vocab_size,
+    QWEN_VL_TOKENS,
+    chatml_template,
+    content_template,
+    make_tokenizer,
+    mrope_sections,
+    qwen2_text,
+    grid_side,
+    siglip_vision,
+    tokenizer_vocab_size,
 )
-from .tiny_more import _ModelClass
+from .tiny_more import ModelClass
 
 __all__ = ["BUILDERS", "FAMILIES"]
 
@@ -87,13 +87,13 @@ def _build_qwen3_vl(s):
 
     patch, merge = 16, 2
     unit = patch * merge  # one image token per 32 x 32 px
-    side = _side(s["image_tokens"]) * unit
-    tok = _make_tokenizer(
+    side = grid_side(s["image_tokens"]) * unit
+    tok = make_tokenizer(
         bos=None,
         eos="<|im_end|>",
         pad="<|endoftext|>",
-        extra=_QWEN_VL_TOKENS,
-        chat_template=_chatml_template(
+        extra=QWEN_VL_TOKENS,
+        chat_template=chatml_template(
             image="<|vision_start|><|image_pad|><|vision_end|>",
             video="<|vision_start|><|video_pad|><|vision_end|>",
         ),
@@ -105,7 +105,7 @@ def _build_qwen3_vl(s):
     proc = T.Qwen3VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=tok.chat_template)
     head_dim = s["hidden"] // s["heads"]
     text = T.Qwen3VLTextConfig(
-        vocab_size=_vocab_size(tok, s),
+        vocab_size=tokenizer_vocab_size(tok, s),
         hidden_size=s["hidden"],
         intermediate_size=s["intermediate"],
         num_hidden_layers=s["layers"],
@@ -116,7 +116,7 @@ def _build_qwen3_vl(s):
         rope_parameters={
             "rope_type": "default",
             "rope_theta": 5_000_000.0,
-            "mrope_section": _mrope_section(head_dim),
+            "mrope_section": mrope_sections(head_dim),
             "mrope_interleaved": True,
         },
         pad_token_id=tok.pad_token_id,
@@ -158,11 +158,11 @@ def _mistral_template(image: str = "[IMG]") -> str:
     return (
         "{{- bos_token -}}"
         "{%- for message in messages -%}"
-        "{%- if message['role'] == 'user' -%}{{ '[INST]' }}" + _content_template(image) + "{{ '[/INST]' }}"
+        "{%- if message['role'] == 'user' -%}{{ '[INST]' }}" + content_template(image) + "{{ '[/INST]' }}"
         "{%- elif message['role'] == 'system' -%}{{ '[SYSTEM_PROMPT]' }}"
-        + _content_template(image)
+        + content_template(image)
         + "{{ '[/SYSTEM_PROMPT]' }}"
-        "{%- else -%}" + _content_template(image) + "{{ eos_token }}{%- endif -%}"
+        "{%- else -%}" + content_template(image) + "{{ eos_token }}{%- endif -%}"
         "{%- endfor -%}"
     )
 
@@ -172,9 +172,9 @@ def _build_mistral3(s):
 
     patch, merge = 14, 2
     unit = patch * merge  # one [IMG] token per 28 x 28 px after the 2 x 2 patch merger
-    t = _side(s["image_tokens"])
+    t = grid_side(s["image_tokens"])
     side = t * unit
-    tok = _make_tokenizer(
+    tok = make_tokenizer(
         bos="<s>",
         eos="</s>",
         pad="<pad>",
@@ -188,7 +188,7 @@ def _build_mistral3(s):
         image_processor=ip, tokenizer=tok, patch_size=patch, spatial_merge_size=merge, chat_template=tok.chat_template
     )
     text = T.MistralConfig(
-        vocab_size=_vocab_size(tok, s),
+        vocab_size=tokenizer_vocab_size(tok, s),
         hidden_size=s["hidden"],
         intermediate_size=s["intermediate"],
         num_hidden_layers=s["layers"],
@@ -234,13 +234,13 @@ def _build_llava_onevision(s):
     n = max(1, int(round((-1 + math.sqrt(1 + 8 * s["image_tokens"])) / 4)))
     side = n * patch
     pinpoints = [[side, side], [side, 2 * side], [2 * side, side], [2 * side, 2 * side]]
-    tok = _make_tokenizer(
+    tok = make_tokenizer(
         bos=None,
         eos="<|im_end|>",
         pad="<|endoftext|>",
         named={"image_token": "<image>", "video_token": "<video>"},
         extra=["<|im_start|>"],
-        chat_template=_chatml_template(image="<image>\n", video="<video>\n"),
+        chat_template=chatml_template(image="<image>\n", video="<video>\n"),
     )
     size = {"height": side, "width": side}
     ip = T.LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=pinpoints)
@@ -255,8 +255,8 @@ def _build_llava_onevision(s):
         chat_template=tok.chat_template,
     )
     cfg = T.LlavaOnevisionConfig(
-        vision_config=_siglip_vision(s, side, patch, vision_use_head=False),
-        text_config=_qwen2_text(s, _vocab_size(tok, s), tok),
+        vision_config=siglip_vision(s, side, patch, vision_use_head=False),
+        text_config=qwen2_text(s, tokenizer_vocab_size(tok, s), tok),
         image_token_index=tok.image_token_id,
         video_token_index=tok.video_token_id,
         image_grid_pinpoints=pinpoints,
@@ -279,7 +279,7 @@ def _glm4v_template() -> str:
         "{{- '[gMASK]<sop>' -}}"
         "{%- for message in messages -%}"
         "{{ '<|' + message['role'] + '|>\\n' }}"
-        + _content_template(
+        + content_template(
             image="<|begin_of_image|><|image|><|end_of_image|>", video="<|begin_of_video|><|video|><|end_of_video|>"
         )
         + "{%- endfor -%}"
@@ -292,8 +292,8 @@ def _build_glm4v(s):
 
     patch, merge = 14, 2
     unit = patch * merge  # one <|image|> token per 28 x 28 px
-    side = _side(s["image_tokens"]) * unit
-    tok = _make_tokenizer(
+    side = grid_side(s["image_tokens"]) * unit
+    tok = make_tokenizer(
         bos=None,
         eos="<|endoftext|>",
         pad="<|endoftext|>",
@@ -320,7 +320,7 @@ def _build_glm4v(s):
     head_dim = s["hidden"] // s["heads"]
     rotary = max(2, head_dim // 2) // 2 * 2  # GLM-4: rotary on half the head dim
     text = T.Glm4vTextConfig(
-        vocab_size=_vocab_size(tok, s),
+        vocab_size=tokenizer_vocab_size(tok, s),
         hidden_size=s["hidden"],
         intermediate_size=s["intermediate"],
         num_hidden_layers=s["layers"],
@@ -331,7 +331,7 @@ def _build_glm4v(s):
             "rope_type": "default",
             "rope_theta": 10_000.0,
             "partial_rotary_factor": rotary / head_dim,
-            "mrope_section": _mrope_section(rotary),
+            "mrope_section": mrope_sections(rotary),
         },
         pad_token_id=tok.pad_token_id,
     )
@@ -374,13 +374,13 @@ def _build_qwen2_audio(s):
     import transformers as T
 
     sr, hop = 16000, 160
-    tok = _make_tokenizer(
+    tok = make_tokenizer(
         bos=None,
         eos="<|im_end|>",
         pad="<|endoftext|>",
         named={"audio_token": "<|AUDIO|>", "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>"},
         extra=["<|im_start|>"],
-        chat_template=_chatml_template(
+        chat_template=chatml_template(
             audio="Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\n", system="You are a helpful assistant."
         ),
     )
@@ -404,7 +404,7 @@ def _build_qwen2_audio(s):
     )
     cfg = T.Qwen2AudioConfig(
         audio_config=audio,
-        text_config=_qwen2_text(s, _vocab_size(tok, s), tok),
+        text_config=qwen2_text(s, tokenizer_vocab_size(tok, s), tok),
         audio_token_index=tok.audio_token_id,
     )
     seconds = 1.0
@@ -431,7 +431,7 @@ def _gemma4_template(image: str = "<|image|>", audio: str = "<|audio|>") -> str:
         "{{- bos_token -}}"
         "{%- for message in messages -%}"
         "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
-        "{{ '<|turn>' + role + '\\n' }}" + _content_template(image, audio) + "{{ '<turn|>\\n' }}"
+        "{{ '<|turn>' + role + '\\n' }}" + content_template(image, audio) + "{{ '<turn|>\\n' }}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ '<|turn>model\\n' }}{%- endif -%}"
     )
@@ -468,7 +468,7 @@ def _build_gemma4(s):
         "boa_token": "<|audio>",
         "eoa_token": "<audio|>",
     }
-    tok = _make_tokenizer(
+    tok = make_tokenizer(
         bos="<bos>",
         eos="<eos>",
         pad="<pad>",
@@ -494,7 +494,7 @@ def _build_gemma4(s):
     head_dim = s["hidden"] // s["heads"]
     layer_types = ["full_attention" if i % 2 else "sliding_attention" for i in range(n)]
     layer_types[-1] = "full_attention"  # Gemma 4 requires a global last layer
-    vocab = _vocab_size(tok, s)
+    vocab = tokenizer_vocab_size(tok, s)
     text = T.Gemma4TextConfig(
         vocab_size=vocab,
         hidden_size=s["hidden"],
@@ -544,7 +544,7 @@ def _build_gemma4(s):
         audio_token_id=tok.audio_token_id,
     )
     extra = {"modalities": ("image",), "image_size": (side, side), "image_tokens_per_image": t * t}
-    return _ModelClass(T.Gemma4ForConditionalGeneration, post=_gemma4_positions), cfg, proc, extra
+    return ModelClass(T.Gemma4ForConditionalGeneration, post=_gemma4_positions), cfg, proc, extra
 
 
 # --------------------------------------------------------------------------------------------------

@@ -67,14 +67,14 @@ from typing import Any
 
 import torch
 
-from .tiny import _BUILDERS as _TINY_BUILDERS
+from .tiny import FAMILY_BUILDERS as _TINY_BUILDERS
 from .tiny import FAMILIES as _TINY_FAMILIES
-from .tiny import _QWEN_VL_TOKENS, TinyModel, _chatml_template, _make_tokenizer, _mrope_section, _side, _vocab_size
+from .tiny import QWEN_VL_TOKENS, TinyModel, chatml_template, make_tokenizer, mrope_sections, grid_side, tokenizer_vocab_size
 
 __all__ = ["BUILDERS", "FAMILIES"]
 
 
-class _ModelClass:
+class ModelClass:
     """Stands in for the model class that a builder returns to ``tiny()``: builds the real class
     with the family's attention implementation (``tiny()`` asks for ``sdpa``) and then applies the
     family's seeded re-initialisation. ``tiny()`` calls ``_from_config`` right after seeding torch's
@@ -94,7 +94,7 @@ class _ModelClass:
         return model
 
     def __repr__(self) -> str:
-        return f"_ModelClass({self.cls.__name__}, attn={self.attn!r})"
+        return f"ModelClass({self.cls.__name__}, attn={self.attn!r})"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -107,13 +107,13 @@ def _build_qwen3_5_like(s, family):
 
     patch, merge = 16, 2
     unit = patch * merge  # one image token per 32 x 32 px
-    side = _side(s["image_tokens"]) * unit
-    tok = _make_tokenizer(
+    side = grid_side(s["image_tokens"]) * unit
+    tok = make_tokenizer(
         bos=None,
         eos="<|im_end|>",
         pad="<|endoftext|>",
-        extra=_QWEN_VL_TOKENS,
-        chat_template=_chatml_template(
+        extra=QWEN_VL_TOKENS,
+        chat_template=chatml_template(
             image="<|vision_start|><|image_pad|><|vision_end|>",
             video="<|vision_start|><|video_pad|><|vision_end|>",
         ),
@@ -133,7 +133,7 @@ def _build_qwen3_5_like(s, family):
     rotary = max(2, head_dim // 2) // 2 * 2  # partial rotary: half the head dim (a quarter in Qwen3.5's 256)
     lin_heads = max(1, s["kv_heads"])
     text_kw = dict(
-        vocab_size=_vocab_size(tok, s),
+        vocab_size=tokenizer_vocab_size(tok, s),
         hidden_size=s["hidden"],
         num_hidden_layers=n,
         num_attention_heads=s["heads"],
@@ -144,7 +144,7 @@ def _build_qwen3_5_like(s, family):
             "rope_type": "default",
             "rope_theta": 10_000_000.0,
             "partial_rotary_factor": rotary / head_dim,
-            "mrope_section": _mrope_section(rotary),
+            "mrope_section": mrope_sections(rotary),
             "mrope_interleaved": True,
         },
         linear_conv_kernel_dim=4,
@@ -208,16 +208,16 @@ def _build_qwen3_5_moe(s):
 def _build_lfm2_vl(s):
     import transformers as T
 
-    t = _side(s["image_tokens"])
+    t = grid_side(s["image_tokens"])
     patch, factor = 8, 2
     side = t * patch * factor  # t x t tokens after the 2 x 2 pixel unshuffle
-    tok = _make_tokenizer(
+    tok = make_tokenizer(
         bos="<|startoftext|>",
         eos="<|im_end|>",
         pad="<|pad|>",
         named={"image_token": "<image>"},
         extra=["<|im_start|>", "<|image_start|>", "<|image_end|>", "<|img_thumbnail|>"],
-        chat_template="{{- bos_token -}}" + _chatml_template(image="<image>"),
+        chat_template="{{- bos_token -}}" + chatml_template(image="<image>"),
     )
     ip = T.Lfm2VlImageProcessor(
         do_image_splitting=False,
@@ -233,7 +233,7 @@ def _build_lfm2_vl(s):
     if n > 1 and "full_attention" not in layer_types:
         layer_types[-1] = "full_attention"
     text = T.Lfm2Config(
-        vocab_size=_vocab_size(tok, s),
+        vocab_size=tokenizer_vocab_size(tok, s),
         hidden_size=s["hidden"],
         intermediate_size=s["intermediate"],
         block_auto_adjust_ff_dim=False,
@@ -275,10 +275,10 @@ def _build_lfm2_vl(s):
 def _build_florence2(s):
     import transformers as T
 
-    t = _side(s["image_tokens"])
+    t = grid_side(s["image_tokens"])
     side = 32 * t  # DaViT: strides 4, 2, 2, 2 -> a t x t grid at the last stage
     n_img = t * t + 1  # spatial tokens + one temporal token
-    tok = _make_tokenizer(
+    tok = make_tokenizer(
         bos="<s>",
         eos="</s>",
         pad="<pad>",
@@ -313,7 +313,7 @@ def _build_florence2(s):
     )
     half = max(1, s["layers"] // 2)
     text = T.BartConfig(
-        vocab_size=_vocab_size(tok, s),
+        vocab_size=tokenizer_vocab_size(tok, s),
         d_model=s["hidden"],
         encoder_layers=half,
         decoder_layers=half,
@@ -363,8 +363,8 @@ def _build_idefics(s):
     import transformers as T
 
     patch = 8
-    side = _side(s["image_tokens"]) * patch  # (side / patch)^2 + 1 vision states are cross-attended
-    tok = _make_tokenizer(
+    side = grid_side(s["image_tokens"]) * patch  # (side / patch)^2 + 1 vision states are cross-attended
+    tok = make_tokenizer(
         bos="<s>",
         eos="</s>",
         pad="<unk>",
@@ -383,7 +383,7 @@ def _build_idefics(s):
         patch_size=patch,
     )
     cfg = T.IdeficsConfig(
-        vocab_size=_vocab_size(tok, s),
+        vocab_size=tokenizer_vocab_size(tok, s),
         hidden_size=s["hidden"],
         intermediate_size=s["intermediate"],
         num_hidden_layers=s["layers"],
@@ -408,7 +408,7 @@ def _build_idefics(s):
         "image_tokens_per_image": 1,
         "_prompt": _idefics_prompt,
     }
-    return _ModelClass(T.IdeficsForVisionText2Text, post=_idefics_gates), cfg, proc, extra
+    return ModelClass(T.IdeficsForVisionText2Text, post=_idefics_gates), cfg, proc, extra
 
 
 # --------------------------------------------------------------------------------------------------
@@ -420,9 +420,9 @@ def _build_git(s):
     import transformers as T
 
     patch = 8
-    side = _side(s["image_tokens"]) * patch
+    side = grid_side(s["image_tokens"]) * patch
     n_img = (side // patch) ** 2 + 1  # patch embeddings + CLS, prepended to the text
-    tok = _make_tokenizer(bos="[CLS]", eos="[SEP]", pad="[PAD]", unk="[UNK]", add_bos=True, extra=["[MASK]"])
+    tok = make_tokenizer(bos="[CLS]", eos="[SEP]", pad="[PAD]", unk="[UNK]", add_bos=True, extra=["[MASK]"])
     ip = T.CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
     proc = T.GitProcessor(image_processor=ip, tokenizer=tok)
     vision = T.GitVisionConfig(
@@ -435,7 +435,7 @@ def _build_git(s):
     )
     cfg = T.GitConfig(
         vision_config=vision.to_dict(),
-        vocab_size=_vocab_size(tok, s),
+        vocab_size=tokenizer_vocab_size(tok, s),
         hidden_size=s["hidden"],
         intermediate_size=s["intermediate"],
         num_hidden_layers=s["layers"],
@@ -452,7 +452,7 @@ def _build_git(s):
         "_prompt": _plain_prompt,
     }
     # GIT's text attention exists only as "eager" (GIT_SELF_ATTENTION_CLASSES = {"eager": ...})
-    return _ModelClass(T.GitForCausalLM, attn="eager"), cfg, proc, extra
+    return ModelClass(T.GitForCausalLM, attn="eager"), cfg, proc, extra
 
 
 # --------------------------------------------------------------------------------------------------
@@ -469,9 +469,9 @@ def _build_kosmos2(s):
     import transformers as T
 
     patch = 8
-    side = _side(s["image_tokens"]) * patch
+    side = grid_side(s["image_tokens"]) * patch
     n_img = s["image_tokens"]  # latent queries of the image-to-text resampler
-    tok = _make_tokenizer(bos="<s>", eos="</s>", pad="<pad>", unk="<unk>", order=["<s>", "<pad>", "</s>", "<unk>"])
+    tok = make_tokenizer(bos="<s>", eos="</s>", pad="<pad>", unk="<unk>", order=["<s>", "<pad>", "</s>", "<unk>"])
     ip = T.CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
     proc = T.Kosmos2Processor(image_processor=ip, tokenizer=tok)  # adds its tag and patch-index tokens
     proc.num_image_tokens = n_img
@@ -479,7 +479,7 @@ def _build_kosmos2(s):
     # processor takes the ones after <unk>, i.e. 4, 5, ... -- ordinary tokens of the XLM-R vocabulary. Here
     # the ids after <unk> are the tag tokens just added (<image>, </image>, ...), so pin the real ids.
     proc.first_image_token_id = 4
-    vocab = _vocab_size(tok, s)
+    vocab = tokenizer_vocab_size(tok, s)
     text = T.Kosmos2TextConfig(
         vocab_size=vocab,
         embed_dim=s["hidden"],
@@ -538,5 +538,3 @@ FAMILIES: dict[str, str] = {
 
 _TINY_BUILDERS.update(BUILDERS)
 _TINY_FAMILIES.update(FAMILIES)
-
-from . import tiny_extra as _tiny_extra  # noqa: E402,F401  (registers the families of tiny_extra.py)

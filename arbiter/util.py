@@ -1,19 +1,31 @@
-"""Shared helpers of the metrics: input checks, target splits and JSON conversion.
-
-Private: the public names live in the metric modules and are re-exported by ``arbiter.metrics``."""
+"""Helpers many modules share: argument checks (``fail``, ``check_choice``, ids, targets), JSON conversion
+(``jsonable``, ``ToDict``) and atomic file writes (``atomic_write_text``, ``atomic_write_json``, ``temp_path_beside``)."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import secrets
+import sys
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from ..errors import DataError
+if TYPE_CHECKING:  # torch is imported where a tensor is handled: importing util stays light (the CLI's checks)
+    import torch
+
+from .errors import DataError
 
 TARGETS = ("vision", "text")
+
+
+def _is_tensor(x: Any) -> bool:
+    """Whether ``x`` is a torch tensor (False without importing torch where nothing has imported it yet)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
 
 
 def fail(message: str) -> None:
@@ -31,7 +43,7 @@ def as_ids(ids: Any, what: str = "ids") -> list[int]:
     """A non-empty list of distinct token ids (first occurrence order) from a list, tuple, set, tensor or array.
 
     D_m is a set: several surface forms often share a first token, and a repeated id must not count twice."""
-    if isinstance(ids, (torch.Tensor, np.ndarray)):
+    if _is_tensor(ids) or isinstance(ids, np.ndarray):
         ids = ids.reshape(-1).tolist()
     if isinstance(ids, (int, np.integer)):
         ids = [ids]
@@ -63,7 +75,7 @@ def check_targets(targets: Sequence[str], n: int) -> list[str]:
 
 def per_sample_ids(ids: Any, n: int, what: str) -> list[list[int]]:
     """One id list per sample: a list of n id lists, or one id list shared by every sample."""
-    if isinstance(ids, (torch.Tensor, np.ndarray)):
+    if _is_tensor(ids) or isinstance(ids, np.ndarray):
         ids = ids.tolist()
     ids = list(ids)
     if ids and all(isinstance(i, (int, np.integer)) for i in ids):
@@ -80,6 +92,8 @@ def target_means(values: torch.Tensor, targets: Sequence[str] | None) -> tuple[t
     if targets is None:
         return values.mean(dim=0), {}
     targets = check_targets(targets, values.shape[0])
+    import torch
+
     by: dict[str, torch.Tensor] = {}
     for t in TARGETS:
         idx = [i for i, x in enumerate(targets) if x == t]
@@ -92,7 +106,7 @@ def jsonable(x: Any) -> Any:
     """Plain Python types: tensors/arrays to (nested) lists, numpy scalars to float/int, nan/inf to None."""
     if isinstance(x, ToDict):
         return x.to_dict()
-    if isinstance(x, torch.Tensor):
+    if _is_tensor(x):
         x = x.detach().cpu()
         return jsonable(x.item() if x.ndim == 0 else x.tolist())
     if isinstance(x, np.ndarray):
@@ -118,3 +132,56 @@ class ToDict:
         from dataclasses import fields
 
         return {f.name: jsonable(getattr(self, f.name)) for f in fields(self)}  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------------- atomic writes
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def temp_path_beside(path: Path) -> Path:
+    """A new empty file ``.{name}.{random}.tmp`` beside ``path``, created with mode 0666 less the umask (as
+    ``open()`` creates files; ``tempfile.mkstemp`` would give 0600, which the rename would carry over)."""
+    for _ in range(100):
+        name = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return name
+    raise FileExistsError(f"cannot create a temporary file beside {path}: 100 names taken")
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` through a fsynced temporary file beside it and a rename: a reader (or a crash)
+    sees the old file or the new one, never half of it. The folder is created if missing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_beside(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = 1) -> None:
+    """:func:`atomic_write_text` of ``obj`` as JSON (through :func:`jsonable`)."""
+    atomic_write_text(path, json.dumps(jsonable(obj), indent=indent))

@@ -13,7 +13,7 @@ import torch
 from einops import rearrange
 from scipy.stats import rankdata
 
-from ._common import ToDict, as_ids, check_vocab, fail, per_sample_ids, target_means
+from ..util import ToDict, as_ids, check_vocab, fail, per_sample_ids, target_means
 
 __all__ = ["HeadScores", "answer_direction", "head_scores", "top_g", "spearman", "topk_overlap"]
 

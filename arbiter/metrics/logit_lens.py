@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import ToDict, as_ids, check_choice, check_vocab, fail, target_means
+from ..util import ToDict, as_ids, check_choice, check_vocab, fail, target_means
 
 SIGNALS = ("mean", "max", "logsumexp_prob")
 
