@@ -18,6 +18,7 @@ import torch
 from .errors import SiteError, TraceError
 from .groups import TokenGroups
 from .trace import site_key
+from .util import head_label
 
 __all__ = ["patch_grids", "sample_images", "attention_row", "token_labels", "plot_image_attention",
            "show_image_attention", "image_attention_figures"]
@@ -290,7 +291,7 @@ def show_image_attention(trace, sample: int | str = 0, layer: int | None = None,
     if title is None:
         pos = groups.positions("last", i)[0] if position is None else position
         who = ("mean over layers and heads" if layer is None else
-               f"layer {layer}, mean over heads" if head is None else f"L{layer}H{head}")
+               f"layer {layer}, mean over heads" if head is None else head_label(layer, head))
         title = f"sample {groups.sample_ids[i]}: attention of position {pos} ({who})"
     return plot_image_attention(row, positions, grid, picture=image, prompt_positions=prompt, tokens=tokens,
                                 title=title, view=view, ax=ax, path=path)
@@ -335,7 +336,7 @@ def image_attention_figures(lens, samples, heads, out, *, dataset=None, per_targ
         who = f"sample {s.id} (instruction: trust the {s.target}; image says '{s.answer_vision}', text says " \
               f"'{s.answer_text}')"
         for rank, (layer, head, score) in [(k + 1, p) for k, p in enumerate(picked)] + [(None, (None, None, None))]:
-            tag = "last" if layer is None else f"L{layer}H{head}"
+            tag = "last" if layer is None else head_label(layer, head)
             what = ("the last prompt token, attention averaged over every layer and head" if layer is None else
                     f"head {tag} (#{rank} of the head ranking" + (f", score {score:.3g})" if score is not None
                                                                     else ")") + " at the last prompt token")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DataError
+from .util import head_label
 
 
 @dataclass
@@ -253,7 +254,7 @@ def _pct(x) -> str:
 
 
 def _head(layer: int, head: int) -> str:
-    return f"L{layer}H{head}"
+    return head_label(layer, head)
 
 
 def _plural(n: int, word: str) -> str:

@@ -15,6 +15,7 @@ import torch
 from .errors import InterventionError, SiteError
 from .probes.head_interventions import HeadScale
 from .probes.knockout import Knockout
+from .util import head_label
 
 
 def last_token_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -177,7 +178,7 @@ def head_settings(lens, heads: Sequence[tuple[int, int]] | None = None, alpha: f
 
         def make(rows, _l=layer, _h=head, _nh=nh):
             return [(_RowScale(_l, _h, _nh, alpha, rows), [_l])]
-        out.append(Setting(f"L{layer}H{head}", layer, make, {"layer": layer, "head": head, "alpha": alpha}))
+        out.append(Setting(head_label(layer, head), layer, make, {"layer": layer, "head": head, "alpha": alpha}))
     return out
 
 

@@ -22,6 +22,11 @@ from .errors import DataError
 TARGETS = ("vision", "text")
 
 
+def head_label(layer: int, head: int) -> str:
+    """How arbiter names one attention head in reports, figures and sweep settings: ``"L3H5"``."""
+    return f"L{int(layer)}H{int(head)}"
+
+
 def _is_tensor(x: Any) -> bool:
     """Whether ``x`` is a torch tensor (False without importing torch where nothing has imported it yet)."""
     torch = sys.modules.get("torch")

@@ -260,25 +260,20 @@ class _Concentrations(Probe):
         super().__init__()
         self.x, self.y = x, y
         self.parts: list[tuple[int, dict]] = []
-        self._groups = (None, None)
 
     def attn_probs(self, ctx, probs):
-        from ..surrogate.fit import trace_concentrations
-        from ..trace import Trace
+        from ..surrogate.fit import concentrations_result, probs_concentrations
 
         if ctx.cross:
             return
-        if self._groups[0] is not ctx.groups:
-            g = ctx.groups.to_dict()
-            self._groups = (ctx.groups, [{"prompt_length": g["prompt_length"], "sample_ids": [sid],
-                                          "groups": {k: [v[i]] for k, v in g["groups"].items()}}
-                                         for i, sid in enumerate(g["sample_ids"])])
         probs = probs.detach().to("cpu", torch.float32)
         rows, rmask = ctx.positions.detach().cpu(), ctx.row_mask.cpu()
-        for i, gi in enumerate(self._groups[1]):  # one part per sample: the merge is then exact
-            tr = Trace({f"L{ctx.layer}.attn.probs": probs[i:i + 1], "rows.attn.probs": rows,
-                        "rowmask.attn.probs": rmask[i:i + 1]}, {"groups": gi})
-            self.parts.append((1.0, trace_concentrations(tr, self.x, self.y, layers=[ctx.layer])))
+        length = max(probs.shape[-1], int(rows.max()) + 1)
+        b = probs.shape[0]
+        mx, my = (ctx.groups.mask(g, length=length).expand(b, -1) for g in (self.x, self.y))
+        for i in range(b):  # one part per sample: the merge is then exact
+            entry = probs_concentrations(probs[i:i + 1], rows, rmask[i:i + 1], mx[i:i + 1], my[i:i + 1])
+            self.parts.append((1.0, concentrations_result({int(ctx.layer): entry}, self.x, self.y, "visible", 2)))
 
 
 def lens_concentrations(lens, samples, batch_size: int, dataset=None, x: str = "image", y: str = "text",

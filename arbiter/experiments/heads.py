@@ -362,11 +362,11 @@ def dla_ranking(lens, samples: Sequence[ConflictSample], batch_size: int = 8, da
             ho = torch.zeros(item.size, L, H, facts.heads(layers[0])[2])
             W_O = torch.zeros(L, W_U.shape[1], H * facts.heads(layers[0])[2])
             for layer in layers:
-                t = rec.trace[f"L{layer}.attn.head_out"][:, 0]               # [b, H, d]
+                t = rec.trace.site("attn.head_out", layer)[:, 0]               # [b, H, d]
                 ho[:, layer, :t.shape[1]] = t
                 w = module_weight(facts.layers[layer].out_proj)
                 W_O[layer, :, :w.shape[1]] = w
-            h_final = fin.trace[f"L{L - 1}.resid.post"]
+            h_final = fin.trace.site("resid.post", L - 1)
             h_final = facts.residual.main_stream(h_final)[:, 0]
             hs = head_scores(ho, W_O, W_U, item.ids_p, item.ids_c, gamma, h_final, item.targets, eps=eps)
             per.append(_mask_missing_heads(lens, hs.per_sample.float()))

@@ -56,7 +56,7 @@ def attention_reads(model, processor, samples, dataset=None, batch_size: int = 1
             masks = torch.stack(masks, 1)  # [b, parts, seq]
             layers = []
             for layer in range(n_layers):
-                probs = rec.trace[f"L{layer}.attn.probs"].float()  # [b, heads, 1, seq]
+                probs = rec.trace.site("attn.probs", layer).float()  # [b, heads, 1, seq]
                 mass = torch.einsum("bhs,bps->bhp", probs[:, :, -1], masks)
                 layers.append(torch.cat([mass, (1 - mass.sum(-1, keepdim=True)).clamp_min(0)], -1))
             m = torch.stack(layers, 1).numpy()  # [b, layers, heads, parts+1]

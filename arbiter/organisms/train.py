@@ -72,7 +72,7 @@ from arbiter.data import (
 )
 from arbiter.encode import build_prompt
 from arbiter.organisms import evaluate, load_dir
-from arbiter.organisms._common import cosine_lr, save_organism
+from arbiter.organisms.common import cosine_lr, save_organism
 from arbiter.organisms.instructions import InstructionGrammar, check_no_leak
 from arbiter.testing.tiny import tiny
 

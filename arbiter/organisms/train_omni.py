@@ -87,7 +87,7 @@ from arbiter.experiments.attractors import (
 )
 from arbiter.experiments.modality import neutral_sample
 from arbiter.organisms import load_dir
-from arbiter.organisms._common import cosine_lr, save_organism
+from arbiter.organisms.common import cosine_lr, save_organism
 from arbiter.organisms.emotion import (
     FACE_FEATURES,
     LABELS,
