@@ -18,13 +18,10 @@ from .threads import ENV as THREADS_ENV
 from .threads import choose_threads
 from .errors import ArbiterError, DataError
 
-# Mirrors of arbiter.experiments.diagnose's constants, kept here so that building the parser imports no torch
-# (tests/test_cli.py checks that they agree).
-HEAD_METHODS = ("exhaustive", "attribution", "attribution-ig", "attribution-graddrop", "dla")
-"""Default head rankings of the heads step; the first is the reference."""
-HEAD_METHOD_NAMES = ("exhaustive", "attribution", "attribution-ig", "attribution-ig-layer", "attribution-graddrop",
-                     "dla")
-SKIPPABLE_STEPS = ("shapley", "keyspace", "imbalance", "surrogate", "attractors")
+# diagnose's settings, their defaults and choices: one home (imports no torch, so building the parser stays light)
+from .diagnose_config import HEAD_METHOD_NAMES, HEAD_METHODS, SKIPPABLE_STEPS, DiagnoseConfig
+
+_DEFAULTS = DiagnoseConfig()
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -330,19 +327,24 @@ def _load_logged(model: str, args, device: str, threads) -> tuple:
     return model, processor
 
 
+def diagnose_config(args) -> DiagnoseConfig:
+    """The :class:`DiagnoseConfig` the options of ``diagnose`` / ``demo`` ask for (0 = all where an option says so)."""
+    methods = args.head_methods if isinstance(args.head_methods, (tuple, list)) else _csv(args.head_methods)
+    return DiagnoseConfig(limit=args.limit, window=args.window, top=args.top, batch_size=args.batch_size,
+                          n_random=args.random_draws, generate=not args.no_generate, head_methods=tuple(methods),
+                          skip=args.skip, modality_limit=args.modality_limit or None,
+                          shapley_removal=args.shapley_removal, keyspace_max_n=args.keyspace_max_n,
+                          keyspace_permutations=args.keyspace_permutations, calibration=args.calibration,
+                          surrogate_predict="simulate" if args.surrogate_simulate else "table",
+                          attractor_limit=args.attractor_limit or None,
+                          attractor_subsets=args.attractor_subsets or None)
+
+
 def _run(model, processor, ds, args, report_mod, diagnose) -> int:
     from . import distributed
 
     distributed.init(getattr(args, "device", "cpu"))  # torchrun: joined by _diagnose already; `demo` joins here
-    methods = args.head_methods if isinstance(args.head_methods, (tuple, list)) else _csv(args.head_methods)
-    rep = diagnose(model, processor, ds, args.out, limit=args.limit, window=args.window, top=args.top,
-                   batch_size=args.batch_size, n_random=args.random_draws, generate=not args.no_generate,
-                   head_methods=tuple(methods),
-                   skip=args.skip, modality_limit=args.modality_limit or None, shapley_removal=args.shapley_removal,
-                   keyspace_max_n=args.keyspace_max_n, keyspace_permutations=args.keyspace_permutations,
-                   calibration=args.calibration,
-                   surrogate_predict="simulate" if args.surrogate_simulate else "table",
-                   attractor_limit=args.attractor_limit or None, attractor_subsets=args.attractor_subsets or None)
+    rep = diagnose(model, processor, ds, args.out, diagnose_config(args))
     if not distributed.is_main():  # torchrun: rank 0 writes the report
         return 0
     paths = report_mod.write(rep, args.out)
@@ -672,10 +674,11 @@ def _run_options(p: argparse.ArgumentParser, out_default: str | None = None, lim
     p.add_argument("--out", required=out_default is None, default=out_default, metavar="DIR", help="output folder")
     p.add_argument("--limit", type=_int_at_least(1), default=limit, metavar="N",
                    help=limit_help + ("" if limit is not None else " (default: all of them)"))
-    p.add_argument("--top", type=_fraction, default=0.05, metavar="FRACTION",
+    p.add_argument("--top", type=_fraction, default=_DEFAULTS.top, metavar="FRACTION",
                    help="TopG: the share of all heads taken as the top heads")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=8, metavar="N", help="samples per forward pass")
-    p.add_argument("--random-draws", type=_int_at_least(1), default=10, metavar="N",
+    p.add_argument("--batch-size",
+                   type=_int_at_least(1), default=_DEFAULTS.batch_size, metavar="N", help="samples per forward pass")
+    p.add_argument("--random-draws", type=_int_at_least(1), default=_DEFAULTS.n_random, metavar="N",
                    help="random head sets of TopG's size drawn as the control")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of torch and of the random head sets")
 
@@ -695,26 +698,27 @@ def _diagnosis_options(p: argparse.ArgumentParser, window: int) -> None:
                    help="comma-separated steps to leave out (choices: " + ", ".join(SKIPPABLE_STEPS)
                         + "; default: none)")
     g = p.add_argument_group("modality steps (shapley, keyspace, imbalance, surrogate)")
-    g.add_argument("--modality-limit", type=_int_at_least(0), default=32, metavar="N",
+    g.add_argument("--modality-limit", type=_int_at_least(0), default=_DEFAULTS.modality_limit, metavar="N",
                    help="conflict samples with an image used by the modality steps, alternating vision- and "
                         "text-instructed (0 = all)")
-    g.add_argument("--shapley-removal", default="knockout", choices=["knockout", "neutral"],
+    g.add_argument("--shapley-removal", default=_DEFAULTS.shapley_removal, choices=["knockout", "neutral"],
                    help="how modality Shapley removes a modality: attention knockout, or a neutral input "
                         "(black image, empty text)")
-    g.add_argument("--keyspace-max-n", type=_int_at_least(2), default=1000, metavar="N",
+    g.add_argument("--keyspace-max-n", type=_int_at_least(2), default=_DEFAULTS.keyspace_max_n, metavar="N",
                    help="keys per modality and layer in the key-space gap")
-    g.add_argument("--keyspace-permutations", type=_int_at_least(1), default=100, metavar="N",
+    g.add_argument("--keyspace-permutations",
+                   type=_int_at_least(1), default=_DEFAULTS.keyspace_permutations, metavar="N",
                    help="permutations of the key-space MMD test")
-    g.add_argument("--calibration", default="responsive_5x5_5seeds", metavar="NAME|FILE",
+    g.add_argument("--calibration", default=_DEFAULTS.calibration, metavar="NAME|FILE",
                    help="c(β) table of the surrogate fit: a shipped name or a JSON file "
                         "(python -m arbiter.surrogate.calibration builds one)")
     g.add_argument("--surrogate-simulate", action="store_true",
                    help="simulate the surrogate at the fitted β (5 seeds; minutes) instead of reading the "
                         "calibration table")
     a = p.add_argument_group("attractors step (runs when the data file declares a label set)")
-    a.add_argument("--attractor-limit", type=_int_at_least(0), default=24, metavar="N",
+    a.add_argument("--attractor-limit", type=_int_at_least(0), default=_DEFAULTS.attractor_limit, metavar="N",
                    help="labelled samples (conflict or not), round-robin over the labels (0 = all)")
-    a.add_argument("--attractor-subsets", type=_int_at_least(0), default=20, metavar="N",
+    a.add_argument("--attractor-subsets", type=_int_at_least(0), default=_DEFAULTS.attractor_subsets, metavar="N",
                    help="label-removal sets drawn (seed 0) from the 1-4-label subsets (0 = all: 56 with six labels)")
 
 
@@ -740,7 +744,7 @@ def parser() -> argparse.ArgumentParser:
     _model_options(d)
     _loading_options(d)
     _run_options(d)
-    _diagnosis_options(d, window=9)
+    _diagnosis_options(d, window=_DEFAULTS.window)
     d.set_defaults(fn=_diagnose)
     organisms = _installed_organisms()
     m = sub.add_parser("demo", help="diagnose a shipped trained organism on its own data (no download)",

@@ -807,6 +807,21 @@ def _heads_section(doc: _Doc, report: dict) -> None:
                   f"{_d('agreement', 'Agreement')} of the cheaper rankings with {hd['method']}"
                   + (f" (ceiling: the reference against itself on random halves, Spearman "
                      f"{_num(ceiling['spearman_mean'], 3)} ± {_num(ceiling['spearman_sd'], 3)})." if ceiling else "."))
+    cost = _head_costs(hd)
+    if cost:
+        doc.p(cost)
+
+
+def _head_costs(hd: dict) -> str | None:
+    """One sentence: each ranking's forward-equivalents per batch beside the exhaustive sweep's L·H + 1 (None for a
+    report written before they were recorded)."""
+    fe, ex = hd.get("forward_equivalents") or {}, hd.get("exhaustive_forward_equivalents")
+    if not fe or not ex:
+        return None
+    parts = [f"{m} {_num(float(v), 1)} ({_num(float(v) / ex, 2)} of the exhaustive)" for m, v in fe.items()
+             if v is not None and m != "exhaustive"]
+    return (f"Cost in forward-equivalents per batch: exhaustive sweep {_num(float(ex), 0)}"
+            + ("; " + "; ".join(parts) if parts else "") + ".")
 
 
 def _blocking_section(doc: _Doc, report: dict) -> None:

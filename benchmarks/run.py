@@ -12,7 +12,8 @@ against the exhaustive single-head ranking (Spearman); the streamed-memory ratio
 evaluation with ``trace_dir`` over 1,000 vs 10 samples, each in a fresh process (small model, one thread).
 The surrogate section times the default β sweep of the physics surrogate and batched-grid vs per-point-loop
 integration (``bench_surrogate``); the organism section runs benchmarks/organism.py on the shipped llava_tiny
-(``organism_*`` keys).
+(``organism_*`` keys); the head_search section compares the head search with the exhaustive sweep on the largest
+shipped organism (``head_search_*`` keys).
 """
 
 from __future__ import annotations
@@ -45,13 +46,15 @@ from arbiter.trace import Trace
 FULL = dict(model=dict(hidden=512, layers=8, heads=8, kv_heads=8, image_tokens=576), batch=4, repeats=5,
             sweep_samples=1, sweep_heads_per_layer=1, sweep_repeats=3, trace_mb=100, attribution_samples=2,
             stream_samples=(10, 1000),
-            surrogate=dict(grid=5, seeds=10, horizon=2.0, loop_cells=5, repeats=3), organism_samples=96)
+            surrogate=dict(grid=5, seeds=10, horizon=2.0, loop_cells=5, repeats=3), organism_samples=96,
+            head_search_samples=32)
 QUICK = dict(model=dict(hidden=128, layers=4, heads=4, kv_heads=4, image_tokens=64), batch=2, repeats=3,
              sweep_samples=2, sweep_heads_per_layer=1, sweep_repeats=3, trace_mb=10, attribution_samples=2,
              stream_samples=(10, 1000),
-             surrogate=dict(grid=2, seeds=2, horizon=0.5, loop_cells=2, repeats=1), organism_samples=8)
+             surrogate=dict(grid=2, seeds=2, horizon=0.5, loop_cells=2, repeats=1), organism_samples=8,
+             head_search_samples=8)
 SECTIONS = ("forwards", "fixed", "scale", "sweep", "trace_io", "attribution", "stream_memory", "surrogate",
-            "organism")
+            "organism", "head_search")
 # real widths, few layers (the ratios are per layer): LLaVA-1.5-7B, Qwen2-VL-7B (28 query / 4 KV heads, M-RoPE),
 # LLaVA-NeXT tiling (~2,900 image tokens); batch 1, random weights
 SCALE_SHAPES = {
@@ -711,6 +714,61 @@ def bench_surrogate(cfg) -> dict[str, Any]:
     return r
 
 
+# ------------------------------------------------------------------------------------------------ head search
+
+HEAD_SEARCH_ORGANISMS = ("llava_chat", "llava_tiny", "qwen2vl_tiny", "llava_tiny_s0")
+"""Organisms the head-search section measures, those present (the first present gives the top-level keys)."""
+
+
+def _head_search_one(name: str, n: int) -> dict[str, Any]:
+    """Exhaustive sweep, then the head search, on the first ``n`` conflict samples of organism ``name``."""
+    from arbiter.experiments.head_search import search_ranking
+    from arbiter.experiments.heads import exhaustive_ranking
+    from arbiter.organisms import load
+
+    model, proc, ds = load(name)
+    samples = [x for x in ds.samples if x.conflict][:n]
+    _section(f"head search vs exhaustive sweep on {name}, {len(samples)} conflict samples")
+    with arbiter.attach(model, proc) as lens:
+        start = time.perf_counter()
+        ex = exhaustive_ranking(lens, samples, batch_size=8, dataset=ds, progress=False)
+        ex_s = time.perf_counter() - start
+        start = time.perf_counter()
+        se = search_ranking(lens, samples, batch_size=8, dataset=ds, progress=False)
+        se_s = time.perf_counter() - start
+    ranked = ex.ranking()
+    theta = min(se.threshold * ranked[0]["score"], ranked[len(ex.top()) - 1]["score"])
+    above_ex = [(x["layer"], x["head"]) for x in ranked if x["score"] >= theta]
+    done = torch.isfinite(se.scores)
+    return {"organism": name, "heads": se.n_heads, "samples": len(samples), "threshold": se.threshold,
+            "forward_equivalents": se.cost_forward_equivalents,
+            "exhaustive_forward_equivalents": ex.cost_forward_equivalents,
+            "cost_ratio": se.cost_forward_equivalents / ex.cost_forward_equivalents,
+            "layer_share_cost": se.layer_share_cost, "exhaustive_layer_share_cost": se.exhaustive_layer_share_cost,
+            "s": se_s, "exhaustive_s": ex_s, "speedup": ex_s / se_s, "measured_heads": se.measured,
+            "rounds": len(se.rounds), "above": [list(h) for h in above_ex],
+            "above_equal": [h for h, _ in se.above] == above_ex, "topg_equal": se.top() == ex.top(),
+            "max_abs_score_diff": float((se.scores[done] - ex.scores[done]).abs().max()),
+            "untested_bound": se.untested_bound, "cutoff": se.cutoff,
+            "dominance_failures": len(se.guard["failures"]), "fallback_splits": len(se.guard["fallback_splits"])}
+
+
+def bench_head_search(cfg) -> dict[str, Any]:
+    """The head search (docs/methods/head-search.md) against the exhaustive single-head sweep on each shipped
+    organism of HEAD_SEARCH_ORGANISMS that is present, same samples, same process: forward-equivalents per batch
+    (blocked sets + one clean forward per round, against L·H + 1), the wall-time speed-up, and whether the heads
+    above the cutoff, their order and TopG agree. Top-level ``head_search_*`` keys: the first organism present."""
+    from arbiter.organisms import available
+
+    names = [n for n in HEAD_SEARCH_ORGANISMS if n in available()]
+    runs = [_head_search_one(n, cfg["head_search_samples"]) for n in names]
+    if not runs:
+        return {"head_search_organism": None}
+    r = {f"head_search_{k if k != 's' else 'search_s'}": v for k, v in runs[0].items()}
+    r["head_search_by_organism"] = runs
+    return r
+
+
 # ------------------------------------------------------------------------------------------------ report
 
 def _ratios(r: dict[str, Any]) -> None:
@@ -778,6 +836,11 @@ def format_table(r: dict[str, Any]) -> str:
                            ("GradDrop", "organism_attribution_graddrop")):
             lines.append(f"{'organism attribution, ' + label:<50} {r[key + '_s']:9.3f} "
                          f"{r[key + '_forward_equivalents_measured']:8.2f}  ({key}_forward_equivalents_measured)")
+    for o in r.get("head_search_by_organism") or []:
+        label = f"head search, {o['organism']} ({o['heads']} heads, {o['samples']} samples)"
+        lines.append(f"{label:<50} {o['s']:9.3f} {o['speedup']:8.2f}  (speedup; {o['forward_equivalents']:.0f} vs "
+                     f"{o['exhaustive_forward_equivalents']:.0f} forward-equivalents; above / TopG equal: "
+                     f"{o['above_equal']} / {o['topg_equal']})")
     return "\n".join(lines)
 
 
@@ -791,7 +854,7 @@ def run(quick: bool = False, only: Any = None, **overrides: Any) -> dict[str, An
     torch.manual_seed(0)
     started = time.perf_counter()
     r: dict[str, Any] = {"quick": quick, "sections": [s for s in SECTIONS if s in todo], "load_avg_start": _load()}
-    if todo - {"stream_memory", "surrogate", "organism", "fixed", "scale"}:
+    if todo - {"stream_memory", "surrogate", "organism", "fixed", "scale", "head_search"}:
         tm = tiny("llava", **cfg["model"])
         inputs = _batch_inputs(tm, cfg["batch"])
         r.update({"batch": cfg["batch"], "seq_len": int(inputs["input_ids"].shape[1]), "repeats": cfg["repeats"]})
@@ -818,6 +881,8 @@ def run(quick: bool = False, only: Any = None, **overrides: Any) -> dict[str, An
         from organism import bench_organism
 
         r.update(bench_organism(samples=cfg["organism_samples"]))
+    if "head_search" in todo:
+        r.update(bench_head_search(cfg))
     if "forwards" in todo:
         _ratios(r)
     r.update({"machine": _machine(), "torch": torch.__version__, "transformers": _transformers_version(),

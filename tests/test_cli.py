@@ -141,12 +141,16 @@ def test_every_docs_page_the_help_cites_exists():
         assert (ROOT / page).is_file(), page
 
 
-def test_cli_mirrors_of_the_diagnosis_constants_agree():
-    from arbiter.experiments import diagnose as dg
+def test_diagnose_options_left_at_their_defaults_give_the_default_config(tmp_path):
+    """The command line and the Python API share one DiagnoseConfig: no option given, no setting changed."""
+    from arbiter.diagnose_config import DiagnoseConfig
 
-    assert cli.HEAD_METHODS == dg.HEAD_METHODS
-    assert cli.HEAD_METHOD_NAMES == dg.HEAD_METHOD_NAMES
-    assert cli.SKIPPABLE_STEPS == dg.SKIPPABLE_STEPS
+    data = _write(tmp_path / "d.jsonl", [_sample(0)])
+    args = cli.parser().parse_args(["diagnose", "--model", str(tmp_path), "--data", str(data), "--out", "o"])
+    assert cli.diagnose_config(args) == DiagnoseConfig()
+    changed = cli.parser().parse_args(["diagnose", "--model", str(tmp_path), "--data", str(data), "--out", "o",
+                                            "--window", "3", "--skip", "keyspace", "--modality-limit", "0"])
+    assert cli.diagnose_config(changed) == DiagnoseConfig(window=3, skip=("keyspace",), modality_limit=None)
 
 
 def test_demo_lists_the_installed_organisms():

@@ -60,6 +60,7 @@ from ..lens import attach
 from ..util import atomic_write_json, jsonable
 from ..probes.base import Probe
 from .baseline import evaluate
+from ..diagnose_config import HEAD_METHOD_NAMES, HEAD_METHODS, MODALITY_STEPS, SKIPPABLE_STEPS, DiagnoseConfig
 from .heads import (
     amplification_experiment,
     attribution_ranking,
@@ -69,14 +70,12 @@ from .heads import (
     dla_ranking,
     exhaustive_ranking,
 )
+from .head_search import search_ranking
 from .knockout_map import knockout_map
 
 STEPS = ("baseline", "knockout", "heads", "blocking", "amplification", "shapley", "keyspace", "imbalance",
          "surrogate", "attractors")
 CONFLICT_STEPS = ("baseline", "knockout", "heads", "blocking", "amplification")
-MODALITY_STEPS = ("shapley", "keyspace", "imbalance", "surrogate")
-SKIPPABLE_STEPS = (*MODALITY_STEPS, "attractors")
-"""Steps that ``skip=`` may leave out (the first five feed each other and the report)."""
 NO_CONFLICT = "no conflict sample"
 
 
@@ -380,13 +379,19 @@ def _conflict_steps(lens, samples, dataset, steps, out, window, top, batch_size,
                                                                    method="ig-layer", steps=4, progress=progress),
                "attribution-graddrop": lambda: attribution_ranking(lens, samples, batch_size, dataset=dataset,
                                                                    method="graddrop", progress=progress),
-               "dla": lambda: dla_ranking(lens, samples, batch_size, dataset=dataset, progress=progress)}
+               "dla": lambda: dla_ranking(lens, samples, batch_size, dataset=dataset, progress=progress),
+               "search": lambda: search_ranking(lens, samples, batch_size, dataset=dataset, cover_top=top,
+                                                progress=progress)}
         for m in head_methods:
             rankings[m] = fns[m]()
         ref = rankings[head_methods[0]]
+        n_heads = sum(lens.facts.heads(layer)[0] for layer in lens.facts.attention_layers)
         return {"method": ref.method, "ranking": ref.ranking(), "top": [list(h) for h in ref.top(top)],
                 "scores": {m: r.to_dict() for m, r in rankings.items()},
-                "agreement": [compare_rankings(ref, r, top) for m, r in rankings.items() if r is not ref]}
+                "agreement": [compare_rankings(ref, r, top) for m, r in rankings.items() if r is not ref],
+                # forward-equivalents per batch of each ranking, beside the exhaustive sweep's L·H + 1
+                "forward_equivalents": {m: r.cost_forward_equivalents for m, r in rankings.items()},
+                "exhaustive_forward_equivalents": float(n_heads + 1)}
     hd = steps.run("heads", heads, {"head_methods": list(head_methods)})
     topg = [tuple(h) for h in hd["top"]]
 
@@ -394,7 +399,9 @@ def _conflict_steps(lens, samples, dataset, steps, out, window, top, batch_size,
         res = blocking_experiment(lens, samples, correct, topg, fraction=top, n_random=n_random,
                                   batch_size=batch_size, dataset=dataset, progress=progress).to_dict()
         if len(hd["scores"]) > 1:  # docs/methods/mfr.md: each cheap ranking's TopG blocked too (and its deletion curve)
-            res["by_ranking"] = blocking_agreement(lens, samples, correct, hd["scores"], fraction=top,
+            # the search ranks the heads it blocked alone; its deletion curve goes on by its bounds (its "order")
+            orders = {m: (v["search"]["order"] if "search" in v else v) for m, v in hd["scores"].items()}
+            res["by_ranking"] = blocking_agreement(lens, samples, correct, orders, fraction=top,
                                                    n_random=n_random, batch_size=batch_size,
                                                    dataset=dataset, progress=progress).to_dict()
         return res
@@ -421,45 +428,21 @@ def _image_attention(lens, samples, dataset, hd, out, log) -> list[dict]:
     return entries
 
 
-HEAD_METHODS = ("exhaustive", "attribution", "attribution-ig", "attribution-graddrop", "dla")
-"""Default head rankings of the heads step; the first is the reference (docs/methods/mfr.md: the exhaustive sweep)."""
-HEAD_METHOD_NAMES = ("exhaustive", "attribution", "attribution-ig", "attribution-ig-layer", "attribution-graddrop",
-                     "dla")
-
-
-def diagnose(model, processor, dataset: ConflictDataset, out: str | os.PathLike, limit: int | None = None,
-             window: int = 9, top: float = 0.05, batch_size: int = 8, n_random: int = 10,
-             alphas=(1.5, 2.0, 3.0, 5.0), head_methods=HEAD_METHODS,
-             generate: bool = True, progress: bool = True, log: Callable[[str], None] = print,
-             skip=(), modality_limit: int | None = 32, shapley_removal: str = "knockout",
-             keyspace_max_n: int = 1000, keyspace_permutations: int = 100,
-             calibration: str = "responsive_5x5_5seeds", surrogate_predict: str = "table",
-             attractor_limit: int | None = 24, attractor_subsets: int | None = 20) -> dict:
+def diagnose(model, processor, dataset: ConflictDataset, out: str | os.PathLike, config: DiagnoseConfig | None = None,
+             *, progress: bool = True, log: Callable[[str], None] = print, **settings: Any) -> dict:
     """Run every step and return the report dict (also written to OUT/report.json by arbiter.report).
 
-    Modality steps (see the module docstring): ``skip`` names steps of :data:`MODALITY_STEPS` to leave out;
-    ``modality_limit`` caps their samples (None: every conflict sample with an image); ``shapley_removal``
-    ``"knockout"`` or ``"neutral"``; ``keyspace_max_n`` / ``keyspace_permutations``: keys per modality and layer,
-    permutations of the MMD test; ``calibration``: the c(β) table (a shipped name or a JSON path, see
-    :mod:`arbiter.surrogate.calibration`); ``surrogate_predict``: ``"table"`` (interpolate the calibration's cells)
-    or ``"simulate"`` (integrate the surrogate at the fitted β: minutes). ``attractor_limit`` /
-    ``attractor_subsets``: labelled samples and removal sets of the ``attractors`` step (None: all); ``skip`` may
-    name it too."""
-    unknown = [m for m in head_methods if m not in HEAD_METHOD_NAMES]
-    if unknown or not head_methods:
-        raise DataError(f"head ranking methods {list(head_methods)!r}: use some of {list(HEAD_METHOD_NAMES)} "
-                        "(the first one is the reference the others are compared with).")
-    skip = tuple(x.strip() for x in (skip.split(",") if isinstance(skip, str) else skip) if x and x.strip())
-    bad = [x for x in skip if x not in SKIPPABLE_STEPS]
-    if bad:
-        raise DataError(f"skip={bad}: only the steps {', '.join(SKIPPABLE_STEPS)} can be skipped.")
-    if surrogate_predict not in ("table", "simulate"):
-        raise DataError(f"surrogate_predict={surrogate_predict!r} is not 'table' or 'simulate'.")
-    if modality_limit is not None and modality_limit < 1:
-        raise DataError(f"modality_limit={modality_limit} must be >= 1 (or None for every sample).")
-    for name, v in (("attractor_limit", attractor_limit), ("attractor_subsets", attractor_subsets)):
-        if v is not None and v < 1:
-            raise DataError(f"{name}={v} must be >= 1 (or None for all).")
+    ``config``: the settings (:class:`arbiter.experiments.config.DiagnoseConfig`, where each default and meaning is
+    written; None: the defaults), with ``settings`` changed by name (``diagnose(..., window=3, skip="keyspace")``;
+    an unknown name is a DataError). ``progress``: bars over the batches; ``log``: where the step lines go."""
+    cfg = (config or DiagnoseConfig()).replace(**settings)
+    limit, window, top, batch_size, n_random, alphas = (cfg.limit, cfg.window, cfg.top, cfg.batch_size, cfg.n_random,
+                                                        cfg.alphas)
+    head_methods, generate, skip, modality_limit = cfg.head_methods, cfg.generate, cfg.skip, cfg.modality_limit
+    shapley_removal, keyspace_max_n, keyspace_permutations = (cfg.shapley_removal, cfg.keyspace_max_n,
+                                                              cfg.keyspace_permutations)
+    calibration, surrogate_predict = cfg.calibration, cfg.surrogate_predict
+    attractor_limit, attractor_subsets = cfg.attractor_limit, cfg.attractor_subsets
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     samples = [s for s in dataset.samples if s.conflict]
@@ -596,7 +579,10 @@ def diagnose(model, processor, dataset: ConflictDataset, out: str | os.PathLike,
             "knockout_window": window,
             "heads": {"method": hd["method"], "ranking": hd["ranking"], "agreement": hd["agreement"],
                       "scores": {m: v["by_target"] for m, v in hd["scores"].items()},
-                      "rankings": {m: v["ranking"] for m, v in hd["scores"].items()}},
+                      "rankings": {m: v["ranking"] for m, v in hd["scores"].items()},
+                      "forward_equivalents": hd.get("forward_equivalents"),
+                      "exhaustive_forward_equivalents": hd.get("exhaustive_forward_equivalents"),
+                      **({"search": hd["scores"]["search"]["search"]} if "search" in hd["scores"] else {})},
             "blocking": block,
             "amplification": amp,
         }

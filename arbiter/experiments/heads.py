@@ -98,13 +98,18 @@ def _mask_missing_heads(lens, per: torch.Tensor) -> torch.Tensor:
     return per
 
 
-def _target_avg(per_sample: torch.Tensor, targets: Sequence[str]) -> tuple[torch.Tensor, dict]:
+def target_average(per_sample: torch.Tensor, targets: Sequence[str]) -> tuple[torch.Tensor, dict]:
+    """(mean over targets of the per-target means over samples, {target: per-target mean}) of per-sample values
+    [samples, ...]: how every ranking averages its per-sample scores (vision and text weigh alike)."""
     by = {}
     for t in ("vision", "text"):
         sel = torch.tensor([x == t for x in targets])
         if bool(sel.any()):
             by[t] = per_sample[sel].mean(0)
     return torch.stack(list(by.values())).mean(0), by
+
+
+_target_avg = target_average
 
 
 def _batches_bar(lens, part, batch_size, dataset, desc: str, progress: bool):
@@ -394,7 +399,8 @@ def compare_rankings(reference: HeadRanking, other: HeadRanking, fraction: float
             "reference_split_half": reference.split_half()}
 
 
-def _head_set_settings(head_sets: Sequence[Sequence[tuple[int, int]]], alpha: float) -> list[Setting]:
+def head_set_settings(head_sets: Sequence[Sequence[tuple[int, int]]], alpha: float) -> list[Setting]:
+    """One sweep setting per head set: every head of the set scaled by ``alpha`` (0 = blocked) on its rows."""
     out = []
     for i, heads in enumerate(head_sets):
         heads = [tuple(h) for h in heads]
@@ -403,6 +409,9 @@ def _head_set_settings(head_sets: Sequence[Sequence[tuple[int, int]]], alpha: fl
             return [(HeadScale(_h, alpha=alpha, batch_rows=rows), sorted({lay for lay, _ in _h}))]
         out.append(Setting(f"set{i}", min(lay for lay, _ in heads), make, {"heads": heads, "alpha": alpha}))
     return out
+
+
+_head_set_settings = head_set_settings
 
 
 def _values_under(lens, samples, head_sets, alpha, batch_size, chunk, dataset, desc: str = "head sets: batches",
