@@ -44,6 +44,9 @@ ORGANISMS: dict[str, str] = {
     "its shipped data holds only held-out wordings, 20% noisy images and a label set",
     "omni_emotion_tiny": "Qwen2_5OmniThinkerForConditionalGeneration: six emotions from a face (56 px, 4 image tokens) "
     "and a voice (0.5 s, 12 audio tokens) + Qwen2 (6 layers); trained by arbiter.organisms.train_omni",
+    "llava_chat": "LlavaForConditionalGeneration: CLIP ViT (56 px, 16 image tokens) + Llama (8 layers x 8 heads, 4 KV "
+    "heads), trained like a real MLLM (next-token loss over whole ChatML conversations, multi-token answers); "
+    "trained by arbiter.organisms.train_chat",
 }
 """Organisms this package knows, with a one-line description."""
 
@@ -59,6 +62,8 @@ def train_command(name: str) -> str:
     """The command that trains organism ``name`` into its package folder."""
     if name == "omni_emotion_tiny":
         return f"python -m arbiter.organisms.train_omni --out {path(name)}"
+    if name == "llava_chat":
+        return f"python -m arbiter.organisms.train_chat --out {path(name)}"
     recipe, seed = {"llava_tiny": ("llava_tiny", " --seed 1"),  # the shipped seeds (see the organisms README)
                     "llava_tiny_s0": ("llava_tiny", " --seed 0")}.get(name, (name, ""))
     return f"python -m arbiter.organisms.train --name {recipe}{seed} --out {path(name)}"
@@ -110,7 +115,7 @@ def _first_answer_ids(tokenizer, sample) -> tuple[int, int]:
 
 @torch.no_grad()
 def evaluate(model, processor, dataset: ConflictDataset, knockout: bool = False, batch_size: int = 64,
-             samples: Any = None) -> dict[str, Any]:
+             samples: Any = None, match: str = "first_token") -> dict[str, Any]:
     """MFR of ``model`` on ``dataset`` (or on ``samples`` of it), optionally with the image knocked out.
 
     Per sample, from the next-token distribution at the last prompt position: ``follows`` = the greedy token
@@ -118,16 +123,21 @@ def evaluate(model, processor, dataset: ConflictDataset, knockout: bool = False,
     (P(D_p) + P(D_c)) with the sample's :class:`AnswerDictionary` (1 on agreement samples, whose D_c is
     empty); ``competitor`` = the greedy token is the first token of " <competitor answer>" (conflict samples).
     ``knockout=True`` runs under ``lens.knockout("image", "text")`` in every layer (no text position can
-    attend to an image token).
+    attend to an image token). ``match="dictionary"`` (the chat organism, whose answer starts a turn: "Red")
+    counts ``follows`` / ``competitor`` when the greedy token is in D_p / D_c (the first tokens of the answer's
+    surface forms, :class:`AnswerDictionary`) instead of equal to the first token of " <answer>".
 
     Returns a dict: ``vision`` / ``text`` (MFR per target, all samples), ``vision_pi`` / ``text_pi`` (share
     with pi > 0.5), ``vision_conflict`` / ``text_conflict`` (MFR on conflict samples),
     ``vision_competitor_conflict`` / ``text_competitor_conflict`` (share answering the competitor), the
     counts, and the same broken down by ``heldout`` paraphrase and by ``noisy`` image when the samples carry
     those flags (``by_paraphrase``: {"train": {...}, "heldout": {...}}; ``by_image``: {"clean": {...},
-    "noisy": {...}})."""
+    "noisy": {...}}), and by the instruction's ``position`` when the samples carry two or more
+    (``by_position``)."""
     import arbiter
 
+    if match not in ("first_token", "dictionary"):
+        raise ValueError(f"match must be 'first_token' or 'dictionary', got {match!r}")
     samples = list(dataset if samples is None else samples)
     tok = getattr(processor, "tokenizer", processor)
     records = []
@@ -141,8 +151,11 @@ def evaluate(model, processor, dataset: ConflictDataset, knockout: bool = False,
             probs = logits.softmax(-1)
             top = logits.argmax(-1)
             for j, s in enumerate(chunk):
-                p_id, c_id = _first_answer_ids(tok, s)
                 d = AnswerDictionary.for_sample(tok, s)
+                if match == "first_token":
+                    p_ids, c_ids = ({i} for i in _first_answer_ids(tok, s))
+                else:
+                    p_ids, c_ids = set(d.ids_p), set(d.ids_c)
                 pp = probs[j, d.ids_p].sum().item()
                 pc = probs[j, d.ids_c].sum().item() if d.ids_c else 0.0
                 records.append(dict(
@@ -150,9 +163,10 @@ def evaluate(model, processor, dataset: ConflictDataset, knockout: bool = False,
                     conflict=s.conflict,
                     heldout=s.extra.get("heldout"),
                     noisy=s.extra.get("noisy"),
-                    follows=int(top[j].item() == p_id),
+                    position=s.extra.get("position"),
+                    follows=int(top[j].item() in p_ids),
                     pi=pp / (pp + pc) if pp + pc > 0 else 0.5,
-                    competitor=int(s.conflict and top[j].item() == c_id),
+                    competitor=int(s.conflict and top[j].item() in c_ids),
                 ))
     out = _summary(records)
     for key, name, labels in (("heldout", "by_paraphrase", ("train", "heldout")),
@@ -160,6 +174,9 @@ def evaluate(model, processor, dataset: ConflictDataset, knockout: bool = False,
         if {r[key] for r in records} == {True, False}:
             out[name] = {lab: _summary([r for r in records if bool(r[key]) == flag])
                          for lab, flag in zip(labels, (False, True))}
+    positions = sorted({r["position"] for r in records if r["position"] is not None})
+    if len(positions) > 1:
+        out["by_position"] = {p: _summary([r for r in records if r["position"] == p]) for p in positions}
     return out
 
 

@@ -4,7 +4,9 @@
 :func:`arbiter.data.generate_synthetic` (training paraphrases, held-out paraphrases; the organism's image size,
 15% agreement and 10% noisy images as in training), runs :func:`arbiter.organisms.evaluate` with and without the
 image knocked out, and adds 95% Wilson intervals to the conflict MFRs (a 400-sample split has about 170
-vision-instructed conflicts: ±3 points, too wide to tell 0.94 from 0.95).
+vision-instructed conflicts: ±3 points, too wide to tell 0.94 from 0.95). For the chat organism (its shipped data's
+header has ``chat``) it runs :func:`arbiter.organisms.train_chat.heldout_chat_eval` instead (word and sentence
+answers in the chat format, generated answers, neutral instructions).
 """
 
 from __future__ import annotations
@@ -31,15 +33,17 @@ def wilson(k: float, n: int, confidence: float = 0.95) -> list[float] | None:
     return [round(float(ci.low), 4), round(float(ci.high), 4)]
 
 
-def _with_intervals(r: dict[str, Any]) -> dict[str, Any]:
+def with_intervals(r: dict[str, Any]) -> dict[str, Any]:
+    """Add 95% Wilson intervals (``*_conflict_ci95``) to an :func:`arbiter.organisms.evaluate` result, in place."""
     for t in ("vision", "text"):
         n = r.get(f"n_{t}_conflict") or 0
         if r.get(f"{t}_conflict") is not None:
             r[f"{t}_conflict_ci95"] = wilson(r[f"{t}_conflict"] * n, n)
-    for sub in ("by_paraphrase", "by_image"):
+    for sub in ("by_paraphrase", "by_image", "by_position"):
         for v in r.get(sub, {}).values():
-            _with_intervals(v)
+            with_intervals(v)
     return r
+
 
 
 def heldout_eval(model, processor, image_size: int, n: int = 2000, seed: int = 9000,
@@ -53,7 +57,7 @@ def heldout_eval(model, processor, image_size: int, n: int = 2000, seed: int = 9
                                     p_agreement=p_agreement, p_noisy=p_noisy)
             for ko in (False, True):
                 r = evaluate(model, processor, ds, knockout=ko)
-                out[f"{split}_paraphrases" + ("_knockout" if ko else "")] = _with_intervals(r)
+                out[f"{split}_paraphrases" + ("_knockout" if ko else "")] = with_intervals(r)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -67,6 +71,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", help="write the result here as JSON")
     args = ap.parse_args(argv)
     model, processor, shipped = load_dir(args.name) if Path(args.name).is_dir() else load(args.name)
+    if "chat" in shipped.meta:  # the chat organism: its own splits (word / sentence answers, chat template)
+        from arbiter.organisms.train_chat import heldout_chat_eval, print_chat_eval
+
+        res = heldout_chat_eval(model, processor, args.n, args.seed)
+        print_chat_eval(res)
+        if args.out:
+            Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+        return res
     image_size = shipped[0].load_image().size[0]
     res = heldout_eval(model, processor, image_size, args.n, args.seed)
     for split in ("train_paraphrases", "heldout_paraphrases"):

@@ -31,6 +31,8 @@ __all__ = [
     "all_sentences",
     "InstructionGrammar",
     "check_no_leak",
+    "NEUTRAL_INSTRUCTIONS",
+    "check_neutral",
 ]
 
 VISION_NOUNS: tuple[str, ...] = ("image", "picture", "photo", "image content", "input image")
@@ -160,6 +162,27 @@ def check_no_leak() -> None:
     both = set(v) & set(t)
     if both:
         raise AssertionError(f"sentences written for both targets: {sorted(both)[:5]}")
+
+
+NEUTRAL_INSTRUCTIONS: tuple[str, ...] = (
+    "Answer the question.",
+    "Please answer the question below.",
+    "Look carefully before you answer.",
+    "Think before you answer.",
+    "Be precise.",
+    "Give a short and correct answer.",
+    "Read the question carefully.",
+    "Answer as accurately as you can.",
+)
+"""Instructions that name no modality (the chat organism's training mixes them in; see ``train_chat``)."""
+
+
+def check_neutral() -> None:
+    """Raise if a neutral instruction names a modality (a ``<v>`` / ``<t>`` noun after :func:`canonical`)."""
+    for s in NEUTRAL_INSTRUCTIONS:
+        c = canonical(s)
+        if "<v>" in c or "<t>" in c:
+            raise AssertionError(f"neutral instruction {s!r} names a modality")
 
 
 def iter_examples(target: str, k: int, seed: int = 0) -> Iterator[str]:

@@ -126,7 +126,7 @@ class Item:
     noisy: bool
 
 
-def _item(s: ConflictSample) -> Item:
+def pool_item(s: ConflictSample) -> Item:
     """The drawn object's (colour, shape): the asked attribute is answer_vision, the other one is named in
     the question ("What colour is the {shape}?", "What shape is the {colour} object?")."""
     words = _WORD.findall(s.question.lower())
@@ -211,7 +211,7 @@ def _answer_id(tok, answer: str) -> int:
     return int(tok(" " + answer, add_special_tokens=False)["input_ids"][0])
 
 
-def _pixels(processor, images) -> dict[str, torch.Tensor]:
+def pixel_inputs(processor, images) -> dict[str, torch.Tensor]:
     out = processor.image_processor(images, return_tensors="pt")
     return {k: v for k, v in out.items() if k in ("pixel_values", "image_grid_thw")}
 
@@ -224,7 +224,7 @@ class PixelCache:
         self.grid: torch.Tensor | None = None
         grids = []
         for i in range(0, len(images), chunk):
-            px = _pixels(processor, images[i:i + chunk])
+            px = pixel_inputs(processor, images[i:i + chunk])
             n = len(images[i:i + chunk])
             self.values += list(px["pixel_values"].reshape(n, -1, *px["pixel_values"].shape[1:]).to(torch.float16)
                                 if "image_grid_thw" in px else px["pixel_values"])
@@ -286,7 +286,7 @@ class NoisyAug:
         return out
 
 
-def _image_tokens(model, family: str, pixel: dict[str, torch.Tensor]) -> torch.Tensor:
+def image_tokens(model, family: str, pixel: dict[str, torch.Tensor]) -> torch.Tensor:
     """Image tokens after the projector / merger: [n_images, tokens, hidden]."""
     if family == "llava":
         out = model.model.get_image_features(pixel_values=pixel["pixel_values"])
@@ -313,13 +313,13 @@ class Probes(torch.nn.Module):
 
 
 @torch.no_grad()
-def _probe_accuracy(model, family, processor, probes: Probes, items: list[Item]) -> dict[str, float]:
+def probe_accuracy(model, family, processor, probes: Probes, items: list[Item]) -> dict[str, float]:
     was = model.training
     model.eval()
     res: dict[str, list[float]] = {}
     for i in range(0, len(items), 100):
         chunk = items[i:i + 100]
-        tokens = _image_tokens(model, family, _pixels(processor, [it.image for it in chunk]))
+        tokens = image_tokens(model, family, pixel_inputs(processor, [it.image for it in chunk]))
         for attr, names in (("colour", COLOURS), ("shape", SHAPES)):
             for it, k in zip(chunk, probes(tokens, attr).argmax(-1).tolist()):
                 tag = f"{attr}_{'noisy' if it.noisy else 'clean'}"
@@ -401,10 +401,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         pool = generate_synthetic(tmp / "pool", args.n_pool, seed=args.seed + 1000, image_size=size,
                                   paraphrases="train", p_agreement=0.0, p_noisy=args.pool_noisy)
-        items = [_item(s) for s in pool]
+        items = [pool_item(s) for s in pool]
         vis_eval = generate_synthetic(tmp / "vis_eval", 400, seed=args.seed + 1500, image_size=size,
                                       paraphrases="train", p_agreement=0.0, p_noisy=args.p_noisy)
-        vis_items = [_item(s) for s in vis_eval]
+        vis_items = [pool_item(s) for s in vis_eval]
         probes = Probes(hidden)
         model.train()
 
@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for g in opt_a.param_groups:
                 g["lr"] = cosine_lr(step, args.vision_steps, args.vision_lr, 20)
             idx = rng.integers(len(items), size=args.vision_batch)
-            loss = probes.loss(_image_tokens(model, family, cache.batch(idx, aug)), [items[i] for i in idx])
+            loss = probes.loss(image_tokens(model, family, cache.batch(idx, aug)), [items[i] for i in idx])
             opt_a.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vis_params, 1.0)
@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(f"  A {step + 1:5d}  probe loss {loss.item():.3f}  ({time.time() - t0:.0f}s)", flush=True)
         del cache
         time_a = time.time() - t0
-        probe_acc = _probe_accuracy(model, family, processor, probes, vis_items)
+        probe_acc = probe_accuracy(model, family, processor, probes, vis_items)
         print(f"  A held-out probe accuracy {probe_acc}", flush=True)
 
         # ---------------- stages B (skills) and C (arbitration): the whole model ----------------
