@@ -136,6 +136,7 @@ def test_rows_carry_offered_labels_and_neutral_inputs(stub_result):
     assert ao.sample.audio.any() and ao.sample.image.getpixel((0, 0)) == (0, 0, 0)          # voice only
 
 
+@pytest.mark.slow
 def test_to_dict_is_json_and_complete(stub_result, tmp_path):
     r, _ = stub_result
     d = r.to_dict()
@@ -330,6 +331,7 @@ def _labelled_file(tmp_path, tm, labels, n=6, n_conflict=2, header=True):
     return load_jsonl(path)
 
 
+@pytest.mark.slow
 def test_diagnose_runs_the_attractors_step_when_the_data_declares_labels(tmp_path):
     from arbiter.experiments.diagnose import attractor_samples, diagnose
     from arbiter.report import markdown, write
@@ -381,6 +383,7 @@ def test_diagnose_runs_the_attractors_step_when_the_data_declares_labels(tmp_pat
     assert "skip" in off["attractors"]["skipped"] and "Label perturbation: skipped (skipped on request" in markdown(off)
 
 
+@pytest.mark.slow
 def test_diagnose_on_a_data_set_without_conflict_samples_runs_only_the_attractors(tmp_path, capsys):
     """The shipped omni emotion organism's data: classification only (every sample "conflict": false), six labels,
     face + voice. Through the CLI's runner (flags -> diagnose -> report); each clip's features computed once."""

@@ -411,6 +411,7 @@ def test_an_encoder_decoder_without_get_input_embeddings_attaches(monkeypatch):
     assert rec.trace["L0.xattn.probs"].shape[-1] == inputs["input_ids"].shape[1]
 
 
+@pytest.mark.slow
 def test_a_decoder_that_reads_the_encoder_in_its_self_attention_refuses_attention_sites_at_activation():
     """T5Gemma 2's decoder attends over its own and the encoder's keys in one call (no cross-attention module):
     attention sites are refused when the probe is activated, naming why; residual sites still record."""

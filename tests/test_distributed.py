@@ -170,6 +170,7 @@ def single_and_torchrun_reports(tmp_path, device: str = "cpu") -> tuple[dict, di
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="needs torch.distributed with gloo")
+@pytest.mark.slow
 def test_torchrun_two_processes_give_the_single_process_report(tmp_path):
     from arbiter.trace import read_trace_dir
 

@@ -179,6 +179,7 @@ def arbitration(tmp_path_factory):
     return _load("04_arbitration").main(tmp_path_factory.mktemp("ex4"))
 
 
+@pytest.mark.slow
 def test_arbitration_example_finds_the_image_to_last_route_of_the_organism(arbitration):
     """llava_tiny reads the image at the last token around layer 3 (organisms README): the strongest knockout."""
     entries = arbitration["knockout"].entries

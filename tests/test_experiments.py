@@ -108,6 +108,7 @@ def test_attribution_of_last_layer_heads_tracks_exact_effect(synth):
     assert (a - b).abs().max().item() <= 0.25 * a.abs().max().item() + 1e-4
 
 
+@pytest.mark.slow
 def test_attribution_is_the_total_derivative_through_later_attention(synth):
     """AtP of a layer-0 head = the directional derivative of m along a -> (1 ± eps) a, measured by central
     differences: the gradient must flow through every later layer (attention included), not stop at the next
@@ -130,6 +131,7 @@ def test_attribution_is_the_total_derivative_through_later_attention(synth):
     assert ex.per_sample.shape == at.per_sample.shape
 
 
+@pytest.mark.slow
 def test_layer_path_integrated_gradients_are_complete(synth):
     """ig-layer: per layer, the heads' scores sum to the drop of m when the whole layer's heads are zeroed."""
     tm = _tiny("llava")
@@ -232,6 +234,7 @@ def check_modality_sections(rep: dict, n_heads: int) -> None:
         assert all(lo <= e["beta_self"] <= hi for e in su["layers"] if e["beta_self"] is not None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_diagnose_produces_a_complete_report_on_every_family(family, synth, tmp_path):
     tm = _tiny(family)
@@ -253,6 +256,7 @@ def test_diagnose_produces_a_complete_report_on_every_family(family, synth, tmp_
     json.dumps(rep, allow_nan=False)
 
 
+@pytest.mark.slow
 def test_diagnose_resumes_the_modality_steps_and_reruns_only_what_changed(synth, tmp_path):
     tm = _tiny("llava")
     logs = []
@@ -343,6 +347,7 @@ def test_shipped_calibration_reproduces_its_cells_and_fits_without_simulating():
     assert any("identifiability ratio" in f for f in r.flags)
 
 
+@pytest.mark.slow
 def test_cli_diagnose_writes_reports_and_resumes_after_interrupt(synth, tmp_path, monkeypatch, capsys):
     from arbiter import cli
     from arbiter.experiments import diagnose as dg
@@ -385,6 +390,7 @@ def test_cli_reports_a_missing_model_folder_clearly(tmp_path, capsys):
     assert "no such folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_diagnose_blocks_each_rankings_own_topg_and_reports_it(synth, tmp_path):
     """SPEC 7: a cheap ranking is reported with the effect of blocking its own TopG; the reference's deletion
     curve is its own (captured 1) and the markdown report says it."""
@@ -403,6 +409,7 @@ def test_diagnose_blocks_each_rankings_own_topg_and_reports_it(synth, tmp_path):
     assert "by_ranking" not in only["blocking"]  # the blocking step reran: its settings name the head methods
 
 
+@pytest.mark.slow
 def test_diagnose_blocks_the_samples_the_model_gets_right_when_batches_reorder_them(synth, tmp_path):
     """Text-only conflict samples go to their own batches, so the baseline's per-sample results come back in
     another order: the samples chosen as correct (π > 0.5 without generation) must still be those, so their

@@ -65,6 +65,7 @@ def heldout(tmp_path_factory):
     return ds, [s for s in ds.samples if s.conflict][:24]
 
 
+@pytest.mark.slow
 def test_generated_mfr_of_a_babbling_model_equals_its_first_token_mfr(heldout):
     ds, samples = heldout
     model, processor, _ = organisms.load("llava_tiny_s0")

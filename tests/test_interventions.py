@@ -142,6 +142,7 @@ _PADDED_GENERATE_DIFFERS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["knockout", "amplify"])
 def test_generate_with_cache_equals_no_cache_forward_under_intervention(tm, kind):
     if tm.family in _PADDED_GENERATE_DIFFERS:

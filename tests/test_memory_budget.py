@@ -33,6 +33,7 @@ def test_the_default_budget_is_half_the_free_memory_or_the_environment(monkeypat
     assert memory.budget_bytes("cpu") == 3 * 2**30
 
 
+@pytest.mark.slow
 def test_peak_added_counts_what_the_call_holds():
     """In a fresh process (a long-lived one may hand the call memory it already holds, which no peak counter sees)."""
     import subprocess

@@ -89,6 +89,7 @@ def test_knockout_and_neutral_removals_both_run_and_share_the_full_coalition(syn
     assert (ko.v_empty - ne.v_empty).abs().max() > 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("removal", ["knockout", "neutral"])
 def test_batched_shapley_agrees_with_captum_shapley_values(synth, removal):
     tm = _tiny("llava")
@@ -164,6 +165,7 @@ def test_neutral_sample_keeps_size_and_length():
     assert n.context == "" and n.question == "q?" and s.context == "ctx"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("removal", ["knockout", "neutral"])
 def test_omni_image_audio_context(omni_samples, removal):
     tm = _tiny("qwen2_5_omni")

@@ -61,6 +61,7 @@ def test_generator_is_deterministic(tmp_path):
     assert [s.label for s in a] == [s.label for s in b]
 
 
+@pytest.mark.slow
 def test_generator_format_header_and_balance(emo):
     assert isinstance(emo, ConflictDataset) and len(emo) == 240
     assert emo.labels == list(LABELS) == list(CREMA_D_LABELS)
@@ -164,6 +165,7 @@ def test_rendered_face_and_voice_carry_the_label(emo):
 # ----------------------------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow
 def test_training_script_end_to_end(tmp_path):
     from arbiter.organisms.train_omni import main
 
@@ -223,6 +225,7 @@ def check_trained(model, processor, ds) -> None:
 
 @pytest.mark.skipif(NAME not in available(), reason=f"{NAME} is not shipped (train it with "
                     "python -m arbiter.organisms.train_omni)")
+@pytest.mark.slow
 def test_shipped_organism_accuracy_and_attractors():
     from arbiter.organisms import load
 

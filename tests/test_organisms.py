@@ -43,6 +43,7 @@ def test_training_grammar_keeps_heldout_paraphrases_out():
     assert not set(vision) & set(text)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_organism_follows_instructions_and_looks_at_the_image(name):
     model, processor, ds = load(name)
@@ -66,6 +67,7 @@ def test_organism_follows_instructions_and_looks_at_the_image(name):
     assert knocked["text"] >= 0.8, knocked
 
 
+@pytest.mark.slow
 def test_demo_diagnoses_the_shipped_organism(tmp_path):
     from arbiter.cli import main
 
@@ -96,6 +98,7 @@ def test_wilson_interval_hand_values():
     assert wilson(0, 0) is None
 
 
+@pytest.mark.slow
 def test_heldout_eval_splits_by_paraphrase_and_image():
     from arbiter.organisms.heldout import heldout_eval
 

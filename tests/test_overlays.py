@@ -313,6 +313,7 @@ def test_groups_select_and_tile_keep_each_samples_grids() -> None:
 # --------------------------------------------------------------------------- the report's figures
 
 
+@pytest.mark.slow
 def test_report_figures_for_each_target(tmp_path) -> None:
     from arbiter import organisms
 

@@ -256,6 +256,7 @@ def _check_on_disk(directory: Path) -> set[str]:
     return set(ids)
 
 
+@pytest.mark.slow
 def test_trace_writer_killed_mid_run_leaves_readable_shards_and_resumes_without_duplicates(tmp_path):
     n = 30
     done: set[str] = set()

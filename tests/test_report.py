@@ -212,6 +212,7 @@ def test_knockout_table_of_a_deep_model_has_one_row_per_centre_layer():
     assert "| centre layer | image → last |" in md and "| 11 | −0.110 |" in md
 
 
+@pytest.mark.slow
 def test_written_report_carries_its_methods_pages_and_links_them_after_a_move(tmp_path):
     write(_report(), tmp_path / "run")
     shutil.move(tmp_path / "run", tmp_path / "moved")

@@ -23,6 +23,7 @@ def _plan(tm, alpha=2.5):
     return SteeringPlan(heads, [alpha, 1.5], "all", type(tm.model).__name__, config_hash(tm.model))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_baked_model_equals_runtime_steering_and_reloads(family, tmp_path):
     tm = _tiny(family)
@@ -98,6 +99,7 @@ def test_plan_from_report_toward_a_modality():
     assert rep.steering(top=0.1).heads == plan.heads
 
 
+@pytest.mark.slow
 def test_cli_steer_writes_the_plan_report_and_plot(tmp_path):
     """`arbiter steer` after `arbiter diagnose`: the saved best plan reproduces its restored fraction, failures
     and already-correct samples partition the conflict samples, and report.json gains a steering section."""

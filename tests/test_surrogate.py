@@ -341,6 +341,7 @@ def test_float32_field_tolerance():
         OscillatorBatch(p, d, [50.0], [0.0], dtype="float32")  # exp(-2β) must stay a normal float32
 
 
+@pytest.mark.slow
 def test_workers_batches_and_per_point_loop_agree():
     # the systems are independent: how they are split into batches (one batch, a per-point loop) and worker
     # threads changes nothing beyond rounding
@@ -357,6 +358,7 @@ def test_workers_batches_and_per_point_loop_agree():
     assert torch.get_num_threads() >= 1  # restored after the worker threads
 
 
+@pytest.mark.slow
 def test_sweep_threaded_readout_matches_serial():
     p = PAPER.replace(t_start=-1.0, t_fit=2.0, t_train=3.0, t_end=5.0, **MID)
     a = sweep(p, betas=[1e-3, 1.0], seeds=[0, 1], workers=1, dtype="float64").to_dict()["points"]

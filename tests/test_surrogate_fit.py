@@ -120,6 +120,7 @@ def test_table_flags_flat_curves():
     assert beta is None and any("flat" in f for f in flags)
 
 
+@pytest.mark.slow
 def test_sweep_smoke_json_and_plots(tmp_path):
     r = sweep(TINY, grid=2, seeds=2)
     d = r.to_dict()
@@ -143,6 +144,7 @@ def test_sweep_smoke_json_and_plots(tmp_path):
     assert len(t.beta) == 2
 
 
+@pytest.mark.slow
 def test_knockout_shap_mode_runs_and_differs():
     ko = sweep(TINY, betas=[0.5], seeds=2, shap_mode="knockout").to_dict()
     ro = sweep(TINY, betas=[0.5], seeds=2).to_dict()

@@ -47,6 +47,7 @@ def test_knockout_map_equals_naive_loop_with_text_groups():
     assert (res.values[0] - res.baseline).abs().max().item() > 0  # image -> instruction at layer 0 matters
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", MULTIMODAL + ["llama"])
 def test_head_sweep_replays_encoders_and_equals_naive_loop(family):
     tm = _tiny(family)

@@ -57,6 +57,7 @@ def test_forward_finite(family):
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", MULTIMODAL)
 def test_modalities_change_logits(family):
     tm = _zoo(family)
@@ -85,6 +86,7 @@ def test_image_token_count(family):
     _forward(tm, inputs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_left_padded_batch(family):
     if family == "git":
@@ -198,6 +200,7 @@ def test_optional_audio_for_gemma3n():
     assert torch.isfinite(_forward(tm, inputs)).all()
 
 
+@pytest.mark.slow
 def test_benchmark_size_llava():
     tm = tiny("llava", hidden=512, layers=8, heads=8, kv_heads=8, image_tokens=576)
     cfg = tm.model.config.text_config
