@@ -189,6 +189,7 @@ def test_arbitration_example_finds_the_image_to_last_route_of_the_organism(arbit
     assert arbitration["baseline"].mfr_pi()["overall"] > 0.9
 
 
+@pytest.mark.slow   # shares the module fixture that runs the whole example (16 s)
 def test_arbitration_example_agreement_is_the_spearman_of_its_two_score_tables(arbitration):
     from scipy.stats import spearmanr
 
@@ -201,6 +202,7 @@ def test_arbitration_example_agreement_is_the_spearman_of_its_two_score_tables(a
     assert blocked.n_samples == sum(arbitration["baseline"].correct)
 
 
+@pytest.mark.slow   # shares the module fixture that runs the whole example (16 s)
 def test_arbitration_example_writes_json_and_plots(arbitration):
     import json
 
