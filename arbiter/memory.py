@@ -91,10 +91,12 @@ class AllocationMeter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        returns = func._schema.returns
         outs = out if isinstance(out, (tuple, list)) else (out,)
+        aliased = [r.alias_info is not None for r in func._schema.returns]
+        if len(aliased) == 1 and len(outs) > 1:   # one returned list of tensors (split, unbind): one alias for all
+            aliased = aliased * len(outs)
         for i, t in enumerate(outs):
-            if not isinstance(t, torch.Tensor) or (i < len(returns) and returns[i].alias_info is not None):
+            if not isinstance(t, torch.Tensor) or (i < len(aliased) and aliased[i]):
                 continue   # a view of an input or an in-place result: no new memory
             storage = t.untyped_storage()
             n = storage.nbytes()

@@ -79,6 +79,16 @@ def test_the_meter_counts_new_storage_once_and_subtracts_what_is_freed():
     assert (peak, held) == (8000, 6000)
 
 
+def test_the_meter_counts_no_memory_for_views_returned_in_a_list():
+    x = torch.ones(1000)                      # made before the call: its views are not the call's memory
+
+    def call():
+        parts = torch.split(x, 100)           # ten views, returned as one list
+        return torch.cat(parts)               # 4,000 new bytes
+
+    assert memory.measure(call, "cpu")[:2] == (4000, 4000)
+
+
 def test_a_budget_below_one_setting_is_a_clear_error():
     tm = tiny("llava")
     with arbiter.attach(tm.model, tm.processor) as lens, pytest.raises(InterventionError, match="memory budget"):
