@@ -490,3 +490,35 @@ def test_amplification_reports_the_failures_and_their_share_already_above_one_ha
     assert res.restored_random_mean[0] == pytest.approx(res.restored_base)
     with pytest.raises(arbiter.errors.InterventionError, match="one per sample"):
         amplification_experiment(lens, conf, correct[:-1], [(0, 0)], dataset=synth)
+
+
+def test_attribution_under_a_memory_budget_splits_the_path_and_keeps_the_scores(synth):
+    """A budget that holds fewer path steps than the method takes runs them in several forwards: the scores equal
+    the one-forward computation (to float rounding); a budget below one step is a clear error."""
+    from arbiter import memory
+    from arbiter.experiments import heads as heads_mod
+
+    tm = _tiny("llava")
+    seen = []
+    real = heads_mod._path_gradients
+
+    def counting(lens, item, alphas, layers, method):
+        seen.append(len(alphas))
+        return real(lens, item, alphas, layers, method)
+
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        free = attribution_ranking(lens, synth.samples, batch_size=4, dataset=synth, method="ig", steps=4,
+                                   memory_budget=2**40)
+        item = next(iter(batches(lens, [s for s in synth.samples if s.conflict], 4, synth)))
+        one_step, _, _ = memory.measure(lambda: real(lens, item, [0.5], [], "ig"), "cpu")
+        heads_mod._path_gradients = counting
+        try:
+            tight = attribution_ranking(lens, synth.samples, batch_size=4, dataset=synth, method="ig", steps=4,
+                                        memory_budget=int(2.5 * one_step))
+        finally:
+            heads_mod._path_gradients = real
+        with pytest.raises(arbiter.errors.InterventionError, match="memory budget"):
+            attribution_ranking(lens, synth.samples, batch_size=4, dataset=synth, method="ig", steps=4,
+                                memory_budget=one_step // 2)
+    assert max(seen[1:]) < 4   # after the one-step measurement, no forward held all four steps
+    torch.testing.assert_close(tight.scores, free.scores, atol=1e-6, rtol=1e-5, equal_nan=True)

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from .. import memory
 from ..data import ConflictSample
 from ..metrics import head_scores, spearman, top_g, topk_overlap
 from ..util import jsonable
@@ -231,7 +232,8 @@ def _attribution_alphas(method: str, steps: int) -> list[float]:
 
 
 def attribution_ranking(lens, samples: Sequence[ConflictSample], batch_size: int = 8, dataset=None,
-                        method: str = "atp", steps: int = 4, progress: bool = True) -> HeadRanking:
+                        method: str = "atp", steps: int = 4, progress: bool = True,
+                        memory_budget: int | str | None = None) -> HeadRanking:
     """Attribution patching: a gradient estimate of each head's zero-ablation effect on m = final MAM (the
     quantity :func:`exhaustive_ranking` measures exactly). Score = predicted drop of m; the gradient is the
     total derivative (through all later layers), taken w.r.t. the head outputs at every position.
@@ -267,6 +269,8 @@ def attribution_ranking(lens, samples: Sequence[ConflictSample], batch_size: int
         raise InterventionError(f"steps must be >= 1, got {steps}.")
     L, H = _layers_heads(lens)
     alphas = _attribution_alphas(method, int(steps))
+    budget = memory.budget_bytes(next(lens.model.parameters()).device, memory_budget)
+    plan: dict = {}   # path steps per forward, measured once (see _path_contributions)
     paths = {"ig-layer": [[layer] for layer in lens.facts.attention_layers],
              "graddrop": []}.get(method, [list(lens.facts.attention_layers)])  # graddrop: _graddrop_batch
 
@@ -275,23 +279,9 @@ def attribution_ranking(lens, samples: Sequence[ConflictSample], batch_size: int
         for item in _batches_bar(lens, part, batch_size, dataset, f"attribution ({method}): batches", progress):
             b, k = item.size, len(alphas)
             est = _graddrop_batch(lens, item, L, H) if method == "graddrop" else torch.zeros(b, L, H)
-            if paths:  # the path methods (GradDrop has none: its one forward ran above)
-                big = {key: tile_batch(v, k) for key, v in item.batch.inputs.items() if key != "labels"}
-                alpha = torch.tensor(alphas).repeat_interleave(b)                 # rows: copy-major
-            for layers in paths:
-                probe = _HeadPath(alpha, None if method != "ig-layer" else layers)
-                with contextlib.ExitStack() as stack:
-                    stack.enter_context(tiled_groups(lens, b, k))
-                    stack.enter_context(torch.enable_grad())
-                    stack.enter_context(lens.probe(probe))
-                    logits = lens.model(**big, use_cache=False).logits[:, -1]
-                    m = margin_from_logits(logits, item.ids_p * k, item.ids_c * k)
-                    got = sorted(probe.deltas)
-                    grads = torch.autograd.grad(m.sum(), [probe.deltas[x] for x in got], allow_unused=True)
-                for layer, g in zip(got, grads):
-                    a = probe.acts[layer]
-                    contrib = (g * a).sum(dim=(1, 3)) if g is not None else torch.zeros(a.shape[0], a.shape[2])
-                    est[:, layer, :a.shape[2]] += contrib.float().view(k, b, -1).mean(0)   # mean over the path
+            for layers in paths:  # the path methods (GradDrop has none: its one forward ran above)
+                for contrib_layer, contrib in _path_contributions(lens, item, alphas, layers, method, budget, plan):
+                    est[:, contrib_layer, :contrib.shape[1]] += contrib   # mean over the path
             per.append(_mask_missing_heads(lens, est))
             targets.extend(item.targets)
         return torch.cat(per), targets
@@ -305,6 +295,52 @@ def attribution_ranking(lens, samples: Sequence[ConflictSample], batch_size: int
     else:
         cost = 3.0 * len(alphas) * len(paths)
     return HeadRanking(name, score, by, cost, per, list(targets))
+
+
+def _path_gradients(lens, item, alphas: Sequence[float], layers, method: str):
+    """One forward and backward of the batch tiled once per path step in ``alphas``: {layer: [steps, b, heads]}
+    of Σ_d grad · act for each step's copy of the batch."""
+    b, k = item.size, len(alphas)
+    big = {key: tile_batch(v, k) for key, v in item.batch.inputs.items() if key != "labels"}
+    probe = _HeadPath(torch.tensor(alphas).repeat_interleave(b), None if method != "ig-layer" else layers)  # copy-major
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(tiled_groups(lens, b, k))
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(lens.probe(probe))
+        logits = lens.model(**big, use_cache=False).logits[:, -1]
+        m = margin_from_logits(logits, item.ids_p * k, item.ids_c * k)
+        got = sorted(probe.deltas)
+        grads = torch.autograd.grad(m.sum(), [probe.deltas[x] for x in got], allow_unused=True)
+    out = {}
+    for layer, g in zip(got, grads):
+        a = probe.acts[layer]
+        contrib = (g * a).sum(dim=(1, 3)) if g is not None else torch.zeros(a.shape[0], a.shape[2])
+        out[layer] = contrib.float().view(k, b, -1)
+    return out
+
+
+def _path_contributions(lens, item, alphas: Sequence[float], layers, method: str, budget: int | None, plan: dict):
+    """(layer, [b, heads] mean over the path of grad · act): every path step in one forward when the memory
+    ``budget`` holds them, else in chunks of as many steps as it holds; a budget below one step is a clear error.
+    What one step's forward and backward add is measured once per ranking, on its first batch (``plan`` keeps it);
+    where every step fits, the computation is the one-forward one, to the last bit."""
+    k = len(alphas)
+    if budget is not None and k > 1 and "steps_per_forward" not in plan:
+        peak, _, _ = memory.measure(lambda: _path_gradients(lens, item, alphas[:1], layers, method),
+                                    next(lens.model.parameters()).device)
+        if peak > budget:
+            raise InterventionError(f"one attribution path step needs about {peak / 2**20:.0f} MiB (a forward and "
+                                    f"backward of this batch), more than the memory budget of "
+                                    f"{budget / 2**20:.0f} MiB; use a smaller batch or a larger budget.")
+        plan["steps_per_forward"] = max(1, int(budget // peak))
+    per_forward = plan.get("steps_per_forward", k)
+    if per_forward >= k:
+        return [(layer, c.mean(0)) for layer, c in _path_gradients(lens, item, alphas, layers, method).items()]
+    sums: dict = {}
+    for start in range(0, k, per_forward):
+        for layer, c in _path_gradients(lens, item, alphas[start:start + per_forward], layers, method).items():
+            sums[layer] = sums[layer] + c.sum(0) if layer in sums else c.sum(0)
+    return [(layer, total / k) for layer, total in sums.items()]
 
 
 def _graddrop_batch(lens, item, L: int, H: int) -> torch.Tensor:
