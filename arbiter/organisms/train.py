@@ -312,6 +312,33 @@ class Probes(torch.nn.Module):
         return F.cross_entropy(self(tokens, "colour"), yc) + F.cross_entropy(self(tokens, "shape"), ys)
 
 
+def train_vision_stage(model, family: str, processor, probes: Probes, items: list[Item], rng: np.random.Generator,
+                       args) -> list[dict]:
+    """Stage A of every organism recipe: the vision tower and projector learn each image's colour and shape through
+    ``probes`` on the image tokens (``args.vision_steps`` AdamW steps of ``args.vision_batch`` images drawn by
+    ``rng``, cosine learning rate, ``--vision-noise-aug`` fresh noisy renderings). Returns the loss log."""
+    t0 = time.time()
+    cache = PixelCache(processor, [it.image for it in items])
+    vis_params = [p for n, p in model.named_parameters()
+                  if n.startswith(("model.vision_tower", "model.visual", "model.multi_modal_projector"))]
+    opt_a = torch.optim.AdamW(vis_params + list(probes.parameters()), lr=args.vision_lr, weight_decay=0.0)
+    log_a = []
+    aug = NoisyAug(args.vision_noise_aug, items, processor, args.seed + 4000) if args.vision_noise_aug > 0 else None
+    for step in range(args.vision_steps):
+        for g in opt_a.param_groups:
+            g["lr"] = cosine_lr(step, args.vision_steps, args.vision_lr, 20)
+        idx = rng.integers(len(items), size=args.vision_batch)
+        loss = probes.loss(image_tokens(model, family, cache.batch(idx, aug)), [items[i] for i in idx])
+        opt_a.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vis_params, 1.0)
+        opt_a.step()
+        if (step + 1) % args.log_every == 0:
+            log_a.append(dict(step=step + 1, loss=round(loss.item(), 4)))
+            print(f"  A {step + 1:5d}  probe loss {loss.item():.3f}  ({time.time() - t0:.0f}s)", flush=True)
+    return log_a
+
+
 @torch.no_grad()
 def probe_accuracy(model, family, processor, probes: Probes, items: list[Item]) -> dict[str, float]:
     was = model.training
@@ -410,25 +437,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         # ---------------- stage A: vision tower + projector ----------------
         t0 = time.time()
-        cache = PixelCache(processor, [it.image for it in items])
-        vis_params = [p for n, p in model.named_parameters()
-                      if n.startswith(("model.vision_tower", "model.visual", "model.multi_modal_projector"))]
-        opt_a = torch.optim.AdamW(vis_params + list(probes.parameters()), lr=args.vision_lr, weight_decay=0.0)
-        log_a = []
-        aug = NoisyAug(args.vision_noise_aug, items, processor, args.seed + 4000) if args.vision_noise_aug > 0 else None
-        for step in range(args.vision_steps):
-            for g in opt_a.param_groups:
-                g["lr"] = cosine_lr(step, args.vision_steps, args.vision_lr, 20)
-            idx = rng.integers(len(items), size=args.vision_batch)
-            loss = probes.loss(image_tokens(model, family, cache.batch(idx, aug)), [items[i] for i in idx])
-            opt_a.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vis_params, 1.0)
-            opt_a.step()
-            if (step + 1) % args.log_every == 0:
-                log_a.append(dict(step=step + 1, loss=round(loss.item(), 4)))
-                print(f"  A {step + 1:5d}  probe loss {loss.item():.3f}  ({time.time() - t0:.0f}s)", flush=True)
-        del cache
+        log_a = train_vision_stage(model, family, processor, probes, items, rng, args)
         time_a = time.time() - t0
         probe_acc = probe_accuracy(model, family, processor, probes, vis_items)
         print(f"  A held-out probe accuracy {probe_acc}", flush=True)

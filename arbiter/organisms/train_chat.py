@@ -73,7 +73,7 @@ from arbiter.encode import build_prompt
 from arbiter.organisms import evaluate, load_dir
 from arbiter.organisms.common import cosine_lr, save_organism
 from arbiter.organisms.instructions import NEUTRAL_INSTRUCTIONS, InstructionGrammar, check_neutral, check_no_leak
-from arbiter.organisms.train import Item, NoisyAug, PixelCache, Probes, image_tokens, pool_item, probe_accuracy
+from arbiter.organisms.train import Item, Probes, pool_item, probe_accuracy, train_vision_stage
 from arbiter.testing.tiny import tiny
 
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -502,25 +502,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # ---------------- stage A: vision tower + projector through linear probes ----------------
         t0 = time.time()
         probes = Probes(hidden)
-        cache = PixelCache(processor, [it.image for it in items])
-        vis_params = [p for n, p in model.named_parameters()
-                      if n.startswith(("model.vision_tower", "model.multi_modal_projector"))]
-        opt_a = torch.optim.AdamW(vis_params + list(probes.parameters()), lr=args.vision_lr, weight_decay=0.0)
-        aug = NoisyAug(args.vision_noise_aug, items, processor, args.seed + 4000) if args.vision_noise_aug > 0 else None
-        log_a = []
-        for step in range(args.vision_steps):
-            for g in opt_a.param_groups:
-                g["lr"] = cosine_lr(step, args.vision_steps, args.vision_lr, 20)
-            idx = rng.integers(len(items), size=args.vision_batch)
-            loss = probes.loss(image_tokens(model, "llava", cache.batch(idx, aug)), [items[i] for i in idx])
-            opt_a.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vis_params, 1.0)
-            opt_a.step()
-            if (step + 1) % args.log_every == 0:
-                log_a.append(dict(step=step + 1, loss=round(loss.item(), 4)))
-                print(f"  A {step + 1:5d}  probe loss {loss.item():.3f}  ({time.time() - t0:.0f}s)", flush=True)
-        del cache
+        log_a = train_vision_stage(model, "llava", processor, probes, items, rng, args)
         time_a = time.time() - t0
         probe_acc = probe_accuracy(model, "llava", processor, probes, vis_items)
         print(f"  A held-out probe accuracy {probe_acc}", flush=True)
