@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from einops import rearrange
@@ -28,6 +28,10 @@ def attach(model: nn.Module, processor: Any = None, stack: str = "decoder") -> "
     attention implementation restored, also when the body raises. ``stack="encoder"`` attaches to an
     encoder-decoder's encoder instead (its layers, groups on its own positions; no logits site)."""
     return Lens(model, processor, stack)
+
+# unit -> {short name: site}: a layer's own attention ("attn") and the cross-attention feeding it ("xattn")
+_UNIT_SITES = {unit: {s.split(".", 1)[1]: prefix + s for s in ATTENTION_SITES} for unit, prefix in (("attn", ""),
+                                                                                                    ("xattn", "x"))}
 
 
 @dataclass
@@ -64,6 +68,9 @@ class _Runtime:
         self.lens = lens
         self.active: list[_Active] = []
         self.table: dict[tuple[str, int | None], list[_Active]] = {}
+        # (site, layer) -> the entries served at a prefill step / at a decode step (read at every call)
+        self._by_step: tuple[dict, dict] = ({}, {})
+        self._plans: dict = {}
         self.step = 0
         self.offset = 0          # absolute position of the first row of the current forward chunk
         self.q_len = 0
@@ -88,30 +95,58 @@ class _Runtime:
                 for layer in layers:
                     table.setdefault((site, layer), []).append(a)
         self.table = table
+        self._by_step = tuple({key: [a for a in lst if a.steps == "all" or (a.steps == "prefill") == prefill]
+                               for key, lst in table.items()} for prefill in (False, True))
+        self._plans = {}
+
+    def attention_plan(self, unit: str, layer: int) -> tuple[dict, dict, bool] | None:
+        """(site names, which sites have probes, whether scores / probs are edited) of a routed attention call at
+        the current step, None where no probe is on it; built once per probe set."""
+        key = (unit, layer, self.step == 0)
+        if key not in self._plans:
+            site = _UNIT_SITES[unit]
+            has = {s: bool(self.entries(name, layer)) for s, name in site.items()}
+            eager = any(a.specs[site[s]][0] == "edit" for s in ("scores", "probs")
+                        for a in self.entries(site[s], layer))
+            self._plans[key] = (site, has, eager) if any(has.values()) else None
+        return self._plans[key]
 
     def entries(self, site: str, layer: int | None) -> list[_Active]:
-        lst = self.table.get((site, layer))
-        if not lst:
-            return []
-        return [a for a in lst if a.steps == "all" or (a.steps == "prefill") == (self.step == 0)]
+        """The probes served at (site, layer) at the current step (prefill or decode)."""
+        return self._by_step[self.step == 0].get((site, layer), [])
 
     # -- positions ---------------------------------------------------------------------------------------
     def chunk_positions(self, n: int | None = None) -> torch.Tensor:
         """The absolute positions of this chunk's rows (the last ``n``), one tensor per forward (never edited)."""
         n = self.q_len if n is None else n
-        key = ("positions", self.offset, n)
+        return self.positions_range(self.offset, self.offset + n)
+
+    def positions_range(self, start: int, stop: int) -> torch.Tensor:
+        """``torch.arange(start, stop)``, built once per forward (never edited)."""
+        key = ("positions", start, stop)
         hit = self._rows_cache.get(key)
         if hit is None:
-            hit = self._rows_cache[key] = torch.arange(self.offset, self.offset + n)
+            hit = self._rows_cache[key] = torch.arange(start, stop)
         return hit
+
+    def per_forward(self, name: str, anchors: tuple, build: Callable[[], Any], *extra) -> Any:
+        """``build()``, once per forward for these ``anchors`` (tensors the forward shares: positions, rows, masks)
+        and ``extra`` (hashable settings). The entry holds the anchors, so their ids cannot be reused by other tensors
+        while it lives, and a hit is checked to be the very same objects: never another tensor's result."""
+        key = (name, *extra, *map(id, anchors))
+        hit = self._rows_cache.get(key)
+        if hit is not None and all(x is y for x, y in zip(hit[0], anchors)):
+            return hit[1]
+        out = build()
+        self._rows_cache[key] = (anchors, out)
+        return out
 
     def resolve_rows(self, spec: RowSpec, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(positions [R], row_mask [b, R]) of the requested rows among ``positions``."""
-        key = (spec if isinstance(spec, (str, int)) else tuple(spec), int(positions[0]) if len(positions) else 0,
-               len(positions))
-        hit = self._rows_cache.get(key)
-        if hit is not None:
-            return hit
+        spec_key = spec if isinstance(spec, (str, int)) else tuple(spec)
+        return self.per_forward("rows", (positions,), lambda: self._resolve_rows(spec, positions), spec_key)
+
+    def _resolve_rows(self, spec: RowSpec, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b = self.batch
         if isinstance(spec, str) and spec == "all":
             out = (positions, torch.ones(b, len(positions), dtype=torch.bool))
@@ -128,7 +163,6 @@ class _Runtime:
             want = torch.where(want < 0, want + self.groups.prompt_length, want)
             sel = torch.isin(positions, want)
             out = (positions[sel], torch.ones(b, int(sel.sum()), dtype=torch.bool))
-        self._rows_cache[key] = out
         return out
 
     def encoder_key_mask(self, name: str, positions: torch.Tensor) -> torch.Tensor:
@@ -181,15 +215,11 @@ class _Runtime:
         device = torch.device(device)
         if t.device == device:
             return t
-        anchors = anchors or (t,)
-        key = ("on_device", str(device), *map(id, anchors))
-        hit = self._rows_cache.get(key)
-        if hit is not None and all(x is y for x, y in zip(hit[0], anchors)):
-            return hit[1]
-        src = t.pin_memory() if device.type == "cuda" and t.device.type == "cpu" else t
-        out = src.to(device, non_blocking=src.is_pinned())
-        self._rows_cache[key] = (anchors, out, src)
-        return out
+
+        def copy():
+            src = t.pin_memory() if device.type == "cuda" and t.device.type == "cpu" else t
+            return src.to(device, non_blocking=src.is_pinned()), src   # the pinned source lives as long as the copy
+        return self.per_forward("on_device", (*(anchors or (t,)),), copy, str(device))[0]
 
     def ctx(self, site, layer, positions, row_mask, **kw) -> Ctx:
         return Ctx(lens=self.lens, site=site, layer=layer, step=self.step, groups=self.groups,
@@ -204,8 +234,9 @@ class _Runtime:
             if len(rows) == 0:
                 continue
             full = len(rows) == len(positions)
-            idx = self.to_device(rows - positions[0], value.device, rows, positions) \
-                if not full else None
+            idx = None if full else self.per_forward(
+                "row_index", (rows, positions), lambda: self.to_device(rows - positions[0], value.device),
+                str(value.device))
             part = value if full else value.index_select(dim, idx)
             ctx = self.ctx(site, layer, rows, row_mask, **ctx_kw)
             out = self.call(a.probe, site, ctx, part)
@@ -248,10 +279,10 @@ class _Runtime:
     def attention(self, layer, module, base, kind, query, key, value, attention_mask, kwargs, unit="attn"):
         """One routed attention call of ``layer``; ``unit`` is "attn" (the layer's mixer) or "xattn" (the
         cross-attention feeding it, served on CROSS_SITES)."""
-        site = {s.split(".", 1)[1]: ("x" + s if unit == "xattn" else s) for s in ATTENTION_SITES}
-        has = {s: bool(self.entries(site[s], layer)) for s in site}
-        if not any(has.values()):
+        plan = self.attention_plan(unit, layer)
+        if plan is None:
             return base(module, query, key, value, attention_mask, **kwargs)
+        site, has, eager = plan
         lf = self.lens.facts.layers[layer]
         cross = lf.cross or unit == "xattn"
         b, _, q_len, _ = query.shape
@@ -262,7 +293,8 @@ class _Runtime:
                             "cross-attention); arbiter cannot place those keys in token groups, so attention sites "
                             "are not served on this layer.")
         q_pos = self.chunk_positions(q_len)
-        k_pos = torch.arange(k_len) if cross else torch.arange(self.offset + q_len - k_len, self.offset + q_len)
+        k_pos = self.positions_range(0, k_len) if cross else \
+            self.positions_range(self.offset + q_len - k_len, self.offset + q_len)
         new_k = k_pos if cross else q_pos
         kw = dict(query_positions=q_pos, key_positions=k_pos, cross=cross, unit=unit)
         if has["q"]:
@@ -277,7 +309,6 @@ class _Runtime:
                     tail = self.run_site(site[name], layer, cur[:, :, start:], 2, new_k, **kw)
                     cur = torch.cat([cur[:, :, :start], tail], dim=2)
                 key, value = (cur, value) if t == "key" else (key, cur)
-        eager = any(a.specs[site[s]][0] == "edit" for s in ("scores", "probs") for a in self.entries(site[s], layer))
         if has["mask"] and not (eager or has["scores"] or has["probs"]):
             rows = self.mask_edit_rows(layer, site, q_pos, kw)
             if rows is not None and attn_fn.row_kwargs(kwargs, q_pos[:1], q_len, key.shape[2]) is not None:
@@ -292,17 +323,22 @@ class _Runtime:
             mask_b, mask_f = attn_fn.bool_mask(attention_mask, module, kwargs, b, q_pos, k_pos, cross,
                                                query.device)
             if has["mask"]:
+                if attention_mask is not None and \
+                        mask_b.untyped_storage().data_ptr() == attention_mask.untyped_storage().data_ptr():
+                    mask_b = mask_b.clone()   # the model's own mask, which every layer reads: editors get a copy
                 mask_b, edited, empty = self.edit_mask(layer, site, mask_b, q_pos, k_pos, kw, cross)
         if eager:
             out = self.eager_layer(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, empty)
         else:
+            # rows are read before the kernel runs: the layer's keys are still in the cache (measured: a third of
+            # the time of reading them after the kernel has streamed every row)
+            if has["scores"] or has["probs"]:
+                self.read_rows(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, empty,
+                               attention_mask)
             if edited:
                 out = attn_fn.masked_attention(kind, base, module, query, key, value, mask_b, mask_f, kwargs)
             else:
                 out = base(module, query, key, value, attention_mask, **kwargs)
-            if has["scores"] or has["probs"]:
-                self.read_rows(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, empty,
-                               attention_mask)
         if empty is not None:   # cross-attention rows left with no key: output zero (no wait on the device)
             o = out[0]  # [b, q, h, d]
             keep = (~empty).transpose(1, 2)[..., None].to(o.dtype)  # [b, q, h|1, 1]
@@ -313,9 +349,9 @@ class _Runtime:
         """The attn.mask editors' mask for the rows at ``q_pos``: (mask, edited, empty). A self-attention row left
         with no key keeps its own position (never NaN); a cross-attention row left with none is marked in
         ``empty`` [b, h|1, rows] (its output is zeroed) and keeps every key meanwhile."""
-        before = mask_b
+        before, version = mask_b, mask_b._version   # an editor may also write into the mask it is handed
         mask_b = self.run_site(site["mask"], layer, mask_b, 2, q_pos, **kw)
-        if mask_b is before:
+        if mask_b is before and mask_b._version == version:
             return mask_b, False, None
         if mask_b.shape != before.shape:
             mask_b = mask_b.expand(torch.broadcast_shapes(mask_b.shape, before.shape))
@@ -335,14 +371,10 @@ class _Runtime:
             return None
         entries = self.entries(site["mask"], layer)
         # editors whose rows do not depend on the layer (a knockout: its destination) are asked once per forward
-        key = ("mask_rows", tuple(id(a.probe) for a in entries), int(q_pos[0]), len(q_pos))
-        cacheable = all(getattr(a.probe, "mask_rows_per_forward", False) for a in entries)
-        if cacheable and key in self._rows_cache:
-            return self._rows_cache[key]
-        out = self._mask_edit_rows(entries, layer, site, q_pos, kw)
-        if cacheable:
-            self._rows_cache[key] = out
-        return out
+        if all(getattr(a.probe, "mask_rows_per_forward", False) for a in entries):
+            return self.per_forward("mask_rows", (q_pos, *(a.probe for a in entries)),
+                                    lambda: self._mask_edit_rows(entries, layer, site, q_pos, kw))
+        return self._mask_edit_rows(entries, layer, site, q_pos, kw)
 
     def _mask_edit_rows(self, entries, layer, site, q_pos, kw) -> tuple | None:
         union = None
@@ -371,10 +403,11 @@ class _Runtime:
         rows_d = self.to_device(rows, dev)
         b = query.shape[0]
         k_pos = kw["key_positions"]
-        mask_b, mask_f = attn_fn.bool_mask(attention_mask, module, kwargs, b, q_pos, k_pos, cross, dev)
-        mask_b, mask_f = mask_b.index_select(2, rows_d), (mask_f.index_select(2, rows_d) if mask_f is not None
-                                                           else None)
-        mask_b, edited, empty = self.edit_mask(layer, site, mask_b, q_pos[rows], k_pos, kw, cross)
+        row_pos = self.per_forward("row_positions", (q_pos, rows), lambda: q_pos[rows])
+        mask_b, mask_f, _ = self.read_masks(module, attention_mask, kwargs, b, q_pos, k_pos, row_pos, rows_d, cross,
+                                            query.dtype, dev)
+        # the rows' mask is built once per forward; each layer's editors get a copy they may write into
+        mask_b, edited, empty = self.edit_mask(layer, site, mask_b.clone(), row_pos, k_pos, kw, cross)
         if not edited:
             return out
         sub = attn_fn.masked_attention(kind, base, module, query.index_select(2, rows_d), key, value, mask_b, mask_f,
@@ -382,58 +415,67 @@ class _Runtime:
         o = sub[0]            # [b, rows, h, d]
         if empty is not None:
             o = o * (~empty).transpose(1, 2)[..., None].to(o.dtype)
-        take = self.to_device(which[:, rows], dev, which, rows)   # other samples: kernel's rows
-        o = torch.where(take[:, :, None, None], o.to(out[0].dtype), out[0].index_select(1, rows_d))
+        # [b, n]: the rows each sample's edit changes (the others keep the kernel's); None: every sample's
+        take = self.per_forward("row_take", (which, rows),
+                                lambda: None if bool(which[:, rows].all()) else self.to_device(which[:, rows], dev),
+                                str(dev))
+        o = o.to(out[0].dtype)
+        if take is not None:
+            o = torch.where(take[:, :, None, None], o, out[0].index_select(1, rows_d))
         weights = out[1]
         if weights is not None and sub[1] is not None:
-            w = torch.where(take[:, None, :, None], sub[1].to(weights.dtype), weights.index_select(2, rows_d))
+            w = sub[1].to(weights.dtype)
+            if take is not None:
+                w = torch.where(take[:, None, :, None], w, weights.index_select(2, rows_d))
             weights = weights.index_copy(2, rows_d, w)
-        return out[0].index_copy(1, rows_d, o), weights
+        # the kernel's output is this call's own tensor: written in place unless autograd may need it
+        return (out[0].index_copy(1, rows_d, o) if out[0].requires_grad else out[0].index_copy_(1, rows_d, o)), \
+            weights
 
-    def _rows_union(self, layer, q_pos, site):
-        specs = [a.specs[site[s]][1] for s in ("scores", "probs") for a in self.entries(site[s], layer)]
-        if any(isinstance(s, str) and s == "all" for s in specs):
-            return q_pos
-        key = ("rows_union", tuple(s if isinstance(s, (str, int)) else tuple(s) for s in specs),
-               int(q_pos[0]) if len(q_pos) else 0, len(q_pos))
-        hit = self._rows_cache.get(key)   # the same union recurs in every layer of a forward
-        if hit is None:
-            rows = set()
-            for s in specs:
-                rows.update(self.resolve_rows(s, q_pos)[0].tolist())
-            hit = self._rows_cache[key] = torch.tensor(sorted(rows), dtype=torch.long)
-        return hit
+    def _rows_union(self, layer, q_pos, site, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions, indices among ``q_pos`` on ``device``) of the rows the layer's score / probability readers
+        ask for. The same union recurs in every layer of a forward: built once (the entry holds ``q_pos``, a tensor
+        the forward shares, so its id cannot be another tensor's)."""
+        specs = tuple(a.specs[site[s]][1] for s in ("scores", "probs") for a in self.entries(site[s], layer))
+
+        def build():
+            if any(isinstance(s, str) and s == "all" for s in specs):
+                rows = q_pos
+            else:
+                union = set()
+                for s in specs:
+                    union.update(self.resolve_rows(s, q_pos)[0].tolist())
+                rows = torch.tensor(sorted(union), dtype=torch.long)
+            idx = (rows - q_pos[0]) if len(rows) else rows
+            return rows, self.to_device(idx, device)
+        return self.per_forward("rows_union", (q_pos,), build,
+                                tuple(s if isinstance(s, (str, int)) else tuple(s) for s in specs), str(device))
 
     def read_masks(self, module, attention_mask, kwargs, b, q_pos, k_pos, rows, idx, cross, dtype, device):
         """(bool, float values or None, additive) masks of the rows at positions ``rows`` (``idx`` among the call's)
         of the model's own unedited mask. Every layer of a forward that receives the same mask object reads the same
         rows: built once per forward (the cache entry holds the mask object, so it can never match another mask)."""
-        key = None
-        if len(rows) <= 64:
-            key = ("read_masks", id(attention_mask), kwargs.get("is_causal"), getattr(module, "is_causal", True),
-                   kwargs.get("sliding_window"), cross, b, int(q_pos[0]), len(q_pos), len(k_pos),
-                   tuple(rows.tolist()), dtype, str(device))
-            hit = self._rows_cache.get(key)
-            if hit is not None and hit[0] is attention_mask:
-                return hit[1]
-        if attention_mask is None or attention_mask.dim() == 2:   # rebuilt from positions: the rows alone
-            mb, mf = attn_fn.bool_mask(attention_mask, module, kwargs, b, rows, k_pos, cross, device)
-        else:
-            mb, mf = attn_fn.bool_mask(attention_mask, module, kwargs, b, q_pos, k_pos, cross, device)
-            mb, mf = mb.index_select(2, idx), (mf.index_select(2, idx) if mf is not None else None)
-        out = (mb, mf, attn_fn.float_mask(mb, mf, dtype))
-        if key is not None:
-            self._rows_cache[key] = (attention_mask, out)
-        return out
+        def build():
+            if attention_mask is None or attention_mask.dim() == 2:   # rebuilt from positions: the rows alone
+                mb, mf = attn_fn.bool_mask(attention_mask, module, kwargs, b, rows, k_pos, cross, device)
+            else:
+                mb, mf = attn_fn.bool_mask(attention_mask, module, kwargs, b, q_pos, k_pos, cross, device)
+                mb, mf = mb.index_select(2, idx), (mf.index_select(2, idx) if mf is not None else None)
+            return mb, mf, attn_fn.float_mask(mb, mf, dtype)
+        if len(rows) > 64:   # many rows: not kept for the next layer (memory)
+            return build()
+        # rows, q_pos and k_pos are tensors this forward shares; the mask object is the model's for this forward
+        return self.per_forward("read_masks", (attention_mask, q_pos, k_pos, rows), build, kwargs.get("is_causal"),
+                                getattr(module, "is_causal", True), kwargs.get("sliding_window"), cross, b, dtype,
+                                str(device))
 
     def read_rows(self, layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, empty=None,
                   attention_mask=None):
         """Hand the requested rows' scores / probabilities to the layer's readers; ``mask_b`` None: the model's
         own mask, unedited (read from ``attention_mask``)."""
-        rows = self._rows_union(layer, q_pos, site)
+        rows, idx = self._rows_union(layer, q_pos, site, query.device)
         if len(rows) == 0:
             return
-        idx = self.to_device(rows - q_pos[0], query.device, rows, q_pos)
         if mask_b is None:
             mb, mf, additive = self.read_masks(module, attention_mask, kwargs, query.shape[0], q_pos,
                                                kw["key_positions"], rows, idx, kw["cross"], query.dtype, query.device)

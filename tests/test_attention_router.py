@@ -152,3 +152,52 @@ def test_recomputing_the_edited_rows_alone_equals_recomputing_the_layer(monkeypa
         with lens.knockout("image", "last"):
             whole = logits(tm.model, inputs)
     torch.testing.assert_close(rows, whole, atol=1e-6, rtol=0)
+
+
+def test_row_sliced_knockouts_on_different_rows_in_different_layers_edit_each_their_own_rows(monkeypatch):
+    """Two knockouts on two layers whose destination rows start at the same position and are as many ({5, 9} and
+    {5, 6}): each layer edits its own rows, as recomputing every layer with the edited mask does (a per-forward
+    cache keyed by the first position and the count alone handed the second layer the first one's rows)."""
+    tm = tiny("llava")
+    inputs = inputs_for(tm, n=1)
+    n = inputs["input_ids"].shape[1]
+    a, b = torch.zeros(1, n, dtype=torch.bool), torch.zeros(1, n, dtype=torch.bool)
+    a[0, [5, 9]] = True
+    b[0, [5, 6]] = True
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        lens.use(arbiter.TokenGroups.from_input_ids(inputs["input_ids"], None, lens.facts.modality_token_ids)
+                 .add("a", a).add("b", b))
+
+        def knocked():
+            with lens.knockout("text", "a", layers=[0]), lens.knockout("text", "b", layers=[1]):
+                return logits(tm.model, inputs)
+        rows = knocked()
+        monkeypatch.setattr(type(lens._runtime), "ROW_SLICE_SHARE", 0.0)   # every edit recomputes the whole layer
+        whole = knocked()
+    torch.testing.assert_close(rows, whole, atol=1e-6, rtol=0)
+
+
+class _InPlaceMaskEdit(arbiter.Probe):
+    """Severs image keys for the last row by writing into the mask it is handed and returning that same tensor."""
+    edits = {"attn.mask": "all"}
+
+    def attn_mask(self, ctx, mask):
+        image = ctx.on_device(ctx.group("image", over="keys"), mask.device)   # [b, k]
+        last = ctx.on_device(ctx.group("last", over="rows"), mask.device)     # [b, q]
+        mask &= ~(last[:, None, :, None] & image[:, None, None, :])
+        return mask
+
+
+def test_a_mask_edited_in_place_and_returned_is_an_edit():
+    """An editor may write into the mask it receives and return it: the layer runs with that mask (equal to the
+    knockout image -> last), never with the model's own one because the returned object is the same."""
+    tm = tiny("llava")
+    inputs = inputs_for(tm, n=1)
+    plain = logits(tm.model, inputs)
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        with lens.knockout("image", "last"):
+            knocked = logits(tm.model, inputs)
+        with lens.probe(_InPlaceMaskEdit()):
+            in_place = logits(tm.model, inputs)
+    assert (knocked[:, -1] - plain[:, -1]).abs().max() > 1e-4
+    torch.testing.assert_close(in_place, knocked, atol=1e-6, rtol=0)

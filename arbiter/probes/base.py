@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence, Union
 
 import torch
 
@@ -103,19 +103,21 @@ class Ctx:
         once per forward, without making the host wait for the device."""
         return self.lens._runtime.to_device(t, device)
 
+    def per_forward(self, owner: Any, build: Callable[[], Any], *key) -> Any:
+        """``build()``, once per forward for ``owner`` (a probe), this callback's rows and keys and ``key``
+        (hashable): what a probe derives from the token groups alone, not from the layer's values (a knockout's
+        severed edges), is the same in every layer of a forward."""
+        return self.lens._runtime.per_forward("probe", (owner, self.positions, self.key_positions), build,
+                                              self.site, self.cross, self.layer if self.cross else None, self.unit,
+                                              *key)
+
     def group(self, name: str, over: str = "rows") -> torch.Tensor:
         """Group mask restricted to this callback's rows (``over="rows"``) or keys (``over="keys"``): [batch, n]."""
         pos = self.positions if over == "rows" else self.key_positions
         facts, rt = self.lens.facts, self.lens._runtime
         # the same group over the same positions recurs in every layer of a forward: built once per forward
-        key = ("group", name, over, self.cross and over == "keys", self.layer if self.cross else None, self.unit,
-               int(pos[0]) if len(pos) else 0, len(pos))
-        hit = rt._rows_cache.get(key)
-        if hit is not None:
-            return hit
-        out = self._group(name, over, pos, facts, rt)
-        rt._rows_cache[key] = out
-        return out
+        return rt.per_forward("group", (pos,), lambda: self._group(name, over, pos, facts, rt), name, over,
+                              self.cross and over == "keys", self.layer if self.cross else None, self.unit)
 
     def _group(self, name: str, over: str, pos: torch.Tensor, facts, rt) -> torch.Tensor:
         if over == "keys" and self.cross:

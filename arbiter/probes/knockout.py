@@ -24,6 +24,7 @@ class Knockout(Probe):
     GroupError unless ``allow_empty=True``, in which case the knockout is a bit-exact no-op there."""
 
     edits = {"attn.mask": "all", "xattn.mask": "all"}
+    KEEP_ELEMENTS = 1 << 20   # kept-edge masks up to this many elements are built once per forward
     mask_rows_per_forward = True   # attn_mask_rows depends on the destination group only, not on the layer
     optional_sites = frozenset({"xattn.mask"})   # a layer's cross-attention, severed where the layer has one
 
@@ -111,6 +112,23 @@ class Knockout(Probe):
     def attn_mask(self, ctx: Ctx, mask: torch.Tensor) -> torch.Tensor:
         if self.heads is not None and not self.heads:
             return mask
+        nh = ctx.heads[0] if self.heads is not None else None
+        if nh == 0:
+            lf = ctx.lens.facts.layers[ctx.layer]
+            raise SiteError(f"Knockout heads={self.heads}: layer {ctx.layer} mixes tokens with a "
+                            f"{lf.mixer_kind} layer, which has no attention heads, so a head-specific knockout "
+                            "cannot be served there; knock out all heads, or pass "
+                            "layers=lens.facts.attention_layers.")
+        # the edges kept depend on the groups alone: built once per forward (one AND per layer) where they are
+        # small (a few rows: the row-sliced path); a whole layer's [b, q, k] is rebuilt per layer, never held
+        if mask.shape[0] * mask.shape[-2] * mask.shape[-1] <= self.KEEP_ELEMENTS:
+            keep = ctx.per_forward(self, lambda: self._kept_edges(ctx, mask.device, nh), nh, str(mask.device))
+        else:
+            keep = self._kept_edges(ctx, mask.device, nh)
+        return mask if keep is None else mask & keep
+
+    def _kept_edges(self, ctx: Ctx, device, nh: int | None) -> torch.Tensor | None:
+        """[b, 1|h, q, k]: False on the edges dst -> src this knockout severs; None: it severs none here."""
         q = ctx.group(self.dst, over="rows")     # [b, q], on the CPU: the checks below never wait on the device
         k = ctx.group(self.src, over="keys")     # [b, k]
         if self.batch_rows is not None:
@@ -118,21 +136,14 @@ class Knockout(Probe):
             keep[[r for r in self.batch_rows if r < q.shape[0]]] = True
             q = q & keep[:, None]
         if not bool(q.any()) or not bool(k.any()):
-            return mask
-        q, k = ctx.on_device(q, mask.device), ctx.on_device(k, mask.device)
+            return None
+        q, k = ctx.on_device(q, device), ctx.on_device(k, device)
         sever = q[:, None, :, None] & k[:, None, None, :]      # [b, 1, q, k]
         if self.heads is not None:
-            nh = ctx.heads[0]
-            if nh == 0:
-                lf = ctx.lens.facts.layers[ctx.layer]
-                raise SiteError(f"Knockout heads={self.heads}: layer {ctx.layer} mixes tokens with a "
-                                f"{lf.mixer_kind} layer, which has no attention heads, so a head-specific knockout "
-                                "cannot be served there; knock out all heads, or pass "
-                                "layers=lens.facts.attention_layers.")
-            sel = torch.zeros(nh, dtype=torch.bool, device=mask.device)
+            sel = torch.zeros(nh, dtype=torch.bool, device=device)
             sel[self.heads] = True
             sever = sever & sel[None, :, None, None]
-        return mask & ~sever
+        return ~sever
 
     def xattn_mask(self, ctx: Ctx, mask: torch.Tensor) -> torch.Tensor:
         """The cross-attention feeding a layer: the same edit, its keys grouped by the adapter."""

@@ -61,8 +61,10 @@ class Recorder(Probe):
             value = value.index_select(_HEAD_DIM[site], torch.tensor(hs, device=value.device))
         key = (site, ctx.layer)
         call = len(self._store[key])
-        self._store[key].append(value.detach().to("cpu", copy=True))
-        self._rows.setdefault((site, call), (ctx.positions.clone(), ctx.row_mask.clone()))
+        value = value.detach()   # a copy the model cannot change later (clone: the cheaper op on the CPU)
+        self._store[key].append(value.clone() if value.device.type == "cpu" else value.to("cpu"))
+        if (site, call) not in self._rows:   # the same rows at every layer of a call: kept once
+            self._rows[(site, call)] = (ctx.positions.clone(), ctx.row_mask.clone())
         self._calls[key] += 1
         self._trace = None
 
