@@ -240,8 +240,11 @@ def score_terms(kwargs) -> list[str]:
 def row_kwargs(kwargs, rows: torch.Tensor, q_len: int, k_len: int) -> dict | None:
     """The call's keyword arguments for a subset of its query rows: per-query-and-key tensors ([..., q, k], e.g. a
     position bias) cut to those rows; None when a tensor has a query dimension arbiter cannot place."""
+    terms = score_terms(kwargs)
+    if not terms:
+        return kwargs
     out = dict(kwargs)
-    for name in score_terms(kwargs):
+    for name in terms:
         v = kwargs[name]
         if v.dim() >= 2 and v.shape[-2] == q_len and v.shape[-1] == k_len:
             out[name] = v.index_select(-2, rows.to(v.device)) if v.shape[-2] > 1 else v

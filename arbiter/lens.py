@@ -432,9 +432,9 @@ class _Runtime:
         return (out[0].index_copy(1, rows_d, o) if out[0].requires_grad else out[0].index_copy_(1, rows_d, o)), \
             weights
 
-    def _rows_union(self, layer, q_pos, site, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(positions, indices among ``q_pos`` on ``device``) of the rows the layer's score / probability readers
-        ask for. The same union recurs in every layer of a forward: built once (the entry holds ``q_pos``, a tensor
+    def _rows_union(self, layer, q_pos, site, device) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+        """(positions, indices among ``q_pos`` on ``device``, (start, stop) when the indices are consecutive) of the
+        rows the layer's score / probability readers ask for. The same union recurs in every layer of a forward: built once (the entry holds ``q_pos``, a tensor
         the forward shares, so its id cannot be another tensor's)."""
         specs = tuple(a.specs[site[s]][1] for s in ("scores", "probs") for a in self.entries(site[s], layer))
 
@@ -447,7 +447,9 @@ class _Runtime:
                     union.update(self.resolve_rows(s, q_pos)[0].tolist())
                 rows = torch.tensor(sorted(union), dtype=torch.long)
             idx = (rows - q_pos[0]) if len(rows) else rows
-            return rows, self.to_device(idx, device)
+            first = int(idx[0]) if len(idx) else 0
+            span = (first, first + len(idx)) if len(idx) and int(idx[-1]) - first == len(idx) - 1 else None
+            return rows, self.to_device(idx, device), span
         return self.per_forward("rows_union", (q_pos,), build,
                                 tuple(s if isinstance(s, (str, int)) else tuple(s) for s in specs), str(device))
 
@@ -473,7 +475,7 @@ class _Runtime:
                   attention_mask=None):
         """Hand the requested rows' scores / probabilities to the layer's readers; ``mask_b`` None: the model's
         own mask, unedited (read from ``attention_mask``)."""
-        rows, idx = self._rows_union(layer, q_pos, site, query.device)
+        rows, idx, span = self._rows_union(layer, q_pos, site, query.device)
         if len(rows) == 0:
             return
         if mask_b is None:
@@ -483,7 +485,8 @@ class _Runtime:
             mb = mask_b.index_select(2, idx)
             mf = mask_f.index_select(2, idx) if mask_f is not None else None
             additive = None
-        q_rows = query.index_select(2, idx)
+        # consecutive rows (the last, a group's run): a view of the queries, no gather
+        q_rows = query[:, :, span[0]:span[1]] if span is not None else query.index_select(2, idx)
         cut = empty.index_select(2, idx)[..., None] if empty is not None else None
         if self.entries(site["scores"], layer):
             scores = attn_fn.row_scores(module, q_rows, key, mb, mf, kwargs)

@@ -74,10 +74,10 @@ QUESTION = "In case there is an inconsistency between the text context and the i
 
 # ------------------------------------------------------------------------------------------------ helpers
 
-def _median_times(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
-                  clock: Callable[[], float] = time.perf_counter) -> dict[str, tuple[float, Any]]:
+def _round_robin(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
+                 clock: Callable[[], float] = time.perf_counter) -> tuple[dict[str, list[float]], dict[str, Any]]:
     """Round-robin timing: each round calls every fn once, so load changes on a shared machine hit them alike.
-    {name: (median seconds over ``repeats`` rounds after ``warmup`` untimed rounds, the last call's result)}.
+    ({name: seconds of each of ``repeats`` rounds after ``warmup`` untimed rounds}, {name: the last call's result}).
     ``clock``: wall time by default; ``time.process_time`` counts this process's CPU time only (steadier on a
     shared machine for single-threaded CPU work)."""
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -88,7 +88,20 @@ def _median_times(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int =
             last[name] = fn()
             if i >= warmup:
                 times[name].append(clock() - start)
+    return times, last
+
+
+def _median_times(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
+                  clock: Callable[[], float] = time.perf_counter) -> dict[str, tuple[float, Any]]:
+    """{name: (median seconds over the rounds of :func:`_round_robin`, the last call's result)}."""
+    times, last = _round_robin(fns, repeats, warmup, clock)
     return {name: (statistics.median(times[name]), last[name]) for name in fns}
+
+
+def _paired_median(times: dict[str, list[float]], name: str, base: str) -> float:
+    """Median over rounds of (``name``'s time - ``base``'s time in the same round): what ``name`` adds, with the
+    drift between rounds (load, frequency) cancelled round by round."""
+    return statistics.median(t - b for t, b in zip(times[name], times[base]))
 
 
 def _median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[float, Any]:
@@ -276,6 +289,50 @@ def _inside_ms_per_layer(fn: Callable[[], Any], rounds: int) -> float:
     return statistics.median(per) if per else float("nan")
 
 
+def _floor_model(tm, acc: dict[str, float]):
+    """A copy of the model whose text attention reads the last row's probabilities the least a tool can: the
+    module's own eager function on that row (empty value dimension), its mask row built once per forward, one copy
+    kept, then SDPA for every row. No arbiter code runs: the floor any reader of one row pays on this machine.
+    ``acc`` collects the time spent there beside the kernel, as :func:`_inside_attention_clock` does for arbiter.
+    Returns (model, forward(inputs) -> (logits, the kept rows per layer))."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    rows: dict[int, torch.Tensor] = {}
+    kept: list[torch.Tensor] = []
+
+    def floor_attention(module, query, key, value, attention_mask, **kwargs):
+        start = time.process_time()
+        if id(attention_mask) not in rows:   # the forward's mask: its last row, additive, built once per forward
+            allowed = (torch.ones(query.shape[0], 1, 1, key.shape[2], dtype=torch.bool) if attention_mask is None
+                       else attention_mask[:, :, -1:, -key.shape[2]:])
+            rows[id(attention_mask)] = torch.where(allowed, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        _, probs = eager(module, query[:, :, -1:], key, value[..., :0], rows[id(attention_mask)],
+                         **{**kwargs, "dropout": 0.0})
+        kept.append(probs.clone())
+        k0 = time.process_time()
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        acc["kernel"] += time.process_time() - k0
+        acc["total"] += time.process_time() - start
+        acc["calls"] += 1
+        return out
+
+    if "bench_floor" not in ALL_ATTENTION_FUNCTIONS.valid_keys():
+        AttentionInterface.register("bench_floor", floor_attention)
+        AttentionMaskInterface.register("bench_floor", sdpa_mask)
+    model = copy.deepcopy(tm.model)
+    model.set_attn_implementation({"text_config": "bench_floor"})
+
+    def forward(inputs):
+        rows.clear()
+        kept.clear()
+        return _forward(model, inputs), list(kept)
+    return model, forward
+
+
 def bench_fixed(cfg) -> dict[str, Any]:
     """Time arbiter adds per layer and forward on a model so narrow (hidden 64) that compute is small: (path -
     attach and detach - plain forward) / layers, in ms, per path; and each path's ratio to the plain forward. One
@@ -297,25 +354,43 @@ def bench_fixed(cfg) -> dict[str, Any]:
                 return r
             return run_synced
 
+        floor_acc = {"total": 0.0, "kernel": 0.0, "calls": 0}
+        floor = _floor_model(tm, floor_acc)[1] if device == "cpu" else None
         fns = {"plain": timed(lambda: _forward(model, inputs)),
-               **{k: timed(v) for k, v in _fixed_paths(model, tm.processor, inputs, shape["layers"]).items()}}
+               **{k: timed(v) for k, v in _fixed_paths(model, tm.processor, inputs, shape["layers"]).items()},
+               **({"floor_probs_last": timed(lambda: floor(inputs))} if floor is not None else {})}
         _section(f"fixed cost on {device}: {len(fns)} paths round-robin, {cfg['repeats'] * 6} rounds")
         # CPU: this process's CPU time with one torch thread (steady on a shared machine); CUDA: wall time
         single = device == "cpu" and torch.get_num_threads() == 1
-        res = _median_times(fns, cfg["repeats"] * 6, warmup=1, clock=time.process_time if single else time.perf_counter)
+        times, _ = _round_robin(fns, cfg["repeats"] * 6, warmup=1,
+                                clock=time.process_time if single else time.perf_counter)
         out["fixed_clock"] = "process CPU time" if single else "wall time"
-        plain, attach = res["plain"][0], res["attach_detach"][0]
+        plain, attach = statistics.median(times["plain"]), statistics.median(times["attach_detach"])
         suffix = "" if device == "cpu" else "_cuda"
         out[f"fixed_plain_forward_ms{suffix}"] = plain * 1e3
         out[f"fixed_attach_detach_ms{suffix}"] = attach * 1e3
-        for name, (t, _) in res.items():
+        for name in times:
             if name not in ("plain", "attach_detach"):
-                out[f"fixed_ms_per_layer_{name}{suffix}"] = (t - attach - plain) * 1e3 / shape["layers"]
-                out[f"fixed_ratio_{name}{suffix}"] = (t - attach) / plain
+                # paired with the plain forward of the same round; the floor attaches nothing
+                added = _paired_median(times, name, "plain") - (attach if name != "floor_probs_last" else 0.0)
+                out[f"fixed_ms_per_layer_{name}{suffix}"] = added * 1e3 / shape["layers"]
+                out[f"fixed_ratio_{name}{suffix}"] = (plain + added) / plain
         if device == "cpu":   # arbiter's own work inside the attention calls, read directly (load-independent)
             for name, fn in _fixed_paths(model, tm.processor, inputs, shape["layers"]).items():
                 if name != "attach_detach":
                     out[f"fixed_inside_ms_per_layer_{name}"] = _inside_ms_per_layer(fn, cfg["repeats"] * 2)
+            per = []   # the floor's time beside its kernel, per call, as the inside clock reads arbiter's
+            for i in range(cfg["repeats"] * 2 + 1):
+                floor_acc.update(total=0.0, kernel=0.0, calls=0)
+                _, floor_rows = floor(inputs)
+                if i:
+                    per.append((floor_acc["total"] - floor_acc["kernel"]) / floor_acc["calls"] * 1e3)
+            out["fixed_inside_ms_per_layer_floor_probs_last"] = statistics.median(per)
+            with arbiter.attach(model, tm.processor) as lens, lens.record("attn.probs", rows="last") as rec:
+                _forward(model, inputs)   # the floor reads what arbiter records
+            out["fixed_floor_max_abs_diff"] = max(
+                float((rec.trace.site("attn.probs", layer)[:, :, -1:] - floor_rows[layer]).abs().max())
+                for layer in range(shape["layers"]))
         out["fixed_seq_len"] = int(inputs["input_ids"].shape[1])
         out["fixed_hidden"], out["fixed_layers"] = shape["hidden"], shape["layers"]
     return out
