@@ -231,9 +231,9 @@ class _Runtime:
         for a in self.entries(site, layer):
             mode, spec = a.specs[site]
             rows, row_mask = self.resolve_rows(spec, positions)
-            if len(rows) == 0:
+            if rows.shape[0] == 0:
                 continue
-            full = len(rows) == len(positions)
+            full = rows.shape[0] == positions.shape[0]
             idx = None if full else self.per_forward(
                 "row_index", (rows, positions), lambda: self.to_device(rows - positions[0], value.device),
                 str(value.device))
@@ -302,7 +302,7 @@ class _Runtime:
         for name, t in (("k", "key"), ("v", "value")):
             if has[name]:
                 cur = key if t == "key" else value
-                start = k_len - len(new_k)
+                start = k_len - new_k.shape[0]
                 if start == 0:
                     cur = self.run_site(site[name], layer, cur, 2, new_k, **kw)
                 else:
@@ -367,7 +367,7 @@ class _Runtime:
         """The only rows the layer's attn.mask editors can change, as ([batch, rows] bool over the call's rows, the
         indices of the rows any sample has), when every editor names them (``Probe.attn_mask_rows``) and they are at
         most ``ROW_SLICE_SHARE`` of a multi-row call; None: the whole layer is recomputed with the edited mask."""
-        if len(q_pos) < 2:
+        if q_pos.shape[0] < 2:
             return None
         entries = self.entries(site["mask"], layer)
         # editors whose rows do not depend on the layer (a knockout: its destination) are asked once per forward
@@ -397,7 +397,7 @@ class _Runtime:
         the edited mask: other rows bit-identical to the untouched layer, flash kernels kept."""
         out = base(module, query, key, value, attention_mask, **kwargs)
         which, rows = rows    # [b, q]: the (sample, row) pairs the edit can change; [n]: the rows among them
-        if len(rows) == 0:
+        if rows.shape[0] == 0:
             return out
         dev = query.device
         rows_d = self.to_device(rows, dev)
@@ -411,7 +411,7 @@ class _Runtime:
         if not edited:
             return out
         sub = attn_fn.masked_attention(kind, base, module, query.index_select(2, rows_d), key, value, mask_b, mask_f,
-                                       attn_fn.row_kwargs(kwargs, rows, len(q_pos), key.shape[2]))
+                                       attn_fn.row_kwargs(kwargs, rows, q_pos.shape[0], key.shape[2]))
         o = sub[0]            # [b, rows, h, d]
         if empty is not None:
             o = o * (~empty).transpose(1, 2)[..., None].to(o.dtype)
@@ -464,7 +464,7 @@ class _Runtime:
                 mb, mf = attn_fn.bool_mask(attention_mask, module, kwargs, b, q_pos, k_pos, cross, device)
                 mb, mf = mb.index_select(2, idx), (mf.index_select(2, idx) if mf is not None else None)
             return mb, mf, attn_fn.float_mask(mb, mf, dtype)
-        if len(rows) > 64:   # many rows: not kept for the next layer (memory)
+        if rows.shape[0] > 64:   # many rows: not kept for the next layer (memory)
             return build()
         # rows, q_pos and k_pos are tensors this forward shares; the mask object is the model's for this forward
         return self.per_forward("read_masks", (attention_mask, q_pos, k_pos, rows), build, kwargs.get("is_causal"),
@@ -476,7 +476,7 @@ class _Runtime:
         """Hand the requested rows' scores / probabilities to the layer's readers; ``mask_b`` None: the model's
         own mask, unedited (read from ``attention_mask``)."""
         rows, idx, span = self._rows_union(layer, q_pos, site, query.device)
-        if len(rows) == 0:
+        if rows.shape[0] == 0:
             return
         if mask_b is None:
             mb, mf, additive = self.read_masks(module, attention_mask, kwargs, query.shape[0], q_pos,
@@ -494,7 +494,7 @@ class _Runtime:
                 scores = scores.masked_fill(cut, torch.finfo(scores.dtype).min)
             self.run_site(site["scores"], layer, scores, 2, rows, **kw)
         if self.entries(site["probs"], layer):
-            rkw = kwargs if len(rows) == len(q_pos) else attn_fn.row_kwargs(kwargs, idx, len(q_pos), key.shape[2])
+            rkw = kwargs if rows.shape[0] == q_pos.shape[0] else attn_fn.row_kwargs(kwargs, idx, q_pos.shape[0], key.shape[2])
             if rkw is None:
                 raise SiteError(f"layer {layer}: {type(module).__name__}'s attention receives per-query tensors "
                                 f"({', '.join(attn_fn.score_terms(kwargs))}) arbiter cannot cut to the requested "

@@ -797,7 +797,7 @@ HEAD_SEARCH_ORGANISMS = ("llava_chat", "llava_tiny", "qwen2vl_tiny", "llava_tiny
 
 def _head_search_one(name: str, n: int) -> dict[str, Any]:
     """Exhaustive sweep, then the head search, on the first ``n`` conflict samples of organism ``name``."""
-    from arbiter.experiments.head_search import search_ranking
+    from arbiter.experiments.head_search import certification_floor, search_ranking
     from arbiter.experiments.heads import exhaustive_ranking
     from arbiter.organisms import load
 
@@ -811,6 +811,7 @@ def _head_search_one(name: str, n: int) -> dict[str, Any]:
         start = time.perf_counter()
         se = search_ranking(lens, samples, batch_size=8, dataset=ds, progress=False)
         se_s = time.perf_counter() - start
+        floor = certification_floor(lens, samples, ex, batch_size=8, dataset=ds, progress=False)
     ranked = ex.ranking()
     theta = min(se.threshold * ranked[0]["score"], ranked[len(ex.top()) - 1]["score"])
     above_ex = [(x["layer"], x["head"]) for x in ranked if x["score"] >= theta]
@@ -819,6 +820,8 @@ def _head_search_one(name: str, n: int) -> dict[str, Any]:
             "forward_equivalents": se.cost_forward_equivalents,
             "exhaustive_forward_equivalents": ex.cost_forward_equivalents,
             "cost_ratio": se.cost_forward_equivalents / ex.cost_forward_equivalents,
+            "oracle_forward_equivalents": floor["forward_equivalents"], "oracle_cost_ratio": floor["ratio"],
+            "search_over_oracle": se.cost_forward_equivalents / floor["forward_equivalents"],
             "layer_share_cost": se.layer_share_cost, "exhaustive_layer_share_cost": se.exhaustive_layer_share_cost,
             "s": se_s, "exhaustive_s": ex_s, "speedup": ex_s / se_s, "measured_heads": se.measured,
             "rounds": len(se.rounds), "above": [list(h) for h in above_ex],
@@ -914,7 +917,8 @@ def format_table(r: dict[str, Any]) -> str:
     for o in r.get("head_search_by_organism") or []:
         label = f"head search, {o['organism']} ({o['heads']} heads, {o['samples']} samples)"
         lines.append(f"{label:<50} {o['s']:9.3f} {o['speedup']:8.2f}  (speedup; {o['forward_equivalents']:.0f} vs "
-                     f"{o['exhaustive_forward_equivalents']:.0f} forward-equivalents; above / TopG equal: "
+                     f"{o['exhaustive_forward_equivalents']:.0f} forward-equivalents, oracle floor "
+                     f"{o['oracle_forward_equivalents']:.0f}; above / TopG equal: "
                      f"{o['above_equal']} / {o['topg_equal']})")
     return "\n".join(lines)
 

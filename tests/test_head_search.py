@@ -12,7 +12,7 @@ import arbiter
 from arbiter.data import generate_synthetic
 from arbiter.errors import DataError, InterventionError
 from arbiter.experiments.common import batches, metric_pi_and_margin
-from arbiter.experiments.head_search import screen_partitions, search_ranking, split_parts
+from arbiter.experiments.head_search import certification_floor, screen_partitions, search_ranking, split_parts
 from arbiter.experiments.heads import exhaustive_ranking
 from arbiter.testing.tiny import tiny
 
@@ -239,3 +239,44 @@ def test_diagnose_runs_the_search_as_reference_and_reports_both_costs(synth, tmp
     assert set(rep["blocking"]["by_ranking"]["summary"]) == {"search", "exhaustive"}
     text = markdown(rep)
     assert "Cost in forward-equivalents per batch: exhaustive sweep 17; search" in text
+
+
+def test_certification_floor_packs_below_the_cutoff_and_counts_what_it_blocks(synth):
+    """The oracle floor: the exhaustive heads >= θ alone, the rest in packed sets; each set's bound equals the one
+    an ordinary forward with the set blocked by a plain probe gives; sets below θ need no more; the count is
+    above + sets + singles of sets >= θ + rounds, never above the exhaustive L·H + 1."""
+    tm = _tiny("llava")
+    samples = [s for s in synth.samples if s.conflict]
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        ex = exhaustive_ranking(lens, samples, batch_size=4, dataset=synth, progress=False)
+        floor = certification_floor(lens, samples, ex, batch_size=4, dataset=synth, progress=False)
+        direct = [_set_bound(lens, samples, synth, [tuple(h) for h in s]) for s in floor["sets"]]
+    scores = [x["score"] for x in ex.ranking()]
+    theta = min(0.25 * scores[0], scores[len(ex.top()) - 1])
+    assert floor["theta"] == pytest.approx(theta, abs=1e-6)
+    assert [tuple(h) for h in floor["above"]] == _above(ex, theta)
+    packed = sorted(tuple(h) for s in floor["sets"] for h in s)
+    assert packed == sorted((x["layer"], x["head"]) for x in ex.ranking() if x["score"] < theta)
+    assert floor["set_bounds"] == pytest.approx(direct, abs=1e-5)
+    over = [s for s, u in zip(floor["sets"], direct) if len(s) > 1 and u >= theta]
+    assert floor["sets_at_or_above_theta"] == len(over)
+    assert floor["forward_equivalents"] == len(floor["above"]) + len(floor["sets"]) + sum(map(len, over)) + \
+        floor["rounds"]
+    assert floor["forward_equivalents"] <= floor["exhaustive_forward_equivalents"] == 17.0
+
+
+def _set_bound(lens, samples, ds, heads) -> float:
+    """U of a head set by a plain probe: per-sample drop of the final MAM, positive part, mean per target, then
+    across targets."""
+    drops, targets = [], []
+    for item in batches(lens, samples, 4, ds):
+        metric = metric_pi_and_margin(item.ids_p, item.ids_c)
+        with torch.no_grad():
+            clean = metric(lens.model(**item.batch.inputs).logits)[:, 1]
+            with lens.probe(arbiter.HeadScale(heads, alpha=0.0)):
+                blocked = metric(lens.model(**item.batch.inputs).logits)[:, 1]
+        drops.append(clean - blocked)
+        targets += item.targets
+    d = torch.cat(drops).clamp(min=0)
+    by = [float(d[[t == x for x in targets]].mean()) for t in ("vision", "text") if t in targets]
+    return sum(by) / len(by)

@@ -396,6 +396,87 @@ def layer_share(first_layers: Sequence[int], chunk: int, n_layers: int) -> float
     return cost
 
 
+def set_measure(lens, samples: Sequence[ConflictSample], batch_size: int = 8, chunk: int = 16, dataset=None,
+                memory_budget: int | str | None = None, progress: bool = True
+                ) -> tuple[Callable[[list], torch.Tensor], list[str], dict]:
+    """(measure, targets, share): ``measure(sets)`` blocks each head set of ``sets`` jointly (one sweep setting per
+    set, batched, prefix replay) and returns the per-sample drops of the final MAM [samples, sets], samples in the
+    order of ``targets``; ``share["cost"]`` accumulates the layer-share cost of the sweeps run."""
+    L = lens.facts.n_layers
+    plan = batch_plan(samples, batch_size)
+    order = [samples[i] for b in plan for i in b]
+    share = {"cost": 0.0}
+
+    def measure(sets: list[list[Head]]) -> torch.Tensor:
+        settings = head_set_settings(sets, 0.0)
+
+        def part_results(part):
+            drops = []
+            bar = progress_bar(batches(lens, part, batch_size, dataset),
+                               f"head search: {len(sets)} head sets, batches", total=len(batch_plan(part, batch_size)),
+                               progress=progress)
+            for item in bar:
+                res = sweep(lens, item.batch.inputs, settings, metric_pi_and_margin(item.ids_p, item.ids_c),
+                            chunk=chunk, memory_budget=memory_budget)
+                share["chunk"] = res.chunk
+                drops.append((res.baseline[:, 1][None] - res.values[:, :, 1]).T.float())   # [b, sets]
+            return torch.cat(drops)
+        out = per_sample(part_results, order, batch_size)
+        share["cost"] += layer_share([s.first_layer for s in settings], share.get("chunk") or chunk, L)
+        return out
+    return measure, [s.target for s in order], share
+
+
+def certification_floor(lens, samples: Sequence[ConflictSample], exhaustive: HeadRanking, batch_size: int = 8,
+                        chunk: int = 16, dataset=None, threshold: float = DEFAULT_THRESHOLD,
+                        cover_top: float | None = 0.05, bound: str = "sample", memory_budget: int | str | None = None,
+                        progress: bool = True) -> dict:
+    """What certifying the search's answer costs a method that already knows every head's exhaustive effect (an
+    oracle; our reference measure for the search's cost, docs/methods/head-search.md): the heads at or above θ
+    blocked alone, every other head packed (first-fit, largest bound first) into sets whose summed single-head bounds
+    U({h}) stay below θ, each set blocked once; a set that comes out at or above θ (its heads interact) is then
+    blocked head by head. Forward-equivalents counted as the search counts them (one per blocked set, one clean
+    forward per round). No search can certify the same answer under the same bound rule for less than the packing
+    such knowledge allows, so this is the floor to compare the search's cost with, not the exhaustive L·H + 1
+    alone. ``exhaustive``: :func:`~arbiter.experiments.heads.exhaustive_ranking` on the same samples and batches."""
+    samples = require_conflicts(samples, "certification_floor()")
+    measure, targets, _ = set_measure(lens, samples, batch_size, chunk, dataset, memory_budget, progress)
+    if exhaustive.per_sample is None or list(exhaustive.targets or []) != targets:
+        raise InterventionError("certification_floor() needs the exhaustive ranking of the same samples in the same "
+                                "batches (per-sample drops); run exhaustive_ranking() with the same batch_size.")
+    facts = lens.facts
+    heads = [(layer, h) for layer in facts.attention_layers for h in range(facts.heads(layer)[0])]
+    L, H = exhaustive.scores.shape
+    gs = GroupSearch(heads, targets, measure, threshold, cover_top, (L, H), bound=bound)
+    exact = {h: float(exhaustive.scores[h]) for h in heads}
+    theta = gs.cutoff(exact)
+    above = sorted((h for h in heads if exact[h] >= theta), key=lambda h: (-exact[h], h))
+    single = {h: gs._bound(exhaustive.per_sample[:, h[0], h[1]].float()) for h in heads}
+    bins: list[list] = []
+    for h in sorted((h for h in heads if h not in above), key=lambda h: (-single[h], h)):
+        for b in bins:
+            if b[0] + single[h] < theta:
+                b[0] += single[h]
+                b[1].append(h)
+                break
+        else:
+            bins.append([single[h], [h]])
+    packed = [sorted(b[1]) for b in bins]
+    rounds, failed, set_bounds = 0, [], []
+    if packed:
+        drops = measure(packed)
+        rounds += 1
+        set_bounds = [gs._bound(drops[:, j].float()) for j in range(len(packed))]
+        failed = [s for s, u in zip(packed, set_bounds) if len(s) > 1 and u >= theta]
+    singles = [h for s in failed for h in s]
+    rounds += 1 if singles else 0
+    cost = len(above) + len(packed) + len(singles) + max(rounds, 1)   # the above heads' singles: in round one
+    return {"forward_equivalents": float(cost), "exhaustive_forward_equivalents": float(len(heads) + 1),
+            "ratio": cost / (len(heads) + 1), "theta": theta, "above": [list(h) for h in above],
+            "packed_sets": len(packed), "sets": [[list(h) for h in s] for s in packed], "set_bounds": set_bounds,
+            "sets_at_or_above_theta": len(failed), "rounds": max(rounds, 1)}
+
+
 def search_ranking(lens, samples: Sequence[ConflictSample], batch_size: int = 8, chunk: int = 16, dataset=None,
                    threshold: float = DEFAULT_THRESHOLD, cover_top: float | None = 0.05,
                    branching: int = DEFAULT_BRANCHING, screens: int = DEFAULT_SCREENS,
@@ -423,34 +504,12 @@ def search_ranking(lens, samples: Sequence[ConflictSample], batch_size: int = 8,
     if prior is not None:
         k = prior_heads if prior_heads is not None else len(top_g(torch.zeros(L, H), cover_top or 0.05))
         first = [(x["layer"], x["head"]) for x in prior.ranking()[:k]]
-    plan = batch_plan(samples, batch_size)
-    order = [samples[i] for b in plan for i in b]
-    targets = [s.target for s in order]
-    share = {"cost": 0.0}
-
-    def measure(sets: list[list[Head]]) -> torch.Tensor:
-        settings = head_set_settings(sets, 0.0)
-
-        def part_results(part):
-            drops = []
-            bar = progress_bar(batches(lens, part, batch_size, dataset),
-                               f"head search: {len(sets)} head sets, batches", total=len(batch_plan(part, batch_size)),
-                               progress=progress)
-            for item in bar:
-                res = sweep(lens, item.batch.inputs, settings, metric_pi_and_margin(item.ids_p, item.ids_c),
-                            chunk=chunk, memory_budget=memory_budget)
-                share["chunk"] = res.chunk
-                drops.append((res.baseline[:, 1][None] - res.values[:, :, 1]).T.float())   # [b, sets]
-            return torch.cat(drops)
-        out = per_sample(part_results, order, batch_size)
-        share["cost"] += layer_share([s.first_layer for s in settings], share.get("chunk") or chunk, L)
-        return out
-
+    measure, targets, share = set_measure(lens, samples, batch_size, chunk, dataset, memory_budget, progress)
     gs = GroupSearch(heads, targets, measure, threshold, cover_top, (L, H), branching, screens, first, seed,
                      bound=bound, guard=guard)
     gs.run()
     summ = gs.summary()
-    per = torch.full((len(order), L, H), float("nan"))
+    per = torch.full((len(targets), L, H), float("nan"))
     for (layer, h), d in gs.drops.items():
         per[:, layer, h] = d
     score, by = target_average(per, targets)
