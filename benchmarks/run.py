@@ -496,9 +496,15 @@ def bench_forwards(tm, inputs, cfg) -> dict[str, Any]:
     _forward(eager, small)
     _forward(tm.model, inputs)
     _section(f"{len(fns)} paths round-robin, {cfg['repeats']} rounds")
-    timed = _median_times(fns, cfg["repeats"], warmup=0)
-    out = {name: t for name, (t, _) in timed.items()}
-    out.update(_agreement(tm, inputs, {name: v for name, (_, v) in timed.items()}))
+    # one torch thread: this process's CPU time (steadier on a shared machine than wall time)
+    single = torch.get_num_threads() == 1 and not torch.cuda.is_available()
+    times, last = _round_robin(fns, cfg["repeats"], warmup=0, clock=time.process_time if single else time.perf_counter)
+    out = {name: statistics.median(t) for name, t in times.items()}
+    out["forwards_clock"] = "process CPU time" if single else "wall time"
+    for key, name in (("record", "record_s"), ("knockout", "knockout_s"), ("probe", "probe_s")):
+        # each round's time over the plain forward of the same round: drift between rounds cancels
+        out[f"{key}_overhead_paired"] = statistics.median(t / p for t, p in zip(times[name], times["plain_forward_s"]))
+    out.update(_agreement(tm, inputs, last))
     return out
 
 
@@ -568,6 +574,8 @@ def bench_sweep(tm, cfg) -> dict[str, Any]:
             "sweep_layer_forward_ratio": len(heads) * n_layers / sweep_layer_forwards,
             "sweep_s": sweep_s * scale, "naive_loop_s": naive_s * scale, "nnsight_loop_s": nn_s * scale,
             "sweep_speedup": naive_s / sweep_s, "nnsight_sweep_speedup": nn_s / sweep_s,
+            # the speedup over what replaying prefixes alone allows (layer-forwards of the loop / of the sweep)
+            "sweep_efficiency": (naive_s / sweep_s) / (len(heads) * n_layers / sweep_layer_forwards),
             "sweep_batching_gain_8": 8 * tiles["one"][0] / tiles["tiled"][0],
             "nnsight_sweep_heads_timed": len(heads),
             "sweep_max_abs_diff": float((res.values - naive_vals).abs().max()),
@@ -985,6 +993,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep-samples", type=int, help="samples in the sweep batch (default 1; quick: 2)")
     ap.add_argument("--sweep-heads-per-layer", type=int,
                     help="heads per layer timed in the sweep section (default 1; all heads: no scaling)")
+    ap.add_argument("--repeats", type=int, help="rounds of the forwards section (default 5; fixed: 6x this)")
     ap.add_argument("--only", help=f"comma-separated sections to run (default all): {', '.join(SECTIONS)}")
     ap.add_argument("--stream-child", nargs=3, metavar=("N", "DATA", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -995,7 +1004,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
     r = run(quick=args.quick, only=only, sweep_samples=args.sweep_samples,
-            sweep_heads_per_layer=args.sweep_heads_per_layer)
+            sweep_heads_per_layer=args.sweep_heads_per_layer, repeats=args.repeats)
     print(format_table(r))
     if args.json:
         args.json.write_text(json.dumps(r, indent=2) + "\n")
