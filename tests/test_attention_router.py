@@ -201,3 +201,22 @@ def test_a_mask_edited_in_place_and_returned_is_an_edit():
             in_place = logits(tm.model, inputs)
     assert (knocked[:, -1] - plain[:, -1]).abs().max() > 1e-4
     torch.testing.assert_close(in_place, knocked, atol=1e-6, rtol=0)
+
+
+def test_knockout_edges_built_once_per_forward_equal_edges_built_per_layer(monkeypatch):
+    """A knockout's kept edges are built once per forward when small and per layer when large: both give the same
+    logits (row-sliced image -> last, whole-layer image -> text), bit for bit."""
+    from arbiter.probes.knockout import Knockout
+    tm = tiny("llava")
+    inputs = inputs_for(tm, n=2)
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        runs = []
+        for limit in (Knockout.KEEP_ELEMENTS, 0):
+            monkeypatch.setattr(Knockout, "KEEP_ELEMENTS", limit)
+            with lens.knockout("image", "last"):
+                last = logits(tm.model, inputs)
+            with lens.knockout("image", "text"):
+                text = logits(tm.model, inputs)
+            runs.append((last, text))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert not torch.equal(runs[0][0], runs[0][1])
