@@ -99,16 +99,18 @@ class _Runtime:
                                for key, lst in table.items()} for prefill in (False, True))
         self._plans = {}
 
-    def attention_plan(self, unit: str, layer: int) -> tuple[dict, dict, bool] | None:
-        """(site names, which sites have probes, whether scores / probs are edited) of a routed attention call at
-        the current step, None where no probe is on it; built once per probe set."""
+    def attention_plan(self, unit: str, layer: int) -> tuple[dict, dict, bool, tuple] | None:
+        """(site names, which sites have probes, whether scores / probs are edited, the row specs of the score /
+        probability probes) of a routed attention call at the current step, None where no probe is on it; built
+        once per probe set."""
         key = (unit, layer, self.step == 0)
         if key not in self._plans:
             site = _UNIT_SITES[unit]
             has = {s: bool(self.entries(name, layer)) for s, name in site.items()}
-            eager = any(a.specs[site[s]][0] == "edit" for s in ("scores", "probs")
-                        for a in self.entries(site[s], layer))
-            self._plans[key] = (site, has, eager) if any(has.values()) else None
+            on_rows = [a.specs[site[s]] for s in ("scores", "probs") for a in self.entries(site[s], layer)]
+            eager = any(mode == "edit" for mode, _ in on_rows)
+            reads = tuple(spec if isinstance(spec, (str, int)) else tuple(spec) for _, spec in on_rows)
+            self._plans[key] = (site, has, eager, reads) if any(has.values()) else None
         return self._plans[key]
 
     def entries(self, site: str, layer: int | None) -> list[_Active]:
@@ -282,7 +284,7 @@ class _Runtime:
         plan = self.attention_plan(unit, layer)
         if plan is None:
             return base(module, query, key, value, attention_mask, **kwargs)
-        site, has, eager = plan
+        site, has, eager, reads = plan
         lf = self.lens.facts.layers[layer]
         cross = lf.cross or unit == "xattn"
         b, _, q_len, _ = query.shape
@@ -333,8 +335,8 @@ class _Runtime:
             # rows are read before the kernel runs, while the layer's keys are still in the cache (measured on a
             # CPU, hidden 64, 624 tokens: 0.36 ms per layer before the kernel, 0.70 after it)
             if has["scores"] or has["probs"]:
-                self.read_rows(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, empty,
-                               attention_mask)
+                self.read_rows(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, reads,
+                               empty, attention_mask)
             if edited:
                 out = attn_fn.masked_attention(kind, base, module, query, key, value, mask_b, mask_f, kwargs)
             else:
@@ -432,12 +434,10 @@ class _Runtime:
         return (out[0].index_copy(1, rows_d, o) if out[0].requires_grad else out[0].index_copy_(1, rows_d, o)), \
             weights
 
-    def _rows_union(self, layer, q_pos, site, device) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+    def _rows_union(self, q_pos, specs: tuple, device) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
         """(positions, indices among ``q_pos`` on ``device``, (start, stop) when the indices are consecutive) of the
-        rows the layer's score / probability readers ask for. The same union recurs in every layer of a forward: built once (the entry holds ``q_pos``, a tensor
-        the forward shares, so its id cannot be another tensor's)."""
-        specs = tuple(a.specs[site[s]][1] for s in ("scores", "probs") for a in self.entries(site[s], layer))
-
+        rows asked for by ``specs`` (the row specs of a layer's score / probability readers). The same union recurs
+        in every layer of a forward: built once per forward."""
         def build():
             if any(isinstance(s, str) and s == "all" for s in specs):
                 rows = q_pos
@@ -450,8 +450,7 @@ class _Runtime:
             first = int(idx[0]) if len(idx) else 0
             span = (first, first + len(idx)) if len(idx) and int(idx[-1]) - first == len(idx) - 1 else None
             return rows, self.to_device(idx, device), span
-        return self.per_forward("rows_union", (q_pos,), build,
-                                tuple(s if isinstance(s, (str, int)) else tuple(s) for s in specs), str(device))
+        return self.per_forward("rows_union", (q_pos,), build, specs, device)
 
     def read_masks(self, module, attention_mask, kwargs, b, q_pos, k_pos, rows, idx, cross, dtype, device):
         """(bool, float values or None, additive) masks of the rows at positions ``rows`` (``idx`` among the call's)
@@ -469,13 +468,13 @@ class _Runtime:
         # rows, q_pos and k_pos are tensors this forward shares; the mask object is the model's for this forward
         return self.per_forward("read_masks", (attention_mask, q_pos, k_pos, rows), build, kwargs.get("is_causal"),
                                 getattr(module, "is_causal", True), kwargs.get("sliding_window"), cross, b, dtype,
-                                str(device))
+                                device)
 
-    def read_rows(self, layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, empty=None,
-                  attention_mask=None):
-        """Hand the requested rows' scores / probabilities to the layer's readers; ``mask_b`` None: the model's
-        own mask, unedited (read from ``attention_mask``)."""
-        rows, idx, span = self._rows_union(layer, q_pos, site, query.device)
+    def read_rows(self, layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, reads,
+                  empty=None, attention_mask=None):
+        """Hand the requested rows' scores / probabilities to the layer's readers (``reads``: their row specs);
+        ``mask_b`` None: the model's own mask, unedited (read from ``attention_mask``)."""
+        rows, idx, span = self._rows_union(q_pos, reads, query.device)
         if rows.shape[0] == 0:
             return
         if mask_b is None:
@@ -494,7 +493,8 @@ class _Runtime:
                 scores = scores.masked_fill(cut, torch.finfo(scores.dtype).min)
             self.run_site(site["scores"], layer, scores, 2, rows, **kw)
         if self.entries(site["probs"], layer):
-            rkw = kwargs if rows.shape[0] == q_pos.shape[0] else attn_fn.row_kwargs(kwargs, idx, q_pos.shape[0], key.shape[2])
+            rkw = kwargs if rows.shape[0] == q_pos.shape[0] else \
+                attn_fn.row_kwargs(kwargs, idx, q_pos.shape[0], key.shape[2])
             if rkw is None:
                 raise SiteError(f"layer {layer}: {type(module).__name__}'s attention receives per-query tensors "
                                 f"({', '.join(attn_fn.score_terms(kwargs))}) arbiter cannot cut to the requested "
