@@ -351,9 +351,13 @@ class _Runtime:
         """The attn.mask editors' mask for the rows at ``q_pos``: (mask, edited, empty). A self-attention row left
         with no key keeps its own position (never NaN); a cross-attention row left with none is marked in
         ``empty`` [b, h|1, rows] (its output is zeroed) and keeps every key meanwhile."""
-        before, version = mask_b, mask_b._version   # an editor may also write into the mask it is handed
+        # an editor may also write into the mask it is handed: the tensor's version counter says so, or (inference
+        # tensors keep none) a comparison with a copy taken before
+        before, version = mask_b, _version(mask_b)
+        snapshot = mask_b.clone() if version is None else None
         mask_b = self.run_site(site["mask"], layer, mask_b, 2, q_pos, **kw)
-        if mask_b is before and mask_b._version == version:
+        if mask_b is before and (_version(mask_b) == version if version is not None
+                                 else torch.equal(mask_b, snapshot)):
             return mask_b, False, None
         if mask_b.shape != before.shape:
             mask_b = mask_b.expand(torch.broadcast_shapes(mask_b.shape, before.shape))
@@ -1165,6 +1169,11 @@ class Lens:
     def __repr__(self) -> str:
         return (f"Lens({type(self.model).__name__}, family={self.facts.family}, layers={self.facts.n_layers}, "
                 f"attached={self._entered})")
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter; None for inference tensors (``torch.inference_mode``), which keep none."""
+    return None if t.is_inference() else t._version
 
 
 def _seq_dim(x: torch.Tensor, rt: _Runtime) -> int:

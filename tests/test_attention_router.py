@@ -220,3 +220,30 @@ def test_knockout_edges_built_once_per_forward_equal_edges_built_per_layer(monke
             runs.append((last, text))
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     assert not torch.equal(runs[0][0], runs[0][1])
+
+
+def test_knockouts_and_reads_run_under_inference_mode():
+    """torch.inference_mode() tensors keep no version counter: a knockout (row-sliced and whole-layer), an in-place
+    mask edit and a row read there give what they give under no_grad, bit for bit; a knockout that severs nothing
+    leaves the logits bit-identical."""
+    tm = tiny("llava")
+    inputs = inputs_for(tm, n=2)
+
+    def run(grad_mode):
+        out = []
+        with arbiter.attach(tm.model, tm.processor) as lens:
+            for make in (lambda: lens.knockout("image", "last"), lambda: lens.knockout("image", "text"),
+                         lambda: lens.probe(_InPlaceMaskEdit()), lambda: lens.record("attn.probs", rows="last")):
+                with grad_mode(), make() as p:
+                    out.append(tm.model(**inputs).logits.clone())
+                    if hasattr(p, "trace"):
+                        out.append(p.trace["L0.attn.probs"].clone())
+            with grad_mode(), lens.knockout("image", "last", batch_rows=[]):
+                out.append(tm.model(**inputs).logits.clone())
+        return out
+
+    with torch.no_grad():
+        plain = tm.model(**inputs).logits
+    ref, inf = run(torch.no_grad), run(torch.inference_mode)
+    assert all(torch.equal(a, b) for a, b in zip(ref, inf))
+    assert torch.equal(inf[-1], plain)
