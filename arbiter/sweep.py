@@ -34,6 +34,19 @@ class Setting:
 
 
 @dataclass
+class CleanRun:
+    """A sweep's clean run of one batch: its logits, every decoder layer's output and the encoders' outputs (what
+    the settings replay), the peak memory the forward added and the memory these outputs hold, in bytes. Pass it
+    back to :func:`sweep` on the same inputs (``clean=``) to skip the clean forward: the same tensors are replayed."""
+
+    logits: torch.Tensor
+    layers: dict
+    encoders: dict
+    peak_bytes: int
+    held_bytes: int
+
+
+@dataclass
 class SweepResult:
     """``values[i]`` is the metric under setting i ([samples, ...]); ``baseline`` the metric without any."""
 
@@ -46,6 +59,8 @@ class SweepResult:
     memory_budget: int | None = None         # bytes the chunks were sized for (None: not sized)
     clean_peak_bytes: int | None = None      # peak memory one clean forward of the batch added
     clean_held_bytes: int | None = None      # memory held while the chunks run (clean outputs, results)
+    clean: CleanRun | None = field(default=None, repr=False)   # the clean run (keep_clean=True), for reuse
+    clean_reused: bool = False               # the clean run was passed in (no clean forward ran)
 
     def effects(self, reduce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Per setting effect: ``reduce(values[i], baseline)`` (default: mean over samples of the metric change)."""
@@ -101,7 +116,8 @@ def _clean_outputs(lens, inputs: dict, last_only: bool = True
 
 def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = last_token_logits,
           chunk: int = 16, reuse_prefix: bool = True, progress: bool = False, last_only: bool = True,
-          memory_budget: int | str | None = None) -> SweepResult:
+          memory_budget: int | str | None = None, clean: CleanRun | None = None,
+          keep_clean: bool = False) -> SweepResult:
     """Evaluate ``settings`` on ``inputs`` (a batch of b samples): up to ``chunk`` settings per forward, each
     setting on its own copy of the b rows. Equals a loop of separate forwards to float rounding.
 
@@ -110,7 +126,10 @@ def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = la
     :func:`arbiter.memory.measure`), so that the sweep stays within ``memory_budget`` (bytes or a size such as
     "8GiB"; default: ``$ARBITER_MEMORY_BUDGET``, else half the memory free on the model's device).
     ``last_only`` (default): the metric sees logits of the last position only ([rows, 1, vocab]), so the
-    unembedding runs on one row; pass False for a metric that reads other positions."""
+    unembedding runs on one row; pass False for a metric that reads other positions. ``clean``: the
+    :class:`CleanRun` of an earlier sweep on these same inputs (same ``last_only``), replayed instead of running the
+    clean forward again; ``keep_clean``: return this sweep's clean run in ``result.clean`` (it holds every layer's
+    output as long as the result lives)."""
     from . import memory
 
     if not settings:
@@ -119,7 +138,12 @@ def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = la
     inputs = {k: v for k, v in inputs.items() if k != "labels"}  # no loss: logits only
     device = next(lens.model.parameters()).device
     budget = memory.budget_bytes(device, memory_budget)
-    peak, held, (logits, outs, enc) = memory.measure(lambda: _clean_outputs(lens, inputs, last_only), device)
+    if clean is None:
+        peak, held, (logits, outs, enc) = memory.measure(lambda: _clean_outputs(lens, inputs, last_only), device)
+        run = CleanRun(logits, outs, enc, peak, held)
+    else:
+        run = clean
+        logits, outs, enc, peak, held = clean.logits, clean.layers, clean.encoders, clean.peak_bytes, clean.held_bytes
     baseline = metric(logits)
     # held while the chunks run: the clean outputs (replayed) and the metric values gathered so far
     held += baseline.numel() * baseline.element_size() * len(settings)
@@ -162,7 +186,8 @@ def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = la
         for j, i in enumerate(idx):
             values[i] = out[j * b:(j + 1) * b].clone()   # not a view holding the chunk's whole output
         del big, out   # released before the next chunk's copies are made
-    return SweepResult(list(settings), torch.stack(values), baseline, forwards, skipped, chunk, budget, peak, held)
+    return SweepResult(list(settings), torch.stack(values), baseline, forwards, skipped, chunk, budget, peak, held,
+                       run if keep_clean else None, clean is not None)
 
 
 def head_settings(lens, heads: Sequence[tuple[int, int]] | None = None, alpha: float = 0.0) -> list[Setting]:

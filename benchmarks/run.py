@@ -842,7 +842,7 @@ def _head_search_one(name: str, n: int) -> dict[str, Any]:
 def bench_head_search(cfg) -> dict[str, Any]:
     """The head search (docs/methods/head-search.md) against the exhaustive single-head sweep on each shipped
     organism of HEAD_SEARCH_ORGANISMS that is present, same samples, same process: forward-equivalents per batch
-    (blocked sets + one clean forward per round, against L·H + 1), the wall-time speed-up, and whether the heads
+    (blocked sets + the clean forwards run, against L·H + 1), the wall-time speed-up, and whether the heads
     above the cutoff, their order and TopG agree. Top-level ``head_search_*`` keys: the first organism present."""
     from arbiter.organisms import available
 

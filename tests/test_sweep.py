@@ -78,3 +78,26 @@ def test_head_sweep_replays_encoders_and_equals_naive_loop(family):
     assert max(calls.values(), default=0) == (1 if inner else 0)
     # IDEFICS runs its vision tower inside the decoder module: no sibling encoder to replay (still exact above)
     assert bool(inner) == (family not in ("llama", "idefics"))
+
+
+def test_a_sweep_given_an_earlier_clean_run_skips_its_clean_forward_and_equals_a_fresh_sweep():
+    """sweep(clean=...) replays the clean run of an earlier sweep on the same inputs: values and baseline bit for bit
+    those of a fresh sweep, one model forward fewer (counted by a hook on the model)."""
+    from arbiter.sweep import head_settings, sweep
+    tm = _tiny("llava")
+    inputs = inputs_for(tm, n=2)
+    calls = []
+    handle = tm.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with arbiter.attach(tm.model, tm.processor) as lens:
+            settings = head_settings(lens, [(0, 1), (1, 2), (1, 3)])
+            first = sweep(lens, inputs, settings, chunk=2, keep_clean=True)
+            n_fresh = len(calls)
+            fresh = sweep(lens, inputs, settings, chunk=2)
+            calls.clear()
+            again = sweep(lens, inputs, settings, chunk=2, clean=first.clean)
+    finally:
+        handle.remove()
+    assert first.clean is not None and fresh.clean is None and not first.clean_reused and again.clean_reused
+    assert len(calls) == n_fresh - 1 == fresh.forwards
+    assert torch.equal(again.values, fresh.values) and torch.equal(again.baseline, fresh.baseline)

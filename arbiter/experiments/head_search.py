@@ -14,7 +14,7 @@ from ..data import ConflictSample
 from ..errors import InterventionError
 from ..metrics import top_g
 from ..progress import progress_bar
-from ..sweep import sweep
+from ..sweep import CleanRun, sweep
 from ..util import jsonable
 from .common import batch_plan, batches, metric_pi_and_margin, per_sample, require_conflicts
 from .heads import HeadRanking, head_set_settings, target_average
@@ -61,6 +61,7 @@ class SearchRanking(HeadRanking):
     above: list = field(default_factory=list)
     untested_bound: float | None = None
     measured: int = 0
+    clean_forwards: int = 0
     n_heads: int = 0
     exhaustive_cost: float | None = None
     layer_share_cost: float | None = None
@@ -84,6 +85,7 @@ class SearchRanking(HeadRanking):
             "threshold": self.threshold, "cover_top": self.cover_top, "cutoff": self.cutoff,
             "above": [{"layer": h[0], "head": h[1], "score": s} for h, s in self.above],
             "untested_bound": self.untested_bound, "measured": self.measured, "n_heads": self.n_heads,
+            "clean_forwards": self.clean_forwards,
             "forward_equivalents": self.cost_forward_equivalents,
             "exhaustive_forward_equivalents": self.exhaustive_cost,
             "cost_ratio": (self.cost_forward_equivalents / self.exhaustive_cost
@@ -164,8 +166,8 @@ class GroupSearch:
       head above θ, is not: more screens shrink that case).
 
     Cost in forward-equivalents per batch, as :func:`~arbiter.experiments.heads.exhaustive_ranking` counts its
-    L·H + 1: one per blocked set, one per round for the clean forward the sweep runs; replayed prefixes are not
-    discounted (the layer-share cost, which discounts them for both methods alike, is reported beside it)."""
+    L·H + 1: one per blocked set, one per clean forward run (each batch's clean run is kept across rounds while
+    half the memory budget holds it, so it runs once); replayed prefixes are not discounted (the layer-share cost, which discounts them for both methods alike, is reported beside it)."""
 
     def __init__(self, heads: Sequence[Head], targets: Sequence[str], measure: Callable[[list], torch.Tensor],
                  threshold: float = DEFAULT_THRESHOLD, cover_top: float | None = 0.05,
@@ -385,11 +387,12 @@ class GroupSearch:
                 "rounds": self.rounds}
 
 
-def layer_share(first_layers: Sequence[int], chunk: int, n_layers: int) -> float:
+def layer_share(first_layers: Sequence[int], chunk: int, n_layers: int, clean: bool = True) -> float:
     """Forward-equivalents of one sweep with replayed prefixes: settings sorted by first layer in chunks of
-    ``chunk``; each setting recomputes the layers from its chunk's first intervened layer; plus the clean forward."""
+    ``chunk``; each setting recomputes the layers from its chunk's first intervened layer; plus the clean forward
+    (``clean``: when it ran)."""
     order = sorted(first_layers)
-    cost = 1.0
+    cost = 1.0 if clean else 0.0
     for i in range(0, len(order), max(1, chunk)):
         part = order[i:i + chunk]
         cost += len(part) * (n_layers - part[0]) / n_layers
@@ -401,28 +404,49 @@ def set_measure(lens, samples: Sequence[ConflictSample], batch_size: int = 8, ch
                 ) -> tuple[Callable[[list], torch.Tensor], list[str], dict]:
     """(measure, targets, share): ``measure(sets)`` blocks each head set of ``sets`` jointly (one sweep setting per
     set, batched, prefix replay) and returns the per-sample drops of the final MAM [samples, sets], samples in the
-    order of ``targets``; ``share["cost"]`` accumulates the layer-share cost of the sweeps run."""
+    order of ``targets``; ``share["cost"]`` accumulates the layer-share cost of the sweeps run, ``share["cleans"]``
+    the calls that ran a clean forward.
+
+    Each batch's clean run is kept for the next call (the same inputs: the same outputs to replay) while the kept
+    runs take at most half the memory budget; the sweeps get the budget less what is kept. A batch whose run is not
+    kept runs its clean forward again."""
+    from .. import memory
+
     L = lens.facts.n_layers
     plan = batch_plan(samples, batch_size)
     order = [samples[i] for b in plan for i in b]
-    share = {"cost": 0.0}
+    share = {"cost": 0.0, "cleans": 0}
+    device = next(lens.model.parameters()).device
+    budget = memory.budget_bytes(device, memory_budget)
+    kept: dict[tuple, CleanRun] = {}     # batch (its samples) -> its clean run
 
     def measure(sets: list[list[Head]]) -> torch.Tensor:
         settings = head_set_settings(sets, 0.0)
+        ran = {"clean": False}
 
         def part_results(part):
             drops = []
             bar = progress_bar(batches(lens, part, batch_size, dataset),
                                f"head search: {len(sets)} head sets, batches", total=len(batch_plan(part, batch_size)),
                                progress=progress)
-            for item in bar:
+            for idx, item in zip(batch_plan(part, batch_size), bar):
+                key = tuple(id(part[i]) for i in idx)   # the samples outlive the search: their ids stay theirs
+                others = sum(run.held_bytes for k, run in kept.items() if k != key)
                 res = sweep(lens, item.batch.inputs, settings, metric_pi_and_margin(item.ids_p, item.ids_c),
-                            chunk=chunk, memory_budget=memory_budget)
+                            chunk=chunk, memory_budget=None if budget is None else max(budget - others, 0),
+                            clean=kept.get(key), keep_clean=True)
+                ran["clean"] |= not res.clean_reused
+                if budget is None or others + res.clean.held_bytes <= budget // 2:
+                    kept[key] = res.clean
+                else:
+                    kept.pop(key, None)
                 share["chunk"] = res.chunk
                 drops.append((res.baseline[:, 1][None] - res.values[:, :, 1]).T.float())   # [b, sets]
             return torch.cat(drops)
         out = per_sample(part_results, order, batch_size)
-        share["cost"] += layer_share([s.first_layer for s in settings], share.get("chunk") or chunk, L)
+        share["cost"] += layer_share([s.first_layer for s in settings], share.get("chunk") or chunk, L,
+                                     clean=ran["clean"])
+        share["cleans"] += int(ran["clean"])
         return out
     return measure, [s.target for s in order], share
 
@@ -435,8 +459,8 @@ def certification_floor(lens, samples: Sequence[ConflictSample], exhaustive: Hea
     oracle; our reference measure for the search's cost, docs/methods/head-search.md): the heads at or above θ
     blocked alone, every other head packed (first-fit, largest bound first) into sets whose summed single-head bounds
     U({h}) stay below θ, each set blocked once; a set that comes out at or above θ (its heads interact) is then
-    blocked head by head. Forward-equivalents counted as the search counts them (one per blocked set, one clean
-    forward per round). No search can certify the same answer under the same bound rule for less than the packing
+    blocked head by head. Forward-equivalents counted as the search counts them (one per blocked set, one per clean
+    forward: one here). No search can certify the same answer under the same bound rule for less than the packing
     such knowledge allows, so this is the floor to compare the search's cost with, not the exhaustive L·H + 1
     alone. ``exhaustive``: :func:`~arbiter.experiments.heads.exhaustive_ranking` on the same samples and batches."""
     samples = require_conflicts(samples, "certification_floor()")
@@ -470,7 +494,8 @@ def certification_floor(lens, samples: Sequence[ConflictSample], exhaustive: Hea
         failed = [s for s, u in zip(packed, set_bounds) if len(s) > 1 and u >= theta]
     singles = [h for s in failed for h in s]
     rounds += 1 if singles else 0
-    cost = len(above) + len(packed) + len(singles) + max(rounds, 1)   # the above heads' singles: in round one
+    # the above heads' singles run beside the packed sets; one clean forward (kept for the split round)
+    cost = len(above) + len(packed) + len(singles) + 1
     return {"forward_equivalents": float(cost), "exhaustive_forward_equivalents": float(len(heads) + 1),
             "ratio": cost / (len(heads) + 1), "theta": theta, "above": [list(h) for h in above],
             "packed_sets": len(packed), "sets": [[list(h) for h in s] for s in packed], "set_bounds": set_bounds,
@@ -517,13 +542,13 @@ def search_ranking(lens, samples: Sequence[ConflictSample], batch_size: int = 8,
     for (layer, h), v in gs.bounds().items():
         bounds[layer, h] = v
     n_sets = sum(r["sets"] for r in gs.rounds)
-    cost = float(n_sets + len(gs.rounds))
+    cost = float(n_sets + share["cleans"])
     prior_cost = float(prior.cost_forward_equivalents or 0.0) if prior is not None else 0.0
     ex_share = layer_share([layer for layer, _ in heads], share.get("chunk") or chunk, L)
     guard = dict(summ["guard"], prior=(prior.method if prior is not None else None), prior_cost=prior_cost)
     return SearchRanking(
         "search", score, by, cost + prior_cost, per, targets, threshold=threshold, cover_top=cover_top,
         cutoff=summ["theta"], bounds=bounds, above=summ["above"], untested_bound=summ["untested_bound"],
-        measured=len(gs.score), n_heads=len(heads), exhaustive_cost=float(len(heads) + 1),
+        measured=len(gs.score), clean_forwards=share["cleans"], n_heads=len(heads), exhaustive_cost=float(len(heads) + 1),
         layer_share_cost=share["cost"] + prior_cost, exhaustive_layer_share_cost=ex_share, rounds=summ["rounds"],
         guard=guard)
