@@ -805,7 +805,7 @@ HEAD_SEARCH_ORGANISMS = ("llava_chat", "llava_tiny", "qwen2vl_tiny", "llava_tiny
 
 def _head_search_one(name: str, n: int) -> dict[str, Any]:
     """Exhaustive sweep, then the head search, on the first ``n`` conflict samples of organism ``name``."""
-    from arbiter.experiments.head_search import certification_floor, search_ranking
+    from arbiter.experiments.head_search import oracle_packing, search_ranking
     from arbiter.experiments.heads import exhaustive_ranking
     from arbiter.organisms import load
 
@@ -819,7 +819,7 @@ def _head_search_one(name: str, n: int) -> dict[str, Any]:
         start = time.perf_counter()
         se = search_ranking(lens, samples, batch_size=8, dataset=ds, progress=False)
         se_s = time.perf_counter() - start
-        floor = certification_floor(lens, samples, ex, batch_size=8, dataset=ds, progress=False)
+        floor = oracle_packing(lens, samples, ex, batch_size=8, dataset=ds, progress=False)
     ranked = ex.ranking()
     theta = min(se.threshold * ranked[0]["score"], ranked[len(ex.top()) - 1]["score"])
     above_ex = [(x["layer"], x["head"]) for x in ranked if x["score"] >= theta]
@@ -925,7 +925,7 @@ def format_table(r: dict[str, Any]) -> str:
     for o in r.get("head_search_by_organism") or []:
         label = f"head search, {o['organism']} ({o['heads']} heads, {o['samples']} samples)"
         lines.append(f"{label:<50} {o['s']:9.3f} {o['speedup']:8.2f}  (speedup; {o['forward_equivalents']:.0f} vs "
-                     f"{o['exhaustive_forward_equivalents']:.0f} forward-equivalents, oracle floor "
+                     f"{o['exhaustive_forward_equivalents']:.0f} forward-equivalents, oracle packing "
                      f"{o['oracle_forward_equivalents']:.0f}; above / TopG equal: "
                      f"{o['above_equal']} / {o['topg_equal']})")
     return "\n".join(lines)

@@ -12,7 +12,7 @@ import arbiter
 from arbiter.data import generate_synthetic
 from arbiter.errors import DataError, InterventionError
 from arbiter.experiments.common import batches, metric_pi_and_margin
-from arbiter.experiments.head_search import certification_floor, screen_partitions, search_ranking, split_parts
+from arbiter.experiments.head_search import oracle_packing, screen_partitions, search_ranking, split_parts
 from arbiter.experiments.heads import exhaustive_ranking
 from arbiter.testing.tiny import tiny
 
@@ -243,15 +243,15 @@ def test_diagnose_runs_the_search_as_reference_and_reports_both_costs(synth, tmp
     assert "Cost in forward-equivalents per batch: exhaustive sweep 17; search" in text
 
 
-def test_certification_floor_packs_below_the_cutoff_and_counts_what_it_blocks(synth):
-    """The oracle floor: the exhaustive heads >= θ alone, the rest in packed sets; each set's bound equals the one
+def test_oracle_packing_packs_below_the_cutoff_and_counts_what_it_blocks(synth):
+    """The oracle packing: the exhaustive heads >= θ alone, the rest in packed sets; each set's bound equals the one
     an ordinary forward with the set blocked by a plain probe gives; sets below θ need no more; the count is
     above + sets + singles of sets >= θ + one clean forward, never above the exhaustive L·H + 1."""
     tm = _tiny("llava")
     samples = [s for s in synth.samples if s.conflict]
     with arbiter.attach(tm.model, tm.processor) as lens:
         ex = exhaustive_ranking(lens, samples, batch_size=4, dataset=synth, progress=False)
-        floor = certification_floor(lens, samples, ex, batch_size=4, dataset=synth, progress=False)
+        floor = oracle_packing(lens, samples, ex, batch_size=4, dataset=synth, progress=False)
         direct = [_set_bound(lens, samples, synth, [tuple(h) for h in s]) for s in floor["sets"]]
     scores = [x["score"] for x in ex.ranking()]
     theta = min(0.25 * scores[0], scores[len(ex.top()) - 1])

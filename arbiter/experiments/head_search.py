@@ -451,22 +451,23 @@ def set_measure(lens, samples: Sequence[ConflictSample], batch_size: int = 8, ch
     return measure, [s.target for s in order], share
 
 
-def certification_floor(lens, samples: Sequence[ConflictSample], exhaustive: HeadRanking, batch_size: int = 8,
-                        chunk: int = 16, dataset=None, threshold: float = DEFAULT_THRESHOLD,
-                        cover_top: float | None = 0.05, bound: str = "sample", memory_budget: int | str | None = None,
-                        progress: bool = True) -> dict:
-    """What certifying the search's answer costs a method that already knows every head's exhaustive effect (an
-    oracle; our reference measure for the search's cost, docs/methods/head-search.md): the heads at or above θ
+def oracle_packing(lens, samples: Sequence[ConflictSample], exhaustive: HeadRanking, batch_size: int = 8,
+                   chunk: int = 16, dataset=None, threshold: float = DEFAULT_THRESHOLD,
+                   cover_top: float | None = 0.05, bound: str = "sample", memory_budget: int | str | None = None,
+                   progress: bool = True) -> dict:
+    """What certifying the search's answer costs a method that already knows every head's exhaustive effect and packs
+    by it (our reference measure for the search's cost, docs/methods/head-search.md): the heads at or above θ
     blocked alone, every other head packed (first-fit, largest bound first) into sets whose summed single-head bounds
     U({h}) stay below θ, each set blocked once; a set that comes out at or above θ (its heads interact) is then
     blocked head by head. Forward-equivalents counted as the search counts them (one per blocked set, one per clean
-    forward: one here). No search can certify the same answer under the same bound rule for less than the packing
-    such knowledge allows, so this is the floor to compare the search's cost with, not the exhaustive L·H + 1
-    alone. ``exhaustive``: :func:`~arbiter.experiments.heads.exhaustive_ranking` on the same samples and batches."""
-    samples = require_conflicts(samples, "certification_floor()")
+    forward: one here). A reference, not a lower bound: where heads' joint effects are smaller than the sum of their
+    single effects (they partly offset, per sample), larger sets stay below θ and a search may certify with fewer
+    (seen: llava_tiny_s0 on 8 samples, 15 against 20). ``exhaustive``:
+    :func:`~arbiter.experiments.heads.exhaustive_ranking` on the same samples and batches."""
+    samples = require_conflicts(samples, "oracle_packing()")
     measure, targets, _ = set_measure(lens, samples, batch_size, chunk, dataset, memory_budget, progress)
     if exhaustive.per_sample is None or list(exhaustive.targets or []) != targets:
-        raise InterventionError("certification_floor() needs the exhaustive ranking of the same samples in the same "
+        raise InterventionError("oracle_packing() needs the exhaustive ranking of the same samples in the same "
                                 "batches (per-sample drops); run exhaustive_ranking() with the same batch_size.")
     facts = lens.facts
     heads = [(layer, h) for layer in facts.attention_layers for h in range(facts.heads(layer)[0])]
