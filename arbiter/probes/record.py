@@ -27,7 +27,13 @@ class Recorder(Probe):
     Tensor names are ``L{layer}.{site}`` (global sites: ``embed``, ``logits``); a second forward call (a decode
     step, another batch) adds ``@{call}``: ``L3.attn.probs@1``. ``rows.{site}@{call}`` holds the absolute
     positions of the recorded rows and ``rowmask.{site}@{call}`` which sample each row belongs to.
-    ``heads`` keeps only those query heads (KV heads ``h // group`` for keys and values)."""
+    ``heads`` keeps only those query heads (KV heads ``h // group`` for keys and values).
+
+    On an accelerator the recorded tensors stay on the device while the model runs and move to the host at the
+    start of the next forward or when the trace is read, so recording makes the host wait on the device once per
+    forward at most, not once per layer; beyond ``DEVICE_HOLD_BYTES`` held there, they move at once (bounded memory)."""
+
+    DEVICE_HOLD_BYTES = 1 << 28   # recorded bytes kept on an accelerator during a forward (256 MiB)
 
     def __init__(self, *what: str, rows: RowSpec = "all", heads: Sequence[int] | None = None):
         super().__init__()
@@ -42,6 +48,9 @@ class Recorder(Probe):
         self._calls: dict[tuple[str, int | None], int] = defaultdict(int)
         self._trace = None
         self._lens = None
+        self._on_device: list[tuple[tuple, int]] = []   # (store key, index) of recorded tensors not yet on the host
+        self._device_bytes = 0
+        self._head_index: dict[tuple, torch.Tensor] = {}
 
     def on_attach(self, lens) -> None:
         self._lens = lens
@@ -58,11 +67,20 @@ class Recorder(Probe):
             hs = self.heads
             if site in _KV_SITES:
                 hs = sorted({h // (nh // nkv) for h in hs})
-            value = value.index_select(_HEAD_DIM[site], torch.tensor(hs, device=value.device))
+            index = self._head_index.get(tuple(hs))
+            if index is None:   # one CPU tensor per head list: its device copy is made once per forward
+                index = self._head_index[tuple(hs)] = torch.tensor(hs)
+            value = value.index_select(_HEAD_DIM[site], ctx.on_device(index, value.device))   # a copy already
+        else:
+            value = value.detach().clone()   # a copy the model cannot change later
         key = (site, ctx.layer)
         call = len(self._store[key])
-        value = value.detach()   # a copy the model cannot change later (clone: the cheaper op on the CPU)
-        self._store[key].append(value.clone() if value.device.type == "cpu" else value.to("cpu"))
+        self._store[key].append(value.detach())   # on an accelerator it stays there until the forward is over
+        if self._held_on_device(value):
+            self._on_device.append((key, call))
+            self._device_bytes += value.numel() * value.element_size()
+            if self._device_bytes > self.DEVICE_HOLD_BYTES:
+                self._to_host()
         if (site, call) not in self._rows:   # the same rows at every layer of a call: kept once
             self._rows[(site, call)] = (ctx.positions.clone(), ctx.row_mask.clone())
         self._calls[key] += 1
@@ -91,9 +109,25 @@ class Recorder(Probe):
     def xattn_scores(self, ctx, v): self._keep(ctx, v)
     def xattn_probs(self, ctx, v): self._keep(ctx, v)
 
+    @staticmethod
+    def _held_on_device(value: torch.Tensor) -> bool:
+        """Whether a recorded tensor waits on its device for the end of the forward (on an accelerator)."""
+        return value.device.type != "cpu"
+
+    def _to_host(self) -> None:
+        """Move the tensors recorded on an accelerator to the host (the host waits for the device here)."""
+        for key, i in self._on_device:
+            self._store[key][i] = self._store[key][i].to("cpu")
+        self._on_device.clear()
+        self._device_bytes = 0
+
+    def on_forward(self, ctx: Ctx) -> None:
+        self._to_host()   # the previous forward's tensors: device memory held for one forward at most
+
     @property
     def trace(self):
         """The recorded tensors as an ``arbiter.Trace`` (built on first access)."""
+        self._to_host()
         if self._trace is None:
             self._trace = self._build()
         return self._trace
