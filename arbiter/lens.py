@@ -352,12 +352,14 @@ class _Runtime:
         with no key keeps its own position (never NaN); a cross-attention row left with none is marked in
         ``empty`` [b, h|1, rows] (its output is zeroed) and keeps every key meanwhile."""
         # an editor may also write into the mask it is handed: the tensor's version counter says so, or (inference
-        # tensors keep none) a comparison with a copy taken before
+        # tensors keep none) a comparison with a copy taken before, for editors that do not declare they never do
+        # (``Probe.writes_masks_in_place``: the comparison makes the host wait on an accelerator)
         before, version = mask_b, _version(mask_b)
-        snapshot = mask_b.clone() if version is None else None
+        compare = version is None and any(a.probe.writes_masks_in_place for a in self.entries(site["mask"], layer))
+        snapshot = mask_b.clone() if compare else None
         mask_b = self.run_site(site["mask"], layer, mask_b, 2, q_pos, **kw)
         if mask_b is before and (_version(mask_b) == version if version is not None
-                                 else torch.equal(mask_b, snapshot)):
+                                 else not compare or torch.equal(mask_b, snapshot)):
             return mask_b, False, None
         if mask_b.shape != before.shape:
             mask_b = mask_b.expand(torch.broadcast_shapes(mask_b.shape, before.shape))

@@ -147,6 +147,9 @@ class Probe:
 
     # sites served only on the layers that have them, never an error elsewhere (a knockout's cross-attention)
     optional_sites: ClassVar[frozenset[str]] = frozenset()
+    # an attn.mask editor that never writes into the mask it is handed (it returns a new one, or that one untouched)
+    # may say so: under torch.inference_mode arbiter then need not compare the mask with a copy to find out
+    writes_masks_in_place: ClassVar[bool] = True
     reads: ClassVar[Mapping[str, RowSpec]] = {}
     edits: ClassVar[Mapping[str, RowSpec]] = {}
     layers: Any = "all"
