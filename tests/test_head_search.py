@@ -158,18 +158,22 @@ def _planted(tmp_path, effects: dict[tuple[int, int], float]):
     return model, tm.processor, ds, samples
 
 
-def _direct_drop(lens, samples, ds, heads) -> float:
-    """Drop of the final MAM, mean over samples (one target-balanced set here: all compliant "red"), with
-    ``heads`` zeroed by a plain probe in one ordinary forward."""
-    item = next(iter(batches(lens, samples, len(samples), ds)))
-    metric = metric_pi_and_margin(item.ids_p, item.ids_c)
-    with torch.no_grad():
-        clean = metric(lens.model(**item.batch.inputs).logits)[:, 1]
-        with lens.probe(arbiter.HeadScale(heads, alpha=0.0)):
-            blocked = metric(lens.model(**item.batch.inputs).logits)[:, 1]
-    targets = item.targets
-    drop = clean - blocked
-    by = [float(drop[[t == x for x in targets]].mean()) for t in ("vision", "text") if t in targets]
+def _direct_drop(lens, samples, ds, heads, positive: bool = False, batch_size: int | None = None) -> float:
+    """Drop of the final MAM with ``heads`` zeroed by a plain probe in ordinary forwards (batches of ``batch_size``,
+    default all samples at once): per sample (its positive part when ``positive``: the search's bound U), mean per
+    target, then across targets."""
+    drops, targets = [], []
+    for item in batches(lens, samples, batch_size or len(samples), ds):
+        metric = metric_pi_and_margin(item.ids_p, item.ids_c)
+        with torch.no_grad():
+            clean = metric(lens.model(**item.batch.inputs).logits)[:, 1]
+            with lens.probe(arbiter.HeadScale(heads, alpha=0.0)):
+                blocked = metric(lens.model(**item.batch.inputs).logits)[:, 1]
+        drops.append(clean - blocked)
+        targets += item.targets
+    d = torch.cat(drops)
+    d = d.clamp(min=0) if positive else d
+    by = [float(d[[t == x for x in targets]].mean()) for t in ("vision", "text") if t in targets]
     return sum(by) / len(by)
 
 
@@ -252,7 +256,8 @@ def test_oracle_packing_packs_below_the_cutoff_and_counts_what_it_blocks(synth):
     with arbiter.attach(tm.model, tm.processor) as lens:
         ex = exhaustive_ranking(lens, samples, batch_size=4, dataset=synth, progress=False)
         floor = oracle_packing(lens, samples, ex, batch_size=4, dataset=synth, progress=False)
-        direct = [_set_bound(lens, samples, synth, [tuple(h) for h in s]) for s in floor["sets"]]
+        direct = [_direct_drop(lens, samples, synth, [tuple(h) for h in s], positive=True, batch_size=4)
+                  for s in floor["sets"]]
     scores = [x["score"] for x in ex.ranking()]
     theta = min(0.25 * scores[0], scores[len(ex.top()) - 1])
     assert floor["theta"] == pytest.approx(theta, abs=1e-6)
@@ -264,20 +269,3 @@ def test_oracle_packing_packs_below_the_cutoff_and_counts_what_it_blocks(synth):
     assert floor["sets_at_or_above_theta"] == len(over)
     assert floor["forward_equivalents"] == len(floor["above"]) + len(floor["sets"]) + sum(map(len, over)) + 1
     assert floor["forward_equivalents"] <= floor["exhaustive_forward_equivalents"] == 17.0
-
-
-def _set_bound(lens, samples, ds, heads) -> float:
-    """U of a head set by a plain probe: per-sample drop of the final MAM, positive part, mean per target, then
-    across targets."""
-    drops, targets = [], []
-    for item in batches(lens, samples, 4, ds):
-        metric = metric_pi_and_margin(item.ids_p, item.ids_c)
-        with torch.no_grad():
-            clean = metric(lens.model(**item.batch.inputs).logits)[:, 1]
-            with lens.probe(arbiter.HeadScale(heads, alpha=0.0)):
-                blocked = metric(lens.model(**item.batch.inputs).logits)[:, 1]
-        drops.append(clean - blocked)
-        targets += item.targets
-    d = torch.cat(drops).clamp(min=0)
-    by = [float(d[[t == x for x in targets]].mean()) for t in ("vision", "text") if t in targets]
-    return sum(by) / len(by)

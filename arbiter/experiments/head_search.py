@@ -462,7 +462,7 @@ def oracle_packing(lens, samples: Sequence[ConflictSample], exhaustive: HeadRank
     blocked head by head. Forward-equivalents counted as the search counts them (one per blocked set, one per clean
     forward: one here). A reference, not a lower bound: where heads' joint effects are smaller than the sum of their
     single effects (they partly offset, per sample), larger sets stay below θ and a search may certify with fewer
-    (seen: llava_tiny_s0 on 8 samples, 15 against 20). ``exhaustive``:
+    (seen on a shipped organism with 8 samples: 15 against 20, benchmarks/RESULTS.md). ``exhaustive``:
     :func:`~arbiter.experiments.heads.exhaustive_ranking` on the same samples and batches."""
     samples = require_conflicts(samples, "oracle_packing()")
     measure, targets, _ = set_measure(lens, samples, batch_size, chunk, dataset, memory_budget, progress)

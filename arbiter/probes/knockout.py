@@ -99,16 +99,20 @@ class Knockout(Probe):
             f"layer: `with arbiter.attach(model, stack='encoder') as enc, enc.knockout({self.src!r}, 'text'):` "
             "around this one.", UserWarning, stacklevel=2)
 
-    def attn_mask_rows(self, ctx: Ctx) -> torch.Tensor:
-        """The rows the knockout edits: the destination group's (in the chosen batch rows)."""
+    def _dst_rows(self, ctx: Ctx) -> torch.Tensor:
+        """[b, q] on the CPU: the destination group's rows in the chosen batch rows."""
         q = ctx.group(self.dst, over="rows")
-        if self.heads is not None and not self.heads:   # no head chosen: nothing to sever
-            return torch.zeros_like(q)
         if self.batch_rows is not None:
             keep = torch.zeros(q.shape[0], dtype=torch.bool)
             keep[[r for r in self.batch_rows if r < q.shape[0]]] = True
             q = q & keep[:, None]
         return q
+
+    def attn_mask_rows(self, ctx: Ctx) -> torch.Tensor:
+        """The rows the knockout edits: the destination group's (in the chosen batch rows)."""
+        if self.heads is not None and not self.heads:   # no head chosen: nothing to sever
+            return torch.zeros_like(ctx.group(self.dst, over="rows"))
+        return self._dst_rows(ctx)
 
     def attn_mask(self, ctx: Ctx, mask: torch.Tensor) -> torch.Tensor:
         if self.heads is not None and not self.heads:
@@ -130,12 +134,8 @@ class Knockout(Probe):
 
     def _kept_edges(self, ctx: Ctx, device, nh: int | None) -> torch.Tensor | None:
         """[b, 1|h, q, k]: False on the edges dst -> src this knockout severs; None: it severs none here."""
-        q = ctx.group(self.dst, over="rows")     # [b, q], on the CPU: the checks below never wait on the device
+        q = self._dst_rows(ctx)                  # [b, q], on the CPU: the checks below never wait on the device
         k = ctx.group(self.src, over="keys")     # [b, k]
-        if self.batch_rows is not None:
-            keep = torch.zeros(q.shape[0], dtype=torch.bool)
-            keep[[r for r in self.batch_rows if r < q.shape[0]]] = True
-            q = q & keep[:, None]
         if not bool(q.any()) or not bool(k.any()):
             return None
         q, k = ctx.on_device(q, device), ctx.on_device(k, device)
