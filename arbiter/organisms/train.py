@@ -43,10 +43,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import re
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -71,8 +69,8 @@ from arbiter.data import (
     generate_synthetic,
 )
 from arbiter.encode import build_prompt
-from arbiter.organisms import evaluate, load_dir
-from arbiter.organisms.common import cosine_lr, save_organism
+from arbiter.organisms import load_dir
+from arbiter.organisms.common import cosine_lr, evaluate_splits, save_organism, training_log, write_training_log
 from arbiter.organisms.instructions import InstructionGrammar, check_no_leak
 from arbiter.testing.tiny import tiny
 
@@ -575,27 +573,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out = save_organism(model, processor, args.out)
         generate_synthetic(out / "data", args.n_data, seed=args.seed + 3000, image_size=size, paraphrases="all",
                            p_agreement=args.p_agreement, p_noisy=args.p_noisy)
-        log: dict[str, Any] = dict(
-            name=args.name,
-            family=family,
-            architecture=type(model).__name__,
-            command="python -m arbiter.organisms.train " + " ".join(sys.argv[1:] if argv is None else argv),
-            args=vars(args),
-            sizes=sizes,
-            image_size=size,
-            parameters=n_params,
-            torch=torch.__version__,
-            train_time_s=round(train_time, 1),
-            time_stage_a_s=round(time_a, 1),
-            time_stage_b0_s=round(time_b0, 1),
-            time_stage_b_s=round(time_b, 1),
-            time_stage_c_s=round(time_c, 1),
-            probe_accuracy_after_a=probe_acc,
-            log_stage_a=log_a,
-            log_stage_b0=log_b0,
-            log_stage_b=log_b,
-            log_stage_c=log_c,
-        )
+        log = training_log(args.name, family, model, "train", argv, args, sizes, size, n_params,
+                           {"train_time_s": train_time},
+                           {"a": (time_a, log_a), "b0": (time_b0, log_b0), "b": (time_b, log_b), "c": (time_c, log_c)},
+                           probe_acc)
 
         # ---------------- evaluate the saved model (float16 weights, loaded as float32) ----------------
         if not args.no_eval:
@@ -610,15 +591,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                           p_agreement=args.p_agreement, p_noisy=args.p_noisy),
                 "shipped": shipped,
             }
-            evals: dict[str, Any] = {}
-            for split, ds in splits.items():
-                for ko in (False, True):
-                    r = evaluate(m2, p2, ds, knockout=ko)
-                    evals[split + ("_knockout" if ko else "")] = r
-                    print(f"  {split:20s} knockout={ko!s:5s}  {_fmt(r)}", flush=True)
-            log["eval"] = evals
+            log["eval"] = evaluate_splits(m2, p2, splits, _fmt, 20)
             log["eval_time_s"] = round(time.time() - t0, 1)
-        (out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
+        write_training_log(out, log)
         print(f"[{args.name}] trained in {train_time:.0f}s (A {time_a:.0f}s, B {time_b:.0f}s, C {time_c:.0f}s); "
               f"saved to {out}", flush=True)
         return log

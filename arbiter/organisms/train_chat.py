@@ -45,7 +45,6 @@ import argparse
 import dataclasses
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -71,7 +70,8 @@ from arbiter.data import (
 )
 from arbiter.encode import build_prompt
 from arbiter.organisms import evaluate, load_dir
-from arbiter.organisms.common import cosine_lr, save_organism
+from arbiter.organisms.common import (cosine_lr, evaluate_splits, save_organism, training_log,
+                                      write_training_log)
 from arbiter.organisms.instructions import NEUTRAL_INSTRUCTIONS, InstructionGrammar, check_neutral, check_no_leak
 from arbiter.organisms.train import Item, Probes, pool_item, probe_accuracy, train_vision_stage
 from arbiter.testing.tiny import tiny
@@ -591,18 +591,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             while True:
                 yield from (int(i) for i in rng.permutation(len(items)))
 
-        def text_batches():
+        def alternating(kinds):
+            """Batches of one conversation kind each, the kinds taking turns."""
             it, step = indices(), 0
             while True:
-                kind = ("text_qa", "instr_read")[step % 2]
-                yield [getattr(comp, kind)(next(it)) for _ in range(args.batch)]
-                step += 1
-
-        def align_batches():
-            it, step = indices(), 0
-            while True:
-                kind = ("caption", "image_qa")[step % 2]
-                yield [getattr(comp, kind)(next(it)) for _ in range(args.batch)]
+                yield [getattr(comp, kinds[step % len(kinds)])(next(it)) for _ in range(args.batch)]
                 step += 1
 
         def instruct_batches():
@@ -624,8 +617,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         def is_language(n: str) -> bool:
             return n.startswith(("model.language_model", "lm_head"))
 
-        log_t, time_t = run("T", args.text_steps, text_batches(), is_language)
-        log_p, time_p = run("P", args.align_steps, align_batches(),
+        log_t, time_t = run("T", args.text_steps, alternating(("text_qa", "instr_read")), is_language)
+        log_p, time_p = run("P", args.align_steps, alternating(("caption", "image_qa")),
                             lambda n: n.startswith("model.multi_modal_projector"))
         log_i, time_i = run("I", args.steps, instruct_batches(),
                             lambda n: is_language(n) or n.startswith("model.multi_modal_projector"))
@@ -638,46 +631,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out = save_organism(model, processor, args.out)
         chat_dataset(out / "data", args.n_data, seed=args.seed + 3000, paraphrases="all", form="word",
                      p_agreement=args.p_agreement, p_noisy=args.p_noisy, labels=True)
-        log: dict[str, Any] = dict(
-            name="llava_chat",
-            family="llava",
-            architecture=type(model).__name__,
-            command="python -m arbiter.organisms.train_chat " + " ".join(sys.argv[1:] if argv is None else argv),
-            args=vars(args),
-            sizes=SIZES,
-            image_size=IMAGE_SIZE,
-            parameters=n_params,
-            torch=torch.__version__,
-            train_time_s=round(train_time, 1),
-            train_cpu_s=round(train_cpu, 1),
-            time_stage_a_s=round(time_a, 1),
-            time_stage_t_s=round(time_t, 1),
-            time_stage_p_s=round(time_p, 1),
-            time_stage_i_s=round(time_i, 1),
-            probe_accuracy_after_a=probe_acc,
-            log_stage_a=log_a,
-            log_stage_t=log_t,
-            log_stage_p=log_p,
-            log_stage_i=log_i,
-        )
+        log = training_log("llava_chat", "llava", model, "train_chat", argv, args, SIZES, IMAGE_SIZE, n_params,
+                           {"train_time_s": train_time, "train_cpu_s": train_cpu},
+                           {"a": (time_a, log_a), "t": (time_t, log_t), "p": (time_p, log_p), "i": (time_i, log_i)},
+                           probe_acc)
         if not args.no_eval:
             t0 = time.time()
             m2, p2, shipped = load_dir(out)
-            evals: dict[str, Any] = {}
             splits = {}
             for k, (para, form) in enumerate((("train", "word"), ("heldout", "word"), ("heldout", "sentence"))):
                 splits[f"{para}_paraphrases_{form}"] = chat_dataset(
                     tmp / f"eval_{para}_{form}", args.n_eval, seed=args.seed + 2000 + k, paraphrases=para,
                     form=form, p_agreement=args.p_agreement, p_noisy=args.p_noisy)
             splits["shipped"] = shipped
-            for split, ds in splits.items():
-                for ko in (False, True):
-                    r = evaluate(m2, p2, ds, knockout=ko, match="dictionary")
-                    evals[split + ("_knockout" if ko else "")] = r
-                    print(f"  {split:28s} knockout={ko!s:5s}  {_fmt(r)}", flush=True)
-            log["eval"] = evals
+            log["eval"] = evaluate_splits(m2, p2, splits, _fmt, 28, match="dictionary")
             log["eval_time_s"] = round(time.time() - t0, 1)
-        (out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
+        write_training_log(out, log)
         print(f"[llava_chat] trained in {train_time:.0f}s wall, {train_cpu:.0f}s CPU (A {time_a:.0f}s, "
               f"T {time_t:.0f}s, P {time_p:.0f}s, I {time_i:.0f}s); saved to {out}", flush=True)
         return log
