@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,6 +31,34 @@ def save_organism(model, processor, out: str | Path) -> Path:
     model.to(torch.float16).save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+class StepLog:
+    """A training stage's running log: per-step metrics averaged over every ``every`` steps (and over the last ones
+    when ``steps`` is given), each such row kept (``rows``) and printed with the stage's elapsed time."""
+
+    def __init__(self, stage: str, every: int, steps: int | None = None):
+        self.stage, self.every, self.steps = stage, every, steps
+        self.rows: list[dict[str, Any]] = []
+        self.t0 = time.time()
+        self._acc: dict[str, list] = {}
+
+    def add(self, step: int, metrics: dict[str, float]) -> None:
+        """Metrics of step ``step`` (from 0)."""
+        import numpy as np
+
+        for k, v in metrics.items():
+            self._acc.setdefault(k, []).append(v)
+        if (step + 1) % self.every == 0 or (self.steps is not None and step + 1 == self.steps):
+            row: dict[str, Any] = {"step": step + 1}
+            row.update({k: round(float(np.mean(v)), 4) for k, v in sorted(self._acc.items())})
+            self.rows.append(row)
+            print(f"  {self.stage} {step + 1:5d}  " + "  ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "step")
+                  + f"  ({time.time() - self.t0:.0f}s)", flush=True)
+            self._acc = {}
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
 
 
 def training_log(name: str, family: str, model, script: str, argv, args, sizes: dict, image_size: int,

@@ -70,7 +70,8 @@ from arbiter.data import (
 )
 from arbiter.encode import build_prompt
 from arbiter.organisms import load_dir
-from arbiter.organisms.common import cosine_lr, evaluate_splits, save_organism, training_log, write_training_log
+from arbiter.organisms.common import (StepLog, cosine_lr, evaluate_splits, save_organism, training_log,
+                                      write_training_log)
 from arbiter.organisms.instructions import InstructionGrammar, check_no_leak
 from arbiter.testing.tiny import tiny
 
@@ -508,23 +509,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return dict(loss=l_ans.item(), acc=(logits[:, 0].argmax(-1) == ans).float().mean().item())
 
         def run(stage: str, steps: int, batches) -> tuple[list[dict[str, Any]], float]:
-            t0 = time.time()
-            log, acc = [], {}
+            slog = StepLog(stage, args.log_every)
             for step in range(steps):
                 for g in opt.param_groups:
                     g["lr"] = cosine_lr(step, steps, args.lr, args.warmup)
                 kind, drawn = next(batches)
-                for k, v in train_step(drawn).items():
-                    acc.setdefault(f"{kind}_{k}", []).append(v)
-                if (step + 1) % args.log_every == 0:
-                    row: dict[str, Any] = {"step": step + 1}
-                    row.update({k: round(float(np.mean(v)), 4) for k, v in sorted(acc.items())})
-                    log.append(row)
-                    print(f"  {stage} {step + 1:5d}  " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()
-                                                                 if k != "step") + f"  ({time.time() - t0:.0f}s)",
-                          flush=True)
-                    acc = {}
-            return log, time.time() - t0
+                slog.add(step, {f"{kind}_{k}": v for k, v in train_step(drawn).items()})
+            return slog.rows, slog.elapsed()
 
         def indices():
             while True:

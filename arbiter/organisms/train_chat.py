@@ -70,7 +70,7 @@ from arbiter.data import (
 )
 from arbiter.encode import build_prompt
 from arbiter.organisms import evaluate, load_dir
-from arbiter.organisms.common import (cosine_lr, evaluate_splits, save_organism, training_log,
+from arbiter.organisms.common import (StepLog, cosine_lr, evaluate_splits, save_organism, training_log,
                                       write_training_log)
 from arbiter.organisms.instructions import NEUTRAL_INSTRUCTIONS, InstructionGrammar, check_neutral, check_no_leak
 from arbiter.organisms.train import Item, Probes, pool_item, probe_accuracy, train_vision_stage
@@ -568,24 +568,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return out, flat
 
         def run(stage: str, steps: int, batches, names_ok) -> tuple[list[dict[str, Any]], float]:
-            t0 = time.time()
+            slog = StepLog(stage, args.log_every, steps)
             by_decay, params = groups(names_ok)
             opt = make_opt(by_decay)
-            log, acc = [], {}
             for step in range(steps):
                 for g in opt.param_groups:
                     g["lr"] = cosine_lr(step, steps, args.lr, args.warmup)
-                for k, v in lm_step(next(batches), opt, params).items():
-                    acc.setdefault(k, []).append(v)
-                if (step + 1) % args.log_every == 0 or step + 1 == steps:
-                    row: dict[str, Any] = {"step": step + 1}
-                    row.update({k: round(float(np.mean(v)), 4) for k, v in sorted(acc.items())})
-                    log.append(row)
-                    print(f"  {stage} {step + 1:5d}  " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()
-                                                                 if k != "step") + f"  ({time.time() - t0:.0f}s)",
-                          flush=True)
-                    acc = {}
-            return log, time.time() - t0
+                slog.add(step, lm_step(next(batches), opt, params))
+            return slog.rows, slog.elapsed()
 
         def indices():
             while True:
