@@ -311,6 +311,16 @@ class Probes(torch.nn.Module):
         return F.cross_entropy(self(tokens, "colour"), yc) + F.cross_entropy(self(tokens, "shape"), ys)
 
 
+def vision_pools(tmp: Path, args, image_size: int) -> tuple[list, list]:
+    """(training pool, stage-A evaluation pool) of a training run, as :func:`pool_item` items: ``args.n_pool``
+    training images (``args.pool_noisy`` noisy) and 400 held-out ones (``args.p_noisy`` noisy)."""
+    pool = generate_synthetic(tmp / "pool", args.n_pool, seed=args.seed + 1000, image_size=image_size,
+                              paraphrases="train", p_agreement=0.0, p_noisy=args.pool_noisy)
+    vis_eval = generate_synthetic(tmp / "vis_eval", 400, seed=args.seed + 1500, image_size=image_size,
+                                  paraphrases="train", p_agreement=0.0, p_noisy=args.p_noisy)
+    return [pool_item(s) for s in pool], [pool_item(s) for s in vis_eval]
+
+
 def train_vision_stage(model, family: str, processor, probes: Probes, items: list[Item], rng: np.random.Generator,
                        args) -> list[dict]:
     """Stage A of every organism recipe: the vision tower and projector learn each image's colour and shape through
@@ -425,12 +435,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     tmp = Path(tempfile.mkdtemp(prefix="arbiter_organism_"))
     try:
-        pool = generate_synthetic(tmp / "pool", args.n_pool, seed=args.seed + 1000, image_size=size,
-                                  paraphrases="train", p_agreement=0.0, p_noisy=args.pool_noisy)
-        items = [pool_item(s) for s in pool]
-        vis_eval = generate_synthetic(tmp / "vis_eval", 400, seed=args.seed + 1500, image_size=size,
-                                      paraphrases="train", p_agreement=0.0, p_noisy=args.p_noisy)
-        vis_items = [pool_item(s) for s in vis_eval]
+        items, vis_items = vision_pools(tmp, args, size)
         probes = Probes(hidden)
         model.train()
 

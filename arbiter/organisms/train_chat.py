@@ -73,7 +73,7 @@ from arbiter.organisms import evaluate, load_dir
 from arbiter.organisms.common import (StepLog, cosine_lr, evaluate_splits, save_organism, training_log,
                                       write_training_log)
 from arbiter.organisms.instructions import NEUTRAL_INSTRUCTIONS, InstructionGrammar, check_neutral, check_no_leak
-from arbiter.organisms.train import Item, Probes, pool_item, probe_accuracy, train_vision_stage
+from arbiter.organisms.train import Item, Probes, probe_accuracy, train_vision_stage, vision_pools
 from arbiter.testing.tiny import tiny
 
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -491,12 +491,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     tmp = Path(tempfile.mkdtemp(prefix="arbiter_chat_organism_"))
     try:
-        pool = generate_synthetic(tmp / "pool", args.n_pool, seed=args.seed + 1000, image_size=IMAGE_SIZE,
-                                  paraphrases="train", p_agreement=0.0, p_noisy=args.pool_noisy)
-        items = [pool_item(s) for s in pool]
-        vis_eval = generate_synthetic(tmp / "vis_eval", 400, seed=args.seed + 1500, image_size=IMAGE_SIZE,
-                                      paraphrases="train", p_agreement=0.0, p_noisy=args.p_noisy)
-        vis_items = [pool_item(s) for s in vis_eval]
+        items, vis_items = vision_pools(tmp, args, IMAGE_SIZE)
         model.train()
 
         # ---------------- stage A: vision tower + projector through linear probes ----------------
