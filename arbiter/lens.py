@@ -492,6 +492,11 @@ class _Runtime:
             additive = None
         # consecutive rows (the last, a group's run): a view of the queries, no gather
         q_rows = query[:, :, span[0]:span[1]] if span is not None else query.index_select(2, idx)
+        if key.shape[1] == query.shape[1] and not key.is_contiguous():
+            # keys usually arrive as a [batch, keys, heads, dim] buffer seen as [batch, heads, keys, dim]: the
+            # scores' matmul would gather them transposed (one slow strided copy); one plain copy first lets it
+            # read them as they are (grouped keys are copied contiguous by repeat_kv anyway)
+            key = key.contiguous()
         cut = empty.index_select(2, idx)[..., None] if empty is not None else None
         if self.entries(site["scores"], layer):
             scores = attn_fn.row_scores(module, q_rows, key, mb, mf, kwargs)

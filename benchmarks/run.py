@@ -291,8 +291,8 @@ def _inside_ms_per_layer(fn: Callable[[], Any], rounds: int) -> float:
 
 def _floor_model(tm, acc: dict[str, float]):
     """A copy of the model whose text attention reads the last row's probabilities the least a tool can: the
-    module's own eager function on that row (empty value dimension), its mask row built once per forward, one copy
-    kept, then SDPA for every row. No arbiter code runs: the floor any reader of one row pays on this machine.
+    module's own eager function on that row (keys made contiguous, empty value dimension), its mask row built once
+    per forward, one copy kept, then SDPA for every row. No arbiter code runs: the floor any reader of one row pays on this machine.
     ``acc`` collects the time spent there beside the kernel, as :func:`_inside_attention_clock` does for arbiter.
     Returns (model, forward(inputs) -> (logits, the kept rows per layer))."""
     from transformers import AttentionInterface
@@ -310,7 +310,8 @@ def _floor_model(tm, acc: dict[str, float]):
                        else attention_mask[:, :, -1:, -key.shape[2]:])
             rows[id(attention_mask)] = torch.where(allowed, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
         eager = sys.modules[type(module).__module__].eager_attention_forward
-        _, probs = eager(module, query[:, :, -1:], key, value[..., :0], rows[id(attention_mask)],
+        # keys copied contiguous first (as arbiter does), so the scores' matmul need not gather them transposed
+        _, probs = eager(module, query[:, :, -1:], key.contiguous(), value[..., :0], rows[id(attention_mask)],
                          **{**kwargs, "dropout": 0.0})
         kept.append(probs.clone())
         k0 = time.process_time()
