@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks: the CUDA tests (pytest marker `cuda`), the real-width and fixed-cost benchmark sections on CUDA
-# and, with two or more GPUs, `torchrun --nproc_per_node 2` diagnose over nccl. Without CUDA it runs nothing.
+# The GPU checks: the CUDA tests (pytest marker `cuda`), the real-width, fixed-cost and head-sweep benchmark
+# sections on CUDA and, with two or more GPUs, `torchrun --nproc_per_node 2` diagnose over nccl. Without CUDA it
+# runs nothing.
 #
 #   benchmarks/gpu.sh [OUT]     OUT: folder for gpu.json and the logs (default: $OUT, else out/gpu)
 #
@@ -39,7 +40,7 @@ step cuda_tests "$PY" -m pytest -q -p no:warnings -m cuda -k "not nccl" tests/
 # 2. benchmark sections on CUDA, those that exist in this version of benchmarks/run.py
 sections=$("$PY" -c "from benchmarks.run import SECTIONS; print(' '.join(SECTIONS))")
 want=()
-for s in scale fixed; do
+for s in scale fixed sweep; do
     if [[ " $sections " == *" $s "* ]]; then want+=("$s"); else
         echo "gpu.sh: benchmarks/run.py has no section '$s' (sections: $sections); skipped."
         summary+=("benchmark $s: skipped (no such section)")

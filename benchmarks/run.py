@@ -44,7 +44,7 @@ from arbiter.testing.tiny import tiny
 from arbiter.trace import Trace
 
 FULL = dict(model=dict(hidden=512, layers=8, heads=8, kv_heads=8, image_tokens=576), batch=4, repeats=5,
-            sweep_samples=1, sweep_heads_per_layer=1, sweep_repeats=3, trace_mb=100, attribution_samples=2,
+            sweep_samples=1, sweep_heads_per_layer=None, sweep_repeats=3, trace_mb=100, attribution_samples=2,
             stream_samples=(10, 1000),
             surrogate=dict(grid=5, seeds=10, horizon=2.0, loop_cells=5, repeats=3), organism_samples=96,
             head_search_samples=32)
@@ -523,23 +523,38 @@ def _agreement(tm, inputs, last: dict[str, Any]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ sweep
 
-def _sweep_heads(tm, per_layer: int) -> list[tuple[int, int]]:
+def _sweep_heads(tm, per_layer: int | None) -> list[tuple[int, int]]:
+    """``per_layer`` heads of each layer, spread evenly (None: every head)."""
     n_layers, n_heads = tm.config.text_config.num_hidden_layers, tm.config.text_config.num_attention_heads
+    per_layer = n_heads if per_layer is None else min(per_layer, n_heads)
     step = n_heads // per_layer
     return [(layer, h) for layer in range(n_layers) for h in range(0, n_heads, step)[:per_layer]]
 
 
 def bench_sweep(tm, cfg) -> dict[str, Any]:
-    """Single-head blocking: head_sweep (one chunk per layer) vs a naive loop of forwards vs an nnsight loop, on a
-    subset of heads (``sweep_heads_per_layer`` per layer; times scaled to all heads, speedups need no scaling)."""
+    """Single-head blocking: head_sweep (one chunk per layer) vs a naive loop of forwards vs an nnsight loop, over
+    every head (``sweep_heads_per_layer`` None), or over a subset (that many per layer; times scaled to all heads,
+    which overstates the sweep's time: its clean forward is shared by fewer settings)."""
     tc = tm.config.text_config
     total = tc.num_hidden_layers * tc.num_attention_heads
     heads = _sweep_heads(tm, cfg["sweep_heads_per_layer"])
     scale = total / len(heads)
-    chunk = cfg["sweep_heads_per_layer"]       # settings are sorted by layer: one chunk = one layer's heads
-    inputs = _batch_inputs(tm, cfg["sweep_samples"], seed=100)
+    chunk = len(heads) // tc.num_hidden_layers  # settings are sorted by layer: one chunk = one layer's heads
+    # on a GPU when there is one: batching settings is what a GPU gains from (a CPU, little)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    inputs = {k: v.to(device) for k, v in _batch_inputs(tm, cfg["sweep_samples"], seed=100).items()}
     head_dim = tc.hidden_size // tc.num_attention_heads
-    model, nm = tm.model, _wrap(_model_copy(tm, "sdpa"))
+    model = tm.model if device == "cpu" else copy.deepcopy(tm.model).to(device)
+    nm = _wrap(_model_copy(tm, "sdpa").to(device))
+
+    def synced(fn):
+        def run():
+            out = fn()
+            sync()
+            return out
+        return run
+
     with arbiter.attach(model, tm.processor) as lens:
         def sweep():
             return head_sweep(lens, inputs, heads=heads, chunk=chunk)
@@ -555,9 +570,10 @@ def bench_sweep(tm, cfg) -> dict[str, Any]:
             return torch.stack([_nnsight_block(nm, inputs, layer, head, head_dim) for layer, head in heads])
 
         _section(f"warm-up: nnsight block once; sweep, naive loop, nnsight loop over {len(heads)} heads "
-                 f"round-robin, {cfg['sweep_repeats']} rounds")
+                 f"round-robin on {device}, {cfg['sweep_repeats']} rounds")
         _nnsight_block(nm, _one_sample(inputs), *heads[0], head_dim)
-        timed = _median_times({"sweep": sweep, "naive": naive, "nnsight": nnsight_loop}, cfg["sweep_repeats"], 0)
+        timed = _median_times({"sweep": synced(sweep), "naive": synced(naive), "nnsight": synced(nnsight_loop)},
+                              cfg["sweep_repeats"], 1 if device == "cuda" else 0)
     (sweep_s, res), (naive_s, naive_vals), (nn_s, nn_vals) = timed["sweep"], timed["naive"], timed["nnsight"]
     # what batching settings can give on this device: one forward of 8 copies of the batch vs 8 forwards of it
     # (on a CPU the forward is compute-bound, so tiling settings saves little; the sweep's gain is the replay)
@@ -565,11 +581,15 @@ def bench_sweep(tm, cfg) -> dict[str, Any]:
     tiled = {k: v.repeat(8, *([1] * (v.dim() - 1))) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == b
              else v for k, v in inputs.items()}
     _section("batching gain: one forward of 8 tiled copies vs 8 forwards")
-    tiles = _median_times({"one": lambda: _forward(model, inputs), "tiled": lambda: _forward(model, tiled)},
-                          cfg["sweep_repeats"], 1)
+    tiles = _median_times({"one": synced(lambda: _forward(model, inputs)),
+                           "tiled": synced(lambda: _forward(model, tiled))}, cfg["sweep_repeats"], 1)
     n_layers = tc.num_hidden_layers
-    sweep_layer_forwards = n_layers * (res.forwards + 1) - res.layers_skipped   # + the clean run
-    return {"sweep_samples": cfg["sweep_samples"], "sweep_heads_total": total, "sweep_heads_timed": len(heads),
+    # layer-forwards the sweep computes, per copy of the batch: each chunk's settings from the chunk's first layer
+    # on, plus the clean run (the loop: every layer for every setting)
+    firsts = sorted(s.first_layer for s in res.settings)
+    chunks = [firsts[i:i + res.chunk] for i in range(0, len(firsts), res.chunk)]
+    sweep_layer_forwards = n_layers + sum(len(c) * (n_layers - c[0]) for c in chunks)
+    return {"sweep_device": device, "sweep_samples": cfg["sweep_samples"], "sweep_heads_total": total, "sweep_heads_timed": len(heads),
             "sweep_chunk": chunk, "sweep_repeats": cfg["sweep_repeats"], "sweep_forwards": res.forwards,
             "sweep_layers_skipped": res.layers_skipped,
             "sweep_layer_forward_ratio": len(heads) * n_layers / sweep_layer_forwards,
@@ -579,8 +599,8 @@ def bench_sweep(tm, cfg) -> dict[str, Any]:
             "sweep_efficiency": (naive_s / sweep_s) / (len(heads) * n_layers / sweep_layer_forwards),
             "sweep_batching_gain_8": 8 * tiles["one"][0] / tiles["tiled"][0],
             "nnsight_sweep_heads_timed": len(heads),
-            "sweep_max_abs_diff": float((res.values - naive_vals).abs().max()),
-            "nnsight_sweep_max_abs_diff": float((nn_vals - naive_vals).abs().max())}
+            "sweep_max_abs_diff": float((res.values - naive_vals).abs().max().cpu()),
+            "nnsight_sweep_max_abs_diff": float((nn_vals - naive_vals).abs().max().cpu())}
 
 
 # ------------------------------------------------------------------------------------------------ trace I/O
@@ -993,7 +1013,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
     ap.add_argument("--sweep-samples", type=int, help="samples in the sweep batch (default 1; quick: 2)")
     ap.add_argument("--sweep-heads-per-layer", type=int,
-                    help="heads per layer timed in the sweep section (default 1; all heads: no scaling)")
+                    help="heads per layer timed in the sweep section (default: all, the full sweep; quick: 1, "
+                         "times scaled to all heads)")
     ap.add_argument("--repeats", type=int, help="rounds of the forwards section (default 5; fixed: 6x this)")
     ap.add_argument("--only", help=f"comma-separated sections to run (default all): {', '.join(SECTIONS)}")
     ap.add_argument("--stream-child", nargs=3, metavar=("N", "DATA", "OUT"), help=argparse.SUPPRESS)
