@@ -9,6 +9,7 @@ import torch
 
 import arbiter
 from arbiter.errors import InterventionError, ProbeError, SiteError
+from arbiter.probes.head_interventions import HeadScale
 
 from helpers import _tiny, inputs_for, logits
 
@@ -44,6 +45,32 @@ def test_zeroing_a_head_equals_zeroing_its_o_proj_columns(tm):
     finally:
         proj.weight.data.copy_(saved)
     assert (blocked - ref).abs().max().item() == 0.0
+
+
+def test_one_amplification_probe_over_batches_of_two_sizes_equals_scaled_o_proj_columns(tm):
+    """The probe builds its per-head factor once per layer, batch size, device and dtype: reused over forwards of
+    different batch sizes it still equals scaling the heads' o_proj columns by hand."""
+    runs = [inputs_for(tm, n=1), inputs_for(tm, n=2), inputs_for(tm, n=1)]
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        first, last = lens.facts.attention_layers[0], lens.facts.attention_layers[-1]
+        probe_heads = [(first, 1), (last, 0), (last, lens.facts.heads(last)[0] - 1)]
+        probe = HeadScale(probe_heads, alpha=[2.5, -0.5, 0.0])
+        with lens.probe(probe):
+            got = [logits(tm.model, inp) for inp in runs]
+        projs = {layer: lens.facts.layers[layer].out_proj for layer, _ in probe_heads}
+        dims = {layer: lens.facts.heads(layer)[2] for layer, _ in probe_heads}
+    saved = {layer: p.weight.data.clone() for layer, p in projs.items()}
+    try:
+        for (layer, head), a in zip(probe_heads, [2.5, -0.5, 0.0]):
+            hd = dims[layer]
+            projs[layer].weight.data[:, head * hd:(head + 1) * hd] *= a
+        refs = [logits(tm.model, inp) for inp in runs]
+    finally:
+        for layer, p in projs.items():
+            p.weight.data.copy_(saved[layer])
+    for g, r in zip(got, refs):
+        assert (g - r).abs().max().item() <= 1e-5
+    assert (got[0] - got[2]).abs().max().item() == 0.0
 
 
 def test_knockout_of_image_to_text_in_every_layer_makes_last_logits_ignore_pixels(mm):

@@ -69,40 +69,64 @@ class HeadScale(Probe):
         for k, v in self.table.items():
             if v.dim() != 2 or not torch.isfinite(v).all():
                 raise InterventionError(f"table[{k}] must be a finite [batch, heads] tensor, got {tuple(v.shape)}.")
+        self._table_ones = {k: bool((v == 1).all()) for k, v in self.table.items()}
         self.layer_list = sorted({layer for layer, _ in self.heads} | set(self.table))
         self.batch_rows = None if batch_rows is None else [int(r) for r in batch_rows]
         self._edits = {"attn.head_out": rows}
         self._reads = {}
+        # every row of every sample scaled: the factor is per head alone (no per-row selection to build)
+        self._every_row = isinstance(rows, str) and rows == "all" and self.batch_rows is None
+        self._factors: dict[tuple, torch.Tensor | None] = {}   # per (layer, heads, device, dtype): built once
 
     def on_attach(self, lens) -> None:
         _validate_range(lens, self.heads, type(self).__name__)
         for layer, t in self.table.items():
             _validate_range(lens, [(layer, t.shape[1] - 1)], type(self).__name__)
 
-    def _scale(self, layer: int, n_heads: int) -> torch.Tensor | None:
-        s = torch.ones(n_heads)
+    def _scale(self, layer: int, n_heads: int, device) -> torch.Tensor | None:
+        """[heads] float32 scales of ``layer`` on ``device`` (None: every head at 1)."""
+        vals = [1.0] * n_heads
         for (lay, h), a in zip(self.heads, self.alphas):
             if lay == layer:
-                s[h] = a
-        return None if bool((s == 1).all()) else s
+                vals[h] = a
+        return None if all(v == 1.0 for v in vals) else torch.tensor(vals).to(device)
+
+    def _factor(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        """What multiplies ``x`` [b, rows, heads, dim] on every row (None: nothing to scale), built once per layer,
+        shape, device and dtype: [1 | b, 1, heads, dim] in x's dtype (a full head dim: a product with no broadcast
+        inside a row runs 1.5-4x faster on a CPU than one against [.., heads, 1])."""
+        b, _, nh, hd = x.shape
+        key = (layer, b, nh, hd, x.device, x.dtype)
+        if key not in self._factors:
+            scale = self._layer_scale(layer, b, nh, x.device)
+            if scale is None:
+                self._factors[key] = None
+            else:
+                f = scale.to(x.dtype)
+                f = f[None, None, :, None] if f.dim() == 1 else f[:, None, :, None]
+                self._factors[key] = f.expand(-1, -1, -1, hd).contiguous()
+        return self._factors[key]
+
+    def _layer_scale(self, layer: int, b: int, nh: int, device) -> torch.Tensor | None:
+        """float32 scales of ``layer``: [b, heads] from ``table``, else [heads] (None: every head at 1)."""
+        if layer not in self.table:
+            return self._scale(layer, nh, device)
+        t = self.table[layer]
+        if t.shape[0] != b or t.shape[1] != nh:
+            raise InterventionError(f"table[{layer}] is {tuple(t.shape)} but the batch has {b} rows and {nh} heads.")
+        return None if self._table_ones[layer] else t.to(device)   # known on the host: no wait on the device
 
     def attn_head_out(self, ctx: Ctx, x: torch.Tensor) -> torch.Tensor:
-        b, r, nh, _ = x.shape
+        if self._every_row:
+            f = self._factor(ctx.layer, x)
+            return x if f is None else x * f
+        b, _, nh, _ = x.shape
+        scale = self._layer_scale(ctx.layer, b, nh, x.device)
+        if scale is None:
+            return x
         where = _row_factor(ctx, self.batch_rows, x.device)                       # [b, R]
-        if ctx.layer in self.table:
-            t = self.table[ctx.layer]
-            if t.shape[0] != b or t.shape[1] != nh:
-                raise InterventionError(f"table[{ctx.layer}] is {tuple(t.shape)} but the batch has {b} rows and "
-                                        f"{nh} heads.")
-            if t.device.type == "cpu" and bool((t == 1).all()):   # checked where it costs no wait on the device
-                return x
-            t = t.to(x.device)
-            factor = torch.where(where[:, :, None], t[:, None, :], torch.ones((), device=x.device))
-        else:
-            s = self._scale(ctx.layer, nh)
-            if s is None:
-                return x
-            factor = torch.where(where[:, :, None], s.to(x.device)[None, None, :], torch.ones((), device=x.device))
+        per = scale[:, None, :] if scale.dim() == 2 else scale[None, None, :]
+        factor = torch.where(where[:, :, None], per, torch.ones((), device=x.device))
         return x * factor[..., None].to(x.dtype)
 
     def __repr__(self) -> str:
