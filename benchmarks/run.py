@@ -242,47 +242,57 @@ def _fixed_paths(model, proc, inputs, n_layers: int) -> dict[str, Callable[[], A
 
 
 @contextlib.contextmanager
-def _inside_attention_clock(acc: dict[str, float]):
-    """Accumulate, in ``acc``, the CPU time spent inside arbiter's routed attention calls (``total``) and inside the
-    model's own kernel those calls make (``kernel``): their difference is arbiter's own work there (mask edits, row
-    recomputes, row reads), free of the model's compute and of the machine's load."""
+def _inside_clock(acc: dict[str, float]):
+    """Accumulate, in ``acc``, the CPU time spent in arbiter's code during a forward (``total``): its routed attention
+    calls, its hooks (on the layers, o_proj, the model's and decoder's inputs), and inside the model's own kernel
+    that those attention calls make (``kernel``). ``total - kernel`` is arbiter's own work (mask edits, row
+    recomputes, row reads, head scaling, recording, grouping), free of the model's compute and of the load."""
     from arbiter import attention as attn_fn
     from arbiter import lens as lens_mod
 
-    orig_attention, orig_base = lens_mod._Runtime.attention, attn_fn.base_function
-
-    def base_function(base, module):
-        fn = orig_base(base, module)
-
+    def timed(fn, key="total"):
         def run(*a, **k):
             start = time.process_time()
             try:
                 return fn(*a, **k)
             finally:
-                acc["kernel"] += time.process_time() - start
+                acc[key] += time.process_time() - start
         return run
 
-    def attention(self, *a, **k):
-        start = time.process_time()
-        try:
-            return orig_attention(self, *a, **k)
-        finally:
-            acc["total"] += time.process_time() - start
-            acc["calls"] += 1
+    saved = {"attention": lens_mod._Runtime.attention, "base_function": attn_fn.base_function}
+    factories = ("_pre_hook", "_post_hook", "_head_hook", "_k_pre_hook", "_mixer_hook")
+    direct = ("_on_model", "_on_embed", "_on_encoder", "_on_decoder")
+    saved.update({name: getattr(lens_mod.Lens, name) for name in factories + direct})
 
-    lens_mod._Runtime.attention, attn_fn.base_function = attention, base_function
+    def attention(self, *a, **k):
+        acc["calls"] += 1
+        return timed(saved["attention"])(self, *a, **k)
+
+    def factory(name):
+        def make(self, *a, **k):
+            return timed(saved[name](self, *a, **k))
+        return make
+
+    lens_mod._Runtime.attention = attention
+    attn_fn.base_function = lambda base, module: timed(saved["base_function"](base, module), "kernel")
+    for name in factories:
+        setattr(lens_mod.Lens, name, factory(name))
+    for name in direct:
+        setattr(lens_mod.Lens, name, timed(saved[name]))
     try:
         yield acc
     finally:
-        lens_mod._Runtime.attention, attn_fn.base_function = orig_attention, orig_base
+        lens_mod._Runtime.attention, attn_fn.base_function = saved["attention"], saved["base_function"]
+        for name in factories + direct:
+            setattr(lens_mod.Lens, name, saved[name])
 
 
 def _inside_ms_per_layer(fn: Callable[[], Any], rounds: int) -> float:
-    """Median over ``rounds`` forwards of arbiter's own time per attention call, ms (see _inside_attention_clock)."""
+    """Median over ``rounds`` forwards of arbiter's own time per layer (per attention call), ms (see _inside_clock)."""
     per = []
     for i in range(rounds + 1):
         acc = {"total": 0.0, "kernel": 0.0, "calls": 0}
-        with _inside_attention_clock(acc):
+        with _inside_clock(acc):
             fn()
         if i and acc["calls"]:
             per.append((acc["total"] - acc["kernel"]) / acc["calls"] * 1e3)
@@ -293,7 +303,7 @@ def _floor_model(tm, acc: dict[str, float]):
     """A copy of the model whose text attention reads the last row's probabilities the least a tool can: the
     module's own eager function on that row (keys made contiguous, empty value dimension), its mask row built once
     per forward, one copy kept, then SDPA for every row. No arbiter code runs: the floor any reader of one row pays on this machine.
-    ``acc`` collects the time spent there beside the kernel, as :func:`_inside_attention_clock` does for arbiter.
+    ``acc`` collects the time spent there beside the kernel, as :func:`_inside_clock` does for arbiter.
     Returns (model, forward(inputs) -> (logits, the kept rows per layer))."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -376,7 +386,7 @@ def bench_fixed(cfg) -> dict[str, Any]:
                 added = _paired_median(times, name, "plain") - (attach if name != "floor_probs_last" else 0.0)
                 out[f"fixed_ms_per_layer_{name}{suffix}"] = added * 1e3 / shape["layers"]
                 out[f"fixed_ratio_{name}{suffix}"] = (plain + added) / plain
-        if device == "cpu":   # arbiter's own work inside the attention calls, read directly (load-independent)
+        if device == "cpu":   # arbiter's own work (attention calls and hooks), read directly (load-independent)
             for name, fn in _fixed_paths(model, tm.processor, inputs, shape["layers"]).items():
                 if name != "attach_detach":
                     out[f"fixed_inside_ms_per_layer_{name}"] = _inside_ms_per_layer(fn, cfg["repeats"] * 2)

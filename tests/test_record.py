@@ -34,3 +34,18 @@ def test_tensors_held_on_the_device_reach_the_trace_as_if_moved_at_once(monkeypa
     assert not held._on_device
     assert sorted(a.keys()) == sorted(b.keys()) and len(a.keys()) > 10
     assert all(torch.equal(a[k], b[k]) for k in a.keys())
+
+
+def test_trace_keeps_the_groups_of_the_recorded_forward_not_of_a_later_one():
+    """The trace's groups describe the forward it recorded, even when the Lens ran other inputs before the trace
+    was read."""
+    tm = _tiny("llava")
+    one, two = inputs_for(tm, n=1), inputs_for(tm, n=2)
+    with arbiter.attach(tm.model, tm.processor) as lens, torch.no_grad():
+        with lens.record("resid.post", rows="last", layers=[0]) as rec:
+            tm.model(**one)
+        tm.model(**two)   # nothing active: another batch, other groups
+        trace = rec.trace
+    groups = trace.meta["groups"]["groups"]
+    assert len(groups["image"]) == 1 and len(groups["last"]) == 1
+    assert groups["last"][0] == [one["input_ids"].shape[1] - 1]

@@ -51,6 +51,7 @@ class Recorder(Probe):
         self._on_device: list[tuple[tuple, int]] = []   # (store key, index) of recorded tensors not yet on the host
         self._device_bytes = 0
         self._head_index: dict[tuple, torch.Tensor] = {}
+        self._groups = None   # the token groups of the last forward recorded (the trace's meta)
 
     def on_attach(self, lens) -> None:
         self._lens = lens
@@ -123,6 +124,7 @@ class Recorder(Probe):
 
     def on_forward(self, ctx: Ctx) -> None:
         self._to_host()   # the previous forward's tensors: device memory held for one forward at most
+        self._groups = ctx.groups   # those of the forward recorded (the Lens may run others before the trace is read)
 
     @property
     def trace(self):
@@ -179,7 +181,7 @@ class Recorder(Probe):
         not_run = self._layers_not_run()
         if not_run:
             meta["layers_not_run"] = not_run
-        groups = lens._runtime.groups if lens is not None else None
+        groups = self._groups
         if groups is not None:
             meta["groups"] = groups.to_dict()
             meta["sample_ids"] = groups.sample_ids
