@@ -76,6 +76,9 @@ class _Runtime:
         self.q_len = 0
         self.batch = 0
         self.groups: TokenGroups | None = None
+        # the groups of a forward that began with no probe active, built only if one is then needed (a probe
+        # activated between the prefill and the decode steps of a generation): () -> TokenGroups
+        self.pending_groups: Callable[[], TokenGroups] | None = None
         self._rows_cache: dict = {}
         self.mixer_inputs: dict[int, tuple] = {}   # layer -> (inputs so far, padding mask) for mixer knockouts
         # an encoder-decoder's decoder: token groups over the encoder's positions (the keys of its cross-attention)
@@ -602,6 +605,7 @@ class Lens:
             with contextlib.suppress(Exception):
                 a.probe.on_detach(self)
         self._runtime.active.clear()
+        self._runtime.pending_groups = None
         self._runtime.rebuild()
         self._remove_hooks()
         self._end_services()
@@ -794,20 +798,27 @@ class Lens:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = _cache_length(cache)
         if past == 0 and ids is not None and ids.dim() == 2:
-            g = self.groups
-            # groups over the ids, or over the decoder's sequence (n: the ids plus positions the model puts before them)
-            lengths = (ids.shape[1], ids.shape[1] + self.facts.prefix_length(kwargs))
-            if g is not None and g.batch_size == ids.shape[0] and g.length not in lengths \
-                    and g.prompt_length in lengths:
-                g.truncate(g.prompt_length)
-            if g is None or g.batch_size != ids.shape[0] or g.length not in lengths:
-                mask = (_padding_mask({"attention_mask": kwargs.get("decoder_attention_mask")}, ids)
-                        if self.facts.encoder is not None else kwargs.get("attention_mask"))
-                g = TokenGroups.from_input_ids(ids, mask, self.facts.modality_token_ids,
-                                               kwargs.get("mm_token_type_ids"))
-            if g.length == ids.shape[1]:
-                g = self.facts.sequence_groups(g, kwargs)
-            self._runtime.groups = g
+            def build() -> TokenGroups:
+                g = self.groups
+                # groups over the ids, or over the decoder's sequence (the ids plus positions the model puts
+                # before them)
+                lengths = (ids.shape[1], ids.shape[1] + self.facts.prefix_length(kwargs))
+                if g is not None and g.batch_size == ids.shape[0] and g.length not in lengths \
+                        and g.prompt_length in lengths:
+                    g.truncate(g.prompt_length)
+                if g is None or g.batch_size != ids.shape[0] or g.length not in lengths:
+                    mask = (_padding_mask({"attention_mask": kwargs.get("decoder_attention_mask")}, ids)
+                            if self.facts.encoder is not None else kwargs.get("attention_mask"))
+                    g = TokenGroups.from_input_ids(ids, mask, self.facts.modality_token_ids,
+                                                   kwargs.get("mm_token_type_ids"))
+                if g.length == ids.shape[1]:
+                    g = self.facts.sequence_groups(g, kwargs)
+                return g
+            rt = self._runtime
+            if rt.active:
+                rt.groups, rt.pending_groups = build(), None
+            else:   # nothing reads groups in this forward (reading the ids would make the host wait on a device)
+                rt.groups, rt.pending_groups = None, build
         return None
 
     def companion(self, stack: str) -> "Lens | None":
@@ -872,6 +883,17 @@ class Lens:
             # are read off the ids those embeddings came from, at every run
             rt.groups = TokenGroups.from_input_ids(embedded, _padding_mask(kwargs, embedded),
                                                    self.facts.modality_token_ids)
+        if past == 0 and self.facts.encoder is not None:
+            if not rt.encoder_fresh:   # encoder_outputs from elsewhere: groups of an earlier run would be stale
+                rt.encoder_groups, rt.encoder_modality = None, None
+                rt.encoder_why = ("the encoder did not run in this call (encoder_outputs were passed in), so its "
+                                  "positions' groups are unknown")
+            rt.encoder_fresh = False
+        rt.step = 0 if past == 0 else rt.step + 1
+        if not rt.active:   # no probe reads groups in this forward: built when one asks (pending_groups)
+            return None
+        if rt.pending_groups is not None:
+            rt.groups, rt.pending_groups = rt.pending_groups(), None
         if rt.groups is None or (past == 0 and rt.q_len not in (rt.groups.length, rt.groups.prompt_length)):
             # (an encoder-decoder's decoder: groups set with use() / encode() describe the encoder's prompt)
             base = self.groups if (self.groups is not None and self.facts.encoder is None
@@ -889,18 +911,8 @@ class Lens:
                                                              rt.q_len).bool())
             rt.groups = base
         g = rt.groups
-        if past == 0 and self.facts.encoder is not None:
-            if not rt.encoder_fresh:   # encoder_outputs from elsewhere: groups of an earlier run would be stale
-                rt.encoder_groups, rt.encoder_modality = None, None
-                rt.encoder_why = ("the encoder did not run in this call (encoder_outputs were passed in), so its "
-                                  "positions' groups are unknown")
-            rt.encoder_fresh = False
-        if past == 0:
-            rt.step = 0
-            if g.length > rt.q_len:
-                g.truncate(rt.q_len)
-        else:
-            rt.step += 1
+        if past == 0 and g.length > rt.q_len:
+            g.truncate(rt.q_len)
         if g.batch_size not in (1, rt.batch):
             raise GroupError(f"the token groups are for a batch of {g.batch_size} but the model runs a batch of "
                              f"{rt.batch} (beam search or a different input?); encode the batch you run.")
@@ -1028,7 +1040,7 @@ class Lens:
         the decoder's own positions are grouped from its ids."""
         self.groups = groups
         if self.facts.encoder is None:
-            self._runtime.groups = groups
+            self._runtime.groups, self._runtime.pending_groups = groups, None
 
     def record(self, *what: str, layers: Any = "all", rows: RowSpec = "all", heads: Sequence[int] | None = None,
                steps: str = "all"):

@@ -336,3 +336,54 @@ def test_probes_compose_in_activation_order():
         logits(tm.model, inputs_for(tm))
     assert order == ["outer", "inner"]
     assert torch.allclose(rec.trace["L0.mlp.out"], plain.trace["L0.mlp.out"])  # x2 then x0.5, recorder last
+
+
+def _prefill_then_step(tm, lens, during_prefill, during_step):
+    """A prefill with a cache under ``during_prefill(lens)``, then one decode step under ``during_step(lens)``
+    (context managers); the step's last logits."""
+    inputs = inputs_for(tm)
+    with torch.no_grad():
+        with during_prefill(lens):
+            out = tm.model(**inputs, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], dim=1)
+        with during_step(lens):
+            return tm.model(input_ids=nxt, attention_mask=mask, past_key_values=out.past_key_values,
+                            use_cache=True).logits[:, -1]
+
+
+def test_a_knockout_activated_after_an_idle_prefill_sees_the_prompts_image():
+    """Groups are not built in a forward that begins with no probe active; a probe activated between the prefill
+    and a decode step still gets the prompt's groups: the step equals one whose prefill ran with a probe active
+    (groups built there), and the knockout changes it."""
+    import contextlib
+
+    tm = _tiny("llava")
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        idle = _prefill_then_step(tm, lens, lambda lens: contextlib.nullcontext(),
+                                  lambda lens: lens.knockout("image", "generated"))
+        eager = _prefill_then_step(tm, lens, lambda lens: lens.record("resid.post", layers=[0], rows="last"),
+                                   lambda lens: lens.knockout("image", "generated"))
+        plain = _prefill_then_step(tm, lens, lambda lens: contextlib.nullcontext(),
+                                   lambda lens: contextlib.nullcontext())
+    assert torch.equal(idle, eager)
+    assert (idle - plain).abs().max().item() > 1e-4
+
+
+def test_a_forward_with_no_probe_active_does_not_read_its_ids(monkeypatch):
+    """Attached and idle, a forward builds no token groups (reading the ids would make the host wait on an
+    accelerator at every forward); with a probe active it does."""
+    from arbiter.groups import TokenGroups
+
+    tm = _tiny("llava")
+    inputs = inputs_for(tm)
+    calls = []
+    original = TokenGroups.from_input_ids.__func__
+    monkeypatch.setattr(TokenGroups, "from_input_ids",
+                        classmethod(lambda cls, *a, **k: calls.append(1) or original(cls, *a, **k)))
+    with arbiter.attach(tm.model, tm.processor) as lens, torch.no_grad():
+        tm.model(**inputs)
+        assert calls == []
+        with lens.record("resid.post", layers=[0], rows="last"):
+            tm.model(**inputs)
+        assert calls == [1]
