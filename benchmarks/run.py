@@ -302,7 +302,8 @@ def _inside_ms_per_layer(fn: Callable[[], Any], rounds: int) -> float:
 def _floor_model(tm, acc: dict[str, float]):
     """A copy of the model whose text attention reads the last row's probabilities the least a tool can: the
     module's own eager function on that row (keys made contiguous, empty value dimension), its mask row built once
-    per forward, one copy kept, then SDPA for every row. No arbiter code runs: the floor any reader of one row pays on this machine.
+    per forward, one copy kept, then SDPA for every row. No arbiter code runs: the floor any reader of one row pays
+    on this machine.
     ``acc`` collects the time spent there beside the kernel, as :func:`_inside_clock` does for arbiter.
     Returns (model, forward(inputs) -> (logits, the kept rows per layer))."""
     from transformers import AttentionInterface
@@ -599,7 +600,8 @@ def bench_sweep(tm, cfg) -> dict[str, Any]:
     firsts = sorted(s.first_layer for s in res.settings)
     chunks = [firsts[i:i + res.chunk] for i in range(0, len(firsts), res.chunk)]
     sweep_layer_forwards = n_layers + sum(len(c) * (n_layers - c[0]) for c in chunks)
-    return {"sweep_device": device, "sweep_samples": cfg["sweep_samples"], "sweep_heads_total": total, "sweep_heads_timed": len(heads),
+    return {"sweep_device": device, "sweep_samples": cfg["sweep_samples"], "sweep_heads_total": total,
+            "sweep_heads_timed": len(heads),
             "sweep_chunk": chunk, "sweep_repeats": cfg["sweep_repeats"], "sweep_forwards": res.forwards,
             "sweep_layers_skipped": res.layers_skipped,
             "sweep_layer_forward_ratio": len(heads) * n_layers / sweep_layer_forwards,

@@ -22,6 +22,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 import arbiter
 from arbiter import attention as router
 from arbiter.errors import SiteError, UnsupportedModelError
+from arbiter.sweep import head_sweep
 from arbiter.testing import tiny
 from helpers import _tiny, image_token_id, inputs_for, set_text_attention
 
@@ -497,8 +498,9 @@ def count_host_syncs(fn) -> int:
 
 
 def check_host_syncs_do_not_grow_with_layers(device: str) -> dict[str, tuple[int, int]]:
-    """Per path (record last-row probabilities, knockout image -> last, block a head per layer): the host syncs arbiter
-    adds to a forward of a 2-layer and of a 4-layer model. Equal: none of them happens per layer."""
+    """Per path (record last-row probabilities, knockouts, head blocks, amplification of one row, mean ablation,
+    patching from a source on the device, a head sweep of two heads): the host syncs arbiter adds to a forward of a
+    2-layer and of a 4-layer model. Equal: none of them happens per layer."""
     out = {}
     for layers in (2, 4):
         tm = tiny("llava", layers=layers)
@@ -516,12 +518,26 @@ def check_host_syncs_do_not_grow_with_layers(device: str) -> dict[str, tuple[int
 
         forward()()   # warm: kernels chosen, caches filled
         idle = count_host_syncs(forward())
+        every = [(i, 0) for i in range(layers)]
+        nh, hd = tm.config.text_config.num_attention_heads, tm.config.text_config.head_dim
+        seq = inputs["input_ids"].shape[1]
+        source = {i: torch.zeros(2, seq, nh, hd, device=device) for i in range(layers)}   # already on the device
         paths = {"record": forward(lambda lens: lens.record("attn.probs", rows="last")),
                  "knockout": forward(lambda lens: lens.knockout("image", "last")),
-                 "block": forward(lambda lens: lens.block_heads([(i, 0) for i in range(layers)]))}
+                 "knockout_one_head": forward(lambda lens: lens.knockout("image", "last", heads=[0])),
+                 "block": forward(lambda lens: lens.block_heads(every)),
+                 "block_one_batch_row": forward(lambda lens: lens.block_heads(every, batch_rows=[1])),
+                 "amplify_last_row": forward(lambda lens: lens.amplify_heads(every, alpha=2.0, rows="last")),
+                 "mean_ablation": forward(lambda lens: lens.block_heads(
+                     every, mode="mean", reference={i: torch.ones(1, nh, hd) for i in range(layers)})),
+                 "patch_from_the_device": forward(lambda lens: lens.patch_heads(every, source))}
         for name, fn in paths.items():
             fn()
             out.setdefault(name, []).append(count_host_syncs(fn) - idle)
+        with arbiter.attach(model, tm.processor) as lens:   # a sweep of the same two heads on either depth
+            sweep = functools.partial(head_sweep, lens, inputs, heads=[(0, 0), (1, 0)], chunk=2)
+            sweep()
+            out.setdefault("head_sweep", []).append(count_host_syncs(sweep))
     return {k: tuple(v) for k, v in out.items()}
 
 

@@ -39,13 +39,25 @@ def _validate_range(lens, heads: list[tuple[int, int]], who: str) -> None:
 
 
 def _row_factor(ctx: Ctx, batch_rows: Sequence[int] | None, device) -> torch.Tensor:
-    """[b, R] bool: where the intervention applies (row belongs to the group for that sample, batch row chosen)."""
-    m = ctx.on_device(ctx.row_mask, device)
+    """[b, R] bool on ``device``: where the intervention applies (row belongs to the group for that sample, batch
+    row chosen); built on the CPU and copied without making the host wait on an accelerator."""
+    m = ctx.row_mask
     if batch_rows is not None:
-        keep = torch.zeros(m.shape[0], dtype=torch.bool, device=device)
+        keep = torch.zeros(m.shape[0], dtype=torch.bool)
         keep[[r for r in batch_rows if r < m.shape[0]]] = True
         m = m & keep[:, None]
-    return m
+    return ctx.on_device(m, device)
+
+
+def _head_selection(cache: dict, heads: Sequence[tuple[int, int]], layer: int, n_heads: int) -> torch.Tensor:
+    """[heads] bool on the CPU: the chosen heads of ``layer`` (kept in ``cache``: one tensor per layer, so its
+    device copy is made once per forward)."""
+    key = ("sel", layer, n_heads)
+    if key not in cache:
+        sel = torch.zeros(n_heads, dtype=torch.bool)
+        sel[[h for lay, h in heads if lay == layer]] = True
+        cache[key] = sel
+    return cache[key]
 
 
 class HeadScale(Probe):
@@ -76,29 +88,39 @@ class HeadScale(Probe):
         self._reads = {}
         # every row of every sample scaled: the factor is per head alone (no per-row selection to build)
         self._every_row = isinstance(rows, str) and rows == "all" and self.batch_rows is None
-        self._factors: dict[tuple, torch.Tensor | None] = {}   # per (layer, heads, device, dtype): built once
+        self._factors: dict[tuple, torch.Tensor | None] = {}   # scales, factors, head selections (CPU): built once
 
     def on_attach(self, lens) -> None:
         _validate_range(lens, self.heads, type(self).__name__)
         for layer, t in self.table.items():
             _validate_range(lens, [(layer, t.shape[1] - 1)], type(self).__name__)
 
-    def _scale(self, layer: int, n_heads: int, device) -> torch.Tensor | None:
-        """[heads] float32 scales of ``layer`` on ``device`` (None: every head at 1)."""
-        vals = [1.0] * n_heads
-        for (lay, h), a in zip(self.heads, self.alphas):
-            if lay == layer:
-                vals[h] = a
-        return None if all(v == 1.0 for v in vals) else torch.tensor(vals).to(device)
+    def _layer_scale(self, layer: int, b: int, nh: int) -> torch.Tensor | None:
+        """float32 scales of ``layer`` on the CPU, built once: [b, heads] from ``table``, else [heads] (None: every
+        head at 1)."""
+        if layer in self.table:
+            t = self.table[layer]
+            if t.shape[0] != b or t.shape[1] != nh:
+                raise InterventionError(f"table[{layer}] is {tuple(t.shape)} but the batch has {b} rows and {nh} "
+                                        "heads.")
+            return None if self._table_ones[layer] else t
+        key = ("scale", layer, nh)
+        if key not in self._factors:
+            vals = [1.0] * nh
+            for (lay, h), a in zip(self.heads, self.alphas):
+                if lay == layer:
+                    vals[h] = a
+            self._factors[key] = None if all(v == 1.0 for v in vals) else torch.tensor(vals)
+        return self._factors[key]
 
     def _factor(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
         """What multiplies ``x`` [b, rows, heads, dim] on every row (None: nothing to scale), built once per layer,
-        shape, device and dtype: [1 | b, 1, heads, dim] in x's dtype (a full head dim: a product with no broadcast
-        inside a row runs 1.5-4x faster on a CPU than one against [.., heads, 1])."""
+        shape and dtype on the CPU: [1 | b, 1, heads, dim] in x's dtype (a full head dim: a product with no
+        broadcast inside a row runs 1.5-4x faster on a CPU than one against [.., heads, 1])."""
         b, _, nh, hd = x.shape
-        key = (layer, b, nh, hd, x.device, x.dtype)
+        key = ("every", layer, b, nh, hd, x.dtype)
         if key not in self._factors:
-            scale = self._layer_scale(layer, b, nh, x.device)
+            scale = self._layer_scale(layer, b, nh)
             if scale is None:
                 self._factors[key] = None
             else:
@@ -107,23 +129,16 @@ class HeadScale(Probe):
                 self._factors[key] = f.expand(-1, -1, -1, hd).contiguous()
         return self._factors[key]
 
-    def _layer_scale(self, layer: int, b: int, nh: int, device) -> torch.Tensor | None:
-        """float32 scales of ``layer``: [b, heads] from ``table``, else [heads] (None: every head at 1)."""
-        if layer not in self.table:
-            return self._scale(layer, nh, device)
-        t = self.table[layer]
-        if t.shape[0] != b or t.shape[1] != nh:
-            raise InterventionError(f"table[{layer}] is {tuple(t.shape)} but the batch has {b} rows and {nh} heads.")
-        return None if self._table_ones[layer] else t.to(device)   # known on the host: no wait on the device
-
     def attn_head_out(self, ctx: Ctx, x: torch.Tensor) -> torch.Tensor:
+        # factors are built on the CPU and copied with ctx.on_device: no host wait on an accelerator
         if self._every_row:
             f = self._factor(ctx.layer, x)
-            return x if f is None else x * f
+            return x if f is None else x * ctx.on_device(f, x.device)
         b, _, nh, _ = x.shape
-        scale = self._layer_scale(ctx.layer, b, nh, x.device)
+        scale = self._layer_scale(ctx.layer, b, nh)
         if scale is None:
             return x
+        scale = ctx.on_device(scale, x.device)
         where = _row_factor(ctx, self.batch_rows, x.device)                       # [b, R]
         per = scale[:, None, :] if scale.dim() == 2 else scale[None, None, :]
         factor = torch.where(where[:, :, None], per, torch.ones((), device=x.device))
@@ -168,9 +183,8 @@ class HeadBlock(HeadScale):
     def attn_head_out(self, ctx: Ctx, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "zero":
             return super().attn_head_out(ctx, x)
-        mean = self._means[ctx.layer].to(x.device, x.dtype)                       # [heads, d]
-        sel = torch.zeros(x.shape[2], dtype=torch.bool, device=x.device)
-        sel[[h for lay, h in self.heads if lay == ctx.layer]] = True
+        mean = ctx.on_device(self._means[ctx.layer], x.device).to(x.dtype)        # [heads, d]
+        sel = ctx.on_device(_head_selection(self._factors, self.heads, ctx.layer, x.shape[2]), x.device)
         where = _row_factor(ctx, self.batch_rows, x.device)[:, :, None] & sel[None, None, :]
         return torch.where(where[..., None], mean[None, None], x)
 
@@ -204,6 +218,7 @@ class HeadPatch(Probe):
         self.batch_rows = batch_rows
         self._edits = {"attn.head_out": rows}
         self._reads = {}
+        self._sel: dict = {}   # per layer: the chosen heads, [heads] bool on the CPU
 
     def on_attach(self, lens) -> None:
         _validate_range(lens, self.heads, "HeadPatch")
@@ -218,9 +233,9 @@ class HeadPatch(Probe):
             raise InterventionError(f"HeadPatch source for layer {ctx.layer} has shape {tuple(src.shape)}; expected "
                                     f"[{x.shape[0]}, >={full_len}, {x.shape[2]}, {x.shape[3]}] (record it with "
                                     "rows='all' on an input of the same length).")
-        src = src[:, ctx.positions.to(src.device)].to(x.device, x.dtype).expand(x.shape[0], -1, -1, -1)
-        sel = torch.zeros(x.shape[2], dtype=torch.bool, device=x.device)
-        sel[[h for lay, h in self.heads if lay == ctx.layer]] = True
+        # the source's rows: its one copy to the device (as large as the rows patched) is not cached per forward
+        src = src[:, ctx.on_device(ctx.positions, src.device)].to(x.device, x.dtype).expand(x.shape[0], -1, -1, -1)
+        sel = ctx.on_device(_head_selection(self._sel, self.heads, ctx.layer, x.shape[2]), x.device)
         where = _row_factor(ctx, self.batch_rows, x.device)[:, :, None] & sel[None, None, :]
         return torch.where(where[..., None], src, x)
 
@@ -244,7 +259,7 @@ class ResidPatch(Probe):
                 or src.shape[1] < full_len:
             raise InterventionError(f"ResidPatch source has shape {tuple(src.shape)}; expected [{x.shape[0]}, "
                                     f">={full_len}, {x.shape[2]}].")
-        src = src[:, ctx.positions.to(src.device)].to(x.device, x.dtype).expand(x.shape[0], -1, -1)
+        src = src[:, ctx.on_device(ctx.positions, src.device)].to(x.device, x.dtype).expand(x.shape[0], -1, -1)
         where = _row_factor(ctx, self.batch_rows, x.device)
         return torch.where(where[..., None], src, x)
 

@@ -140,10 +140,10 @@ class Knockout(Probe):
             return None
         q, k = ctx.on_device(q, device), ctx.on_device(k, device)
         sever = q[:, None, :, None] & k[:, None, None, :]      # [b, 1, q, k]
-        if self.heads is not None:
-            sel = torch.zeros(nh, dtype=torch.bool, device=device)
+        if self.heads is not None:   # built on the CPU, copied without a host wait
+            sel = torch.zeros(nh, dtype=torch.bool)
             sel[self.heads] = True
-            sever = sever & sel[None, :, None, None]
+            sever = sever & ctx.on_device(sel, device)[None, :, None, None]
         return ~sever
 
     def xattn_mask(self, ctx: Ctx, mask: torch.Tensor) -> torch.Tensor:
