@@ -76,14 +76,19 @@ QUESTION = "In case there is an inconsistency between the text context and the i
 
 def _round_robin(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
                  clock: Callable[[], float] = time.perf_counter) -> tuple[dict[str, list[float]], dict[str, Any]]:
-    """Round-robin timing: each round calls every fn once, so load changes on a shared machine hit them alike.
+    """Round-robin timing: each round calls every fn once, so load changes on a shared machine hit them alike; the
+    order rotates by one each round, so no fn always runs first (measured at hidden 512, 10 rounds: in a fixed
+    order the plain forward, run first, took 2-8 % longer than recording forwards run after it).
     ({name: seconds of each of ``repeats`` rounds after ``warmup`` untimed rounds}, {name: the last call's result}).
     ``clock``: wall time by default; ``time.process_time`` counts this process's CPU time only (steadier on a
     shared machine for single-threaded CPU work)."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     last: dict[str, Any] = {}
+    names = list(fns)
     for i in range(warmup + repeats):
-        for name, fn in fns.items():
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            fn = fns[name]
             start = clock()
             last[name] = fn()
             if i >= warmup:
