@@ -250,8 +250,8 @@ def _fixed_paths(model, proc, inputs, n_layers: int) -> dict[str, Callable[[], A
 def _inside_clock(acc: dict[str, float]):
     """Accumulate, in ``acc``, the CPU time spent in arbiter's code during a forward (``total``): its routed attention
     calls, its hooks (on the layers, o_proj, the model's and decoder's inputs), and inside the model's own kernel
-    that those attention calls make (``kernel``: the first kernel call of each; a row-sliced knockout's second
-    call, on the edited rows, is arbiter's work). ``total - kernel`` is arbiter's own work (mask edits, row
+    that those attention calls make (``kernel``: the first kernel call of each; under eager attention a row-sliced
+    knockout calls the kernel function again for the edited rows, and that is arbiter's work). ``total - kernel`` is arbiter's own work (mask edits, row
     recomputes, row reads, head scaling, recording, grouping), free of the model's compute and of the load."""
     from arbiter import attention as attn_fn
     from arbiter import lens as lens_mod
