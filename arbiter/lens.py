@@ -373,6 +373,7 @@ class _Runtime:
         return mask_b, True, None
 
     ROW_SLICE_SHARE = 0.25   # mask edits on at most this share of a call's query rows recompute only those rows
+    KEPT_MASK_ROWS = 64      # the masks of at most this many rows are kept for the forward (built once, reused)
 
     def mask_edit_rows(self, layer: int, site: dict, q_pos: torch.Tensor, kw: dict) -> tuple | None:
         """The only rows the layer's attn.mask editors can change, as ([batch, rows] bool over the call's rows, the
@@ -417,8 +418,17 @@ class _Runtime:
         row_pos = self.per_forward("row_positions", (q_pos, rows), lambda: q_pos[rows])
         mask_b, mask_f, _ = self.read_masks(module, attention_mask, kwargs, b, q_pos, k_pos, row_pos, rows_d, cross,
                                             query.dtype, dev)
-        # the rows' mask is built once per forward; each layer's editors get a copy they may write into
-        mask_b, edited, empty = self.edit_mask(layer, site, mask_b.clone(), row_pos, k_pos, kw, cross)
+        # the rows' mask is built once per forward; each layer's editors get a copy they may write into. Editors
+        # whose edit is the same in every layer (Probe.mask_edit_per_forward) edit it once per forward for each
+        # mask and head count (a mask of few rows only: the one read_masks keeps for the forward)
+        entries = self.entries(site["mask"], layer)
+        if row_pos.shape[0] <= self.KEPT_MASK_ROWS and all(a.probe.mask_edit_per_forward for a in entries):
+            mask_b, edited, empty = self.per_forward(
+                "mask_edit", (mask_b, row_pos, *(a.probe for a in entries)),
+                lambda: self.edit_mask(layer, site, mask_b.clone(), row_pos, k_pos, kw, cross),
+                self.lens.facts.heads(layer), cross)
+        else:
+            mask_b, edited, empty = self.edit_mask(layer, site, mask_b.clone(), row_pos, k_pos, kw, cross)
         if not edited:
             return out
         sub = attn_fn.masked_attention(kind, base, module, query.index_select(2, rows_d), key, value, mask_b, mask_f,
@@ -472,7 +482,7 @@ class _Runtime:
                 mb, mf = attn_fn.bool_mask(attention_mask, module, kwargs, b, q_pos, k_pos, cross, device)
                 mb, mf = mb.index_select(2, idx), (mf.index_select(2, idx) if mf is not None else None)
             return mb, mf, attn_fn.float_mask(mb, mf, dtype)
-        if rows.shape[0] > 64:   # many rows: not kept for the next layer (memory)
+        if rows.shape[0] > self.KEPT_MASK_ROWS:   # many rows: not kept for the next layer (memory)
             return build()
         # rows, q_pos and k_pos are tensors this forward shares; the mask object is the model's for this forward
         return self.per_forward("read_masks", (attention_mask, q_pos, k_pos, rows), build, kwargs.get("is_causal"),

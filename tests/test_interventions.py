@@ -387,3 +387,28 @@ def test_a_forward_with_no_probe_active_does_not_read_its_ids(monkeypatch):
         with lens.record("resid.post", layers=[0], rows="last"):
             tm.model(**inputs)
         assert calls == [1]
+
+
+def test_a_knockout_edits_its_rows_once_per_forward_and_equals_editing_every_layer(monkeypatch):
+    """A knockout's row edit is the same in every layer (Probe.mask_edit_per_forward): made once per forward and
+    reused, it gives the logits of editing every layer anew, bit for bit."""
+    from arbiter.probes.knockout import Knockout
+
+    tm = _tiny("llava")
+    inputs = inputs_for(tm, n=2)
+    calls = []
+    original = Knockout.attn_mask
+    monkeypatch.setattr(Knockout, "attn_mask", lambda self, ctx, mask: calls.append(ctx.layer) or
+                        original(self, ctx, mask))
+
+    def run():
+        calls.clear()
+        with arbiter.attach(tm.model, tm.processor) as lens, lens.knockout("image", "last"):
+            out = logits(tm.model, inputs)
+        return out, list(calls)
+
+    once, once_calls = run()
+    monkeypatch.setattr(Knockout, "mask_edit_per_forward", False)
+    every, every_calls = run()
+    assert torch.equal(once, every)
+    assert len(once_calls) == 1 and len(every_calls) == tm.model.config.text_config.num_hidden_layers

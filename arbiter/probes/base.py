@@ -150,6 +150,11 @@ class Probe:
     # an attn.mask editor that never writes into the mask it is handed (it returns a new one, or that one untouched)
     # may say so: under torch.inference_mode arbiter then need not compare the mask with a copy to find out
     writes_masks_in_place: ClassVar[bool] = True
+    # an attn.mask editor whose edit depends only on the forward (its groups and positions), the mask rows it is
+    # handed and the layer's head count, never on the layer itself, may say so: where it edits a few rows (the
+    # row-sliced path), arbiter then edits those rows once per forward and reuses the result in every layer that
+    # hands it the same mask rows and head count
+    mask_edit_per_forward: ClassVar[bool] = False
     reads: ClassVar[Mapping[str, RowSpec]] = {}
     edits: ClassVar[Mapping[str, RowSpec]] = {}
     layers: Any = "all"

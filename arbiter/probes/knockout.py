@@ -27,6 +27,7 @@ class Knockout(Probe):
     KEEP_ELEMENTS = 1 << 20   # kept-edge masks up to this many elements are built once per forward
     writes_masks_in_place = False   # returns a new mask (or the one it got, untouched)
     mask_rows_per_forward = True   # attn_mask_rows depends on the destination group only, not on the layer
+    mask_edit_per_forward = True   # mask & the severed edges of this forward (per head count): the same in every layer
     optional_sites = frozenset({"xattn.mask"})   # a layer's cross-attention, severed where the layer has one
 
     def __init__(self, src: str, dst: str, heads: Sequence[int] | None = None,
