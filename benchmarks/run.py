@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import functools
 import gc
 import json
 import os
@@ -101,6 +102,16 @@ def _median_times(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int =
     """{name: (median seconds over the rounds of :func:`_round_robin`, the last call's result)}."""
     times, last = _round_robin(fns, repeats, warmup, clock)
     return {name: (statistics.median(times[name]), last[name]) for name in fns}
+
+
+def _synced(fn: Callable[[], Any], device: str) -> Callable[[], Any]:
+    """``fn`` followed by a CUDA synchronise when ``device`` is CUDA (its time then includes the device's work)."""
+    def run():
+        out = fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+    return run
 
 
 def _paired_median(times: dict[str, list[float]], name: str, base: str) -> float:
@@ -373,15 +384,7 @@ def bench_fixed(cfg) -> dict[str, Any]:
         tm = tiny("llava", **shape)
         model = tm.model.to(device)
         inputs = {k: v.to(device) for k, v in _batch_inputs(tm, cfg["batch"]).items()}
-        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-        def timed(fn):
-            def run_synced():
-                r = fn()
-                sync()
-                return r
-            return run_synced
-
+        timed = functools.partial(_synced, device=device)
         floor_acc = {"total": 0.0, "kernel": 0.0, "calls": 0}
         floor = _floor_model(tm, floor_acc)[1] if device == "cpu" else None
         fns = {"plain": timed(lambda: _forward(model, inputs)),
@@ -569,19 +572,11 @@ def bench_sweep(tm, cfg) -> dict[str, Any]:
     chunk = len(heads) // tc.num_hidden_layers  # settings are sorted by layer: one chunk = one layer's heads
     # on a GPU when there is one: batching settings is what a GPU gains from (a CPU, little)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    synced = functools.partial(_synced, device=device)
     inputs = {k: v.to(device) for k, v in _batch_inputs(tm, cfg["sweep_samples"], seed=100).items()}
     head_dim = tc.hidden_size // tc.num_attention_heads
     model = tm.model if device == "cpu" else copy.deepcopy(tm.model).to(device)
     nm = _wrap(_model_copy(tm, "sdpa").to(device))
-
-    def synced(fn):
-        def run():
-            out = fn()
-            sync()
-            return out
-        return run
-
     with arbiter.attach(model, tm.processor) as lens:
         def sweep():
             return head_sweep(lens, inputs, heads=heads, chunk=chunk)

@@ -54,6 +54,15 @@ ALIASES = {"attn": "attn.probs", "probs": "attn.probs", "scores": "attn.scores",
            "mlp": "mlp.out", "q": "attn.q", "k": "attn.k", "v": "attn.v", "xattn": "xattn.probs"}
 
 
+def batch_row_mask(batch_rows: Sequence[int] | None, batch: int) -> torch.Tensor | None:
+    """[batch] bool on the CPU: True on the chosen batch rows (those beyond the batch ignored); None: every row."""
+    if batch_rows is None:
+        return None
+    keep = torch.zeros(batch, dtype=torch.bool)
+    keep[[r for r in batch_rows if r < batch]] = True
+    return keep
+
+
 def canonical_site(name: str) -> str:
     site = ALIASES.get(name, name)
     if site not in SITES:

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import InterventionError, SiteError
 from ..trace import Trace, site_key
-from .base import Ctx, Probe, RowSpec
+from .base import Ctx, Probe, RowSpec, batch_row_mask
 
 
 def _check_heads(heads: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -41,12 +41,8 @@ def _validate_range(lens, heads: list[tuple[int, int]], who: str) -> None:
 def _row_factor(ctx: Ctx, batch_rows: Sequence[int] | None, device) -> torch.Tensor:
     """[b, R] bool on ``device``: where the intervention applies (row belongs to the group for that sample, batch
     row chosen); built on the CPU and copied without making the host wait on an accelerator."""
-    m = ctx.row_mask
-    if batch_rows is not None:
-        keep = torch.zeros(m.shape[0], dtype=torch.bool)
-        keep[[r for r in batch_rows if r < m.shape[0]]] = True
-        m = m & keep[:, None]
-    return ctx.on_device(m, device)
+    m, keep = ctx.row_mask, batch_row_mask(batch_rows, ctx.row_mask.shape[0])
+    return ctx.on_device(m if keep is None else m & keep[:, None], device)
 
 
 def _head_selection(cache: dict, heads: Sequence[tuple[int, int]], layer: int, n_heads: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 
 from ..errors import GroupError, SiteError
-from .base import Ctx, Probe
+from .base import Ctx, Probe, batch_row_mask
 
 
 class Knockout(Probe):
@@ -103,11 +103,8 @@ class Knockout(Probe):
     def _dst_rows(self, ctx: Ctx) -> torch.Tensor:
         """[b, q] on the CPU: the destination group's rows in the chosen batch rows."""
         q = ctx.group(self.dst, over="rows")
-        if self.batch_rows is not None:
-            keep = torch.zeros(q.shape[0], dtype=torch.bool)
-            keep[[r for r in self.batch_rows if r < q.shape[0]]] = True
-            q = q & keep[:, None]
-        return q
+        keep = batch_row_mask(self.batch_rows, q.shape[0])
+        return q if keep is None else q & keep[:, None]
 
     def attn_mask_rows(self, ctx: Ctx) -> torch.Tensor:
         """The rows the knockout edits: the destination group's (in the chosen batch rows)."""
