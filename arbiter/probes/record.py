@@ -71,12 +71,12 @@ class Recorder(Probe):
             index = self._head_index.get(tuple(hs))
             if index is None:   # one CPU tensor per head list: its device copy is made once per forward
                 index = self._head_index[tuple(hs)] = torch.tensor(hs)
-            value = value.index_select(_HEAD_DIM[site], ctx.on_device(index, value.device))   # a copy already
+            value = value.detach().index_select(_HEAD_DIM[site], ctx.on_device(index, value.device))   # a copy
         else:
             value = value.detach().clone()   # a copy the model cannot change later
         key = (site, ctx.layer)
         call = len(self._store[key])
-        self._store[key].append(value.detach())   # on an accelerator it stays there until the forward is over
+        self._store[key].append(value)   # on an accelerator it stays there until the forward is over
         if self._held_on_device(value):
             self._on_device.append((key, call))
             self._device_bytes += value.numel() * value.element_size()
@@ -113,7 +113,7 @@ class Recorder(Probe):
     @staticmethod
     def _held_on_device(value: torch.Tensor) -> bool:
         """Whether a recorded tensor waits on its device for the end of the forward (on an accelerator)."""
-        return value.device.type != "cpu"
+        return not value.is_cpu
 
     def _to_host(self) -> None:
         """Move the tensors recorded on an accelerator to the host (the host waits for the device here)."""
