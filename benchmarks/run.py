@@ -372,58 +372,85 @@ def _floor_model(tm, acc: dict[str, float]):
     return model, forward
 
 
+def _fixed_variants() -> list[tuple[str, str, torch.dtype, str]]:
+    """(device, text attention implementation, dtype, key suffix) the fixed section runs: the CPU with SDPA in fp32;
+    on CUDA, SDPA in fp32 and, where flash-attention 2 is installed, flash in bf16 (its kernels take half
+    precision; a row-sliced knockout keeps it for every row, a row read gets its 2D padding mask)."""
+    out = [("cpu", "sdpa", torch.float32, "")]
+    if torch.cuda.is_available():
+        from transformers.utils import is_flash_attn_2_available
+
+        out.append(("cuda", "sdpa", torch.float32, "_cuda"))
+        if is_flash_attn_2_available():
+            out.append(("cuda", "flash_attention_2", torch.bfloat16, "_cuda_flash"))
+    return out
+
+
+def _fixed_variant(cfg, shape: dict, device: str, impl: str, dtype: torch.dtype, suffix: str) -> dict[str, Any]:
+    """The fixed section on one device, attention implementation and dtype; keys end in ``suffix``. On the CPU in
+    fp32 also the floor and arbiter's own time (inside clock)."""
+    out: dict[str, Any] = {}
+    tm = tiny("llava", **shape)
+    model = tm.model.to(device=device, dtype=dtype)
+    if impl != "sdpa":
+        model.set_attn_implementation({"text_config": impl})
+    inputs = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+              for k, v in _batch_inputs(tm, cfg["batch"]).items()}
+    timed = functools.partial(_synced, device=device)
+    cpu = device == "cpu" and dtype == torch.float32
+    floor_acc = {"total": 0.0, "kernel": 0.0, "calls": 0}
+    floor = _floor_model(tm, floor_acc)[1] if cpu else None
+    fns = {"plain": timed(lambda: _forward(model, inputs)),
+           **{k: timed(v) for k, v in _fixed_paths(model, tm.processor, inputs, shape["layers"]).items()},
+           **({"floor_probs_last": timed(lambda: floor(inputs))} if floor is not None else {})}
+    _section(f"fixed cost on {device} ({impl}, {str(dtype).replace('torch.', '')}): {len(fns)} paths round-robin, "
+             f"{cfg['repeats'] * 6} rounds")
+    # CPU: this process's CPU time with one torch thread (steady on a shared machine); CUDA: wall time
+    single = device == "cpu" and torch.get_num_threads() == 1
+    times, _ = _round_robin(fns, cfg["repeats"] * 6, warmup=1,
+                            clock=time.process_time if single else time.perf_counter)
+    out[f"fixed_clock{suffix}"] = "process CPU time" if single else "wall time"
+    out[f"fixed_attn_implementation{suffix}"] = impl
+    out[f"fixed_dtype{suffix}"] = str(dtype).replace("torch.", "")
+    plain, attach = statistics.median(times["plain"]), statistics.median(times["attach_detach"])
+    out[f"fixed_plain_forward_ms{suffix}"] = plain * 1e3
+    out[f"fixed_attach_detach_ms{suffix}"] = attach * 1e3
+    for name in times:
+        if name not in ("plain", "attach_detach"):
+            # paired with the plain forward of the same round; the floor attaches nothing
+            added = _paired_median(times, name, "plain") - (attach if name != "floor_probs_last" else 0.0)
+            out[f"fixed_ms_per_layer_{name}{suffix}"] = added * 1e3 / shape["layers"]
+            out[f"fixed_ratio_{name}{suffix}"] = (plain + added) / plain
+    if cpu:   # arbiter's own work (attention calls and hooks), read directly (load-independent)
+        for name, fn in _fixed_paths(model, tm.processor, inputs, shape["layers"]).items():
+            if name != "attach_detach":
+                out[f"fixed_inside_ms_per_layer_{name}"] = _inside_ms_per_layer(fn, cfg["repeats"] * 2)
+        per = []   # the floor's time beside its kernel, per call, as the inside clock reads arbiter's
+        for i in range(cfg["repeats"] * 2 + 1):
+            floor_acc.update(total=0.0, kernel=0.0, calls=0)
+            _, floor_rows = floor(inputs)
+            if i:
+                per.append((floor_acc["total"] - floor_acc["kernel"]) / floor_acc["calls"] * 1e3)
+        out["fixed_inside_ms_per_layer_floor_probs_last"] = statistics.median(per)
+        with arbiter.attach(model, tm.processor) as lens, lens.record("attn.probs", rows="last") as rec:
+            _forward(model, inputs)   # the floor reads what arbiter records
+        out["fixed_floor_max_abs_diff"] = max(
+            float((rec.trace.site("attn.probs", layer)[:, :, -1:] - floor_rows[layer]).abs().max())
+            for layer in range(shape["layers"]))
+    out[f"fixed_seq_len{suffix}"] = int(inputs["input_ids"].shape[1])
+    return out
+
+
 def bench_fixed(cfg) -> dict[str, Any]:
     """Time arbiter adds per layer and forward on a model so narrow (hidden 64) that compute is small: (path -
     attach and detach - plain forward) / layers, in ms, per path; and each path's ratio to the plain forward. One
     model: each path attaches, runs its forward and detaches, the attach and detach alone timed and subtracted.
-    On CUDA too when present (synchronised timing)."""
+    On CUDA too when present (synchronised timing): SDPA, and flash-attention 2 where installed
+    (:func:`_fixed_variants`)."""
     shape = {**FIXED_MODEL, **({"image_tokens": cfg["model"]["image_tokens"]} if cfg is QUICK else {})}
-    out: dict[str, Any] = {}
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for device in devices:
-        tm = tiny("llava", **shape)
-        model = tm.model.to(device)
-        inputs = {k: v.to(device) for k, v in _batch_inputs(tm, cfg["batch"]).items()}
-        timed = functools.partial(_synced, device=device)
-        floor_acc = {"total": 0.0, "kernel": 0.0, "calls": 0}
-        floor = _floor_model(tm, floor_acc)[1] if device == "cpu" else None
-        fns = {"plain": timed(lambda: _forward(model, inputs)),
-               **{k: timed(v) for k, v in _fixed_paths(model, tm.processor, inputs, shape["layers"]).items()},
-               **({"floor_probs_last": timed(lambda: floor(inputs))} if floor is not None else {})}
-        _section(f"fixed cost on {device}: {len(fns)} paths round-robin, {cfg['repeats'] * 6} rounds")
-        # CPU: this process's CPU time with one torch thread (steady on a shared machine); CUDA: wall time
-        single = device == "cpu" and torch.get_num_threads() == 1
-        times, _ = _round_robin(fns, cfg["repeats"] * 6, warmup=1,
-                                clock=time.process_time if single else time.perf_counter)
-        out["fixed_clock"] = "process CPU time" if single else "wall time"
-        plain, attach = statistics.median(times["plain"]), statistics.median(times["attach_detach"])
-        suffix = "" if device == "cpu" else "_cuda"
-        out[f"fixed_plain_forward_ms{suffix}"] = plain * 1e3
-        out[f"fixed_attach_detach_ms{suffix}"] = attach * 1e3
-        for name in times:
-            if name not in ("plain", "attach_detach"):
-                # paired with the plain forward of the same round; the floor attaches nothing
-                added = _paired_median(times, name, "plain") - (attach if name != "floor_probs_last" else 0.0)
-                out[f"fixed_ms_per_layer_{name}{suffix}"] = added * 1e3 / shape["layers"]
-                out[f"fixed_ratio_{name}{suffix}"] = (plain + added) / plain
-        if device == "cpu":   # arbiter's own work (attention calls and hooks), read directly (load-independent)
-            for name, fn in _fixed_paths(model, tm.processor, inputs, shape["layers"]).items():
-                if name != "attach_detach":
-                    out[f"fixed_inside_ms_per_layer_{name}"] = _inside_ms_per_layer(fn, cfg["repeats"] * 2)
-            per = []   # the floor's time beside its kernel, per call, as the inside clock reads arbiter's
-            for i in range(cfg["repeats"] * 2 + 1):
-                floor_acc.update(total=0.0, kernel=0.0, calls=0)
-                _, floor_rows = floor(inputs)
-                if i:
-                    per.append((floor_acc["total"] - floor_acc["kernel"]) / floor_acc["calls"] * 1e3)
-            out["fixed_inside_ms_per_layer_floor_probs_last"] = statistics.median(per)
-            with arbiter.attach(model, tm.processor) as lens, lens.record("attn.probs", rows="last") as rec:
-                _forward(model, inputs)   # the floor reads what arbiter records
-            out["fixed_floor_max_abs_diff"] = max(
-                float((rec.trace.site("attn.probs", layer)[:, :, -1:] - floor_rows[layer]).abs().max())
-                for layer in range(shape["layers"]))
-        out["fixed_seq_len"] = int(inputs["input_ids"].shape[1])
-        out["fixed_hidden"], out["fixed_layers"] = shape["hidden"], shape["layers"]
+    out: dict[str, Any] = {"fixed_hidden": shape["hidden"], "fixed_layers": shape["layers"]}
+    for variant in _fixed_variants():
+        out.update(_fixed_variant(cfg, shape, *variant))
     return out
 
 
