@@ -243,9 +243,11 @@ class _Runtime:
             if rows.shape[0] == 0:
                 continue
             full = rows.shape[0] == positions.shape[0]
+            # the rows' indices among ``positions`` (sorted, not always consecutive: the union of several readers'
+            # rows, the rows a row-sliced mask edit recomputes)
             idx = None if full else self.per_forward(
-                "row_index", (rows, positions), lambda: self.to_device(rows - positions[0], value.device),
-                str(value.device))
+                "row_index", (rows, positions),
+                lambda: self.to_device(torch.searchsorted(positions, rows), value.device), str(value.device))
             part = value if full else value.index_select(dim, idx)
             ctx = self.ctx(site, layer, rows, row_mask, **ctx_kw)
             out = self.call(a.probe, site, ctx, part)
@@ -464,13 +466,8 @@ class _Runtime:
         def build():
             if any(isinstance(s, str) and s == "all" for s in specs):
                 rows = q_pos
-            elif len(specs) == 1:   # one reader's rows: already sorted and unique
-                rows = self.resolve_rows(specs[0], q_pos)[0]
-            else:
-                union = set()
-                for s in specs:
-                    union.update(self.resolve_rows(s, q_pos)[0].tolist())
-                rows = torch.tensor(sorted(union), dtype=torch.long)
+            else:   # each reader's rows are sorted positions: their union, sorted, without Python lists
+                rows = torch.unique(torch.cat([self.resolve_rows(s, q_pos)[0] for s in specs]))
             idx = (rows - q_pos[0]) if len(rows) else rows
             first = int(idx[0]) if len(idx) else 0
             span = (first, first + len(idx)) if len(idx) and int(idx[-1]) - first == len(idx) - 1 else None
