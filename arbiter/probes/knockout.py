@@ -39,6 +39,7 @@ class Knockout(Probe):
         self.heads = None if heads is None else sorted(set(int(h) for h in heads))
         self.batch_rows = None if batch_rows is None else sorted(set(int(r) for r in batch_rows))
         self.allow_empty = allow_empty
+        self._head_sel: dict[int, torch.Tensor] = {}   # head count -> the chosen heads, [heads] bool on the CPU
         self._checked_step = None
         self._warned = False
 
@@ -138,9 +139,11 @@ class Knockout(Probe):
             return None
         q, k = ctx.on_device(q, device), ctx.on_device(k, device)
         sever = q[:, None, :, None] & k[:, None, None, :]      # [b, 1, q, k]
-        if self.heads is not None:   # built on the CPU, copied without a host wait
-            sel = torch.zeros(nh, dtype=torch.bool)
-            sel[self.heads] = True
+        if self.heads is not None:   # built on the CPU once per head count: its device copy is made once per forward
+            sel = self._head_sel.get(nh)
+            if sel is None:
+                sel = self._head_sel[nh] = torch.zeros(nh, dtype=torch.bool)
+                sel[self.heads] = True
             sever = sever & ctx.on_device(sel, device)[None, :, None, None]
         return ~sever
 
