@@ -45,8 +45,29 @@ class TokenGroups:
             self._masks["all"] = ~pad
         if image_grids is not None and len(image_grids) != b:
             raise GroupError(f"image_grids has {len(image_grids)} entries; the batch has {b} samples.")
-        self.image_grids: list[list[dict]] | None = list(image_grids) if image_grids is not None else None
-        self.image_grids_problem = image_grids_problem
+        self._image_grids: list[list[dict]] | None = list(image_grids) if image_grids is not None else None
+        self._image_grids_problem = image_grids_problem
+        self._grids_pending: tuple | None = None   # with_image_grids' (image mask, images), assigned when first read
+
+    @property
+    def image_grids(self) -> list[list[dict]] | None:
+        self._assign_grids()
+        return self._image_grids
+
+    @image_grids.setter
+    def image_grids(self, value) -> None:
+        self._assign_grids()
+        self._image_grids = value
+
+    @property
+    def image_grids_problem(self) -> str | None:
+        self._assign_grids()
+        return self._image_grids_problem
+
+    @image_grids_problem.setter
+    def image_grids_problem(self, value) -> None:
+        self._assign_grids()
+        self._image_grids_problem = value
 
     def _like(self, masks: Mapping[str, torch.Tensor], rows: Sequence[int] | None = None,
               prompt_length: int | None = None, sample_ids: Sequence[str] | None = None) -> "TokenGroups":
@@ -72,30 +93,29 @@ class TokenGroups:
         real = (attention_mask.detach().cpu().bool() if attention_mask is not None and attention_mask.dim() == 2
                 else torch.ones(b, s, dtype=torch.bool))
         masks: dict[str, torch.Tensor] = {}
-        modal = torch.zeros(b, s, dtype=torch.bool)
+        modal = None   # the union of the modality masks (None: no modality position)
         for name, tids in (modality_token_ids or {}).items():
             tids = list(tids)
             if not tids:
                 continue
-            m = torch.isin(ids, torch.tensor(tids)) & real
+            # built once per forward: one comparison where the modality has one token id (the usual case)
+            m = (ids == tids[0] if len(tids) == 1 else torch.isin(ids, torch.tensor(tids))) & real
             masks[name] = m
-            modal |= m
+            modal = m if modal is None else modal | m
         if mm_token_type_ids is not None:
             tt = mm_token_type_ids.detach().cpu()
             for code, name in ((1, "image"), (2, "video"), (3, "audio")):
                 m = (tt == code) & real
                 if m.any():
                     masks[name] = masks.get(name, torch.zeros(b, s, dtype=torch.bool)) | m
-                    modal |= m
+                    modal = m if modal is None else modal | m
         for name in ("image", "video", "audio"):   # always present, empty when the model has no such tokens
             masks.setdefault(name, torch.zeros(b, s, dtype=torch.bool))
         masks["pad"] = ~real
-        masks["text"] = real & ~modal
-        last = torch.zeros(b, s, dtype=torch.bool)
-        idx = torch.arange(s).expand(b, s)
-        last_pos = torch.where(real, idx, torch.full_like(idx, -1)).max(dim=1).values
-        last[torch.arange(b), last_pos.clamp(min=0)] = True
-        masks["last"] = last
+        masks["text"] = real.clone() if modal is None else real & ~modal   # never the caller's mask itself
+        # the last real position of each sample (position 0 for a sample with none)
+        where = torch.arange(s)
+        masks["last"] = where == (real * where).amax(dim=1, keepdim=True)
         for name, m in (spans or {}).items():
             masks[name] = torch.as_tensor(m, dtype=torch.bool) & real
         return cls(masks, prompt_length=s, sample_ids=sample_ids)
@@ -157,15 +177,25 @@ class TokenGroups:
         """These groups plus where each sample's ``image`` tokens lie on its images. ``images``: the batch's images
         in order, each ``{"tokens": n, "views": [...]}`` (``Adapter.image_grids``); they are handed to the samples
         in turn, each sample taking images until their token counts add up to its number of ``image`` positions.
-        Where the counts do not add up, no sample gets grids and ``image_grids_problem`` says why."""
-        image = self._masks.get("image")
+        Where the counts do not add up, no sample gets grids and ``image_grids_problem`` says why. (The Lens
+        builds groups at every forward: the hand-out is made when the grids are first read.)"""
+        out = self._like(dict(self._masks))
+        out._grids_pending = (self._masks.get("image"), [dict(image) for image in images])
+        return out
+
+    def _assign_grids(self) -> None:
+        """Hand out the images of ``with_image_grids`` (see there), once."""
+        if self._grids_pending is None:
+            return
+        image, images = self._grids_pending
+        self._grids_pending = None
         counts = image.sum(dim=1).tolist() if image is not None else [0] * self.batch_size
         per: list[list[dict]] = []
         k, problem = 0, None
         for sid, n in zip(self.sample_ids, counts):
             mine, total = [], 0
             while total < n and k < len(images):
-                mine.append(dict(images[k]))
+                mine.append(images[k])
                 total += int(images[k]["tokens"])
                 k += 1
             if total != n:
@@ -175,10 +205,8 @@ class TokenGroups:
             per.append(mine)
         if problem is None and k != len(images):
             problem = f"{len(images) - k} of the {len(images)} images in the inputs have no image tokens in the ids"
-        out = self._like(dict(self._masks))
-        out.image_grids = None if problem else per
-        out.image_grids_problem = problem
-        return out
+        self._image_grids = None if problem else per
+        self._image_grids_problem = problem
 
     # -- access ---------------------------------------------------------------------------------------------
     @property

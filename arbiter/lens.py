@@ -132,7 +132,13 @@ class _Runtime:
         hit = self._rows_cache.get(key)
         if hit is None:
             hit = self._rows_cache[key] = torch.arange(start, stop)
+            self._rows_cache[("span", id(hit))] = (hit, start, stop)
         return hit
+
+    def span_of(self, positions: torch.Tensor) -> tuple[int, int] | None:
+        """(start, stop) when ``positions`` is one of this forward's ``positions_range`` tensors, else None."""
+        hit = self._rows_cache.get(("span", id(positions)))
+        return hit[1:] if hit is not None and hit[0] is positions else None
 
     def per_forward(self, name: str, anchors: tuple, build: Callable[[], Any], *extra) -> Any:
         """``build()``, once per forward for these ``anchors`` (tensors the forward shares: positions, rows, masks)
@@ -161,10 +167,12 @@ class _Runtime:
             out = (positions, torch.ones(b, len(positions), dtype=torch.bool))
         elif isinstance(spec, str):
             g = self.groups
-            m = g.mask(spec, length=max(g.length, int(positions[-1]) + 1 if len(positions) else 0))
+            span = self.span_of(positions)
+            stop = span[1] if span is not None else (int(positions[-1]) + 1 if len(positions) else 0)
+            m = g.mask(spec, length=max(g.length, stop))
             if m.shape[0] == 1 and b > 1:
                 m = m.expand(b, -1)
-            sub = m[:, positions]
+            sub = m[:, span[0]:span[1]] if span is not None else m[:, positions]   # a range: a view, no gather
             cols = sub.any(dim=0)
             out = (positions[cols], sub[:, cols])
         else:
@@ -466,6 +474,10 @@ class _Runtime:
         def build():
             if any(isinstance(s, str) and s == "all" for s in specs):
                 rows = q_pos
+            elif len(set(specs)) == 1:   # one reader's rows (or several readers of the same rows)
+                rows, row_mask = self.resolve_rows(specs[0], q_pos)
+                # its readers resolve their spec again over these rows: the same rows and mask
+                self.per_forward("rows", (rows,), lambda: (rows, row_mask), specs[0])
             else:   # each reader's rows are sorted positions: their union, sorted, without Python lists
                 rows = torch.unique(torch.cat([self.resolve_rows(s, q_pos)[0] for s in specs]))
             idx = (rows - q_pos[0]) if len(rows) else rows
