@@ -392,9 +392,8 @@ class _Runtime:
     def mask_edit_rows(self, layer: int, site: dict, q_pos: torch.Tensor, kw: dict) -> tuple | None:
         """The only rows the layer's attn.mask editors can change, as ([batch, rows] bool over the call's rows, the
         indices of the rows any sample has), when every editor names them (``Probe.attn_mask_rows``) and they are at
-        most ``ROW_SLICE_SHARE`` of a multi-row call; None: the whole layer is recomputed with the edited mask."""
-        if q_pos.shape[0] < 2:
-            return None
+        most ``ROW_SLICE_SHARE`` of the call's rows (none, in a one-row call: a decode step whose row the editors
+        leave alone runs the kernel alone); None: the whole layer is recomputed with the edited mask."""
         entries = self.entries(site["mask"], layer)
         # editors whose rows do not depend on the layer (a knockout: its destination) are asked once per forward
         if all(getattr(a.probe, "mask_rows_per_forward", False) for a in entries):

@@ -170,13 +170,15 @@ _PADDED_GENERATE_DIFFERS = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["knockout", "amplify"])
+@pytest.mark.parametrize("kind", ["knockout", "knockout_prompt_rows", "amplify"])
 def test_generate_with_cache_equals_no_cache_forward_under_intervention(tm, kind):
     if tm.family in _PADDED_GENERATE_DIFFERS:
         pytest.skip(_PADDED_GENERATE_DIFFERS[tm.family])
+    src = ("image" if "image" in tm.modalities else tm.modalities[0]) if tm.modalities else "text"
     if kind == "knockout":
-        src = ("image" if "image" in tm.modalities else tm.modalities[0]) if tm.modalities else "text"
         make = lambda lens: lens.knockout(src, "last|generated", layers=lens.window(1, 3))  # noqa: E731
+    elif kind == "knockout_prompt_rows":   # decode rows outside dst: each decode step runs the kernel alone
+        make = lambda lens: lens.knockout(src, "last", layers=lens.window(1, 3))  # noqa: E731
     else:
         make = lambda lens: lens.amplify_heads([(lens.facts.attention_layers[-1], 1)], alpha=3.0)  # noqa: E731
     steps, replay = _generate_then_replay(tm, make)
