@@ -51,23 +51,15 @@ class TokenGroups:
 
     @property
     def image_grids(self) -> list[list[dict]] | None:
+        """Per sample, its images' patch grids (read-only; set through the constructor or with_image_grids)."""
         self._assign_grids()
         return self._image_grids
 
-    @image_grids.setter
-    def image_grids(self, value) -> None:
-        self._assign_grids()
-        self._image_grids = value
-
     @property
     def image_grids_problem(self) -> str | None:
+        """Why no sample has grids, where known."""
         self._assign_grids()
         return self._image_grids_problem
-
-    @image_grids_problem.setter
-    def image_grids_problem(self, value) -> None:
-        self._assign_grids()
-        self._image_grids_problem = value
 
     def _like(self, masks: Mapping[str, torch.Tensor], rows: Sequence[int] | None = None,
               prompt_length: int | None = None, sample_ids: Sequence[str] | None = None) -> "TokenGroups":
