@@ -25,13 +25,14 @@ import datetime
 import functools
 import gc
 import json
+import math
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -118,6 +119,14 @@ def _paired_median(times: dict[str, list[float]], name: str, base: str) -> float
     """Median over rounds of (``name``'s time - ``base``'s time in the same round): what ``name`` adds, with the
     drift between rounds (load, frequency) cancelled round by round."""
     return statistics.median(t - b for t, b in zip(times[name], times[base]))
+
+
+def _median_ci95(values: Sequence[float]) -> tuple[float, float]:
+    """A distribution-free 95 % confidence interval of the median: the order statistics n/2 ± 0.98·sqrt(n) (normal
+    approximation to the binomial; the whole range below 6 values)."""
+    v = sorted(values)
+    k = max(0, int(len(v) / 2 - 0.98 * math.sqrt(len(v))))
+    return v[k], v[len(v) - 1 - k]
 
 
 def _median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[float, Any]:
@@ -418,8 +427,13 @@ def _fixed_variant(cfg, shape: dict, device: str, impl: str, dtype: torch.dtype,
     for name in times:
         if name not in ("plain", "attach_detach"):
             # paired with the plain forward of the same round; the floor attaches nothing
-            added = _paired_median(times, name, "plain") - (attach if name != "floor_probs_last" else 0.0)
+            sub = attach if name != "floor_probs_last" else 0.0
+            added = _paired_median(times, name, "plain") - sub
             out[f"fixed_ms_per_layer_{name}{suffix}"] = added * 1e3 / shape["layers"]
+            # how far the period's spread leaves that median: the paired differences' 95 % interval of the median
+            low, high = _median_ci95([t - p for t, p in zip(times[name], times["plain"])])
+            out[f"fixed_ms_per_layer_{name}_ci95_low{suffix}"] = (low - sub) * 1e3 / shape["layers"]
+            out[f"fixed_ms_per_layer_{name}_ci95_high{suffix}"] = (high - sub) * 1e3 / shape["layers"]
             out[f"fixed_ratio_{name}{suffix}"] = (plain + added) / plain
     if cpu:   # arbiter's own work (attention calls and hooks), read directly (load-independent)
         for name, fn in _fixed_paths(model, tm.processor, inputs, shape["layers"]).items():
@@ -561,7 +575,9 @@ def bench_forwards(tm, inputs, cfg) -> dict[str, Any]:
     out["forwards_clock"] = "process CPU time" if single else "wall time"
     for key, name in (("record", "record_s"), ("knockout", "knockout_s"), ("probe", "probe_s")):
         # each round's time over the plain forward of the same round: drift between rounds cancels
-        out[f"{key}_overhead_paired"] = statistics.median(t / p for t, p in zip(times[name], times["plain_forward_s"]))
+        ratios = [t / p for t, p in zip(times[name], times["plain_forward_s"])]
+        out[f"{key}_overhead_paired"] = statistics.median(ratios)
+        out[f"{key}_overhead_paired_ci95_low"], out[f"{key}_overhead_paired_ci95_high"] = _median_ci95(ratios)
     out.update(_agreement(tm, inputs, last))
     return out
 
