@@ -30,7 +30,8 @@ class TokenGroups:
     def __init__(self, masks: Mapping[str, torch.Tensor], prompt_length: int | None = None,
                  sample_ids: Sequence[str] | None = None, image_grids: Sequence[list[dict]] | None = None,
                  image_grids_problem: str | None = None):
-        masks = {k: torch.as_tensor(v, dtype=torch.bool) for k, v in masks.items()}
+        masks = {k: v if isinstance(v, torch.Tensor) and v.dtype == torch.bool else torch.as_tensor(v, dtype=torch.bool)
+                 for k, v in masks.items()}   # (built at every forward: bool tensors pass as they are)
         shapes = {tuple(v.shape) for v in masks.values()}
         if len(shapes) != 1 or len(next(iter(shapes))) != 2:
             raise GroupError(f"TokenGroups masks must all be [batch, positions]; got shapes {sorted(shapes)}.")
