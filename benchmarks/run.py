@@ -123,7 +123,7 @@ def _paired_median(times: dict[str, list[float]], name: str, base: str) -> float
 
 def _median_ci95(values: Sequence[float]) -> tuple[float, float]:
     """A distribution-free 95 % confidence interval of the median: the order statistics n/2 ± 0.98·sqrt(n) (normal
-    approximation to the binomial; the whole range below 6 values)."""
+    approximation to the binomial; the whole range up to 7 values)."""
     v = sorted(values)
     k = max(0, int(len(v) / 2 - 0.98 * math.sqrt(len(v))))
     return v[k], v[len(v) - 1 - k]
