@@ -132,13 +132,7 @@ class _Runtime:
         hit = self._rows_cache.get(key)
         if hit is None:
             hit = self._rows_cache[key] = torch.arange(start, stop)
-            self._rows_cache[("span", id(hit))] = (hit, start, stop)
         return hit
-
-    def span_of(self, positions: torch.Tensor) -> tuple[int, int] | None:
-        """(start, stop) when ``positions`` is one of this forward's ``positions_range`` tensors, else None."""
-        hit = self._rows_cache.get(("span", id(positions)))
-        return hit[1:] if hit is not None and hit[0] is positions else None
 
     def per_forward(self, name: str, anchors: tuple, build: Callable[[], Any], *extra) -> Any:
         """``build()``, once per forward for these ``anchors`` (tensors the forward shares: positions, rows, masks)
@@ -167,12 +161,13 @@ class _Runtime:
             out = (positions, torch.ones(b, len(positions), dtype=torch.bool))
         elif isinstance(spec, str):
             g = self.groups
-            span = self.span_of(positions)
-            stop = span[1] if span is not None else (int(positions[-1]) + 1 if len(positions) else 0)
+            # positions are sorted and distinct (a forward's rows or keys, a union of rows): consecutive ones (the
+            # usual case) are a slice of the group's mask, a view, no gather
+            start, stop = (int(positions[0]), int(positions[-1]) + 1) if len(positions) else (0, 0)
             m = g.mask(spec, length=max(g.length, stop))
             if m.shape[0] == 1 and b > 1:
                 m = m.expand(b, -1)
-            sub = m[:, span[0]:span[1]] if span is not None else m[:, positions]   # a range: a view, no gather
+            sub = m[:, start:stop] if stop - start == len(positions) else m[:, positions]
             cols = sub.any(dim=0)
             out = (positions[cols], sub[:, cols])
         else:
