@@ -45,8 +45,12 @@ def jsd(p: torch.Tensor, q: torch.Tensor, *, bits: bool = False) -> torch.Tensor
     (m = (p+p)/2 = p exactly, and identical rows are also set to 0 explicitly), never 1e-17."""
     p, q = torch.broadcast_tensors(p.to(torch.float64), q.to(torch.float64))
     m = (p + q) / 2
-    tp = torch.where(p > 0, p * torch.log(torch.where(p > 0, p, 1.0) / torch.where(p > 0, m, 1.0)), 0.0)
-    tq = torch.where(q > 0, q * torch.log(torch.where(q > 0, q, 1.0) / torch.where(q > 0, m, 1.0)), 0.0)
+
+    def term(x: torch.Tensor) -> torch.Tensor:   # x log(x / m), 0 where x = 0
+        # m underflows to 0 only where x is the smallest subnormal and the other side 0: there x / m is exactly 2
+        ratio = torch.where(m > 0, torch.where(x > 0, x, 1.0) / torch.where(m > 0, m, 1.0), 2.0)
+        return torch.where(x > 0, x * torch.log(ratio), 0.0)
+    tp, tq = term(p), term(q)
     out = (0.5 * (tp.sum(dim=-1) + tq.sum(dim=-1))).clamp(0.0, LN2)
     out = torch.where((p == q).all(dim=-1), torch.zeros_like(out), out)
     return out / LN2 if bits else out
