@@ -1123,10 +1123,14 @@ class Lens:
 
     # -- services: capture a clean run, replay it (prefix reuse in sweeps) ------------------------------------
     @contextlib.contextmanager
-    def capture(self) -> Iterator[Capture]:
+    def capture(self, heads: Iterable[int] = ()) -> Iterator[Capture]:
         """Record, during the block's forward, every decoder layer's output and the output of each module beside
         the decoder (vision / audio towers, projectors) that ran exactly once before it; yields the Capture
-        (filled on exit) that :meth:`replay` plays back. The hooks are the Lens's, removed on exit or close()."""
+        (filled on exit) that :meth:`replay` plays back. ``heads``: layers whose per-head outputs (the input of
+        the attention output projection) are recorded as well, so that a replay may start at such a layer's
+        output projection; recorded only where the attention module ran once and returned its output
+        projection's result itself (checked on the call), else left out. The hooks are the Lens's, removed on exit
+        or close()."""
         cap = Capture()
         calls: dict[nn.Module, int] = {}
         started = [False]
@@ -1147,6 +1151,32 @@ class Lens:
             handles.append(mod.register_forward_hook(enc_hook))
         for lf in self.facts.layers:
             handles.append(lf.layer.register_forward_hook(layer_hook(lf.index)))
+        seen: dict[int, list] = {}   # layer -> [attention calls, projection calls, its input, its output]
+        for i in sorted(set(int(i) for i in heads)):
+            lf = self.facts.layers[i] if 0 <= i < self.facts.n_layers else None
+            if lf is None or lf.attn is None or lf.out_proj is None or lf.cross_attn is not None:
+                continue
+            attn = self._stand_ins.get(lf.attn, lf.attn)
+            seen[i] = [0, 0, None, None]
+
+            def attn_pre(mod, args, _s=seen[i]):
+                _s[0] += 1
+
+            def proj_pre(mod, args, _s=seen[i]):
+                _s[1] += 1
+                _s[2] = args[0].detach().clone() if args and isinstance(args[0], torch.Tensor) else None
+
+            def proj_post(mod, args, output, _s=seen[i]):
+                _s[3] = output
+
+            def attn_post(mod, args, output, _s=seen[i], _i=i):
+                first = output[0] if isinstance(output, tuple) else output
+                if _s[0] == 1 and _s[1] == 1 and _s[2] is not None and first is _s[3]:
+                    rest = map_tensors(output[1:], lambda t: t.detach()) if isinstance(output, tuple) else None
+                    cap.heads[_i] = (_s[2], rest)
+                _s[2] = _s[3] = None
+            handles += [attn.register_forward_pre_hook(attn_pre), attn.register_forward_hook(attn_post),
+                        lf.out_proj.register_forward_pre_hook(proj_pre), lf.out_proj.register_forward_hook(proj_post)]
 
         def undo() -> None:
             for h in handles:
@@ -1158,16 +1188,30 @@ class Lens:
             self._end_services(undo)
             for mod in [m for m in cap.encoders if calls.get(m) != 1]:
                 del cap.encoders[mod]
+            res = self.facts.residual
+            for i in list(cap.heads):
+                out = cap.layers.get(i)
+                out = out[0] if isinstance(out, tuple) else out
+                # kept where the attention ran once and its per-head outputs lead with the batch, as the layer's
+                if seen[i][0] != 1 or out is None or cap.heads[i][0].shape[0] != out.shape[res.batch_dim(out)]:
+                    del cap.heads[i]
 
     @contextlib.contextmanager
-    def replay(self, layer_outputs: dict, upto: int, n: int = 1, encoder_outputs: dict | None = None
-               ) -> Iterator[None]:
+    def replay(self, layer_outputs: dict, upto: int, n: int = 1, encoder_outputs: dict | None = None,
+               heads: dict | None = None) -> Iterator[None]:
         """For the block, decoder layers ``< upto`` return ``layer_outputs[i]`` and each module in
         ``encoder_outputs`` its recorded output (both as from :meth:`capture`), every batch repeated ``n`` times,
         without running: their work is skipped. Each is swapped in its parent for a stand-in module (whose
         hooks, and the original's, do not run) and put back on exit, also on an exception or close(). An
         encoder in eval mode treats the images of a batch independently, so its output for ``cat([x] * n)`` is
-        ``cat([f(x)] * n)``."""
+        ``cat([f(x)] * n)``. ``heads`` (``Capture.heads``): where it holds layer ``upto``, that layer's attention
+        is replayed too, up to its output projection, which runs (with its hooks: attn.head_out is served) on
+        the recorded per-head outputs; the rest of the layer runs.
+
+        A probe active on what does not run is refused (it would see nothing, or its edit would be lost): any
+        site of a layer below ``upto`` (and ``embed`` when ``upto > 0``), and at a layer whose attention is
+        replayed, the attention's own sites, ``attn.out`` and an edit of ``resid.pre`` (or of ``embed`` at layer
+        0)."""
         from .errors import InterventionError
 
         f = self.facts
@@ -1180,6 +1224,11 @@ class Lens:
         if missing:
             raise InterventionError(f"replay: no recorded output for layers {missing}; record them with "
                                     "lens.capture().")
+        attention = heads is not None and upto in heads and upto < f.n_layers
+        if attention and not f.prefix_replay:
+            raise InterventionError(f"replay: this model's layers ({f.family}) read state that their attention "
+                                    "leaves outside its output, so it cannot be replayed; leave heads out.")
+        self._check_replayed(upto, attention)
         res = f.residual
 
         def repeat_layer(out):
@@ -1189,6 +1238,17 @@ class Lens:
 
         stand_ins = {f.layers[i].layer: ReplayModule(f.layers[i].layer, layer_outputs[i], repeat_layer)
                      for i in range(upto)}
+        if attention:
+            lf = f.layers[upto]
+            proj = lf.out_proj
+
+            def run_projection(recorded):
+                per_head, rest = recorded
+                # always a copy: an edit at attn.head_out may write into it
+                out = proj(torch.cat([per_head] * n, dim=0))
+                return out if rest is None else (out, *repeat_dim0(rest, n))
+            attn = self._stand_ins.get(lf.attn, lf.attn)
+            stand_ins[attn] = ReplayModule(attn, heads[upto], run_projection)
         for mod, out in (encoder_outputs or {}).items():
             stand_ins[mod] = ReplayModule(mod, out, lambda o: repeat_dim0(o, n))
         undo = swap_modules(self.model, stand_ins)
@@ -1197,6 +1257,30 @@ class Lens:
             yield
         finally:
             self._end_services(undo)
+
+    def _check_replayed(self, upto: int, attention: bool) -> None:
+        """Refuse a replay that would leave an active probe unserved (see :meth:`replay`)."""
+        from .errors import InterventionError
+
+        replayed_sites = set(ATTENTION_SITES) | set(CROSS_SITES) | {"attn.k_pre", "attn.out"}
+        for a in self._runtime.active:
+            name = type(a.probe).__name__
+            if upto > 0 and "embed" in a.specs:
+                raise InterventionError(f"replay: {name} is active on 'embed', which does not run when layers "
+                                        f"below {upto} are replayed; run it outside the replay.")
+            if attention and upto == 0 and a.specs.get("embed", ("read",))[0] == "edit":
+                raise InterventionError(f"replay: {name} edits 'embed', but layer 0's attention is replayed from "
+                                        "a clean run; run it outside the replay, or replay without heads.")
+            for site, layers in a.layers.items():
+                below = sorted(i for i in layers if i < upto)
+                if below:
+                    raise InterventionError(f"replay: {name} is active on {site} at layers {below}, which do not "
+                                            f"run when layers below {upto} are replayed; run it outside the replay.")
+                if attention and upto in layers and (
+                        site in replayed_sites or (site == "resid.pre" and a.specs[site][0] == "edit")):
+                    raise InterventionError(f"replay: {name} is active on {site} at layer {upto}, whose attention "
+                                            "is replayed from a clean run up to its output projection; run it "
+                                            "outside the replay, or replay without heads.")
 
     def _end_services(self, which=None) -> None:
         """Undo one active capture / replay (``which``), or all of them, newest first."""

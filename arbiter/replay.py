@@ -15,10 +15,14 @@ from torch import nn
 @dataclass
 class Capture:
     """What ``Lens.capture`` recorded in its block: ``layers[i]`` the output of decoder layer i (detached);
-    ``encoders[module]`` the output of each module beside the decoder that ran exactly once before it."""
+    ``encoders[module]`` the output of each module beside the decoder that ran exactly once before it;
+    ``heads[i]`` (layers asked for) layer i's per-head outputs, the input of its attention output projection, and
+    the rest of its attention module's output (a tuple's other items, or None), where that module returned its
+    output projection's result itself."""
 
     layers: dict[int, Any] = field(default_factory=dict)
     encoders: dict[nn.Module, Any] = field(default_factory=dict)
+    heads: dict[int, tuple[torch.Tensor, Any]] = field(default_factory=dict)
 
 
 def map_tensors(obj, fn: Callable[[torch.Tensor], torch.Tensor]):

@@ -2,7 +2,8 @@
 
 Layers below a chunk's first intervened layer are not recomputed: their outputs from one clean run are replayed
 (``lens.capture`` / ``lens.replay``); so are the outputs of the encoders that run before the decoder (vision /
-audio towers, projectors)."""
+audio towers, projectors), and, for settings that change their first layer only from its per-head outputs on
+(head blocking and scaling), that layer's attention up to its output projection."""
 
 from __future__ import annotations
 
@@ -25,25 +26,31 @@ def last_token_logits(logits: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Setting:
-    """One sweep setting: a name, the first layer it touches, and how to build its probes for given batch rows."""
+    """One sweep setting: a name, the first layer it touches, and how to build its probes for given batch rows.
+    ``first_site``: the earliest site of ``first_layer`` its probes read or change ("attn.head_out" for head
+    blocking and scaling: that layer's attention may then be replayed from the clean run up to its output
+    projection); "resid.pre" (the default) makes no such claim."""
 
     name: str
     first_layer: int
     probes: Callable[[list[int]], list[tuple]]   # batch rows -> [(probe, layers), ...]
     meta: dict = field(default_factory=dict)
+    first_site: str = "resid.pre"
 
 
 @dataclass
 class CleanRun:
     """A sweep's clean run of one batch: its logits, every decoder layer's output and the encoders' outputs (what
-    the settings replay), the peak memory the forward added and the memory these outputs hold, in bytes. Pass it
-    back to :func:`sweep` on the same inputs (``clean=``) to skip the clean forward: the same tensors are replayed."""
+    the settings replay), the peak memory the forward added and the memory these outputs hold, in bytes; ``heads``:
+    the per-head outputs of the layers where head settings start (``Capture.heads``). Pass it back to
+    :func:`sweep` on the same inputs (``clean=``) to skip the clean forward: the same tensors are replayed."""
 
     logits: torch.Tensor
     layers: dict
     encoders: dict
     peak_bytes: int
     held_bytes: int
+    heads: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -61,6 +68,7 @@ class SweepResult:
     clean_held_bytes: int | None = None      # memory held while the chunks run (clean outputs, results)
     clean: CleanRun | None = field(default=None, repr=False)   # the clean run (keep_clean=True), for reuse
     clean_reused: bool = False               # the clean run was passed in (no clean forward ran)
+    attention_replayed: int = 0              # forwards whose first layer's attention was replayed up to o_proj
 
     def effects(self, reduce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Per setting effect: ``reduce(values[i], baseline)`` (default: mean over samples of the metric change)."""
@@ -72,7 +80,7 @@ class SweepResult:
         return {"settings": [dict(name=s.name, **s.meta) for s in self.settings],
                 "forwards": self.forwards, "layers_skipped": self.layers_skipped, "chunk": self.chunk,
                 "memory_budget": self.memory_budget, "clean_peak_bytes": self.clean_peak_bytes,
-                "clean_held_bytes": self.clean_held_bytes}
+                "clean_held_bytes": self.clean_held_bytes, "attention_replayed": self.attention_replayed}
 
 
 def tile_batch(x, n: int):
@@ -105,19 +113,18 @@ def forward_kwargs(lens, last_only: bool) -> dict:
     return {"use_cache": False}
 
 
-def _clean_outputs(lens, inputs: dict, last_only: bool = True
-                   ) -> tuple[torch.Tensor, dict[int, object], dict[torch.nn.Module, object]]:
-    """The clean run: last-row logits, every decoder layer's output, and the outputs of the encoders that ran
-    exactly once before the decoder started (recorded by ``lens.capture()``)."""
-    with lens.capture() as cap, torch.no_grad():
+def _clean_outputs(lens, inputs: dict, last_only: bool = True, heads: Sequence[int] = ()):
+    """The clean run: last-row logits and its Capture (every decoder layer's output, the outputs of the encoders
+    that ran exactly once before the decoder started, the per-head outputs of the layers in ``heads``)."""
+    with lens.capture(heads=heads) as cap, torch.no_grad():
         logits = lens.model(**inputs, **forward_kwargs(lens, last_only)).logits
-    return logits, cap.layers, cap.encoders
+    return logits, cap
 
 
 def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = last_token_logits,
           chunk: int = 16, reuse_prefix: bool = True, progress: bool = False, last_only: bool = True,
           memory_budget: int | str | None = None, clean: CleanRun | None = None,
-          keep_clean: bool = False) -> SweepResult:
+          keep_clean: bool = False, reuse_attention: bool = True) -> SweepResult:
     """Evaluate ``settings`` on ``inputs`` (a batch of b samples): up to ``chunk`` settings per forward, each
     setting on its own copy of the b rows. Equals a loop of separate forwards to float rounding.
 
@@ -129,7 +136,10 @@ def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = la
     unembedding runs on one row; pass False for a metric that reads other positions. ``clean``: the
     :class:`CleanRun` of an earlier sweep on these same inputs (same ``last_only``), replayed instead of running the
     clean forward again; ``keep_clean``: return this sweep's clean run in ``result.clean`` (it holds every layer's
-    output as long as the result lives)."""
+    output as long as the result lives). ``reuse_attention`` (with ``reuse_prefix``): a chunk whose settings at its
+    first layer all start there at ``attn.head_out`` (head blocking, scaling) replays that layer's attention up to
+    its output projection as well; the clean run then also holds the per-head outputs of those layers (one
+    [batch, tokens, heads·head_dim] tensor each, counted in the memory it holds)."""
     from . import memory
 
     if not settings:
@@ -138,12 +148,18 @@ def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = la
     inputs = {k: v for k, v in inputs.items() if k != "labels"}  # no loss: logits only
     device = next(lens.model.parameters()).device
     budget = memory.budget_bytes(device, memory_budget)
+    replay = reuse_prefix and lens.facts.prefix_replay
+    head_layers = sorted({s.first_layer for s in settings if s.first_site == "attn.head_out"}
+                         if replay and reuse_attention else ())
     if clean is None:
-        peak, held, (logits, outs, enc) = memory.measure(lambda: _clean_outputs(lens, inputs, last_only), device)
-        run = CleanRun(logits, outs, enc, peak, held)
+        peak, held, (logits, cap) = memory.measure(lambda: _clean_outputs(lens, inputs, last_only, head_layers),
+                                                   device)
+        run = CleanRun(logits, cap.layers, cap.encoders, peak, held, cap.heads)
     else:
         run = clean
-        logits, outs, enc, peak, held = clean.logits, clean.layers, clean.encoders, clean.peak_bytes, clean.held_bytes
+        logits, peak, held = clean.logits, clean.peak_bytes, clean.held_bytes
+    outs, enc = run.layers, run.encoders
+    heads_at = run.heads if replay and reuse_attention else {}
     baseline = metric(logits)
     # held while the chunks run: the clean outputs (replayed) and the metric values gathered so far
     held += baseline.numel() * baseline.element_size() * len(settings)
@@ -161,7 +177,7 @@ def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = la
     order = sorted(range(len(settings)), key=lambda i: settings[i].first_layer)
     values: list[torch.Tensor | None] = [None] * len(settings)
     b = baseline.shape[0]
-    forwards = skipped = 0
+    forwards = skipped = attention_replayed = 0
     chunks = [order[i:i + chunk] for i in range(0, len(order), chunk)]
     from .progress import progress_bar
 
@@ -170,24 +186,28 @@ def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = la
     for idx in it:
         n = len(idx)
         big = {k: tile_batch(v, n) for k, v in inputs.items()}
-        replay = reuse_prefix and lens.facts.prefix_replay
         first = min(settings[i].first_layer for i in idx) if replay else 0
+        # the first layer's attention replayed too where every setting starting there changes only its heads' output
+        attention = replay and first in heads_at and all(
+            settings[i].first_site == "attn.head_out" for i in idx if settings[i].first_layer == first)
         with contextlib.ExitStack() as stack:
             stack.enter_context(tiled_groups(lens, b, n))
             for j, i in enumerate(idx):
                 rows = list(range(j * b, (j + 1) * b))
                 for probe, layers in settings[i].probes(rows):
                     stack.enter_context(lens.probe(probe, layers=layers))
-            stack.enter_context(lens.replay(outs, first, n, enc if reuse_prefix else None))
+            stack.enter_context(lens.replay(outs, first, n, enc if reuse_prefix else None,
+                                            heads_at if attention else None))
             with torch.no_grad():
                 out = metric(lens.model(**big, **fkw).logits)
         forwards += 1
         skipped += first
+        attention_replayed += int(attention)
         for j, i in enumerate(idx):
             values[i] = out[j * b:(j + 1) * b].clone()   # not a view holding the chunk's whole output
         del big, out   # released before the next chunk's copies are made
     return SweepResult(list(settings), torch.stack(values), baseline, forwards, skipped, chunk, budget, peak, held,
-                       run if keep_clean else None, clean is not None)
+                       run if keep_clean else None, clean is not None, attention_replayed)
 
 
 def head_settings(lens, heads: Sequence[tuple[int, int]] | None = None, alpha: float = 0.0) -> list[Setting]:
@@ -203,7 +223,8 @@ def head_settings(lens, heads: Sequence[tuple[int, int]] | None = None, alpha: f
 
         def make(rows, _l=layer, _h=head, _nh=nh):
             return [(_RowScale(_l, _h, _nh, alpha, rows), [_l])]
-        out.append(Setting(head_label(layer, head), layer, make, {"layer": layer, "head": head, "alpha": alpha}))
+        out.append(Setting(head_label(layer, head), layer, make, {"layer": layer, "head": head, "alpha": alpha},
+                           first_site="attn.head_out"))
     return out
 
 

@@ -67,6 +67,81 @@ def test_replay_refuses_what_it_cannot_replay():
             pass
 
 
+def _count_calls(modules):
+    calls = [0] * len(modules)
+    handles = [m.register_forward_pre_hook(lambda *_, _i=i: calls.__setitem__(_i, calls[_i] + 1))
+               for i, m in enumerate(modules)]
+    return calls, handles
+
+
+def test_replaying_a_layers_attention_runs_only_its_output_projection_and_equals_a_plain_forward():
+    """replay(heads=...) at layer 1: its query projection never runs, its output projection runs once on the recorded
+    per-head outputs (n copies), and a head blocked there gives what a plain forward with that head blocked gives."""
+    tm = _tiny("llava")
+    inputs = inputs_for(tm, n=2)
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        clean = logits(tm.model, inputs)
+        with lens.block_heads([(1, 0)]):
+            ref = logits(tm.model, inputs)
+        assert (ref - clean).abs().max().item() > 1e-4                  # the block changes the output
+        with lens.capture(heads=[0, 1, 2]) as cap, torch.no_grad():
+            tm.model(**inputs)
+        assert sorted(cap.heads) == [0, 1, 2]
+        assert cap.heads[1][0].shape[:2] == inputs["input_ids"].shape    # [batch, tokens, heads * head_dim]
+        lf = lens.facts.layers[1]
+        calls, handles = _count_calls([lf.attn.q_proj, lf.out_proj, lens.facts.layers[2].attn.q_proj])
+        try:
+            with lens.replay(cap.layers, 1, 2, cap.encoders, heads=cap.heads), lens.block_heads([(1, 0)]):
+                assert isinstance(lf.layer.self_attn, ReplayModule)
+                out = logits(tm.model, {k: torch.cat([v] * 2) for k, v in inputs.items()})
+        finally:
+            for h in handles:
+                h.remove()
+        assert lf.layer.self_attn is lf.attn
+    assert calls == [0, 1, 1]
+    assert (out - torch.cat([ref] * 2)).abs().max().item() <= 1e-5
+
+
+def test_capture_leaves_out_a_layer_whose_attention_returns_more_than_its_output_projection():
+    """Per-head outputs are kept only where the attention module returned its output projection's result itself:
+    a hook that rewrites layer 1's attention output (as an adapter's post-processing would) leaves layer 1 out."""
+    tm = _tiny("llava")
+    inputs = inputs_for(tm, n=1)
+    attn = arbiter.attach(tm.model, tm.processor).facts.layers[1].attn   # not entered: nothing installed
+    h = attn.register_forward_hook(lambda m, a, out: (out[0] + 0.0, *out[1:]))
+    try:
+        with arbiter.attach(tm.model, tm.processor) as lens:
+            with lens.capture(heads=[0, 1]) as cap, torch.no_grad():
+                tm.model(**inputs)
+    finally:
+        h.remove()
+    assert sorted(cap.heads) == [0]
+
+
+def test_replay_refuses_a_probe_on_what_it_does_not_run():
+    tm = _tiny("llava")
+    inputs = inputs_for(tm, n=1)
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        with lens.capture(heads=[1]) as cap, torch.no_grad():
+            tm.model(**inputs)
+        with lens.record("resid.post", layers=[0]):
+            with pytest.raises(InterventionError, match=r"layers \[0\], which do not run"):
+                with lens.replay(cap.layers, 1):
+                    pass
+        with lens.record("attn.probs", layers=[1]):
+            with pytest.raises(InterventionError, match="attention is replayed"):
+                with lens.replay(cap.layers, 1, heads=cap.heads):
+                    pass
+            with lens.replay(cap.layers, 1):     # the attention runs: nothing refused
+                pass
+        with lens.record("resid.pre", layers=[1]), lens.replay(cap.layers, 1, heads=cap.heads):
+            pass                                  # a read of resid.pre is served: the layer itself runs
+        with lens.record("embed"):
+            with pytest.raises(InterventionError, match="embed"):
+                with lens.replay(cap.layers, 1):
+                    pass
+
+
 class _HandK(arbiter.Probe):
     reads = {"attn.k_pre": "all"}
 

@@ -55,7 +55,7 @@ def test_head_sweep_replays_encoders_and_equals_naive_loop(family):
     with arbiter.attach(tm.model, tm.processor) as lens:
         last = lens.facts.attention_layers[-1]
         heads = [(lens.facts.attention_layers[0], 0), (last, 0), (last, 1)]
-        _, _, replayed = _clean_outputs(lens, {k: v for k, v in inputs.items() if k != "labels"})
+        replayed = _clean_outputs(lens, {k: v for k, v in inputs.items() if k != "labels"})[1].encoders
         encoders = [m for m in decoder_siblings(lens.model, lens.facts.decoder) if m in replayed]
         # count calls of a submodule (the real work): a replayed encoder's stand-in never calls it
         # (leaf siblings such as lm_head are skipped: they run after the decoder and are never replayed)
@@ -73,6 +73,9 @@ def test_head_sweep_replays_encoders_and_equals_naive_loop(family):
             with lens.block_heads([(s.meta["layer"], s.meta["head"])]):
                 naive.append(logits(tm.model, inputs)[:, -1])
     assert (res.values - torch.stack(naive)).abs().max().item() <= 1e-5
+    # the first layer's attention was replayed too, except where the layers cannot be replayed (Gemma 3n reads state
+    # earlier layers leave aside) or the attention module returns more than its output projection (GIT)
+    assert (res.attention_replayed > 0) == (family not in ("gemma3n", "git"))
     # each replayed encoder ran once (the clean run), not once per sweep forward; the vision tower is one
     assert all(c <= 1 for c in calls.values()), calls
     assert max(calls.values(), default=0) == (1 if inner else 0)
@@ -101,3 +104,40 @@ def test_a_sweep_given_an_earlier_clean_run_skips_its_clean_forward_and_equals_a
     assert first.clean is not None and fresh.clean is None and not first.clean_reused and again.clean_reused
     assert len(calls) == n_fresh - 1 == fresh.forwards
     assert torch.equal(again.values, fresh.values) and torch.equal(again.baseline, fresh.baseline)
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_a_head_sweep_replays_each_chunks_first_layer_attention_up_to_its_output_projection(reuse):
+    """One chunk per layer: layer l's query projection runs in the clean forward and in the chunks of the layers
+    below it (l + 1 times); it runs once more (its own chunk) without ``reuse_attention``. Values equal the naive
+    loop either way."""
+    from arbiter.sweep import head_settings, sweep
+    tm = _tiny("llava")
+    inputs = inputs_for(tm, n=2)
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        f = lens.facts
+        per_layer = f.heads(0)[0]
+        calls = [0] * f.n_layers
+        handles = [lf.attn.q_proj.register_forward_pre_hook(lambda *_, _i=lf.index: calls.__setitem__(_i, calls[_i] + 1))
+                   for lf in f.layers]
+        try:
+            res = sweep(lens, inputs, head_settings(lens), chunk=per_layer, reuse_attention=reuse)
+        finally:
+            for h in handles:
+                h.remove()
+        naive = []
+        for s in res.settings:
+            with lens.block_heads([(s.meta["layer"], s.meta["head"])]):
+                naive.append(logits(tm.model, inputs)[:, -1])
+    assert calls == [1 + layer + (0 if reuse else 1) for layer in range(f.n_layers)]
+    assert res.attention_replayed == (res.forwards if reuse else 0) and res.forwards == f.n_layers
+    assert (res.values - torch.stack(naive)).abs().max().item() <= 1e-5
+
+
+def test_a_knockout_sweep_never_replays_an_attention():
+    """A knockout changes its first layer's attention itself: that attention always runs."""
+    tm = _tiny("llava")
+    inputs = inputs_for(tm, n=2)
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        res = knockout_sweep(lens, inputs, [("image", "last")], window=1, chunk=2)
+    assert res.forwards == 2 and res.attention_replayed == 0 and res.layers_skipped > 0

@@ -390,7 +390,7 @@ class GroupSearch:
 def layer_share(first_layers: Sequence[int], chunk: int, n_layers: int, clean: bool = True) -> float:
     """Forward-equivalents of one sweep with replayed prefixes: settings sorted by first layer in chunks of
     ``chunk``; each setting recomputes the layers from its chunk's first intervened layer; plus the clean forward
-    (``clean``: when it ran)."""
+    (``clean``: when it ran). A first layer whose attention the sweep replays still counts whole (an upper bound)."""
     order = sorted(first_layers)
     cost = 1.0 if clean else 0.0
     for i in range(0, len(order), max(1, chunk)):

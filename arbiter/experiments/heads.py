@@ -443,7 +443,8 @@ def head_set_settings(head_sets: Sequence[Sequence[tuple[int, int]]], alpha: flo
 
         def make(rows, _h=heads):
             return [(HeadScale(_h, alpha=alpha, batch_rows=rows), sorted({lay for lay, _ in _h}))]
-        out.append(Setting(f"set{i}", min(lay for lay, _ in heads), make, {"heads": heads, "alpha": alpha}))
+        out.append(Setting(f"set{i}", min(lay for lay, _ in heads), make, {"heads": heads, "alpha": alpha},
+                           first_site="attn.head_out"))
     return out
 
 
