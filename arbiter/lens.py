@@ -1258,6 +1258,60 @@ class Lens:
         finally:
             self._end_services(undo)
 
+    @contextlib.contextmanager
+    def last_row_only(self) -> Iterator[None]:
+        """For the block, the last decoder layer runs its output projection and its MLP on the last position only:
+        pre-hooks cut their inputs (the per-head outputs, the pre-MLP norm's input) to the last row, and the
+        layer's residual adds spread that row over the others. Only the last row of the layer's output, and of
+        what the model computes from it, is then right: for forwards that read the last position's logits alone
+        (``logits_to_keep=1``), which skip about half of that layer's work. Check it against a full forward before
+        trusting it on a model (:func:`arbiter.sweep.sweep` does, once per clean run); refused where the layer
+        lacks an output projection or a pre-MLP norm, mixes tokens otherwise than by self-attention, carries
+        stacked residual streams, or where a probe is active on the layer."""
+        from .errors import InterventionError
+
+        why = self.last_row_refusal()
+        if why:
+            raise InterventionError(f"last_row_only: {why}; run the forward whole.")
+        f = self.facts
+        lf = f.layers[-1]
+        res = f.residual
+
+        def last_row(mod, args):
+            if not args or not isinstance(args[0], torch.Tensor):
+                return None
+            x = args[0]
+            dim = res.seq_dim(x)
+            return (x.narrow(dim, x.shape[dim] - 1, 1), *args[1:])
+        handles = [lf.out_proj.register_forward_pre_hook(last_row), lf.mid_norm.register_forward_pre_hook(last_row)]
+
+        def undo() -> None:
+            for h in handles:
+                h.remove()
+        self._services.append(undo)
+        try:
+            yield
+        finally:
+            self._end_services(undo)
+
+    def last_row_refusal(self) -> str | None:
+        """Why :meth:`last_row_only` cannot serve this model with the probes now active (None: it can)."""
+        f = self.facts
+        lf = f.layers[-1]
+        why = ("its residual carries stacked streams" if f.residual.stacked else
+               "it has no attention output projection" if lf.out_proj is None or lf.attn is None else
+               "it has no pre-MLP norm" if lf.mid_norm is None else
+               "it has a cross-attention" if lf.cross_attn is not None else
+               f"it mixes tokens by {lf.mixer_kind}" if lf.mixer_kind != "attention" else None)
+        if why:
+            return f"the last layer ({lf.index}) cannot run on its last row alone: {why}"
+        for a in self._runtime.active:
+            sites = sorted(site for site, layers in a.layers.items() if lf.index in layers)
+            if sites:
+                return (f"{type(a.probe).__name__} is active on {', '.join(sites)} at layer {lf.index}, whose other "
+                        "rows would not be computed")
+        return None
+
     def _check_replayed(self, upto: int, attention: bool) -> None:
         """Refuse a replay that would leave an active probe unserved (see :meth:`replay`)."""
         from .errors import InterventionError

@@ -51,6 +51,7 @@ class CleanRun:
     peak_bytes: int
     held_bytes: int
     heads: dict = field(default_factory=dict)
+    last_row_diff: float | None = None   # the last-row check's largest difference (None: not made)
 
 
 @dataclass
@@ -69,6 +70,8 @@ class SweepResult:
     clean: CleanRun | None = field(default=None, repr=False)   # the clean run (keep_clean=True), for reuse
     clean_reused: bool = False               # the clean run was passed in (no clean forward ran)
     attention_replayed: int = 0              # forwards whose first layer's attention was replayed up to o_proj
+    last_row: int = 0                        # forwards whose last layer ran on the last row only
+    last_row_diff: float | None = None       # that check: largest |logit| difference on the clean run (None: none)
 
     def effects(self, reduce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Per setting effect: ``reduce(values[i], baseline)`` (default: mean over samples of the metric change)."""
@@ -80,7 +83,8 @@ class SweepResult:
         return {"settings": [dict(name=s.name, **s.meta) for s in self.settings],
                 "forwards": self.forwards, "layers_skipped": self.layers_skipped, "chunk": self.chunk,
                 "memory_budget": self.memory_budget, "clean_peak_bytes": self.clean_peak_bytes,
-                "clean_held_bytes": self.clean_held_bytes, "attention_replayed": self.attention_replayed}
+                "clean_held_bytes": self.clean_held_bytes, "attention_replayed": self.attention_replayed,
+                "last_row": self.last_row, "last_row_diff": self.last_row_diff}
 
 
 def tile_batch(x, n: int):
@@ -121,10 +125,26 @@ def _clean_outputs(lens, inputs: dict, last_only: bool = True, heads: Sequence[i
     return logits, cap
 
 
+def _last_row_check(lens, inputs: dict, run: CleanRun, fkw: dict) -> float:
+    """Largest |difference| between the clean run's last-row logits and those of the same inputs with the last layer
+    on its last row only (the layers below it replayed): a check that the cut serves this model."""
+    last = lens.facts.n_layers - 1
+    with lens.replay(run.layers, last, 1, run.encoders), lens.last_row_only(), torch.no_grad():
+        logits = lens.model(**inputs, **fkw).logits
+    return float((logits[:, -1].float() - run.logits[:, -1].float()).abs().max())
+
+
+def _rounding(logits: torch.Tensor) -> float:
+    """What float rounding may move a logit by when a layer runs on fewer rows (different matmul shapes): 16 units
+    of the dtype's precision at the logits' scale, at least 1e-5 of it."""
+    scale = max(1.0, float(logits.float().abs().max()))
+    return max(16 * torch.finfo(logits.dtype).eps, 1e-5) * scale
+
+
 def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = last_token_logits,
           chunk: int = 16, reuse_prefix: bool = True, progress: bool = False, last_only: bool = True,
           memory_budget: int | str | None = None, clean: CleanRun | None = None,
-          keep_clean: bool = False, reuse_attention: bool = True) -> SweepResult:
+          keep_clean: bool = False, reuse_attention: bool = True, last_row: bool = True) -> SweepResult:
     """Evaluate ``settings`` on ``inputs`` (a batch of b samples): up to ``chunk`` settings per forward, each
     setting on its own copy of the b rows. Equals a loop of separate forwards to float rounding.
 
@@ -139,7 +159,11 @@ def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = la
     output as long as the result lives). ``reuse_attention`` (with ``reuse_prefix``): a chunk whose settings at its
     first layer all start there at ``attn.head_out`` (head blocking, scaling) replays that layer's attention up to
     its output projection as well; the clean run then also holds the per-head outputs of those layers (one
-    [batch, tokens, heads·head_dim] tensor each, counted in the memory it holds)."""
+    [batch, tokens, heads·head_dim] tensor each, counted in the memory it holds). ``last_row`` (with
+    ``last_only`` and ``reuse_prefix``): a chunk whose settings leave the last layer alone runs that layer's output
+    projection and MLP on the last position only (``lens.last_row_only``), once a check on the clean run found its
+    last-row logits equal to the full forward's to float rounding (``result.last_row_diff``); else the layer runs
+    whole."""
     from . import memory
 
     if not settings:
@@ -160,6 +184,11 @@ def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = la
         logits, peak, held = clean.logits, clean.peak_bytes, clean.held_bytes
     outs, enc = run.layers, run.encoders
     heads_at = run.heads if replay and reuse_attention else {}
+    cut = False   # the last layer may run on its last row (checked on the clean run)
+    if last_row and last_only and replay and lens.last_row_refusal() is None:
+        if run.last_row_diff is None:
+            run.last_row_diff = _last_row_check(lens, inputs, run, fkw)
+        cut = run.last_row_diff <= _rounding(run.logits)
     baseline = metric(logits)
     # held while the chunks run: the clean outputs (replayed) and the metric values gathered so far
     held += baseline.numel() * baseline.element_size() * len(settings)
@@ -177,7 +206,7 @@ def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = la
     order = sorted(range(len(settings)), key=lambda i: settings[i].first_layer)
     values: list[torch.Tensor | None] = [None] * len(settings)
     b = baseline.shape[0]
-    forwards = skipped = attention_replayed = 0
+    forwards = skipped = attention_replayed = cut_forwards = 0
     chunks = [order[i:i + chunk] for i in range(0, len(order), chunk)]
     from .progress import progress_bar
 
@@ -198,16 +227,22 @@ def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = la
                     stack.enter_context(lens.probe(probe, layers=layers))
             stack.enter_context(lens.replay(outs, first, n, enc if reuse_prefix else None,
                                             heads_at if attention else None))
+            # the settings' probes (and any the caller left active) leave the last layer alone: it may be cut
+            cut_here = cut and lens.last_row_refusal() is None
+            if cut_here:
+                stack.enter_context(lens.last_row_only())
             with torch.no_grad():
                 out = metric(lens.model(**big, **fkw).logits)
         forwards += 1
         skipped += first
         attention_replayed += int(attention)
+        cut_forwards += int(cut_here)
         for j, i in enumerate(idx):
             values[i] = out[j * b:(j + 1) * b].clone()   # not a view holding the chunk's whole output
         del big, out   # released before the next chunk's copies are made
     return SweepResult(list(settings), torch.stack(values), baseline, forwards, skipped, chunk, budget, peak, held,
-                       run if keep_clean else None, clean is not None, attention_replayed)
+                       run if keep_clean else None, clean is not None, attention_replayed, cut_forwards,
+                       run.last_row_diff)
 
 
 def head_settings(lens, heads: Sequence[tuple[int, int]] | None = None, alpha: float = 0.0) -> list[Setting]:

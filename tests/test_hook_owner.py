@@ -142,6 +142,41 @@ def test_replay_refuses_a_probe_on_what_it_does_not_run():
                     pass
 
 
+def test_last_row_only_runs_the_last_layers_mlp_on_one_row_and_gives_the_full_forwards_last_row():
+    tm = _tiny("llava")
+    inputs = inputs_for(tm, n=2)
+    seen = []
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        ref = logits(tm.model, inputs)[:, -1]
+        attached = _hooks(tm.model)
+        h = lens.facts.layers[-1].mlp.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape)))
+        try:
+            with lens.last_row_only():
+                out = logits(tm.model, inputs)[:, -1]
+        finally:
+            h.remove()
+        assert _hooks(tm.model) == attached                              # its two pre-hooks are gone
+    assert seen == [(2, 1, tm.config.text_config.hidden_size)]
+    assert (out - ref).abs().max().item() <= 1e-6
+
+
+def test_last_row_only_refuses_a_layer_it_cannot_cut_and_a_probe_on_the_last_layer():
+    tm = _tiny("llava")
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        last = lens.facts.n_layers - 1
+        with lens.record("resid.post", layers=[last]):
+            with pytest.raises(InterventionError, match=f"Recorder is active on resid.post at layer {last}"):
+                with lens.last_row_only():
+                    pass
+        with lens.record("resid.post", layers=[0]), lens.last_row_only():
+            pass                                            # another layer's probe is served as usual
+    g = _tiny("git")
+    with arbiter.attach(g.model, g.processor) as lens:
+        assert "no pre-MLP norm" in lens.last_row_refusal()
+        with pytest.raises(InterventionError, match="no pre-MLP norm"), lens.last_row_only():
+            pass
+
+
 class _HandK(arbiter.Probe):
     reads = {"attn.k_pre": "all"}
 

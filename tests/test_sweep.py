@@ -85,7 +85,7 @@ def test_head_sweep_replays_encoders_and_equals_naive_loop(family):
 
 def test_a_sweep_given_an_earlier_clean_run_skips_its_clean_forward_and_equals_a_fresh_sweep():
     """sweep(clean=...) replays the clean run of an earlier sweep on the same inputs: values and baseline bit for bit
-    those of a fresh sweep, one model forward fewer (counted by a hook on the model)."""
+    those of a fresh sweep, without its clean forward and last-row check (counted by a hook on the model)."""
     from arbiter.sweep import head_settings, sweep
     tm = _tiny("llava")
     inputs = inputs_for(tm, n=2)
@@ -102,15 +102,17 @@ def test_a_sweep_given_an_earlier_clean_run_skips_its_clean_forward_and_equals_a
     finally:
         handle.remove()
     assert first.clean is not None and fresh.clean is None and not first.clean_reused and again.clean_reused
-    assert len(calls) == n_fresh - 1 == fresh.forwards
+    # a fresh sweep also runs the clean forward and the last-row check (a forward of the last layer); the clean run
+    # passed back carries both
+    assert len(calls) == n_fresh - 2 == fresh.forwards and again.last_row_diff == first.last_row_diff
     assert torch.equal(again.values, fresh.values) and torch.equal(again.baseline, fresh.baseline)
 
 
 @pytest.mark.parametrize("reuse", [True, False])
 def test_a_head_sweep_replays_each_chunks_first_layer_attention_up_to_its_output_projection(reuse):
     """One chunk per layer: layer l's query projection runs in the clean forward and in the chunks of the layers
-    below it (l + 1 times); it runs once more (its own chunk) without ``reuse_attention``. Values equal the naive
-    loop either way."""
+    below it (l + 1 times; the last layer once more, in the last-row check); it runs once more (its own chunk)
+    without ``reuse_attention``. Values equal the naive loop either way."""
     from arbiter.sweep import head_settings, sweep
     tm = _tiny("llava")
     inputs = inputs_for(tm, n=2)
@@ -129,8 +131,12 @@ def test_a_head_sweep_replays_each_chunks_first_layer_attention_up_to_its_output
         for s in res.settings:
             with lens.block_heads([(s.meta["layer"], s.meta["head"])]):
                 naive.append(logits(tm.model, inputs)[:, -1])
-    assert calls == [1 + layer + (0 if reuse else 1) for layer in range(f.n_layers)]
+    expected = [1 + layer + (0 if reuse else 1) for layer in range(f.n_layers)]
+    expected[-1] += 1   # the last-row check on the clean run runs the last layer once more
+    assert calls == expected
     assert res.attention_replayed == (res.forwards if reuse else 0) and res.forwards == f.n_layers
+    # the last layer ran on its last row in every chunk but the last layer's own (its probes are there)
+    assert res.last_row == f.n_layers - 1 and res.last_row_diff <= 1e-6
     assert (res.values - torch.stack(naive)).abs().max().item() <= 1e-5
 
 
@@ -141,3 +147,27 @@ def test_a_knockout_sweep_never_replays_an_attention():
     with arbiter.attach(tm.model, tm.processor) as lens:
         res = knockout_sweep(lens, inputs, [("image", "last")], window=1, chunk=2)
     assert res.forwards == 2 and res.attention_replayed == 0 and res.layers_skipped > 0
+    assert res.last_row == 1   # the chunk whose knockouts reach the last layer ran it whole
+
+
+def test_a_sweep_runs_the_last_layer_whole_where_the_last_row_check_fails():
+    """A model that mixes positions after its last layer (a hook on the final norm adds the mean over positions) is
+    one the last-row cut would get wrong: the check on the clean run finds the difference, every forward runs the
+    last layer whole, and the values still equal the naive loop's."""
+    tm = _tiny("llava")
+    inputs = inputs_for(tm, n=2)
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        h = lens.facts.final_norm.register_forward_pre_hook(lambda m, a: (a[0] + a[0].mean(dim=1, keepdim=True),))
+        try:
+            res = head_sweep(lens, inputs, heads=[(0, 0), (1, 1)], chunk=1)
+            cut = head_sweep(lens, inputs, heads=[(0, 0), (1, 1)], chunk=1)
+            naive = []
+            for s in res.settings:
+                with lens.block_heads([(s.meta["layer"], s.meta["head"])]):
+                    naive.append(logits(tm.model, inputs)[:, -1])
+        finally:
+            h.remove()
+        plain = head_sweep(lens, inputs, heads=[(0, 0), (1, 1)], chunk=1)
+    assert res.last_row == 0 and res.last_row_diff > 1e-3 and cut.last_row == 0
+    assert (res.values - torch.stack(naive)).abs().max().item() <= 1e-5
+    assert plain.last_row == 2 and plain.last_row_diff <= 1e-6    # without the hook the cut serves this model
