@@ -648,6 +648,34 @@ def _attention_share(model, inputs, repeats: int) -> float:
     return statistics.median(shares)
 
 
+def _last_row_share(model, inputs, repeats: int) -> float:
+    """Median over ``repeats`` paired rounds of the last decoder layer's time on its last row only (o_proj and MLP on
+    one row, ``lens.last_row_only``) over its time whole, the layers below it replayed, last-row logits."""
+    sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
+    kw = {"use_cache": False, "logits_to_keep": 1}
+    ratios = []
+    with arbiter.attach(model) as lens, torch.no_grad():
+        with lens.capture() as cap:
+            model(**inputs, **kw)
+        last = lens.facts.n_layers - 1
+
+        def timed(cut: bool) -> float:
+            with lens.replay(cap.layers, last, 1, cap.encoders), \
+                    (lens.last_row_only() if cut else contextlib.nullcontext()):
+                sync()
+                t = time.perf_counter()
+                model(**inputs, **kw)
+                sync()
+                return time.perf_counter() - t
+        timed(True), timed(False)   # warm
+        for r in range(max(repeats, 1) * 3):
+            first = bool(r % 2)
+            a = timed(first)
+            b = timed(not first)
+            ratios.append(a / b if first else b / a)
+    return statistics.median(ratios)
+
+
 def bench_sweep(tm, cfg) -> dict[str, Any]:
     """Single-head blocking: head_sweep (one chunk per layer) vs a naive loop of forwards vs an nnsight loop, over
     every head (``sweep_heads_per_layer`` None), or over a subset (that many per layer; times scaled to all heads,
@@ -702,14 +730,18 @@ def bench_sweep(tm, cfg) -> dict[str, Any]:
     share = _attention_share(model, inputs, cfg["sweep_repeats"])
     replayed = (len(heads) if res.attention_replayed == res.forwards else 0 if res.attention_replayed == 0
                 else float("nan"))
-    ceiling = len(heads) * n_layers / (sweep_layer_forwards - share * replayed)
+    # a chunk that leaves the last layer alone runs it on the last row: that layer costs the measured share
+    kept = _last_row_share(model, inputs, cfg["sweep_repeats"]) if res.last_row else 1.0
+    cut = [c for c in chunks if c[-1] < n_layers - 1]
+    cut_settings = sum(len(c) for c in cut) if len(cut) == res.last_row else float("nan")
+    ceiling = len(heads) * n_layers / (sweep_layer_forwards - share * replayed - (1 - kept) * cut_settings)
     return {"sweep_device": device, "sweep_samples": cfg["sweep_samples"], "sweep_heads_total": total,
             "sweep_heads_timed": len(heads),
             "sweep_chunk": chunk, "sweep_repeats": cfg["sweep_repeats"], "sweep_forwards": res.forwards,
             "sweep_layers_skipped": res.layers_skipped,
             "sweep_layer_forward_ratio": len(heads) * n_layers / sweep_layer_forwards,
             "sweep_attention_replayed": res.attention_replayed, "sweep_attention_share": share,
-            "sweep_replay_ceiling": ceiling,
+            "sweep_last_row": res.last_row, "sweep_last_row_share": kept, "sweep_replay_ceiling": ceiling,
             "sweep_s": sweep_s * scale, "naive_loop_s": naive_s * scale, "nnsight_loop_s": nn_s * scale,
             "sweep_speedup": naive_s / sweep_s, "nnsight_sweep_speedup": nn_s / sweep_s,
             # the speedup over what the replay allows (layer-forwards of the loop / of the sweep, a replayed
