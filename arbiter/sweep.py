@@ -144,7 +144,8 @@ def _rounding(logits: torch.Tensor) -> float:
 def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = last_token_logits,
           chunk: int = 16, reuse_prefix: bool = True, progress: bool = False, last_only: bool = True,
           memory_budget: int | str | None = None, clean: CleanRun | None = None,
-          keep_clean: bool = False, reuse_attention: bool = True, last_row: bool = True) -> SweepResult:
+          keep_clean: bool = False, reuse_attention: bool = True, last_row: bool = True,
+          attention_layers: Sequence[int] | None = None) -> SweepResult:
     """Evaluate ``settings`` on ``inputs`` (a batch of b samples): up to ``chunk`` settings per forward, each
     setting on its own copy of the b rows. Equals a loop of separate forwards to float rounding.
 
@@ -159,7 +160,9 @@ def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = la
     output as long as the result lives). ``reuse_attention`` (with ``reuse_prefix``): a chunk whose settings at its
     first layer all start there at ``attn.head_out`` (head blocking, scaling) replays that layer's attention up to
     its output projection as well; the clean run then also holds the per-head outputs of those layers (one
-    [batch, tokens, heads·head_dim] tensor each, counted in the memory it holds). ``last_row`` (with
+    [batch, tokens, heads·head_dim] tensor each, counted in the memory it holds); ``attention_layers``: the layers
+    a fresh clean run records them for (default: the first layers of the head settings; a clean run kept for
+    sweeps of other settings may record more). ``last_row`` (with
     ``last_only`` and ``reuse_prefix``): a chunk whose settings leave the last layer alone runs that layer's output
     projection and MLP on the last position only (``lens.last_row_only``), once a check on the clean run found its
     last-row logits equal to the full forward's to float rounding (``result.last_row_diff``); else the layer runs
@@ -173,7 +176,8 @@ def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = la
     device = next(lens.model.parameters()).device
     budget = memory.budget_bytes(device, memory_budget)
     replay = reuse_prefix and lens.facts.prefix_replay
-    head_layers = sorted({s.first_layer for s in settings if s.first_site == "attn.head_out"}
+    head_layers = sorted((set(attention_layers) if attention_layers is not None else
+                          {s.first_layer for s in settings if s.first_site == "attn.head_out"})
                          if replay and reuse_attention else ())
     if clean is None:
         peak, held, (logits, cap) = memory.measure(lambda: _clean_outputs(lens, inputs, last_only, head_layers),

@@ -66,6 +66,30 @@ def test_search_equals_exhaustive_on_a_tiny_model(synth):
     assert se.exhaustive_cost == ex.cost_forward_equivalents == 17.0
 
 
+def test_the_search_replays_the_first_layers_attention_in_every_round(synth, monkeypatch):
+    """The clean run kept from the first round holds every attention layer's per-head outputs, so the later rounds'
+    sets, whatever layer they start at, replay that layer's attention too: every forward of every sweep does."""
+    import arbiter.experiments.head_search as hs
+    results = []
+
+    def spy(*a, **k):
+        results.append(hs_sweep(*a, **k))
+        return results[-1]
+    hs_sweep = hs.sweep
+    monkeypatch.setattr(hs, "sweep", spy)
+    # 8 layers of 2 heads: the first round's blocks of 4 heads start at even layers only; later sets at odd ones
+    tm = tiny("llava", hidden=32, layers=8, heads=2, kv_heads=2, image_tokens=16)
+    samples = [s for s in synth.samples if s.conflict]
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        search_ranking(lens, samples, batch_size=8, dataset=synth, progress=False, threshold=0.25)
+        layers = lens.facts.attention_layers
+    firsts = [sorted({s.first_layer for s in r.settings}) for r in results]
+    assert set(firsts[0]) != set(layers) and any(set(f) - set(firsts[0]) for f in firsts[1:])
+    assert len(results) > 1 and any(r.clean_reused for r in results)
+    assert all(r.attention_replayed == r.forwards > 0 for r in results)
+    assert all(sorted(r.clean.heads) == layers for r in results)
+
+
 def test_search_refuses_without_conflicts(synth):
     tm = _tiny("llava")
     agree = [s for s in synth.samples if not s.conflict] or [dataclasses.replace(synth.samples[0], conflict=False)]

@@ -434,7 +434,9 @@ def set_measure(lens, samples: Sequence[ConflictSample], batch_size: int = 8, ch
                 others = sum(run.held_bytes for k, run in kept.items() if k != key)
                 res = sweep(lens, item.batch.inputs, settings, metric_pi_and_margin(item.ids_p, item.ids_c),
                             chunk=chunk, memory_budget=None if budget is None else max(budget - others, 0),
-                            clean=kept.get(key), keep_clean=True)
+                            clean=kept.get(key), keep_clean=True,
+                            # later rounds replay this clean run with sets starting at any layer
+                            attention_layers=lens.facts.attention_layers)
                 ran["clean"] |= not res.clean_reused
                 if budget is None or others + res.clean.held_bytes <= budget // 2:
                     kept[key] = res.clean
