@@ -166,7 +166,7 @@ def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = la
     ``last_only`` and ``reuse_prefix``): a chunk whose settings leave the last layer alone runs that layer's output
     projection and MLP on the last position only (``lens.last_row_only``), once a check on the clean run found its
     last-row logits equal to the full forward's to float rounding (``result.last_row_diff``); else the layer runs
-    whole."""
+    whole. Only where the model takes ``logits_to_keep`` (so that no metric can read another row)."""
     from . import memory
 
     if not settings:
@@ -189,7 +189,8 @@ def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = la
     outs, enc = run.layers, run.encoders
     heads_at = run.heads if replay and reuse_attention else {}
     cut = False   # the last layer may run on its last row (checked on the clean run)
-    if last_row and last_only and replay and lens.last_row_refusal() is None:
+    # only where the model keeps the last row's logits alone: a metric can then read no other row
+    if last_row and "logits_to_keep" in fkw and replay and lens.last_row_refusal() is None:
         if run.last_row_diff is None:
             run.last_row_diff = _last_row_check(lens, inputs, run, fkw)
         cut = run.last_row_diff <= _rounding(run.logits)

@@ -171,3 +171,20 @@ def test_a_sweep_runs_the_last_layer_whole_where_the_last_row_check_fails():
     assert res.last_row == 0 and res.last_row_diff > 1e-3 and cut.last_row == 0
     assert (res.values - torch.stack(naive)).abs().max().item() <= 1e-5
     assert plain.last_row == 2 and plain.last_row_diff <= 1e-6    # without the hook the cut serves this model
+
+
+def test_a_sweep_on_a_model_that_keeps_every_rows_logits_never_cuts_the_last_layer():
+    """Qwen2-Audio's forward takes no logits_to_keep: the metric sees every position, so the last layer always runs
+    whole, and a metric reading the first position gets the naive loop's values (a cut would leave it wrong)."""
+    from arbiter.sweep import head_settings, sweep
+    tm = _tiny("qwen2_audio")
+    inputs = inputs_for(tm, n=2)
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        res = sweep(lens, inputs, head_settings(lens, [(0, 0), (1, 1)]), metric=lambda lg: lg[:, 0], chunk=1)
+        naive = []
+        for s in res.settings:
+            with lens.block_heads([(s.meta["layer"], s.meta["head"])]):
+                naive.append(logits(tm.model, inputs)[:, 0])
+    assert res.last_row == 0 and res.last_row_diff is None
+    assert (res.values - torch.stack(naive)).abs().max().item() <= 1e-5
+    assert (res.values[0] - res.baseline).abs().max().item() > 0
