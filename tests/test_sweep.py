@@ -13,17 +13,23 @@ from arbiter.sweep import _clean_outputs, head_sweep, knockout_sweep
 from helpers import MULTIMODAL, _tiny, inputs_for, logits
 
 
+def _naive_head_loop(lens, tm, inputs, settings, position: int = -1) -> torch.Tensor:
+    """The independent reference: one plain forward per head setting, that head blocked, logits at ``position``."""
+    out = []
+    for s in settings:
+        with lens.block_heads([(s.meta["layer"], s.meta["head"])]):
+            out.append(logits(tm.model, inputs)[:, position])
+    return torch.stack(out)
+
+
 def test_head_sweep_equals_naive_loop():
     tm = _tiny("llava")
     inputs = inputs_for(tm, n=2)
     with arbiter.attach(tm.model, tm.processor) as lens:
         res = head_sweep(lens, inputs, chunk=5)
-        naive = []
-        for s in res.settings:
-            with lens.block_heads([(s.meta["layer"], s.meta["head"])]):
-                naive.append(logits(tm.model, inputs)[:, -1])
+        naive = _naive_head_loop(lens, tm, inputs, res.settings)
     assert res.values.shape[0] == 16
-    assert (res.values - torch.stack(naive)).abs().max().item() <= 1e-5
+    assert (res.values - naive).abs().max().item() <= 1e-5
     assert res.layers_skipped > 0
 
 
@@ -68,11 +74,8 @@ def test_head_sweep_replays_encoders_and_equals_naive_loop(family):
         finally:
             for h in handles:
                 h.remove()
-        naive = []
-        for s in res.settings:
-            with lens.block_heads([(s.meta["layer"], s.meta["head"])]):
-                naive.append(logits(tm.model, inputs)[:, -1])
-    assert (res.values - torch.stack(naive)).abs().max().item() <= 1e-5
+        naive = _naive_head_loop(lens, tm, inputs, res.settings)
+    assert (res.values - naive).abs().max().item() <= 1e-5
     # the first layer's attention was replayed too, except where the layers cannot be replayed (Gemma 3n reads state
     # earlier layers leave aside) or the attention module returns more than its output projection (GIT)
     assert (res.attention_replayed > 0) == (family not in ("gemma3n", "git"))
@@ -127,17 +130,14 @@ def test_a_head_sweep_replays_each_chunks_first_layer_attention_up_to_its_output
         finally:
             for h in handles:
                 h.remove()
-        naive = []
-        for s in res.settings:
-            with lens.block_heads([(s.meta["layer"], s.meta["head"])]):
-                naive.append(logits(tm.model, inputs)[:, -1])
+        naive = _naive_head_loop(lens, tm, inputs, res.settings)
     expected = [1 + layer + (0 if reuse else 1) for layer in range(f.n_layers)]
     expected[-1] += 1   # the last-row check on the clean run runs the last layer once more
     assert calls == expected
     assert res.attention_replayed == (res.forwards if reuse else 0) and res.forwards == f.n_layers
     # the last layer ran on its last row in every chunk but the last layer's own (its probes are there)
     assert res.last_row == f.n_layers - 1 and res.last_row_diff <= 1e-6
-    assert (res.values - torch.stack(naive)).abs().max().item() <= 1e-5
+    assert (res.values - naive).abs().max().item() <= 1e-5
 
 
 def test_a_knockout_sweep_never_replays_an_attention():
@@ -161,15 +161,12 @@ def test_a_sweep_runs_the_last_layer_whole_where_the_last_row_check_fails():
         try:
             res = head_sweep(lens, inputs, heads=[(0, 0), (1, 1)], chunk=1)
             cut = head_sweep(lens, inputs, heads=[(0, 0), (1, 1)], chunk=1)
-            naive = []
-            for s in res.settings:
-                with lens.block_heads([(s.meta["layer"], s.meta["head"])]):
-                    naive.append(logits(tm.model, inputs)[:, -1])
+            naive = _naive_head_loop(lens, tm, inputs, res.settings)
         finally:
             h.remove()
         plain = head_sweep(lens, inputs, heads=[(0, 0), (1, 1)], chunk=1)
     assert res.last_row == 0 and res.last_row_diff > 1e-3 and cut.last_row == 0
-    assert (res.values - torch.stack(naive)).abs().max().item() <= 1e-5
+    assert (res.values - naive).abs().max().item() <= 1e-5
     assert plain.last_row == 2 and plain.last_row_diff <= 1e-6    # without the hook the cut serves this model
 
 
@@ -181,10 +178,7 @@ def test_a_sweep_on_a_model_that_keeps_every_rows_logits_never_cuts_the_last_lay
     inputs = inputs_for(tm, n=2)
     with arbiter.attach(tm.model, tm.processor) as lens:
         res = sweep(lens, inputs, head_settings(lens, [(0, 0), (1, 1)]), metric=lambda lg: lg[:, 0], chunk=1)
-        naive = []
-        for s in res.settings:
-            with lens.block_heads([(s.meta["layer"], s.meta["head"])]):
-                naive.append(logits(tm.model, inputs)[:, 0])
+        naive = _naive_head_loop(lens, tm, inputs, res.settings, position=0)
     assert res.last_row == 0 and res.last_row_diff is None
-    assert (res.values - torch.stack(naive)).abs().max().item() <= 1e-5
+    assert (res.values - naive).abs().max().item() <= 1e-5
     assert (res.values[0] - res.baseline).abs().max().item() > 0
