@@ -162,11 +162,13 @@ def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = la
     its output projection as well; the clean run then also holds the per-head outputs of those layers (one
     [batch, tokens, heads·head_dim] tensor each, counted in the memory it holds); ``attention_layers``: the layers
     a fresh clean run records them for (default: the first layers of the head settings; a clean run kept for
-    sweeps of other settings may record more). ``last_row`` (with
-    ``last_only`` and ``reuse_prefix``): a chunk whose settings leave the last layer alone runs that layer's output
+    sweeps of other settings may record more).
+
+    ``last_row`` (with ``last_only`` and ``reuse_prefix``, where the model takes ``logits_to_keep``, so that no
+    metric can read another row): a chunk whose settings leave the last layer alone runs that layer's output
     projection and MLP on the last position only (``lens.last_row_only``), once a check on the clean run found its
     last-row logits equal to the full forward's to float rounding (``result.last_row_diff``); else the layer runs
-    whole. Only where the model takes ``logits_to_keep`` (so that no metric can read another row)."""
+    whole."""
     from . import memory
 
     if not settings:
