@@ -482,6 +482,33 @@ def test_cuda_fp32_knockout_equals_the_cpu_fp32_reference():
     assert check_knockout(torch.float32, "cuda") <= 1
 
 
+def check_head_sweep_equals_the_loop(device: str) -> tuple[float, int, int]:
+    """A head sweep over every head of a 4-layer model on ``device``, one chunk per layer (the attention of each
+    chunk's first layer replayed, the last layer cut to its last row where no setting is on it), against a loop of
+    plain forwards with each head blocked: (largest difference, forwards that replayed an attention, forwards cut)."""
+    tm = tiny("llava", layers=4)
+    model = tm.model.to(device)
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs_for(tm, 2).items()}
+    with arbiter.attach(model, tm.processor) as lens, torch.no_grad():
+        res = head_sweep(lens, inputs, chunk=tm.config.text_config.num_attention_heads)
+        loop = []
+        for s in res.settings:
+            with lens.block_heads([(s.meta["layer"], s.meta["head"])]):
+                loop.append(model(**inputs, use_cache=False).logits[:, -1])
+    return float((res.values - torch.stack(loop)).abs().max()), res.attention_replayed, res.last_row
+
+
+@cuda_test
+def test_cuda_head_sweep_with_attention_replay_and_last_row_cut_equals_the_loop():
+    diff, replayed, cut = check_head_sweep_equals_the_loop("cuda")
+    assert diff <= 1e-5 and replayed == 4 and cut == 3
+
+
+def test_head_sweep_with_attention_replay_and_last_row_cut_equals_the_loop_on_the_cpu():
+    diff, replayed, cut = check_head_sweep_equals_the_loop("cpu")
+    assert diff <= 1e-5 and replayed == 4 and cut == 3
+
+
 def count_host_syncs(fn) -> int:
     """How many times ``fn`` makes the host wait on the CUDA device (torch's sync debug mode, one warning each)."""
     import warnings
