@@ -203,6 +203,13 @@ def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = la
     per_setting = peak + sum(v.numel() * v.element_size() for v in inputs.values() if isinstance(v, torch.Tensor))
     if budget is not None and peak:
         fit = int((budget - held) // per_setting)
+        heads_bytes = sum(t.numel() * t.element_size() for t, _ in heads_at.values())
+        if fit < 1 and clean is None and heads_bytes and (budget - held + heads_bytes) // per_setting >= 1:
+            # this sweep's own per-head outputs are what leaves no room: freed, the settings run without the
+            # attention replay
+            heads_at, held = {}, held - heads_bytes
+            run.heads, run.held_bytes = {}, run.held_bytes - heads_bytes
+            fit = int((budget - held) // per_setting)
         if fit < 1:
             raise InterventionError(
                 f"one setting needs about {per_setting / 2**20:.0f} MiB (its inputs and the peak of one clean "

@@ -182,3 +182,25 @@ def test_a_sweep_on_a_model_that_keeps_every_rows_logits_never_cuts_the_last_lay
     assert res.last_row == 0 and res.last_row_diff is None
     assert (res.values - naive).abs().max().item() <= 1e-5
     assert (res.values[0] - res.baseline).abs().max().item() > 0
+
+
+def test_a_sweep_whose_budget_leaves_no_room_for_the_per_head_outputs_frees_them_and_runs_without_them():
+    """A memory budget that holds the clean run and one setting, but not the per-head outputs recorded for the
+    attention replay beside them: the sweep frees those, replays no attention, and still equals the naive loop (it
+    used to run at this budget before the per-head outputs existed, so it must not refuse now)."""
+    from arbiter.sweep import head_settings, sweep
+    tm = _tiny("llava")
+    inputs = inputs_for(tm, n=2)
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        settings = head_settings(lens, [(1, 0), (1, 1)])
+        free = sweep(lens, inputs, settings, chunk=2, memory_budget=2**40, keep_clean=True)
+        heads = sum(t.numel() * t.element_size() for t, _ in free.clean.heads.values())
+        per_setting = free.clean_peak_bytes + sum(v.numel() * v.element_size() for v in inputs.values()
+                                                  if isinstance(v, torch.Tensor))
+        budget = free.clean_held_bytes + per_setting - heads // 2
+        tight = sweep(lens, inputs, settings, chunk=2, memory_budget=budget)
+        naive = _naive_head_loop(lens, tm, inputs, tight.settings)
+    assert heads > 0 and free.attention_replayed == 1
+    assert tight.attention_replayed == 0 and tight.chunk == 1 and tight.forwards == 2
+    assert tight.clean_held_bytes == free.clean_held_bytes - heads
+    assert (tight.values - naive).abs().max().item() <= 1e-5
