@@ -53,6 +53,17 @@ class CleanRun:
     heads: dict = field(default_factory=dict)
     last_row_diff: float | None = None   # the last-row check's largest difference (None: not made)
 
+    @property
+    def heads_bytes(self) -> int:
+        """The memory the per-head outputs hold, in bytes."""
+        return sum(t.numel() * t.element_size() for t, _ in self.heads.values())
+
+    def drop_heads(self) -> int:
+        """Free the per-head outputs (a later sweep on this run then replays no attention); the bytes freed."""
+        freed = self.heads_bytes
+        self.heads, self.held_bytes = {}, self.held_bytes - freed
+        return freed
+
 
 @dataclass
 class SweepResult:
@@ -203,12 +214,11 @@ def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = la
     per_setting = peak + sum(v.numel() * v.element_size() for v in inputs.values() if isinstance(v, torch.Tensor))
     if budget is not None and peak:
         fit = int((budget - held) // per_setting)
-        heads_bytes = sum(t.numel() * t.element_size() for t, _ in heads_at.values())
+        heads_bytes = run.heads_bytes if heads_at else 0
         if fit < 1 and clean is None and heads_bytes and (budget - held + heads_bytes) // per_setting >= 1:
             # this sweep's own per-head outputs are what leaves no room: freed, the settings run without the
             # attention replay
-            heads_at, held = {}, held - heads_bytes
-            run.heads, run.held_bytes = {}, run.held_bytes - heads_bytes
+            heads_at, held = {}, held - run.drop_heads()
             fit = int((budget - held) // per_setting)
         if fit < 1:
             raise InterventionError(

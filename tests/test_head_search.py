@@ -90,6 +90,32 @@ def test_the_search_replays_the_first_layers_attention_in_every_round(synth, mon
     assert all(sorted(r.clean.heads) == layers for r in results)
 
 
+def test_a_clean_run_the_budget_cannot_keep_with_its_per_head_outputs_is_kept_without_them(synth):
+    """Half the memory budget holds every batch's clean run without its per-head outputs, not with them: the search
+    frees those outputs and keeps the runs, so a second measurement runs no clean forward (one clean run per batch,
+    in the first measurement only)."""
+    from arbiter.experiments.common import batch_plan
+    from arbiter.experiments.head_search import set_measure
+    from arbiter.sweep import head_settings, sweep
+    tm = _tiny("llava")
+    samples = [s for s in synth.samples if s.conflict][:6]
+    sets = [[(0, 0), (1, 1)], [(2, 0)]]
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        held = heads = 0
+        for item in batches(lens, samples, 2, synth):
+            run = sweep(lens, item.batch.inputs, head_settings(lens, [(0, 0)]), memory_budget=2**40,
+                        keep_clean=True, attention_layers=lens.facts.attention_layers).clean
+            held, heads = held + run.held_bytes, heads + run.heads_bytes
+        budget = 2 * held - 2 * 1024   # half of it: every run without its per-head outputs, not all with them
+        assert held - heads <= budget // 2 < held and len(batch_plan(samples, 2)) == 3
+        measure, _, share = set_measure(lens, samples, batch_size=2, dataset=synth, memory_budget=budget,
+                                        progress=False)
+        first = measure(sets)
+        second = measure(sets)
+    assert share["cleans"] == 1
+    assert torch.allclose(first, second, atol=1e-6)   # the second replays no attention where the outputs were freed
+
+
 def test_search_refuses_without_conflicts(synth):
     tm = _tiny("llava")
     agree = [s for s in synth.samples if not s.conflict] or [dataclasses.replace(synth.samples[0], conflict=False)]

@@ -438,8 +438,12 @@ def set_measure(lens, samples: Sequence[ConflictSample], batch_size: int = 8, ch
                             # later rounds replay this clean run with sets starting at any layer
                             attention_layers=lens.facts.attention_layers)
                 ran["clean"] |= not res.clean_reused
-                if budget is None or others + res.clean.held_bytes <= budget // 2:
-                    kept[key] = res.clean
+                this = res.clean
+                if budget is not None and others + this.held_bytes > budget // 2 >= \
+                        others + this.held_bytes - this.heads_bytes:
+                    this.drop_heads()   # a kept clean run saves a whole forward; its per-head outputs, part of one
+                if budget is None or others + this.held_bytes <= budget // 2:
+                    kept[key] = this
                 else:
                     kept.pop(key, None)
                 share["chunk"] = res.chunk
