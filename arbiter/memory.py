@@ -40,6 +40,14 @@ def parse_bytes(value: int | float | str) -> int:
     return n
 
 
+def format_bytes(n: int | float) -> str:
+    """A size for a message: ``"340 KiB"``, ``"1.2 MiB"``, ``"3.1 GiB"`` (bytes below 1 KiB as they are)."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}" if abs(n) < 10 * size else f"{n / size:.0f} {unit}"
+    return f"{int(n)} bytes"
+
+
 def _proc_kib(path: str, field: str) -> int | None:
     """A ``kB`` field of a /proc file (``/proc/meminfo``'s MemAvailable, ``/proc/self/status``'s VmRSS), or None."""
     try:

@@ -222,10 +222,10 @@ def sweep(lens, inputs: dict, settings: Sequence[Setting], metric: Callable = la
             fit = int((budget - held) // per_setting)
         if fit < 1:
             raise InterventionError(
-                f"one setting needs about {per_setting / 2**20:.0f} MiB (its inputs and the peak of one clean "
-                f"forward of this batch) "
-                f"beside the {held / 2**20:.0f} MiB held for replay and for the results, more than the memory "
-                f"budget of {budget / 2**20:.0f} MiB; use a smaller batch or a larger budget.")
+                f"one setting needs about {memory.format_bytes(per_setting)} (its inputs and the peak of one clean "
+                f"forward of this batch) beside the {memory.format_bytes(held)} held for replay and for the results, "
+                f"more than the memory budget of {memory.format_bytes(budget)}; use a smaller batch or a larger "
+                "budget.")
         chunk = min(chunk, fit)
     order = sorted(range(len(settings)), key=lambda i: settings[i].first_layer)
     values: list[torch.Tensor | None] = [None] * len(settings)

@@ -119,3 +119,9 @@ def test_recording_adds_at_most_what_it_keeps():
     assert len([k for k, _ in res.trace.items() if k.startswith("L") and k.endswith(".resid.post")]) == n_layers
     assert peak - base <= 1.05 * kept
     assert held <= 1.05 * kept
+
+
+def test_sizes_in_messages_read_in_their_unit():
+    assert [memory.format_bytes(n) for n in (500, 1536, int(1.2 * 2**20), 34 * 2**20, int(3.1 * 2**30))] == \
+        ["500 bytes", "1.5 KiB", "1.2 MiB", "34 MiB", "3.1 GiB"]
+    assert memory.parse_bytes(memory.format_bytes(34 * 2**20).replace(" ", "")) == 34 * 2**20

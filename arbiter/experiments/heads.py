@@ -329,9 +329,9 @@ def _path_contributions(lens, item, alphas: Sequence[float], layers, method: str
         peak, _, _ = memory.measure(lambda: _path_gradients(lens, item, alphas[:1], layers, method),
                                     next(lens.model.parameters()).device)
         if peak > budget:
-            raise InterventionError(f"one attribution path step needs about {peak / 2**20:.0f} MiB (a forward and "
-                                    f"backward of this batch), more than the memory budget of "
-                                    f"{budget / 2**20:.0f} MiB; use a smaller batch or a larger budget.")
+            raise InterventionError(f"one attribution path step needs about {memory.format_bytes(peak)} (a forward "
+                                    f"and backward of this batch), more than the memory budget of "
+                                    f"{memory.format_bytes(budget)}; use a smaller batch or a larger budget.")
         plan["steps_per_forward"] = max(1, int(budget // peak))
     per_forward = plan.get("steps_per_forward", k)
     if per_forward >= k:
