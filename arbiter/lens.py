@@ -1151,20 +1151,27 @@ class Lens:
             handles.append(mod.register_forward_hook(enc_hook))
         for lf in self.facts.layers:
             handles.append(lf.layer.register_forward_hook(layer_hook(lf.index)))
-        seen: dict[int, list] = {}   # layer -> [attention calls, projection calls, its input, its output]
+        # layer -> [attention calls, projection calls, its input, its output, the input's in-place version then]
+        seen: dict[int, list] = {}
         for i in sorted(set(int(i) for i in heads)):
             lf = self.facts.layers[i] if 0 <= i < self.facts.n_layers else None
             if lf is None or lf.attn is None or lf.out_proj is None or lf.cross_attn is not None:
                 continue
             attn = self._stand_ins.get(lf.attn, lf.attn)
-            seen[i] = [0, 0, None, None]
+            seen[i] = [0, 0, None, None, None]
 
             def attn_pre(mod, args, _s=seen[i]):
                 _s[0] += 1
 
             def proj_pre(mod, args, _s=seen[i]):
                 _s[1] += 1
-                _s[2] = args[0].detach().clone() if args and isinstance(args[0], torch.Tensor) else None
+                x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                # the projection's input is the attention's own temporary: kept as it is (no copy), its in-place
+                # version checked when the block ends; an inference tensor keeps no version, so it is copied
+                # (a view into a larger buffer is copied too: the buffer would stay alive uncounted)
+                _s[2] = None if x is None else x.detach().clone() if x.is_inference() or \
+                    x.untyped_storage().nbytes() > x.numel() * x.element_size() else x.detach()
+                _s[4] = None if _s[2] is None else _version(_s[2])
 
             def proj_post(mod, args, output, _s=seen[i]):
                 _s[3] = output
@@ -1174,9 +1181,12 @@ class Lens:
                 if _s[0] == 1 and _s[1] == 1 and _s[2] is not None and first is _s[3]:
                     rest = map_tensors(output[1:], lambda t: t.detach()) if isinstance(output, tuple) else None
                     cap.heads[_i] = (_s[2], rest)
-                _s[2] = _s[3] = None
+                _s[2] = _s[3] = None   # (the version stays: the kept tensor is checked against it at the end)
             handles += [attn.register_forward_pre_hook(attn_pre), attn.register_forward_hook(attn_post),
-                        lf.out_proj.register_forward_pre_hook(proj_pre), lf.out_proj.register_forward_hook(proj_post)]
+                        # first of its pre-hooks: the attention's own output, before any edit at attn.head_out
+                        # (an active probe's edit runs again on the replay)
+                        lf.out_proj.register_forward_pre_hook(proj_pre, prepend=True),
+                        lf.out_proj.register_forward_hook(proj_post)]
 
         def undo() -> None:
             for h in handles:
@@ -1192,8 +1202,11 @@ class Lens:
             for i in list(cap.heads):
                 out = cap.layers.get(i)
                 out = out[0] if isinstance(out, tuple) else out
-                # kept where the attention ran once and its per-head outputs lead with the batch, as the layer's
-                if seen[i][0] != 1 or out is None or cap.heads[i][0].shape[0] != out.shape[res.batch_dim(out)]:
+                # kept where the attention ran once, nothing wrote into its per-head outputs since, and they lead
+                # with the batch, as the layer's output does
+                t = cap.heads[i][0]
+                if seen[i][0] != 1 or out is None or _version(t) != seen[i][4] or \
+                        t.shape[0] != out.shape[res.batch_dim(out)]:
                     del cap.heads[i]
 
     @contextlib.contextmanager
@@ -1228,7 +1241,9 @@ class Lens:
         if attention and not f.prefix_replay:
             raise InterventionError(f"replay: this model's layers ({f.family}) read state that their attention "
                                     "leaves outside its output, so it cannot be replayed; leave heads out.")
-        self._check_replayed(upto, attention)
+        why = self.replay_refusal(upto, attention)
+        if why:
+            raise InterventionError(f"replay: {why}.")
         res = f.residual
 
         def repeat_layer(out):
@@ -1312,29 +1327,29 @@ class Lens:
                         "rows would not be computed")
         return None
 
-    def _check_replayed(self, upto: int, attention: bool) -> None:
-        """Refuse a replay that would leave an active probe unserved (see :meth:`replay`)."""
-        from .errors import InterventionError
-
+    def replay_refusal(self, upto: int, attention: bool = False) -> str | None:
+        """Why :meth:`replay` up to ``upto`` (``attention``: with that layer's attention replayed) would leave an
+        active probe unserved (None: it would not); see :meth:`replay`."""
         replayed_sites = set(ATTENTION_SITES) | set(CROSS_SITES) | {"attn.k_pre", "attn.out"}
         for a in self._runtime.active:
             name = type(a.probe).__name__
             if upto > 0 and "embed" in a.specs:
-                raise InterventionError(f"replay: {name} is active on 'embed', which does not run when layers "
-                                        f"below {upto} are replayed; run it outside the replay.")
+                return (f"{name} is active on 'embed', which does not run when layers below {upto} are replayed; "
+                        "run it outside the replay (a sweep: reuse_prefix=False)")
             if attention and upto == 0 and a.specs.get("embed", ("read",))[0] == "edit":
-                raise InterventionError(f"replay: {name} edits 'embed', but layer 0's attention is replayed from "
-                                        "a clean run; run it outside the replay, or replay without heads.")
+                return (f"{name} edits 'embed', but layer 0's attention is replayed from a clean run; run it outside "
+                        "the replay, or replay without heads (a sweep: reuse_attention=False)")
             for site, layers in a.layers.items():
                 below = sorted(i for i in layers if i < upto)
                 if below:
-                    raise InterventionError(f"replay: {name} is active on {site} at layers {below}, which do not "
-                                            f"run when layers below {upto} are replayed; run it outside the replay.")
+                    return (f"{name} is active on {site} at layers {below}, which do not run when layers below "
+                            f"{upto} are replayed; run it outside the replay (a sweep: reuse_prefix=False)")
                 if attention and upto in layers and (
                         site in replayed_sites or (site == "resid.pre" and a.specs[site][0] == "edit")):
-                    raise InterventionError(f"replay: {name} is active on {site} at layer {upto}, whose attention "
-                                            "is replayed from a clean run up to its output projection; run it "
-                                            "outside the replay, or replay without heads.")
+                    return (f"{name} is active on {site} at layer {upto}, whose attention is replayed from a clean "
+                            "run up to its output projection; run it outside the replay, or replay without heads "
+                            "(a sweep: reuse_attention=False)")
+        return None
 
     def _end_services(self, which=None) -> None:
         """Undo one active capture / replay (``which``), or all of them, newest first."""

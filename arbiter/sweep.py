@@ -138,9 +138,12 @@ def _clean_outputs(lens, inputs: dict, last_only: bool = True, heads: Sequence[i
 
 def _last_row_check(lens, inputs: dict, run: CleanRun, fkw: dict) -> float:
     """Largest |difference| between the clean run's last-row logits and those of the same inputs with the last layer
-    on its last row only (the layers below it replayed): a check that the cut serves this model."""
+    on its last row only (the layers below it replayed where no active probe is on them): a check that the cut serves
+    this model."""
     last = lens.facts.n_layers - 1
-    with lens.replay(run.layers, last, 1, run.encoders), lens.last_row_only(), torch.no_grad():
+    # the layers below replayed, unless a probe the caller left active is on them (then the whole forward runs)
+    upto = last if lens.replay_refusal(last) is None else 0
+    with lens.replay(run.layers, upto, 1, run.encoders), lens.last_row_only(), torch.no_grad():
         logits = lens.model(**inputs, **fkw).logits
     return float((logits[:, -1].float() - run.logits[:, -1].float()).abs().max())
 

@@ -118,6 +118,22 @@ def test_capture_leaves_out_a_layer_whose_attention_returns_more_than_its_output
     assert sorted(cap.heads) == [0]
 
 
+def test_capture_leaves_out_per_head_outputs_written_into_after_they_were_recorded():
+    """The per-head outputs are kept without a copy: a hook that writes into layer 1's o_proj input after the
+    projection (in place, values unchanged) leaves layer 1 out, since arbiter can no longer vouch for them."""
+    tm = _tiny("llava")
+    inputs = inputs_for(tm, n=1)
+    proj = arbiter.attach(tm.model, tm.processor).facts.layers[1].out_proj   # not entered: nothing installed
+    h = proj.register_forward_hook(lambda m, args, out: args[0].mul_(1.0))
+    try:
+        with arbiter.attach(tm.model, tm.processor) as lens:
+            with lens.capture(heads=[0, 1]) as cap, torch.no_grad():
+                tm.model(**inputs)
+    finally:
+        h.remove()
+    assert sorted(cap.heads) == [0]
+
+
 def test_replay_refuses_a_probe_on_what_it_does_not_run():
     tm = _tiny("llava")
     inputs = inputs_for(tm, n=1)

@@ -204,3 +204,26 @@ def test_a_sweep_whose_budget_leaves_no_room_for_the_per_head_outputs_frees_them
     assert tight.attention_replayed == 0 and tight.chunk == 1 and tight.forwards == 2
     assert tight.clean_held_bytes == free.clean_held_bytes - heads
     assert (tight.values - naive).abs().max().item() <= 1e-5
+
+
+def test_a_head_sweep_under_an_active_head_edit_on_its_layers_equals_the_loop_under_it():
+    """A caller's amplification of head (1, 2) stays active around a sweep of layer-1 heads: the replayed attention
+    is recorded before any edit at attn.head_out, so the amplification applies once in every chunk, as in a loop of
+    plain forwards under it."""
+    tm = _tiny("llava")
+    inputs = inputs_for(tm, n=2)
+    with arbiter.attach(tm.model, tm.processor) as lens, lens.amplify_heads([(1, 2)], alpha=3.0):
+        res = head_sweep(lens, inputs, heads=[(1, 0), (1, 1)], chunk=2)
+        naive = _naive_head_loop(lens, tm, inputs, res.settings)
+    assert res.attention_replayed == 1
+    assert (res.values - naive).abs().max().item() <= 1e-5
+
+
+def test_a_sweep_refuses_a_probe_active_on_a_layer_it_would_replay_and_names_the_way_out():
+    tm = _tiny("llava")
+    inputs = inputs_for(tm, n=2)
+    with arbiter.attach(tm.model, tm.processor) as lens, lens.record("resid.post", layers=[0]):
+        with pytest.raises(arbiter.errors.InterventionError, match="reuse_prefix=False"):
+            head_sweep(lens, inputs, heads=[(2, 0)], chunk=1)
+        res = head_sweep(lens, inputs, heads=[(2, 0)], chunk=1, reuse_prefix=False)
+    assert res.layers_skipped == 0 and res.attention_replayed == 0
