@@ -227,3 +227,24 @@ def test_a_sweep_refuses_a_probe_active_on_a_layer_it_would_replay_and_names_the
             head_sweep(lens, inputs, heads=[(2, 0)], chunk=1)
         res = head_sweep(lens, inputs, heads=[(2, 0)], chunk=1, reuse_prefix=False)
     assert res.layers_skipped == 0 and res.attention_replayed == 0
+
+
+def test_a_model_whose_layer_code_rejects_the_cut_rows_runs_its_last_layer_whole():
+    """An MLP that checks its input's length (as some layers' own code does) raises on the cut row: the
+    check reads that as a failed check (infinite difference), and the sweep runs the last layer whole, exactly."""
+    tm = _tiny("llava")
+    inputs = inputs_for(tm, n=2)
+    seq = inputs["input_ids"].shape[1]
+
+    def strict(mod, args):
+        if args[0].shape[1] != seq:
+            raise RuntimeError(f"expected {seq} positions, got {args[0].shape[1]}")
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        h = lens.facts.layers[-1].mlp.register_forward_pre_hook(strict)
+        try:
+            res = head_sweep(lens, inputs, heads=[(0, 0), (1, 1)], chunk=1)
+            naive = _naive_head_loop(lens, tm, inputs, res.settings)
+        finally:
+            h.remove()
+    assert res.last_row == 0 and res.last_row_diff == float("inf")
+    assert (res.values - naive).abs().max().item() <= 1e-5
