@@ -8,7 +8,7 @@ import torch
 import arbiter
 from arbiter.data import ConflictSample
 from arbiter.replay import decoder_siblings
-from arbiter.sweep import _clean_outputs, head_sweep, knockout_sweep
+from arbiter.sweep import _clean_outputs, forward_kwargs, head_sweep, knockout_sweep
 
 from helpers import MULTIMODAL, _tiny, inputs_for, logits
 
@@ -60,7 +60,9 @@ def test_head_sweep_replays_encoders_and_equals_naive_loop(family):
     inputs = inputs_for(tm, n=2)
     with arbiter.attach(tm.model, tm.processor) as lens:
         last = lens.facts.attention_layers[-1]
-        heads = [(lens.facts.attention_layers[0], 0), (last, 0), (last, 1)]
+        first = lens.facts.attention_layers[0]
+        keeps_last_row = "logits_to_keep" in forward_kwargs(lens, True)
+        heads = [(first, 0), (first, 1), (last, 0), (last, 1)]   # chunks of 2: the first leaves the last layer alone
         replayed = _clean_outputs(lens, {k: v for k, v in inputs.items() if k != "labels"})[1].encoders
         encoders = [m for m in decoder_siblings(lens.model, lens.facts.decoder) if m in replayed]
         # count calls of a submodule (the real work): a replayed encoder's stand-in never calls it
@@ -79,6 +81,10 @@ def test_head_sweep_replays_encoders_and_equals_naive_loop(family):
     # the first layer's attention was replayed too, except where the layers cannot be replayed (Gemma 3n reads state
     # earlier layers leave aside) or the attention module returns more than its output projection (GIT)
     assert (res.attention_replayed > 0) == (family not in ("gemma3n", "git"))
+    # ... and the first chunk's last layer ran on its last row, except where the cut is refused (Gemma 3n's stacked
+    # streams, GIT's layer without a pre-MLP norm) or never tried (a forward without logits_to_keep keeps every
+    # row's logits: Qwen2-Audio, the Qwen2.5-Omni thinker)
+    assert (res.last_row == 1) == (family not in ("gemma3n", "git") and keeps_last_row)
     # each replayed encoder ran once (the clean run), not once per sweep forward; the vision tower is one
     assert all(c <= 1 for c in calls.values()), calls
     assert max(calls.values(), default=0) == (1 if inner else 0)
