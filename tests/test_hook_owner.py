@@ -102,36 +102,33 @@ def test_replaying_a_layers_attention_runs_only_its_output_projection_and_equals
     assert (out - torch.cat([ref] * 2)).abs().max().item() <= 1e-5
 
 
-def test_capture_leaves_out_a_layer_whose_attention_returns_more_than_its_output_projection():
-    """Per-head outputs are kept only where the attention module returned its output projection's result itself:
-    a hook that rewrites layer 1's attention output (as an adapter's post-processing would) leaves layer 1 out."""
+def _heads_captured_with(hook) -> list[int]:
+    """The layers (of 0 and 1) whose per-head outputs a clean run of tiny LLaVA keeps while ``hook(layer_facts)``,
+    a user's hook on layer 1 placed before arbiter attaches, is in place (it returns the handle)."""
     tm = _tiny("llava")
     inputs = inputs_for(tm, n=1)
-    attn = arbiter.attach(tm.model, tm.processor).facts.layers[1].attn   # not entered: nothing installed
-    h = attn.register_forward_hook(lambda m, a, out: (out[0] + 0.0, *out[1:]))
+    h = hook(arbiter.attach(tm.model, tm.processor).facts.layers[1])   # not entered: nothing installed
     try:
         with arbiter.attach(tm.model, tm.processor) as lens:
             with lens.capture(heads=[0, 1]) as cap, torch.no_grad():
                 tm.model(**inputs)
     finally:
         h.remove()
-    assert sorted(cap.heads) == [0]
+    return sorted(cap.heads)
+
+
+def test_capture_leaves_out_a_layer_whose_attention_returns_more_than_its_output_projection():
+    """Per-head outputs are kept only where the attention module returned its output projection's result itself:
+    a hook that rewrites layer 1's attention output (as an adapter's post-processing would) leaves layer 1 out."""
+    assert _heads_captured_with(
+        lambda lf: lf.attn.register_forward_hook(lambda m, a, out: (out[0] + 0.0, *out[1:]))) == [0]
 
 
 def test_capture_leaves_out_per_head_outputs_written_into_after_they_were_recorded():
     """The per-head outputs are kept without a copy: a hook that writes into layer 1's o_proj input after the
     projection (in place, values unchanged) leaves layer 1 out, since arbiter can no longer vouch for them."""
-    tm = _tiny("llava")
-    inputs = inputs_for(tm, n=1)
-    proj = arbiter.attach(tm.model, tm.processor).facts.layers[1].out_proj   # not entered: nothing installed
-    h = proj.register_forward_hook(lambda m, args, out: args[0].mul_(1.0))
-    try:
-        with arbiter.attach(tm.model, tm.processor) as lens:
-            with lens.capture(heads=[0, 1]) as cap, torch.no_grad():
-                tm.model(**inputs)
-    finally:
-        h.remove()
-    assert sorted(cap.heads) == [0]
+    assert _heads_captured_with(
+        lambda lf: lf.out_proj.register_forward_hook(lambda m, args, out: args[0].mul_(1.0))) == [0]
 
 
 def test_replay_refuses_a_probe_on_what_it_does_not_run():
