@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -103,6 +104,20 @@ def _median_times(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int =
     """{name: (median seconds over the rounds of :func:`_round_robin`, the last call's result)}."""
     times, last = _round_robin(fns, repeats, warmup, clock)
     return {name: (statistics.median(times[name]), last[name]) for name in fns}
+
+
+def _with_usage(fn: Callable[[], Any], sink: list[tuple[float, float, int]]) -> Callable[[], Any]:
+    """``fn``, appending to ``sink`` the (user CPU seconds, system CPU seconds, minor page faults) of each call
+    (this process; on a CPU the system time is mostly the kernel zeroing the fresh pages a call touches)."""
+    def run():
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        try:
+            return fn()
+        finally:
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            sink.append((after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime,
+                         after.ru_minflt - before.ru_minflt))
+    return run
 
 
 def _synced(fn: Callable[[], Any], device: str) -> Callable[[], Any]:
@@ -570,14 +585,26 @@ def bench_forwards(tm, inputs, cfg) -> dict[str, Any]:
     _section(f"{len(fns)} paths round-robin, {cfg['repeats']} rounds")
     # one torch thread: this process's CPU time (steadier on a shared machine than wall time)
     single = torch.get_num_threads() == 1 and not torch.cuda.is_available()
-    times, last = _round_robin(fns, cfg["repeats"], warmup=0, clock=time.process_time if single else time.perf_counter)
+    usage: dict[str, list[tuple[float, float, int]]] = {name: [] for name in fns}
+    times, last = _round_robin({name: _with_usage(fn, usage[name]) for name, fn in fns.items()}, cfg["repeats"],
+                               warmup=0, clock=time.process_time if single else time.perf_counter)
     out = {name: statistics.median(t) for name, t in times.items()}
     out["forwards_clock"] = "process CPU time" if single else "wall time"
-    for key, name in (("record", "record_s"), ("knockout", "knockout_s"), ("probe", "probe_s")):
+    for key, name in (("plain", "plain_forward_s"), ("record", "record_s"), ("knockout", "knockout_s"),
+                      ("probe", "probe_s")):
+        # the process CPU time split: user (the computation) and system (chiefly the kernel handing out fresh pages:
+        # minor page faults), and the faults themselves, medians per forward
+        for i, part in enumerate(("user_s", "sys_s", "minor_faults")):
+            out[f"forwards_{part}_{key}"] = statistics.median(u[i] for u in usage[name])
+        if key == "plain":
+            continue
         # each round's time over the plain forward of the same round: drift between rounds cancels
         ratios = [t / p for t, p in zip(times[name], times["plain_forward_s"])]
         out[f"{key}_overhead_paired"] = statistics.median(ratios)
         out[f"{key}_overhead_paired_ci95_low"], out[f"{key}_overhead_paired_ci95_high"] = _median_ci95(ratios)
+        # the same on user time alone: what the path computes, without the system's page handling
+        out[f"{key}_overhead_user_paired"] = statistics.median(
+            u[0] / p[0] for u, p in zip(usage[name], usage["plain_forward_s"]))
     out.update(_agreement(tm, inputs, last))
     return out
 
@@ -1057,6 +1084,12 @@ def format_table(r: dict[str, Any]) -> str:
         lines.append(f"{label:<50} {r[key]:9.3f} {rt}")
     if r.get("plain_forward_s") is not None:
         lines.append("(ratios: time / plain SDPA forward; sweep rows: speedup = naive loop time / head_sweep time)")
+    if r.get("record_overhead_user_paired") is not None:
+        paths = ("plain", "record", "knockout", "probe")
+        lines.append("user-time ratios (paired), record / knockout / probe: " + " / ".join(
+            f"{r[f'{k}_overhead_user_paired']:.3f}" for k in paths[1:]))
+        lines.append("system s and minor page faults per forward, " + " / ".join(paths) + ": " + "; ".join(
+            f"{r[f'forwards_sys_s_{k}']:.3f} s, {r[f'forwards_minor_faults_{k}']:.0f}" for k in paths))
     for key in ("trace_write_mb_s", "trace_read_mb_s", "torch_save_mb_s", "torch_load_mb_s"):
         if r.get(key) is not None:
             lines.append(f"{key:<50} {r[key]:9.1f} MB/s")
