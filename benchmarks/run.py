@@ -340,13 +340,19 @@ def _inside_clock(acc: dict[str, float]):
 
 def _inside_ms_per_layer(fn: Callable[[], Any], rounds: int) -> float:
     """Median over ``rounds`` forwards of arbiter's own time per layer (per attention call), ms (see _inside_clock)."""
+    return _inside_median(fn, rounds, per_call=True) * 1e3
+
+
+def _inside_median(fn: Callable[[], Any], rounds: int, per_call: bool = False) -> float:
+    """Median over ``rounds`` forwards (after one untimed) of arbiter's own CPU time in seconds (see _inside_clock):
+    per forward, or per attention call (``per_call``)."""
     per = []
     for i in range(rounds + 1):
         acc = {"total": 0.0, "kernel": 0.0, "calls": 0}
         with _inside_clock(acc):
             fn()
         if i and acc["calls"]:
-            per.append((acc["total"] - acc["kernel"]) / acc["calls"] * 1e3)
+            per.append((acc["total"] - acc["kernel"]) / (acc["calls"] if per_call else 1))
     return statistics.median(per) if per else float("nan")
 
 
@@ -605,6 +611,10 @@ def bench_forwards(tm, inputs, cfg) -> dict[str, Any]:
         # the same on user time alone: what the path computes, without the system's page handling
         out[f"{key}_overhead_user_paired"] = statistics.median(
             u[0] / p[0] for u, p in zip(usage[name], usage["plain_forward_s"]))
+        if single:   # arbiter's own CPU time in the forward (its attention calls beside the kernel, its hooks), read
+            # directly: free of the load's drift, which moves the whole-forward ratios by a few per cent here
+            out[f"{key}_overhead_inside"] = 1 + _inside_median(fns[name], max(3, cfg["repeats"] // 3)) / \
+                out["plain_forward_s"]
     out.update(_agreement(tm, inputs, last))
     return out
 
@@ -1088,6 +1098,9 @@ def format_table(r: dict[str, Any]) -> str:
         paths = ("plain", "record", "knockout", "probe")
         lines.append("user-time ratios (paired), record / knockout / probe: " + " / ".join(
             f"{r[f'{k}_overhead_user_paired']:.3f}" for k in paths[1:]))
+        if r.get("record_overhead_inside") is not None:
+            lines.append("1 + arbiter's own time in the forward / plain forward (inside clock): " + " / ".join(
+                f"{r[f'{k}_overhead_inside']:.4f}" for k in paths[1:]))
         lines.append("system s and minor page faults per forward, " + " / ".join(paths) + ": " + "; ".join(
             f"{r[f'forwards_sys_s_{k}']:.3f} s, {r[f'forwards_minor_faults_{k}']:.0f}" for k in paths))
     for key in ("trace_write_mb_s", "trace_read_mb_s", "torch_save_mb_s", "torch_load_mb_s"):
