@@ -28,7 +28,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -45,6 +44,11 @@ from arbiter import memory
 from arbiter.sweep import head_sweep
 from arbiter.testing.tiny import tiny
 from arbiter.trace import Trace
+
+try:
+    import resource   # Unix only: the forwards section's user / system time split and page-fault counts
+except ImportError:   # pragma: no cover - Windows
+    resource = None
 
 FULL = dict(model=dict(hidden=512, layers=8, heads=8, kv_heads=8, image_tokens=576), batch=4, repeats=5,
             sweep_samples=1, sweep_heads_per_layer=None, sweep_repeats=3, trace_mb=100, attribution_samples=2,
@@ -109,6 +113,9 @@ def _median_times(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int =
 def _with_usage(fn: Callable[[], Any], sink: list[tuple[float, float, int]]) -> Callable[[], Any]:
     """``fn``, appending to ``sink`` the (user CPU seconds, system CPU seconds, minor page faults) of each call
     (this process; on a CPU the system time is mostly the kernel zeroing the fresh pages a call touches)."""
+    if resource is None:
+        return fn
+
     def run():
         before = resource.getrusage(resource.RUSAGE_SELF)
         try:
@@ -609,7 +616,7 @@ def bench_forwards(tm, inputs, cfg) -> dict[str, Any]:
                       ("probe", "probe_s")):
         # the process CPU time split: user (the computation) and system (chiefly the kernel handing out fresh pages:
         # minor page faults), and the faults themselves, medians per forward
-        for i, part in enumerate(("user_s", "sys_s", "minor_faults")):
+        for i, part in enumerate(("user_s", "sys_s", "minor_faults") if usage[name] else ()):
             out[f"forwards_{part}_{key}"] = statistics.median(u[i] for u in usage[name])
         if key == "plain":
             continue
@@ -618,8 +625,9 @@ def bench_forwards(tm, inputs, cfg) -> dict[str, Any]:
         out[f"{key}_overhead_paired"] = statistics.median(ratios)
         out[f"{key}_overhead_paired_ci95_low"], out[f"{key}_overhead_paired_ci95_high"] = _median_ci95(ratios)
         # the same on user time alone: what the path computes, without the system's page handling
-        out[f"{key}_overhead_user_paired"] = statistics.median(
-            u[0] / p[0] for u, p in zip(usage[name], usage["plain_forward_s"]))
+        if usage[name]:
+            out[f"{key}_overhead_user_paired"] = statistics.median(
+                u[0] / p[0] for u, p in zip(usage[name], usage["plain_forward_s"]))
         if single:   # arbiter's own CPU time in the forward (its attention calls beside the kernel, its hooks), read
             # directly: free of the load's drift, which moves the whole-forward ratios by a few per cent here
             out[f"{key}_overhead_inside"] = 1 + _inside_median(fns[name], max(3, cfg["repeats"] // 3)) / \
