@@ -1111,13 +1111,14 @@ def format_table(r: dict[str, Any]) -> str:
         lines.append(f"{label:<50} {r[key]:9.3f} {rt}")
     if r.get("plain_forward_s") is not None:
         lines.append("(ratios: time / plain SDPA forward; sweep rows: speedup = naive loop time / head_sweep time)")
+    paths = ("plain", "record", "knockout", "probe")
     if r.get("record_overhead_user_paired") is not None:
-        paths = ("plain", "record", "knockout", "probe")
         lines.append("user-time ratios (paired), record / knockout / probe: " + " / ".join(
             f"{r[f'{k}_overhead_user_paired']:.3f}" for k in paths[1:]))
-        if r.get("record_overhead_inside") is not None:
-            lines.append("1 + arbiter's own time in the forward / plain forward (inside clock): " + " / ".join(
-                f"{r[f'{k}_overhead_inside']:.4f}" for k in paths[1:]))
+    if r.get("record_overhead_inside") is not None:
+        lines.append("1 + arbiter's own time in the forward / plain forward (inside clock): " + " / ".join(
+            f"{r[f'{k}_overhead_inside']:.4f}" for k in paths[1:]))
+    if r.get("forwards_sys_s_plain") is not None:
         lines.append("system s and minor page faults per forward, " + " / ".join(paths) + ": " + "; ".join(
             f"{r[f'forwards_sys_s_{k}']:.3f} s, {r[f'forwards_minor_faults_{k}']:.0f}" for k in paths))
     for key in ("trace_write_mb_s", "trace_read_mb_s", "torch_save_mb_s", "torch_load_mb_s"):
