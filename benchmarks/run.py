@@ -465,11 +465,10 @@ def _fixed_variant(cfg, shape: dict, device: str, impl: str, dtype: torch.dtype,
             out[f"fixed_ratio_{name}{suffix}"] = (plain + added) / plain
     if "floor_probs_last" in times:   # the last-row read beyond what any reader of that row pays, paired per round
         beyond = [r - f for r, f in zip(times["record_probs_last"], times["floor_probs_last"])]
-        key = f"fixed_ms_per_layer_record_probs_last_beyond_floor{suffix}"
         low, high = _median_ci95(beyond)
-        for k, v in ((key, statistics.median(beyond)), (key.replace("_floor", "_floor_ci95_low"), low),
-                     (key.replace("_floor", "_floor_ci95_high"), high)):
-            out[k] = (v - attach) * 1e3 / shape["layers"]
+        base = "fixed_ms_per_layer_record_probs_last_beyond_floor"
+        for tail, v in (("", statistics.median(beyond)), ("_ci95_low", low), ("_ci95_high", high)):
+            out[f"{base}{tail}{suffix}"] = (v - attach) * 1e3 / shape["layers"]
     if cpu:   # arbiter's own work (attention calls and hooks), read directly (load-independent)
         for name, fn in _fixed_paths(model, tm.processor, inputs, shape["layers"]).items():
             if name != "attach_detach":
