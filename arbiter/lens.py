@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -32,6 +33,29 @@ def attach(model: nn.Module, processor: Any = None, stack: str = "decoder") -> "
 # unit -> {short name: site}: a layer's own attention ("attn") and the cross-attention feeding it ("xattn")
 _UNIT_SITES = {unit: {s.split(".", 1)[1]: prefix + s for s in ATTENTION_SITES} for unit, prefix in (("attn", ""),
                                                                                                     ("xattn", "x"))}
+
+
+_ROUTED_SITES = frozenset(ATTENTION_SITES + CROSS_SITES)
+
+
+def _spec_key(spec: RowSpec):
+    """A row spec as a hashable value: a list of positions as a tuple of ints; anything else as a value equal to no
+    other (its plans are not shared)."""
+    if isinstance(spec, (str, int)):
+        return spec
+    try:
+        return tuple(int(p) for p in spec)
+    except (TypeError, ValueError):
+        return object()
+
+
+@functools.lru_cache(maxsize=64)
+def _plans_for(signature: tuple) -> dict:
+    """The attention plans (``_Runtime.attention_plan``) of a probe set, filled as layers ask for them and shared by
+    every probe set with the same signature (which sites of which layers are served, at which steps, with which
+    modes and row specs: all a plan depends on), so that entering the same probes again (a recorder per batch)
+    does not rebuild them in every layer."""
+    return {}
 
 
 @dataclass
@@ -100,7 +124,9 @@ class _Runtime:
         self.table = table
         self._by_step = tuple({key: [a for a in lst if a.steps == "all" or (a.steps == "prefill") == prefill]
                                for key, lst in table.items()} for prefill in (False, True))
-        self._plans = {}
+        self._plans = _plans_for(tuple(
+            (key, tuple((a.steps, a.specs[key[0]][0], _spec_key(a.specs[key[0]][1])) for a in lst))
+            for key, lst in table.items() if key[0] in _ROUTED_SITES))
 
     def attention_plan(self, unit: str, layer: int) -> tuple[dict, dict, bool, tuple] | None:
         """(site names, which sites have probes, whether scores / probs are edited, the row specs of the score /
@@ -109,8 +135,9 @@ class _Runtime:
         key = (unit, layer, self.step == 0)
         if key not in self._plans:
             site = _UNIT_SITES[unit]
-            has = {s: bool(self.entries(name, layer)) for s, name in site.items()}
-            on_rows = [a.specs[site[s]] for s in ("scores", "probs") for a in self.entries(site[s], layer)]
+            served = self._by_step[key[2]]   # what entries() reads, looked up directly (once per probe set)
+            has = {s: bool(served.get((name, layer))) for s, name in site.items()}
+            on_rows = [a.specs[site[s]] for s in ("scores", "probs") for a in served.get((site[s], layer), ())]
             eager = any(mode == "edit" for mode, _ in on_rows)
             reads = tuple(spec if isinstance(spec, (str, int)) else tuple(spec) for _, spec in on_rows)
             self._plans[key] = (site, has, eager, reads) if any(has.values()) else None
@@ -134,10 +161,12 @@ class _Runtime:
             hit = self._rows_cache[key] = torch.arange(start, stop)
         return hit
 
-    def per_forward(self, name: str, anchors: tuple, build: Callable[[], Any], *extra) -> Any:
+    def per_forward(self, name: str, anchors: tuple, build: Callable[[], Any], *extra,
+                    keep: Callable[[Any], bool] | None = None) -> Any:
         """``build()``, once per forward for these ``anchors`` (tensors the forward shares: positions, rows, masks)
         and ``extra`` (hashable settings). The entry holds the anchors, so their ids cannot be reused by other tensors
-        while it lives, and a hit is checked to be the very same objects: never another tensor's result."""
+        while it lives, and a hit is checked to be the very same objects: never another tensor's result. ``keep``:
+        whether to keep a result (default: always; large ones may be rebuilt instead of held for the forward)."""
         key = (name, *extra, *map(id, anchors))
         hit = self._rows_cache.get(key)
         if hit is not None:
@@ -147,7 +176,8 @@ class _Runtime:
             else:
                 return hit[1]
         out = build()
-        self._rows_cache[key] = (anchors, out)
+        if keep is None or keep(out):
+            self._rows_cache[key] = (anchors, out)
         return out
 
     def resolve_rows(self, spec: RowSpec, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -498,17 +528,35 @@ class _Runtime:
                                 getattr(module, "is_causal", True), kwargs.get("sliding_window"), cross, b, dtype,
                                 device)
 
+    def unedited_rows(self, module, attention_mask, kwargs, query, q_pos, kw, reads) -> tuple:
+        """(rows, their indices, span, bool mask, float mask, additive mask) of the rows ``reads`` asks for, under the
+        model's own unedited mask (masks None where no row is asked for). The same in every layer of a forward that
+        receives the same mask: one cache lookup per layer (masks of many rows are not kept, as in read_masks)."""
+        def build():
+            rows, idx, span = self._rows_union(q_pos, reads, query.device)
+            if rows.shape[0] == 0:
+                return rows, idx, span, None, None, None
+            return (rows, idx, span, *self.read_masks(module, attention_mask, kwargs, query.shape[0], q_pos,
+                                                      kw["key_positions"], rows, idx, kw["cross"], query.dtype,
+                                                      query.device))
+        return self.per_forward("unedited_rows", (attention_mask, q_pos, kw["key_positions"]), build, reads,
+                                kwargs.get("is_causal"), getattr(module, "is_causal", True),
+                                kwargs.get("sliding_window"), kw["cross"], query.shape[0], query.dtype, query.device,
+                                keep=lambda out: out[0].shape[0] <= self.KEPT_MASK_ROWS)
+
     def read_rows(self, layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, reads,
                   empty=None, attention_mask=None):
         """Hand the requested rows' scores / probabilities to the layer's readers (``reads``: their row specs);
         ``mask_b`` None: the model's own mask, unedited (read from ``attention_mask``)."""
-        rows, idx, span = self._rows_union(q_pos, reads, query.device)
-        if rows.shape[0] == 0:
-            return
         if mask_b is None:
-            mb, mf, additive = self.read_masks(module, attention_mask, kwargs, query.shape[0], q_pos,
-                                               kw["key_positions"], rows, idx, kw["cross"], query.dtype, query.device)
+            rows, idx, span, mb, mf, additive = self.unedited_rows(module, attention_mask, kwargs, query, q_pos, kw,
+                                                                   reads)
+            if rows.shape[0] == 0:
+                return
         else:
+            rows, idx, span = self._rows_union(q_pos, reads, query.device)
+            if rows.shape[0] == 0:
+                return
             mb = mask_b.index_select(2, idx)
             mf = mask_f.index_select(2, idx) if mask_f is not None else None
             additive = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import _tiny, inputs_for
+from helpers import _tiny, inputs_for, set_text_attention
 
 import arbiter
 
@@ -49,3 +49,41 @@ def test_trace_keeps_the_groups_of_the_recorded_forward_not_of_a_later_one():
     groups = trace.meta["groups"]["groups"]
     assert len(groups["image"]) == 1 and len(groups["last"]) == 1
     assert groups["last"][0] == [one["input_ids"].shape[1] - 1]
+
+
+
+def test_probe_sets_entered_again_or_changed_read_their_own_rows():
+    """Attention plans are shared by probe sets with the same sites, layers, steps, modes and rows, across Lenses
+    (a recorder entered per batch builds them once). Each set in a sequence that repeats and varies them (other
+    rows, other layers, a knockout beside the read) still reads exactly its rows: those of the eager model's own
+    attention weights, and with image keys knocked out, those weights renormalised over the other keys."""
+    tm = _tiny("llava")
+    inputs = inputs_for(tm, n=2)
+    impl = set_text_attention(tm.model, "eager")
+    try:
+        with torch.no_grad():
+            weights = tm.model(**inputs, output_attentions=True).attentions
+        length = inputs["input_ids"].shape[1]
+        for rows, layers in (("last", "all"), ("last", "all"), ([3, 5], "all"), ("last", [1]), ([3, 5], [0]),
+                             ([length - 2], "all")):
+            with arbiter.attach(tm.model, tm.processor) as lens, \
+                    lens.record("attn.probs", rows=rows, layers=layers) as rec, torch.no_grad():
+                tm.model(**inputs)
+            want = [length - 1] if rows == "last" else rows
+            got = [layer for layer in lens.facts.attention_layers if f"L{layer}.attn.probs" in rec.trace.keys()]
+            assert got == (lens.facts.attention_layers if layers == "all" else layers)
+            assert rec.trace["rows.attn.probs"].tolist() == want
+            for layer in got:
+                assert (rec.trace.site("attn.probs", layer) - weights[layer][:, :, want]).abs().max() <= 1e-6
+        with arbiter.attach(tm.model, tm.processor) as lens, lens.knockout("image", "last", layers=[0]), \
+                lens.record("attn.probs", rows="last", layers=[0]) as rec, torch.no_grad():
+            tm.model(**inputs)
+    finally:
+        set_text_attention(tm.model, impl)
+    image = torch.zeros(2, length, dtype=torch.bool)
+    for b, positions in enumerate(rec.trace.meta["groups"]["groups"]["image"]):
+        image[b, positions] = True
+    assert image.sum() > 0
+    kept = weights[0][:, :, [length - 1]] * ~image[:, None, None, :]
+    expected = kept / kept.sum(-1, keepdim=True)
+    assert (rec.trace.site("attn.probs", 0) - expected).abs().max() <= 1e-6

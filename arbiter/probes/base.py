@@ -4,6 +4,7 @@ Every built-in recorder and intervention is a Probe on these same sites; there i
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence, Union
@@ -71,7 +72,9 @@ def canonical_site(name: str) -> str:
     return site
 
 
+@functools.lru_cache(maxsize=None)
 def callback_name(site: str) -> str:
+    """The Probe method serving ``site`` (``attn.probs`` -> ``attn_probs``); asked once per site and layer."""
     return site.replace(".", "_")
 
 
