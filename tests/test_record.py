@@ -51,7 +51,6 @@ def test_trace_keeps_the_groups_of_the_recorded_forward_not_of_a_later_one():
     assert groups["last"][0] == [one["input_ids"].shape[1] - 1]
 
 
-
 def test_probe_sets_entered_again_or_changed_read_their_own_rows():
     """Attention plans are shared by probe sets with the same sites, layers, steps, modes and rows, across Lenses
     (a recorder entered per batch builds them once). Each set in a sequence that repeats and varies them (other
