@@ -86,3 +86,25 @@ def test_probe_sets_entered_again_or_changed_read_their_own_rows():
     kept = weights[0][:, :, [length - 1]] * ~image[:, None, None, :]
     expected = kept / kept.sum(-1, keepdim=True)
     assert (rec.trace.site("attn.probs", 0) - expected).abs().max() <= 1e-6
+
+
+def test_a_recorder_entered_again_builds_no_attention_plan():
+    """The second activation of an equal recorder (a recorder per batch) finds every layer's attention plan built;
+    a recorder of other rows builds its own."""
+    from arbiter import lens as lens_module
+
+    tm = _tiny("llava")
+    inputs = inputs_for(tm, n=1)
+    lens_module._plans_for.cache_clear()
+
+    def plans_built(rows):
+        with arbiter.attach(tm.model, tm.processor) as lens, lens.record("attn.probs", rows=rows), torch.no_grad():
+            plans = lens._runtime._plans
+            before = len(plans)
+            tm.model(**inputs)
+            return len(plans) - before, len(lens.facts.attention_layers)
+
+    built, layers = plans_built("last")
+    assert built == layers
+    assert plans_built("last") == (0, layers)
+    assert plans_built([2]) == (layers, layers)
