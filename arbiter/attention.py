@@ -234,8 +234,7 @@ _POSITIONAL_KWARGS = frozenset({"position_ids", "cache_position", "cu_seq_lens_q
 def score_terms(kwargs) -> list[str]:
     """Tensor keyword arguments that may add to the attention scores (a position bias, ...): arbiter's own score
     formula does not know them."""
-    terms = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in _POSITIONAL_KWARGS]
-    return sorted(terms) if len(terms) > 1 else terms   # (called per layer: no sort, no generator, when few)
+    return sorted([k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in _POSITIONAL_KWARGS])
 
 
 def row_kwargs(kwargs, rows: torch.Tensor, q_len: int, k_len: int) -> dict | None:

@@ -49,6 +49,13 @@ def _spec_key(spec: RowSpec):
         return object()
 
 
+def _mask_settings(module, kwargs, cross: bool, b: int, dtype, device) -> tuple:
+    """What besides the mask object and the positions decides the rows' masks a layer reads (its causality, sliding
+    window, cross-attention, batch, dtype, device): part of their per-forward cache key."""
+    return (kwargs.get("is_causal"), getattr(module, "is_causal", True), kwargs.get("sliding_window"), cross, b,
+            dtype, device)
+
+
 @functools.lru_cache(maxsize=64)
 def _plans_for(signature: tuple) -> dict:
     """The attention plans (``_Runtime.attention_plan``) of a probe set, filled as layers ask for them and shared by
@@ -524,9 +531,8 @@ class _Runtime:
         if rows.shape[0] > self.KEPT_MASK_ROWS:   # many rows: not kept for the next layer (memory)
             return build()
         # rows, q_pos and k_pos are tensors this forward shares; the mask object is the model's for this forward
-        return self.per_forward("read_masks", (attention_mask, q_pos, k_pos, rows), build, kwargs.get("is_causal"),
-                                getattr(module, "is_causal", True), kwargs.get("sliding_window"), cross, b, dtype,
-                                device)
+        return self.per_forward("read_masks", (attention_mask, q_pos, k_pos, rows), build,
+                                *_mask_settings(module, kwargs, cross, b, dtype, device))
 
     def unedited_rows(self, module, attention_mask, kwargs, query, q_pos, kw, reads) -> tuple:
         """(rows, their indices, span, bool mask, float mask, additive mask) of the rows ``reads`` asks for, under the
@@ -540,8 +546,8 @@ class _Runtime:
                                                       kw["key_positions"], rows, idx, kw["cross"], query.dtype,
                                                       query.device))
         return self.per_forward("unedited_rows", (attention_mask, q_pos, kw["key_positions"]), build, reads,
-                                kwargs.get("is_causal"), getattr(module, "is_causal", True),
-                                kwargs.get("sliding_window"), kw["cross"], query.shape[0], query.dtype, query.device,
+                                *_mask_settings(module, kwargs, kw["cross"], query.shape[0], query.dtype,
+                                                query.device),
                                 keep=lambda out: out[0].shape[0] <= self.KEPT_MASK_ROWS)
 
     def read_rows(self, layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, reads,
