@@ -360,36 +360,34 @@ class _Runtime:
                     tail = self.run_site(site[name], layer, cur[:, :, start:], 2, new_k, **kw)
                     cur = torch.cat([cur[:, :, :start], tail], dim=2)
                 key, value = (cur, value) if t == "key" else (key, cur)
-        if has["mask"] and not (eager or has["scores"] or has["probs"]):
+        if eager:   # scores or probabilities edited: the kernel on every row, the rows the probes name recomputed
+            return self.recompute_edited(layer, module, base, query, key, value, attention_mask, kwargs, q_pos, kw,
+                                         site, has, reads, cross)
+        if has["mask"] and not (has["scores"] or has["probs"]):
             rows = self.mask_edit_rows(layer, site, q_pos, kw)
             if rows is not None and attn_fn.row_kwargs(kwargs, q_pos[:1], q_len, key.shape[2]) is not None:
                 return self.row_sliced(layer, module, base, kind, query, key, value, attention_mask, kwargs, q_pos,
                                        kw, site, rows, cross)
-        # a read alone (no mask edit, no eager recompute) builds its rows' masks itself, once per forward
-        need_mask = has["mask"] or eager
+        # a read alone (no mask edit) builds its rows' masks itself, once per forward
         mask_b = mask_f = None
         edited = False
         empty = None
-        if need_mask:
+        if has["mask"]:
             mask_b, mask_f = attn_fn.bool_mask(attention_mask, module, kwargs, b, q_pos, k_pos, cross,
                                                query.device)
-            if has["mask"]:
-                if attention_mask is not None and \
-                        mask_b.untyped_storage().data_ptr() == attention_mask.untyped_storage().data_ptr():
-                    mask_b = mask_b.clone()   # the model's own mask, which every layer reads: editors get a copy
-                mask_b, edited, empty = self.edit_mask(layer, site, mask_b, q_pos, k_pos, kw, cross)
-        if eager:
-            out = self.eager_layer(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, empty)
+            if attention_mask is not None and \
+                    mask_b.untyped_storage().data_ptr() == attention_mask.untyped_storage().data_ptr():
+                mask_b = mask_b.clone()   # the model's own mask, which every layer reads: editors get a copy
+            mask_b, edited, empty = self.edit_mask(layer, site, mask_b, q_pos, k_pos, kw, cross)
+        # rows are read before the kernel runs, while the layer's keys are still in the cache (measured on a CPU,
+        # hidden 64, 624 tokens: 0.36 ms per layer before the kernel, 0.70 after it)
+        if has["scores"] or has["probs"]:
+            self.read_rows(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, reads,
+                           empty, attention_mask)
+        if edited:
+            out = attn_fn.masked_attention(kind, base, module, query, key, value, mask_b, mask_f, kwargs)
         else:
-            # rows are read before the kernel runs, while the layer's keys are still in the cache (measured on a
-            # CPU, hidden 64, 624 tokens: 0.36 ms per layer before the kernel, 0.70 after it)
-            if has["scores"] or has["probs"]:
-                self.read_rows(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, reads,
-                               empty, attention_mask)
-            if edited:
-                out = attn_fn.masked_attention(kind, base, module, query, key, value, mask_b, mask_f, kwargs)
-            else:
-                out = base(module, query, key, value, attention_mask, **kwargs)
+            out = base(module, query, key, value, attention_mask, **kwargs)
         if empty is not None:   # cross-attention rows left with no key: output zero (no wait on the device)
             o = out[0]  # [b, q, h, d]
             keep = (~empty).transpose(1, 2)[..., None].to(o.dtype)  # [b, q, h|1, 1]
@@ -591,18 +589,95 @@ class _Runtime:
                 probs = probs.masked_fill(cut, 0.0)
             self.run_site(site["probs"], layer, probs, 2, rows, **kw)
 
-    def eager_layer(self, layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, empty=None):
+    def recompute_edited(self, layer, module, base, query, key, value, attention_mask, kwargs, q_pos, kw, site, has,
+                         reads, cross):
+        """A layer whose attn.scores or attn.probs are edited: the layer's own kernel on every row, then the rows its
+        score / probability probes and mask editors name recomputed from their scores (every row where those are more
+        than ``ROW_SLICE_SHARE`` of the call's, or a mask editor does not name its rows). A (sample, head, row) whose
+        mask, scores and probabilities came back unchanged keeps the kernel's output, bit for bit."""
         attn_fn.check_score_edit(module, layer)
-        scores = attn_fn.row_scores(module, query, key, mask_b, mask_f, kwargs)
+        out = base(module, query, key, value, attention_mask, **kwargs)
+        rows = self.recompute_rows(layer, site, q_pos, kw, has, reads)
+        dev, b, k_pos = query.device, query.shape[0], kw["key_positions"]
+        if rows is None:   # every row
+            row_pos, idx, q_rows = q_pos, None, query
+            mask_b, mask_f = attn_fn.bool_mask(attention_mask, module, kwargs, b, q_pos, k_pos, cross, dev)
+        else:
+            row_pos, idx = rows
+            if row_pos.shape[0] == 0:
+                return out
+            idx = self.to_device(idx, dev)
+            q_rows = query.index_select(2, idx)
+            mask_b, mask_f, _ = self.read_masks(module, attention_mask, kwargs, b, q_pos, k_pos, row_pos, idx, cross,
+                                                query.dtype, dev)
+        changed = empty = None   # changed: [b, h|1, rows], where the mask, scores or probabilities were edited
+        if has["mask"]:
+            edited_b, edited, empty = self.edit_mask(layer, site, mask_b.clone(), row_pos, k_pos, kw, cross)
+            if edited:
+                changed, mask_b = (edited_b != mask_b).any(-1), edited_b
+        scores = attn_fn.row_scores(module, q_rows, key, mask_b, mask_f, kwargs)
         cut = empty[..., None] if empty is not None else None
-        if cut is not None:
+        if cut is not None:   # a cross-attention row with every key severed: every score masked, no attention
             scores = scores.masked_fill(cut, torch.finfo(scores.dtype).min)
-        scores = self.run_site(site["scores"], layer, scores, 2, q_pos, **kw)
+        if has["scores"]:
+            scores, changed = self.run_edited(site["scores"], layer, scores, row_pos, kw, changed)
         probs = attn_fn.softmax_probs(scores, query.dtype)
         if cut is not None:
             probs = probs.masked_fill(cut, 0.0)
-        probs = self.run_site(site["probs"], layer, probs, 2, q_pos, **kw)
-        return attn_fn.eager_output(probs, value), None
+        if has["probs"]:
+            probs, changed = self.run_edited(site["probs"], layer, probs, row_pos, kw, changed)
+        if changed is None:   # every editor gave back what it received
+            return out
+        o = attn_fn.eager_output(probs, value).to(out[0].dtype)   # [b, rows, h, d]
+        if empty is not None:
+            o = o * (~empty).transpose(1, 2)[..., None].to(o.dtype)
+        o = torch.where(changed.transpose(1, 2)[..., None], o, out[0] if idx is None else out[0].index_select(1, idx))
+        weights = out[1]
+        if weights is not None:   # an eager kernel's probabilities: the edited rows as edited
+            w = torch.where(changed[..., None], probs.to(weights.dtype),
+                            weights if idx is None else weights.index_select(2, idx))
+            weights = w if idx is None else weights.index_copy(2, idx, w)
+        if idx is None:
+            return o, weights
+        # the kernel's output is this call's own tensor: written in place unless autograd may need it
+        return (out[0].index_copy(1, idx, o) if out[0].requires_grad else out[0].index_copy_(1, idx, o)), weights
+
+    def recompute_rows(self, layer, site, q_pos, kw, has, reads) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(positions, indices among the call's rows) of the rows an edit of scores or probabilities recomputes: those
+        the layer's score / probability probes (``reads``: their row specs) and mask editors name; None: every row
+        (more than ``ROW_SLICE_SHARE`` of them, or a mask editor that does not name its rows)."""
+        mask_rows = None
+        if has["mask"]:
+            mask_rows = self.mask_edit_rows(layer, site, q_pos, kw)
+            if mask_rows is None:
+                return None
+
+        def build():
+            pos = self._rows_union(q_pos, reads, torch.device("cpu"))[0]
+            if mask_rows is not None and mask_rows[1].shape[0]:
+                pos = torch.unique(torch.cat([pos, q_pos[mask_rows[1]]]))
+            if pos.shape[0] > self.ROW_SLICE_SHARE * q_pos.shape[0]:
+                return None
+            return pos, pos - q_pos[0]
+        return self.per_forward("recompute_rows", (q_pos,) if mask_rows is None else (q_pos, mask_rows[1]), build,
+                                reads)
+
+    def run_edited(self, name: str, layer: int, value: torch.Tensor, positions: torch.Tensor, kw: dict,
+                   changed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """run_site on a score or probability site, and ``changed`` [b, h|1, rows] or-ed with the (sample, head, row)
+        its editors changed: compared with what they received, or every row where one wrote into it."""
+        if all(a.specs[name][0] != "edit" for a in self.entries(name, layer)):
+            return self.run_site(name, layer, value, 2, positions, **kw), changed
+        version = _version(value)
+        before = value if version is not None else value.clone()   # an inference tensor keeps no version: a copy
+        out = self.run_site(name, layer, value, 2, positions, **kw)
+        if version is not None and _version(value) != version:   # written into: every row counts as edited
+            diff = torch.ones(value.shape[:-1], dtype=torch.bool, device=value.device)
+        elif out is value and version is not None:
+            return out, changed
+        else:
+            diff = (out != before).any(-1)
+        return out, diff if changed is None else changed | diff
 
 
 class Lens:

@@ -3,8 +3,9 @@
 ``RedirectToImage`` declares ``edits = {"attn.probs": "last"}``: its callback receives the attention
 probabilities of the last prompt token and returns new ones. In the chosen heads it takes a fraction of the mass
 on the text-context keys and moves it onto the image keys, in proportion to the attention each image key already
-had, so every row still sums to 1. (Editing ``attn.probs`` makes arbiter recompute that layer's attention
-eagerly from the edited probabilities; untouched layers keep running on SDPA.)
+had, so every row still sums to 1. (Editing ``attn.probs`` makes arbiter recompute the edited rows' attention
+output from the edited probabilities; the layer's own kernel (SDPA here) runs every other row, and heads the
+probe gives back unchanged keep the kernel's output exactly.)
 
 We then show that (1) the last-token logits change, and (2) recorded with ``lens.record`` before and after, the
 image share of the edited heads rises by exactly ``fraction * context share`` in the first edited layer.

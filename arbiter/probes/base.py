@@ -31,9 +31,9 @@ SITES: dict[str, tuple[str, bool, str]] = {
     "attn.mask": ("attention function", True, "[batch, 1|heads, seq, keys] bool, True = may attend; an edit "
                                               "is a -inf added to the scores before softmax (served under SDPA)"),
     "attn.scores": ("attention function", True, "[batch, heads, rows, keys] pre-softmax scores, masked; an edit "
-                                                "recomputes this layer eagerly"),
+                                                "recomputes the rows it names (the kernel runs the others)"),
     "attn.probs": ("attention function", True, "[batch, heads, rows, keys] attention probabilities; an edit "
-                                               "recomputes this layer eagerly"),
+                                               "recomputes the rows it names (the kernel runs the others)"),
     "attn.head_out": ("pre-hook of o_proj", True, "[batch, seq, heads, head_dim] per-head outputs (o_proj input)"),
     "attn.out": ("hook of the attention module", True, "[batch, seq, hidden] attention block output"),
     "resid.mid": ("pre-hook of the pre-MLP norm", False, "[batch, seq, hidden] residual between attention and MLP "
