@@ -253,6 +253,14 @@ def row_kwargs(kwargs, rows: torch.Tensor, q_len: int, k_len: int) -> dict | Non
     return out
 
 
+def plain_keys(key: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """The keys a computation of a few query rows multiplies. Keys usually arrive as a [batch, keys, heads, dim]
+    buffer seen as [batch, heads, keys, dim]: the scores' matmul would gather them transposed (a slow strided copy;
+    measured warm, 4 × 4 heads × 624 keys, one row: 123 µs against 55 µs with the plain copy first), so they are
+    copied plainly first (grouped keys are copied contiguous by repeat_kv anyway)."""
+    return key.contiguous() if key.shape[1] == query.shape[1] and not key.is_contiguous() else key
+
+
 def row_scores(module, query_rows, key, mask_rows_bool, mask_rows_float, kwargs) -> torch.Tensor:
     """Pre-softmax scores of the given query rows (scaling, softcap, mask), as eager attention forms them.
 

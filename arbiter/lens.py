@@ -566,11 +566,7 @@ class _Runtime:
             additive = None
         # consecutive rows (the last, a group's run): a view of the queries, no gather
         q_rows = query[:, :, span[0]:span[1]] if span is not None else query.index_select(2, idx)
-        if key.shape[1] == query.shape[1] and not key.is_contiguous():
-            # keys usually arrive as a [batch, keys, heads, dim] buffer seen as [batch, heads, keys, dim]: the
-            # scores' matmul would gather them transposed (one slow strided copy); one plain copy first lets it
-            # read them as they are (grouped keys are copied contiguous by repeat_kv anyway)
-            key = key.contiguous()
+        key = attn_fn.plain_keys(key, query)
         cut = empty.index_select(2, idx)[..., None] if empty is not None else None
         if self.entries(site["scores"], layer):
             scores = attn_fn.row_scores(module, q_rows, key, mb, mf, kwargs)
@@ -615,7 +611,7 @@ class _Runtime:
             edited_b, edited, empty = self.edit_mask(layer, site, mask_b.clone(), row_pos, k_pos, kw, cross)
             if edited:
                 changed, mask_b = (edited_b != mask_b).any(-1), edited_b
-        scores = attn_fn.row_scores(module, q_rows, key, mask_b, mask_f, kwargs)
+        scores = attn_fn.row_scores(module, q_rows, attn_fn.plain_keys(key, query), mask_b, mask_f, kwargs)
         cut = empty[..., None] if empty is not None else None
         if cut is not None:   # a cross-attention row with every key severed: every score masked, no attention
             scores = scores.masked_fill(cut, torch.finfo(scores.dtype).min)

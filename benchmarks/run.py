@@ -265,6 +265,17 @@ def _wrap(model):
 
 # ------------------------------------------------------------------------------------------------ fixed cost
 
+class _FlattenLastRow(arbiter.Probe):
+    """An edit of the last row's attention probabilities in head 0 (each one's square root, renormalised): the
+    fixed section's score-level edit, which no mask can express."""
+
+    edits = {"attn.probs": "last"}
+
+    def attn_probs(self, ctx, p):
+        f = p[:, :1].sqrt()
+        return torch.cat([f / f.sum(-1, keepdim=True), p[:, 1:]], dim=1)
+
+
 def _fixed_paths(model, proc, inputs, n_layers: int) -> dict[str, Callable[[], Any]]:
     """The paths whose added time per layer the fixed section reports; each attaches, runs one forward with its
     probe and detaches (``attach_detach``: the attach and detach alone, subtracted from the others)."""
@@ -285,6 +296,7 @@ def _fixed_paths(model, proc, inputs, n_layers: int) -> dict[str, Callable[[], A
             "record_resid_all_probs_last": attached(lambda lens: lens.record("resid.post", rows="all"),
                                                     lambda lens: lens.record("attn.probs", rows="last")),
             "knockout_image_last": attached(lambda lens: lens.knockout("image", "last", layers="all")),
+            "edit_probs_last": attached(lambda lens: lens.probe(_FlattenLastRow(), layers="all")),
             "block_head": attached(lambda lens: lens.block_heads([(i, 0) for i in range(n_layers)]))}
 
 
