@@ -363,11 +363,14 @@ class _Runtime:
         if eager:   # scores or probabilities edited: the kernel on every row, the rows the probes name recomputed
             return self.recompute_edited(layer, module, base, query, key, value, attention_mask, kwargs, q_pos, kw,
                                          site, has, reads, cross)
-        if has["mask"] and not (has["scores"] or has["probs"]):
-            rows = self.mask_edit_rows(layer, site, q_pos, kw)
-            if rows is not None and attn_fn.row_kwargs(kwargs, q_pos[:1], q_len, key.shape[2]) is not None:
-                return self.row_sliced(layer, module, base, kind, query, key, value, attention_mask, kwargs, q_pos,
-                                       kw, site, rows, cross)
+        if has["mask"]:
+            mask_rows = self.mask_edit_rows(layer, site, q_pos, kw)
+            if mask_rows is not None and attn_fn.row_kwargs(kwargs, q_pos[:1], q_len, key.shape[2]) is not None:
+                read = has["scores"] or has["probs"]   # readers beside: their rows too (a few, or the whole layer)
+                rows = self.edit_rows(q_pos, reads, mask_rows) if read else (None, mask_rows[1])
+                if rows is not None:
+                    return self.row_sliced(layer, module, base, kind, query, key, value, attention_mask, kwargs, q_pos,
+                                           kw, site, (mask_rows[0], rows[1]), cross, reads if read else ())
         # a read alone (no mask edit) builds its rows' masks itself, once per forward
         mask_b = mask_f = None
         edited = False
@@ -447,9 +450,11 @@ class _Runtime:
         return (union.expand(self.batch, -1) if union.shape[0] == 1 else union), rows
 
     def row_sliced(self, layer, module, base, kind, query, key, value, attention_mask, kwargs, q_pos, kw, site,
-                   rows: tuple, cross: bool):  # rows: ([b, q] bool, [n] indices) from mask_edit_rows
+                   rows: tuple, cross: bool, reads: tuple = ()):
         """The layer's own kernel on every row, then the rows an attn.mask edit can change recomputed alone with
-        the edited mask: other rows bit-identical to the untouched layer, flash kernels kept."""
+        the edited mask: other rows bit-identical to the untouched layer, flash kernels kept. ``rows``: ([b, q] bool:
+        the (sample, row) pairs the edit can change, [n] indices: those rows and the rows of the layer's score /
+        probability readers, whose row specs ``reads`` holds; they read the edited mask's rows)."""
         out = base(module, query, key, value, attention_mask, **kwargs)
         which, rows = rows    # [b, q]: the (sample, row) pairs the edit can change; [n]: the rows among them
         if rows.shape[0] == 0:
@@ -472,9 +477,13 @@ class _Runtime:
                 self.lens.facts.heads(layer), cross)
         else:
             mask_b, edited, empty = self.edit_mask(layer, site, mask_b.clone(), row_pos, k_pos, kw, cross)
+        q_rows = query.index_select(2, rows_d)
+        if reads:
+            self.serve_reads(layer, module, q_rows, key, value, mask_b, mask_f, None, kwargs, row_pos, rows,
+                             q_pos.shape[0], kw, site, empty[..., None] if empty is not None else None)
         if not edited:
             return out
-        sub = attn_fn.masked_attention(kind, base, module, query.index_select(2, rows_d), key, value, mask_b, mask_f,
+        sub = attn_fn.masked_attention(kind, base, module, q_rows, key, value, mask_b, mask_f,
                                        attn_fn.row_kwargs(kwargs, rows, q_pos.shape[0], key.shape[2]))
         o = sub[0]            # [b, rows, h, d]
         if empty is not None:
@@ -566,16 +575,23 @@ class _Runtime:
             additive = None
         # consecutive rows (the last, a group's run): a view of the queries, no gather
         q_rows = query[:, :, span[0]:span[1]] if span is not None else query.index_select(2, idx)
-        key = attn_fn.plain_keys(key, query)
         cut = empty.index_select(2, idx)[..., None] if empty is not None else None
+        self.serve_reads(layer, module, q_rows, key, value, mb, mf, additive, kwargs, rows, idx, q_pos.shape[0], kw,
+                         site, cut)
+
+    def serve_reads(self, layer, module, q_rows, key, value, mb, mf, additive, kwargs, rows, idx, q_len, kw, site,
+                    cut):
+        """Hand the scores / probabilities of the rows at positions ``rows`` (``idx``: their indices among the call's
+        ``q_len``; ``q_rows``: their queries; ``mb`` / ``mf`` / ``additive``: their masks; ``cut`` [b, h|1, rows, 1]:
+        cross-attention rows left with no key, or None) to the layer's readers."""
+        key = attn_fn.plain_keys(key, q_rows)
         if self.entries(site["scores"], layer):
             scores = attn_fn.row_scores(module, q_rows, key, mb, mf, kwargs)
             if cut is not None:   # a cross-attention row with every key severed: every score masked
                 scores = scores.masked_fill(cut, torch.finfo(scores.dtype).min)
             self.run_site(site["scores"], layer, scores, 2, rows, **kw)
         if self.entries(site["probs"], layer):
-            rkw = kwargs if rows.shape[0] == q_pos.shape[0] else \
-                attn_fn.row_kwargs(kwargs, idx, q_pos.shape[0], key.shape[2])
+            rkw = kwargs if rows.shape[0] == q_len else attn_fn.row_kwargs(kwargs, idx, q_len, key.shape[2])
             if rkw is None:
                 raise SiteError(f"layer {layer}: {type(module).__name__}'s attention receives per-query tensors "
                                 f"({', '.join(attn_fn.score_terms(kwargs))}) arbiter cannot cut to the requested "
@@ -647,7 +663,12 @@ class _Runtime:
             mask_rows = self.mask_edit_rows(layer, site, q_pos, kw)
             if mask_rows is None:
                 return None
+        return self.edit_rows(q_pos, reads, mask_rows)
 
+    def edit_rows(self, q_pos, reads: tuple, mask_rows: tuple | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(positions, indices among the call's rows) of the rows named by the layer's score / probability probes
+        (``reads``: their row specs) and by its mask editors (``mask_rows``, from mask_edit_rows), built once per
+        forward; None where they are more than ``ROW_SLICE_SHARE`` of the call's rows."""
         def build():
             pos = self._rows_union(q_pos, reads, torch.device("cpu"))[0]
             if mask_rows is not None and mask_rows[1].shape[0]:
@@ -655,8 +676,7 @@ class _Runtime:
             if pos.shape[0] > self.ROW_SLICE_SHARE * q_pos.shape[0]:
                 return None
             return pos, pos - q_pos[0]
-        return self.per_forward("recompute_rows", (q_pos,) if mask_rows is None else (q_pos, mask_rows[1]), build,
-                                reads)
+        return self.per_forward("edit_rows", (q_pos,) if mask_rows is None else (q_pos, mask_rows[1]), build, reads)
 
     def run_edited(self, name: str, layer: int, value: torch.Tensor, positions: torch.Tensor, kw: dict,
                    changed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -296,6 +296,8 @@ def _fixed_paths(model, proc, inputs, n_layers: int) -> dict[str, Callable[[], A
             "record_resid_all_probs_last": attached(lambda lens: lens.record("resid.post", rows="all"),
                                                     lambda lens: lens.record("attn.probs", rows="last")),
             "knockout_image_last": attached(lambda lens: lens.knockout("image", "last", layers="all")),
+            "knockout_record_probs_last": attached(lambda lens: lens.knockout("image", "last", layers="all"),
+                                                   lambda lens: lens.record("attn.probs", rows="last")),
             "edit_probs_last": attached(lambda lens: lens.probe(_FlattenLastRow(), layers="all")),
             "block_head": attached(lambda lens: lens.block_heads([(i, 0) for i in range(n_layers)]))}
 

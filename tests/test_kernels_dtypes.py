@@ -403,6 +403,44 @@ def test_knockout_image_to_last_in_every_layer_is_close_to_fp32(dtype):
     assert check_knockout(dtype, "cpu") <= 1   # the error as a share of the stated tolerance
 
 
+def test_a_knockout_read_beside_recomputes_and_reads_the_last_row_alone_as_the_hand_masked_reference(monkeypatch):
+    """image -> last in every layer with the last row's probabilities and scores recorded: each layer recomputes and
+    reads the last row alone (as the knockout does without readers), the recorded rows equal the hand-masked fp32
+    reference's (≤ 1e-6), the logits too, and every earlier row is the plain forward's, bit for bit."""
+    from arbiter import attention as attn_fn
+
+    tm = fp32_model("llava")
+    inputs = inputs_for(tm, n=2)
+    plain = forward(tm.model, inputs).logits
+    rows_read, rows_recomputed = [], []
+
+    def counting(fn, seen, at):
+        def run(*a, **k):
+            seen.append(a[at].shape[2])   # the query rows handed over
+            return fn(*a, **k)
+        return run
+    monkeypatch.setattr(attn_fn, "row_probs", counting(attn_fn.row_probs, rows_read, 1))
+    monkeypatch.setattr(attn_fn, "masked_attention", counting(attn_fn.masked_attention, rows_recomputed, 3))
+    with arbiter.attach(tm.model, tm.processor) as lens, lens.knockout("image", "last"), \
+            lens.record("attn.probs", "attn.scores", rows="last") as rec:
+        out = forward(tm.model, inputs).logits
+    n = len(text_layers(tm.model))
+    assert rows_read == [1] * n and rows_recomputed == [1] * n
+    allowed = allowed_keys(tm, inputs, "image", "last")
+    ref = reference_logits(tm, inputs, layers=range(n), allowed=allowed)
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(out[real], ref[real], atol=1e-6, rtol=0)
+    assert torch.equal(out[:, :-1], plain[:, :-1])
+    last_allowed = allowed[:, :, -1:, :]                                     # [b, 1, 1, k]
+    for layer in range(n):
+        probs, scores = REFERENCE["seen"][layer]
+        torch.testing.assert_close(rec.trace[f"L{layer}.attn.probs"], probs, atol=1e-6, rtol=0)
+        got = rec.trace[f"L{layer}.attn.scores"]
+        torch.testing.assert_close(got[last_allowed.expand_as(got)], scores[last_allowed.expand_as(scores)],
+                                   atol=1e-6, rtol=0)
+        assert (got[~last_allowed.expand_as(got)] == torch.finfo(got.dtype).min).all()
+
+
 def check_block_head(dtype, device) -> float:
     tm = fp32_model("llava")
     cpu_inputs = inputs_for(tm, n=2)
