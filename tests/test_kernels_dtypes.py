@@ -562,9 +562,21 @@ def count_host_syncs(fn) -> int:
     return sum("synchroniz" in str(w.message) for w in seen)
 
 
+class _HalveFirstHead(arbiter.Probe):
+    """Edits attn.probs on its rows: head 0's probabilities halved (no host-side decision in the callback)."""
+
+    def __init__(self, rows: str = "last"):
+        super().__init__()
+        self._edits = {"attn.probs": rows}
+
+    def attn_probs(self, ctx, p):
+        return torch.cat([p[:, :1] * 0.5, p[:, 1:]], dim=1)
+
+
 def check_host_syncs_do_not_grow_with_layers(device: str) -> dict[str, tuple[int, int]]:
-    """Per path (record last-row probabilities, knockouts, head blocks, amplification of one row, mean ablation,
-    patching from a source on the device, a head sweep of two heads): the host syncs arbiter adds to a forward of a
+    """Per path (record last-row probabilities, knockouts (one with a reader beside), head blocks, amplification of
+    one row, mean ablation, patching from a source on the device, probability edits of the last row and of every
+    row, a head sweep of two heads): the host syncs arbiter adds to a forward of a
     2-layer and of a 4-layer model. Equal: none of them happens per layer."""
     out = {}
     for layers in (2, 4):
@@ -595,7 +607,11 @@ def check_host_syncs_do_not_grow_with_layers(device: str) -> dict[str, tuple[int
                  "amplify_last_row": forward(lambda lens: lens.amplify_heads(every, alpha=2.0, rows="last")),
                  "mean_ablation": forward(lambda lens: lens.block_heads(
                      every, mode="mean", reference={i: torch.ones(1, nh, hd) for i in range(layers)})),
-                 "patch_from_the_device": forward(lambda lens: lens.patch_heads(every, source))}
+                 "patch_from_the_device": forward(lambda lens: lens.patch_heads(every, source)),
+                 "knockout_and_reader": forward(lambda lens: lens.knockout("image", "last"),
+                                                lambda lens: lens.record("attn.probs", rows="last")),
+                 "probs_edit_last_row": forward(lambda lens: lens.probe(_HalveFirstHead(), layers="all")),
+                 "probs_edit_every_row": forward(lambda lens: lens.probe(_HalveFirstHead("all"), layers="all"))}
         for name, fn in paths.items():
             fn()
             out.setdefault(name, []).append(count_host_syncs(fn) - idle)

@@ -128,7 +128,7 @@ def edited(tm, inputs, probe, layers, recorded=None):
     return out, kept
 
 
-@pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
+@pytest.fixture(scope="module", params=["llava", "qwen2_vl", "gemma3"])
 def model(request):
     torch.manual_seed(0)
     tm = tiny(request.param)
