@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -17,7 +19,8 @@ from helpers import image_token_id, inputs_for, logits, set_text_attention
 
 HEADS = [0, 2]   # the heads the editors change; the others are given back as received
 
-# what the reference applies, and where: {"layers", "site" (scores | probs), "rows" (last | all), "edit", "image"}
+# what the reference applies, and where: {"layers", "site" (scores | probs), "rows" (last | all | indices), "edit",
+# "image", "knock"}
 REFERENCE: dict = {}
 
 
@@ -55,7 +58,9 @@ def hand_edited_attention(module, query, key, value, attention_mask, **kwargs):
     kk = repeat_kv(key, query.shape[1] // key.shape[1]).float()
     vv = repeat_kv(value, query.shape[1] // value.shape[1]).float()
     scores = (query.float() @ kk.transpose(2, 3) * kwargs["scaling"]).masked_fill(~allowed, float("-inf"))
-    rows = slice(q - 1, q) if REFERENCE["rows"] == "last" else slice(0, q)
+    rows = REFERENCE["rows"]   # "last", "all", or the positions' indices (prefill)
+    rows = slice(q - 1, q) if isinstance(rows, str) and rows == "last" else slice(0, q) if isinstance(rows, str) \
+        else rows
     if REFERENCE.get("knock") is not None:   # a knockout of these keys from the same rows, every head
         scores[:, :, rows] = scores[:, :, rows].masked_fill(REFERENCE["knock"][:, None, None, -k:], float("-inf"))
     if REFERENCE["site"] == "scores":
@@ -143,6 +148,38 @@ def test_an_edit_of_the_last_row_equals_the_hand_computation(model, site):
     plain = logits(tm.model, inputs)
     assert (got[:, -1] - plain[:, -1]).abs().max() > 1e-4                    # the edit moves the answer ...
     torch.testing.assert_close(got[:, -1], want[:, -1], atol=1e-6, rtol=0)    # ... as the hand computation does
+
+
+LLAVA = {}
+
+
+def llava_and_inputs():
+    if not LLAVA:
+        torch.manual_seed(0)
+        tm = tiny("llava")
+        LLAVA.update(tm=tm, inputs=inputs_for(tm, n=2))
+    return LLAVA["tm"], LLAVA["inputs"]
+
+
+@settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(picked=st.sets(st.integers(0, 44), min_size=1), layers=st.sets(st.integers(0, 3), min_size=1).map(sorted),
+       site=st.sampled_from(["probs", "scores"]))
+def test_an_edit_of_any_rows_equals_the_hand_computation(picked, layers, site):
+    """Any set of rows (a group of the user's: consecutive or not, few enough to be recomputed alone or not), on any
+    layers, scores or probabilities: the logits of every real position as the hand computation's."""
+    tm, inputs = llava_and_inputs()
+    n = inputs["input_ids"].shape[1]
+    assert n == 45   # the strategy's positions
+    rows = torch.zeros(n, dtype=torch.bool)
+    rows[sorted(picked)] = True
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        lens.use(arbiter.TokenGroups.from_input_ids(inputs["input_ids"], inputs["attention_mask"],
+                                                    lens.facts.modality_token_ids).add("picked", rows))
+        with lens.probe(Edit(site, rows="picked"), layers=layers):
+            got = logits(tm.model, inputs)
+    want = reference(tm, inputs, layers, site, rows=torch.tensor(sorted(picked)))
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-6, rtol=0)
 
 
 def test_an_edit_of_every_row_equals_the_hand_computation(model):
