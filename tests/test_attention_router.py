@@ -96,6 +96,30 @@ def test_kernels_with_two_dimensional_masks_are_read_and_edited_exactly():
     torch.testing.assert_close(out["kernel"], out["sdpa"], atol=1e-5, rtol=0)
 
 
+class _HalveFirstHead(arbiter.Probe):
+    edits = {"attn.probs": "last"}
+
+    def attn_probs(self, ctx, p):
+        return torch.cat([p[:, :1] * 0.5, p[:, 1:]], dim=1)
+
+
+def test_a_probability_edit_under_a_kernel_with_two_dimensional_masks_keeps_the_kernel_and_equals_sdpa():
+    """A flash-style kernel (2D padding mask): the edited last row is recomputed beside it (its mask rebuilt from the
+    2D mask), every earlier row is the kernel's own output bit for bit, and the edit
+    gives what it gives under SDPA."""
+    tm = _model("padded_kernel")
+    ref = tiny("llava")
+    inputs = inputs_for(tm, n=2)
+    plain = logits(tm.model, inputs)
+    out = {}
+    for name, t in (("kernel", tm), ("sdpa", ref)):
+        with arbiter.attach(t.model, t.processor) as lens, lens.probe(_HalveFirstHead(), layers=[1, 2]):
+            out[name] = logits(t.model, inputs)
+    assert torch.equal(out["kernel"][:, :-1], plain[:, :-1])
+    assert (out["kernel"][:, -1] - plain[:, -1]).abs().max() > 1e-4
+    torch.testing.assert_close(out["kernel"][:, -1], out["sdpa"][:, -1], atol=1e-5, rtol=0)
+
+
 def test_a_second_lens_on_a_routed_model_is_refused():
     tm = tiny("llava")
     with arbiter.attach(tm.model, tm.processor):
