@@ -66,7 +66,7 @@ def hand_edited_attention(module, query, key, value, attention_mask, **kwargs):
     if REFERENCE["site"] == "scores":
         scores[:, :, rows] = on_heads(REFERENCE["edit"](scores[:, :, rows], REFERENCE["image"][:, -k:]),
                                       scores[:, :, rows])
-    probs = scores.softmax(-1)
+    probs = scores.softmax(-1).clone()   # (softmax keeps its output for the backward: the edit goes into a copy)
     if REFERENCE["site"] == "probs":
         probs[:, :, rows] = on_heads(REFERENCE["edit"](probs[:, :, rows]), probs[:, :, rows])
     return (probs @ vv).to(query.dtype).transpose(1, 2).contiguous(), None
@@ -321,3 +321,36 @@ def test_a_cross_attention_edit_recomputes_its_last_row_alone(monkeypatch):
     assert (sliced[:, -1] - plain[:, -1]).abs().max() > 1e-4
     torch.testing.assert_close(sliced, whole, atol=1e-6, rtol=0)
     assert torch.equal(sliced[:, :-1], plain[:, :-1]) and torch.equal(noop, plain)
+
+
+@pytest.mark.parametrize("rows", ["last", "all"])
+def test_gradients_through_an_edit_equal_the_hand_computations(rows):
+    """With autograd on (attribution under an intervention): the gradient of the last logits' squared norm with
+    respect to an edited layer's query weights, through a score edit of the last row or of every row, as through the
+    hand computation (and different from the unedited model's)."""
+    tm = tiny("llava")
+    inputs = inputs_for(tm, n=2)
+    weight = tm.model.model.language_model.layers[1].self_attn.q_proj.weight
+
+    def gradient(run):
+        tm.model.zero_grad()
+        run()[:, -1].pow(2).sum().backward()
+        g = weight.grad.clone()
+        tm.model.zero_grad()
+        return g
+
+    def edited_run():
+        with arbiter.attach(tm.model, tm.processor) as lens, lens.probe(Edit("scores", rows=rows), layers=[1, 2]):
+            return tm.model(**inputs).logits
+
+    def reference_run():
+        REFERENCE.update(layers=frozenset([1, 2]), site="scores", rows=rows, edit=image_bias, knock=None,
+                         image=(inputs["input_ids"] == image_token_id(tm)) & inputs["attention_mask"].bool())
+        before = set_text_attention(tm.model, "hand_edited_attention")
+        try:
+            return tm.model(**inputs).logits
+        finally:
+            set_text_attention(tm.model, before)
+    got, want, plain = gradient(edited_run), gradient(reference_run), gradient(lambda: tm.model(**inputs).logits)
+    assert (want - plain).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
