@@ -6,6 +6,8 @@ import functools
 
 import torch
 
+import arbiter
+
 from arbiter.testing.tiny import FAMILIES as ALL_FAMILIES
 from arbiter.testing.tiny import tiny
 
@@ -104,3 +106,14 @@ def check_deterministic_in_seed(family: str, prompt: str) -> int:
     assert ia.keys() == ib.keys() and all(torch.equal(torch.as_tensor(ia[k]), torch.as_tensor(ib[k])) for k in ia)
     torch.testing.assert_close(forward_logits(a, ia), forward_logits(b, ib), atol=0, rtol=0)
     return len(drawn)
+
+
+class HalveFirstHead(arbiter.Probe):
+    """Edits attn.probs on its rows (default the last): head 0's probabilities halved, nothing decided on the host."""
+
+    def __init__(self, rows: str = "last"):
+        super().__init__()
+        self._edits = {"attn.probs": rows}
+
+    def attn_probs(self, ctx, p):
+        return torch.cat([p[:, :1] * 0.5, p[:, 1:]], dim=1)

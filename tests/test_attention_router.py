@@ -12,7 +12,7 @@ from transformers.masking_utils import AttentionMaskInterface, flash_attention_m
 
 import arbiter
 from arbiter.testing import tiny
-from helpers import inputs_for, logits
+from helpers import HalveFirstHead, inputs_for, logits
 
 CALLS = {"counting_sdpa": 0}
 
@@ -96,13 +96,6 @@ def test_kernels_with_two_dimensional_masks_are_read_and_edited_exactly():
     torch.testing.assert_close(out["kernel"], out["sdpa"], atol=1e-5, rtol=0)
 
 
-class _HalveFirstHead(arbiter.Probe):
-    edits = {"attn.probs": "last"}
-
-    def attn_probs(self, ctx, p):
-        return torch.cat([p[:, :1] * 0.5, p[:, 1:]], dim=1)
-
-
 def test_a_probability_edit_under_a_kernel_with_two_dimensional_masks_keeps_the_kernel_and_equals_sdpa():
     """A flash-style kernel (2D padding mask): the edited last row is recomputed beside it (its mask rebuilt from the
     2D mask), every earlier row is the kernel's own output bit for bit, and the edit
@@ -113,7 +106,7 @@ def test_a_probability_edit_under_a_kernel_with_two_dimensional_masks_keeps_the_
     plain = logits(tm.model, inputs)
     out = {}
     for name, t in (("kernel", tm), ("sdpa", ref)):
-        with arbiter.attach(t.model, t.processor) as lens, lens.probe(_HalveFirstHead(), layers=[1, 2]):
+        with arbiter.attach(t.model, t.processor) as lens, lens.probe(HalveFirstHead(), layers=[1, 2]):
             out[name] = logits(t.model, inputs)
     assert torch.equal(out["kernel"][:, :-1], plain[:, :-1])
     assert (out["kernel"][:, -1] - plain[:, -1]).abs().max() > 1e-4

@@ -24,7 +24,7 @@ from arbiter import attention as router
 from arbiter.errors import SiteError, UnsupportedModelError
 from arbiter.sweep import head_sweep
 from arbiter.testing import tiny
-from helpers import _tiny, image_token_id, inputs_for, set_text_attention
+from helpers import HalveFirstHead, _tiny, image_token_id, inputs_for, set_text_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
@@ -562,17 +562,6 @@ def count_host_syncs(fn) -> int:
     return sum("synchroniz" in str(w.message) for w in seen)
 
 
-class _HalveFirstHead(arbiter.Probe):
-    """Edits attn.probs on its rows: head 0's probabilities halved (no host-side decision in the callback)."""
-
-    def __init__(self, rows: str = "last"):
-        super().__init__()
-        self._edits = {"attn.probs": rows}
-
-    def attn_probs(self, ctx, p):
-        return torch.cat([p[:, :1] * 0.5, p[:, 1:]], dim=1)
-
-
 def check_host_syncs_do_not_grow_with_layers(device: str) -> dict[str, tuple[int, int]]:
     """Per path (record last-row probabilities, knockouts (one with a reader beside), head blocks, amplification of
     one row, mean ablation, patching from a source on the device, probability edits of the last row and of every
@@ -610,8 +599,8 @@ def check_host_syncs_do_not_grow_with_layers(device: str) -> dict[str, tuple[int
                  "patch_from_the_device": forward(lambda lens: lens.patch_heads(every, source)),
                  "knockout_and_reader": forward(lambda lens: lens.knockout("image", "last"),
                                                 lambda lens: lens.record("attn.probs", rows="last")),
-                 "probs_edit_last_row": forward(lambda lens: lens.probe(_HalveFirstHead(), layers="all")),
-                 "probs_edit_every_row": forward(lambda lens: lens.probe(_HalveFirstHead("all"), layers="all"))}
+                 "probs_edit_last_row": forward(lambda lens: lens.probe(HalveFirstHead(), layers="all")),
+                 "probs_edit_every_row": forward(lambda lens: lens.probe(HalveFirstHead("all"), layers="all"))}
         for name, fn in paths.items():
             fn()
             out.setdefault(name, []).append(count_host_syncs(fn) - idle)
