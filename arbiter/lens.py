@@ -324,7 +324,12 @@ class _Runtime:
         if after.shape != before.shape:
             raise ProbeError(f"probe {probe!r} returned shape {tuple(after.shape)} for {site!r} at layer {layer}; "
                              f"expected {tuple(before.shape)} (same shape as the value it received).")
-        return after
+        if after.device != before.device:
+            raise ProbeError(f"probe {probe!r} returned a tensor on {after.device} for {site!r} at layer {layer}; "
+                             f"the value it received is on {before.device}: return the edit there.")
+        # an edit computed in another precision (an fp32 vector added to a bf16 model) runs on in the model's
+        # precision, as the rows of a partial edit always did
+        return after.to(before.dtype)
 
     # -- attention -----------------------------------------------------------------------------------------
     def attention(self, layer, module, base, kind, query, key, value, attention_mask, kwargs, unit="attn"):

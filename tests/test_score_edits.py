@@ -354,3 +354,40 @@ def test_gradients_through_an_edit_equal_the_hand_computations(rows):
     got, want, plain = gradient(edited_run), gradient(reference_run), gradient(lambda: tm.model(**inputs).logits)
     assert (want - plain).abs().max() > 1e-3
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+class InFloat32(arbiter.Probe):
+    """Gives back what it receives, in fp32 (on ``site``, rows ``rows``), or on the meta device (``meta``)."""
+
+    def __init__(self, site: str, rows: str = "all", meta: bool = False):
+        super().__init__()
+        self._edits = {site: rows}
+        self.meta = meta
+
+    def _back(self, ctx, x):
+        return torch.empty_like(x, device="meta") if self.meta else x.float()
+    attn_probs = attn_scores = resid_post = _back
+
+
+@pytest.mark.parametrize("site,rows", [("attn.probs", "last"), ("attn.probs", "all"), ("attn.scores", "last"),
+                                       ("resid.post", "all"), ("resid.post", "last")])
+def test_an_edit_returned_in_another_precision_runs_on_in_the_models(site, rows):
+    """A bf16 model, an editor that returns what it received in fp32 (an edit computed in fp32): the edit runs on in
+    bf16, so this one changes nothing, bit for bit (it used to stop the forward with a matmul dtype error)."""
+    tm = tiny("llava")
+    model = tm.model.to(torch.bfloat16)
+    inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs_for(tm, n=2).items()}
+    plain = logits(model, inputs)
+    with arbiter.attach(model, tm.processor) as lens, lens.probe(InFloat32(site, rows), layers=[1, 2]):
+        got = logits(model, inputs)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, plain)
+
+
+def test_an_edit_returned_on_another_device_is_refused_by_name():
+    tm = tiny("llava")
+    inputs = inputs_for(tm, n=1)
+    plain = logits(tm.model, inputs)
+    with arbiter.attach(tm.model, tm.processor) as lens, lens.probe(InFloat32("attn.probs", meta=True), layers=[1]):
+        with pytest.raises(arbiter.ProbeError, match="returned a tensor on meta for 'attn.probs' at layer 1"):
+            logits(tm.model, inputs)
+    assert torch.equal(logits(tm.model, inputs), plain)
