@@ -342,6 +342,29 @@ def eager_output(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2).contiguous()
 
 
+def merge_rows(out: tuple, idx: torch.Tensor | None, rows_out: torch.Tensor, rows_weights: torch.Tensor | None,
+               take: torch.Tensor | None, empty: torch.Tensor | None) -> tuple:
+    """A kernel's result ``out`` (output [b, q, h, d], weights [b, h, q, k] or None) with the rows at ``idx`` (None:
+    every row) recomputed: ``rows_out`` [b, rows, h, d] and ``rows_weights`` [b, h, rows, k] taken where ``take``
+    [b, h|1, rows] says (None: everywhere), the kernel's kept elsewhere; rows in ``empty`` [b, h|1, rows] (a
+    cross-attention row left with no key) output zero."""
+    o, weights = out
+    rows_out = rows_out.to(o.dtype)
+    if empty is not None:
+        rows_out = rows_out * (~empty).transpose(1, 2)[..., None].to(rows_out.dtype)
+    if take is not None:
+        rows_out = torch.where(take.transpose(1, 2)[..., None], rows_out, o if idx is None else o.index_select(1, idx))
+    if weights is not None and rows_weights is not None:
+        w = rows_weights.to(weights.dtype)
+        if take is not None:
+            w = torch.where(take[..., None], w, weights if idx is None else weights.index_select(2, idx))
+        weights = w if idx is None else weights.index_copy(2, idx, w)
+    if idx is None:
+        return rows_out, weights
+    # the kernel's output is the call's own tensor: written in place unless autograd may need it
+    return (o.index_copy(1, idx, rows_out) if o.requires_grad else o.index_copy_(1, idx, rows_out)), weights
+
+
 def masked_attention(base: str, fn: Callable, module, query, key, value, mask_bool, mask_float, kwargs):
     """Attention with an edited mask: the eager function under eager, SDPA with the bool mask otherwise (flash
     kernels take no dense mask, so an edited layer switches to SDPA; untouched layers keep the kernel)."""

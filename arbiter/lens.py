@@ -482,7 +482,7 @@ class _Runtime:
                 self.lens.facts.heads(layer), cross)
         else:
             mask_b, edited, empty = self.edit_mask(layer, site, mask_b.clone(), row_pos, k_pos, kw, cross)
-        q_rows = query.index_select(2, rows_d)
+        q_rows = query.index_select(2, rows_d) if reads or edited else None
         if reads:
             self.serve_reads(layer, module, q_rows, key, value, mask_b, mask_f, None, kwargs, row_pos, rows,
                              q_pos.shape[0], kw, site, empty[..., None] if empty is not None else None)
@@ -490,25 +490,11 @@ class _Runtime:
             return out
         sub = attn_fn.masked_attention(kind, base, module, q_rows, key, value, mask_b, mask_f,
                                        attn_fn.row_kwargs(kwargs, rows, q_pos.shape[0], key.shape[2]))
-        o = sub[0]            # [b, rows, h, d]
-        if empty is not None:
-            o = o * (~empty).transpose(1, 2)[..., None].to(o.dtype)
-        # [b, n]: the rows each sample's edit changes (the others keep the kernel's); None: every sample's
+        # [b, 1, n]: the rows each sample's edit changes (the others keep the kernel's); None: every sample's
         take = self.per_forward("row_take", (which, rows),
-                                lambda: None if bool(which[:, rows].all()) else self.to_device(which[:, rows], dev),
-                                str(dev))
-        o = o.to(out[0].dtype)
-        if take is not None:
-            o = torch.where(take[:, :, None, None], o, out[0].index_select(1, rows_d))
-        weights = out[1]
-        if weights is not None and sub[1] is not None:
-            w = sub[1].to(weights.dtype)
-            if take is not None:
-                w = torch.where(take[:, None, :, None], w, weights.index_select(2, rows_d))
-            weights = weights.index_copy(2, rows_d, w)
-        # the kernel's output is this call's own tensor: written in place unless autograd may need it
-        return (out[0].index_copy(1, rows_d, o) if out[0].requires_grad else out[0].index_copy_(1, rows_d, o)), \
-            weights
+                                lambda: None if bool(which[:, rows].all()) else
+                                self.to_device(which[:, rows], dev)[:, None], str(dev))
+        return attn_fn.merge_rows(out, rows_d, sub[0], sub[1], take, empty)
 
     def _rows_union(self, q_pos, specs: tuple, device) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
         """(positions, indices among ``q_pos`` on ``device``, (start, stop) when the indices are consecutive) of the
@@ -645,19 +631,8 @@ class _Runtime:
             probs, changed = self.run_edited(site["probs"], layer, probs, row_pos, kw, changed)
         if changed is None:   # every editor gave back what it received
             return out
-        o = attn_fn.eager_output(probs, value).to(out[0].dtype)   # [b, rows, h, d]
-        if empty is not None:
-            o = o * (~empty).transpose(1, 2)[..., None].to(o.dtype)
-        o = torch.where(changed.transpose(1, 2)[..., None], o, out[0] if idx is None else out[0].index_select(1, idx))
-        weights = out[1]
-        if weights is not None:   # an eager kernel's probabilities: the edited rows as edited
-            w = torch.where(changed[..., None], probs.to(weights.dtype),
-                            weights if idx is None else weights.index_select(2, idx))
-            weights = w if idx is None else weights.index_copy(2, idx, w)
-        if idx is None:
-            return o, weights
-        # the kernel's output is this call's own tensor: written in place unless autograd may need it
-        return (out[0].index_copy(1, idx, o) if out[0].requires_grad else out[0].index_copy_(1, idx, o)), weights
+        # an eager kernel's weights take the edited rows' probabilities too
+        return attn_fn.merge_rows(out, idx, attn_fn.eager_output(probs, value), probs, changed, empty)
 
     def recompute_rows(self, layer, site, q_pos, kw, has, reads) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(positions, indices among the call's rows) of the rows an edit of scores or probabilities recomputes: those
