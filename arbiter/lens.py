@@ -56,6 +56,15 @@ def _mask_settings(module, kwargs, cross: bool, b: int, dtype, device) -> tuple:
             dtype, device)
 
 
+def _span(idx: torch.Tensor) -> tuple[int, int] | None:
+    """(start, stop) of the sorted row indices ``idx`` (CPU) where they are consecutive; None where they are not, or
+    where there are none."""
+    if not len(idx):
+        return None
+    first = int(idx[0])
+    return (first, first + len(idx)) if int(idx[-1]) - first == len(idx) - 1 else None
+
+
 @functools.lru_cache(maxsize=64)
 def _plans_for(signature: tuple) -> dict:
     """The attention plans (``_Runtime.attention_plan``) of a probe set, filled as layers ask for them and shared by
@@ -482,7 +491,9 @@ class _Runtime:
                 self.lens.facts.heads(layer), cross)
         else:
             mask_b, edited, empty = self.edit_mask(layer, site, mask_b.clone(), row_pos, k_pos, kw, cross)
-        q_rows = query.index_select(2, rows_d) if reads or edited else None
+        # the rows' queries: gathered contiguous where readers' scores multiply them too (a strided view would be
+        # copied there), else a view where the rows are consecutive (the kernel takes them strided)
+        q_rows = query.index_select(2, rows_d) if reads else self.row_queries(query, rows, rows_d) if edited else None
         if reads:
             self.serve_reads(layer, module, q_rows, key, value, mask_b, mask_f, None, kwargs, row_pos, rows,
                              q_pos.shape[0], kw, site, empty[..., None] if empty is not None else None)
@@ -495,6 +506,12 @@ class _Runtime:
                                 lambda: None if bool(which[:, rows].all()) else
                                 self.to_device(which[:, rows], dev)[:, None], str(dev))
         return attn_fn.merge_rows(out, rows_d, sub[0], sub[1], take, empty)
+
+    def row_queries(self, query: torch.Tensor, rows: torch.Tensor, rows_d: torch.Tensor) -> torch.Tensor:
+        """The queries of the rows at indices ``rows`` (CPU; ``rows_d``: on the query's device): a view where they are
+        consecutive (the last row, a group's run), else a gather."""
+        span = self.per_forward("row_span", (rows,), lambda: _span(rows))
+        return query[:, :, span[0]:span[1]] if span is not None else query.index_select(2, rows_d)
 
     def _rows_union(self, q_pos, specs: tuple, device) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
         """(positions, indices among ``q_pos`` on ``device``, (start, stop) when the indices are consecutive) of the
@@ -510,9 +527,7 @@ class _Runtime:
             else:   # each reader's rows are sorted positions: their union, sorted, without Python lists
                 rows = torch.unique(torch.cat([self.resolve_rows(s, q_pos)[0] for s in specs]))
             idx = (rows - q_pos[0]) if len(rows) else rows
-            first = int(idx[0]) if len(idx) else 0
-            span = (first, first + len(idx)) if len(idx) and int(idx[-1]) - first == len(idx) - 1 else None
-            return rows, self.to_device(idx, device), span
+            return rows, self.to_device(idx, device), _span(idx)
         return self.per_forward("rows_union", (q_pos,), build, specs, device)
 
     def read_masks(self, module, attention_mask, kwargs, b, q_pos, k_pos, rows, idx, cross, dtype, device):

@@ -42,6 +42,7 @@ import torch
 import arbiter
 from arbiter import memory
 from arbiter.sweep import head_sweep
+from arbiter.testing.ops import ops_added
 from arbiter.testing.tiny import tiny
 from arbiter.trace import Trace
 
@@ -450,7 +451,7 @@ def _fixed_variant(cfg, shape: dict, device: str, impl: str, dtype: torch.dtype,
     timed = functools.partial(_synced, device=device)
     cpu = device == "cpu" and dtype == torch.float32
     floor_acc = {"total": 0.0, "kernel": 0.0, "calls": 0}
-    floor = _floor_model(tm, floor_acc)[1] if cpu else None
+    floor_model, floor = _floor_model(tm, floor_acc) if cpu else (None, None)
     fns = {"plain": timed(lambda: _forward(model, inputs)),
            **{k: timed(v) for k, v in _fixed_paths(model, tm.processor, inputs, shape["layers"]).items()},
            **({"floor_probs_last": timed(lambda: floor(inputs))} if floor is not None else {})}
@@ -501,6 +502,20 @@ def _fixed_variant(cfg, shape: dict, device: str, impl: str, dtype: torch.dtype,
         out["fixed_floor_max_abs_diff"] = max(
             float((rec.trace.site("attn.probs", layer)[:, :, -1:] - floor_rows[layer]).abs().max())
             for layer in range(shape["layers"]))
+    # the ATen operations each path adds per layer and per forward (counted: free of the load; on an accelerator
+    # each is a kernel launch or a copy)
+    with arbiter.attach(model, tm.processor) as lens:
+        layers = [lf.layer for lf in lens.facts.layers]
+    plain = fns["plain"]
+    for name, fn in _fixed_paths(model, tm.processor, inputs, shape["layers"]).items():
+        if name != "attach_detach":
+            out[f"fixed_ops_per_layer_{name}{suffix}"], out[f"fixed_ops_per_forward_{name}{suffix}"] = \
+                ops_added(fn, plain, layers)
+    if floor is not None:
+        names = {id(m): n for n, m in model.named_modules()}
+        floor_layers = [floor_model.get_submodule(names[id(m)]) for m in layers]
+        out["fixed_ops_per_layer_floor_probs_last"], out["fixed_ops_per_forward_floor_probs_last"] = \
+            ops_added(lambda: floor(inputs), plain, floor_layers, layers)
     out[f"fixed_seq_len{suffix}"] = int(inputs["input_ids"].shape[1])
     return out
 

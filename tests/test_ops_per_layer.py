@@ -1,0 +1,136 @@
+"""The tensor operations arbiter adds per layer are those of the least a hand-written attention function needs for
+the same result: reading the last row, or recomputing it under a knockout (counted, not timed: what a GPU launches).
+
+Each hand function is registered through transformers' AttentionInterface and uses no arbiter code; it builds what
+a forward shares (the last row's mask) once per forward, as arbiter must."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+import arbiter
+from arbiter.testing.ops import count_ops
+from arbiter.testing.tiny import tiny
+
+from helpers import image_token_id, inputs_for, logits, set_text_attention
+
+HAND: dict = {}   # the hand functions' state: per-forward row masks, the rows they read, the knocked-out keys
+
+
+def _last_row_mask(attention_mask, query, key) -> torch.Tensor:
+    """[b, 1, 1, k] bool: the keys the last row may attend, read off the model's 4D mask once per forward."""
+    hit = HAND["masks"].get(id(attention_mask))
+    if hit is None:
+        hit = HAND["masks"][id(attention_mask)] = (
+            attention_mask[:, :, -1:, -key.shape[2]:] if attention_mask is not None
+            else torch.ones(query.shape[0], 1, 1, key.shape[2], dtype=torch.bool))
+    return hit
+
+
+def hand_read_last_row(module, query, key, value, attention_mask, **kwargs):
+    """The module's own eager function on the last row (keys copied contiguous, no values, its mask made additive
+    once per forward), one copy kept; SDPA for every row."""
+    allowed = _last_row_mask(attention_mask, query, key)
+    additive = HAND["masks"].get(("additive", id(attention_mask)))
+    if additive is None:
+        additive = HAND["masks"][("additive", id(attention_mask))] = \
+            torch.where(allowed, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    k = key.contiguous() if key.shape[1] == query.shape[1] else key
+    _, probs = eager(module, query[:, :, -1:], k, value[..., :0], additive, **{**kwargs, "dropout": 0.0})
+    HAND["rows"].append(probs.clone())
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def hand_knockout_last_row(module, query, key, value, attention_mask, **kwargs):
+    """SDPA on every row, then the last row alone again with the image keys cut from its mask, written into the
+    output in place."""
+    out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    cut = HAND["masks"].get(("cut", id(attention_mask)))
+    if cut is None:
+        cut = HAND["masks"][("cut", id(attention_mask))] = \
+            _last_row_mask(attention_mask, query, key) & ~HAND["image"][:, None, None, -key.shape[2]:]
+    row, _ = sdpa_attention_forward(module, query[:, :, -1:], key, value, cut, **kwargs)
+    out[0][:, -1:] = row
+    return out
+
+
+for _fn in (hand_read_last_row, hand_knockout_last_row):
+    AttentionInterface.register(_fn.__name__, _fn)
+    AttentionMaskInterface.register(_fn.__name__, sdpa_mask)
+
+
+@pytest.fixture
+def model(request):
+    """(tiny model of the requested family, 4 layers; its layers; a forward of two left-padded prompts that clears
+    the hand functions' per-forward state and returns the logits)."""
+    tm = tiny(request.param)
+    inputs = inputs_for(tm, 2)
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        layers = [lf.layer for lf in lens.facts.layers]
+    HAND.update(image=inputs["input_ids"] == image_token_id(tm))
+
+    def forward():
+        HAND.update(masks={}, rows=[])
+        return logits(tm.model, inputs)
+    return tm, layers, forward
+
+
+def _per_layer(counted, plain, layers) -> int:
+    """The operations ``counted`` adds to ``plain`` in each middle layer (the same in all of them)."""
+    added = [counted.counts.get(i, 0) - plain.counts.get(i, 0) for i in range(len(layers))]
+    assert len(set(added[1:-1])) == 1, added
+    return added[1]
+
+
+def _by_hand(tm, layers, forward, impl):
+    """(the hand function's operations counted over a forward, its logits, the rows it kept)."""
+    before = set_text_attention(tm.model, impl)
+    try:
+        counted = count_ops(forward, layers)
+        out = forward()
+        return counted, out, list(HAND["rows"])
+    finally:
+        set_text_attention(tm.model, before)
+
+
+FAMILIES = ["llava", "qwen2_vl"]   # one with as many key heads as query heads (keys copied), one with grouped keys
+
+
+@pytest.mark.parametrize("model", FAMILIES, indirect=True)
+def test_recording_the_last_rows_attention_adds_per_layer_the_operations_of_reading_that_row_by_hand(model):
+    tm, layers, forward = model
+    plain = count_ops(forward, layers)
+    hand, _, hand_rows = _by_hand(tm, layers, forward, "hand_read_last_row")
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        def recorded():
+            with lens.record("attn.probs", rows="last") as rec:
+                forward()
+            return rec
+        counted = count_ops(recorded, layers)
+        rec = recorded()
+    assert _per_layer(counted, plain, layers) == _per_layer(hand, plain, layers) > 0
+    for layer, row in enumerate(hand_rows):   # the same probabilities, bit for bit
+        torch.testing.assert_close(rec.trace.site("attn.probs", layer)[:, :, -1:], row, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("model", FAMILIES, indirect=True)
+def test_a_knockout_into_the_last_row_adds_per_layer_the_operations_of_recomputing_that_row_by_hand(model):
+    tm, layers, forward = model
+    plain = count_ops(forward, layers)
+    hand, hand_logits, _ = _by_hand(tm, layers, forward, "hand_knockout_last_row")
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        def knocked():
+            with lens.knockout("image", "last", layers="all"):
+                return forward()
+        counted = count_ops(knocked, layers)
+        out = knocked()
+    assert _per_layer(counted, plain, layers) == _per_layer(hand, plain, layers) > 0
+    torch.testing.assert_close(out, hand_logits, atol=1e-6, rtol=0)
+    assert (out - forward()).abs().max() > 1e-3   # the knockout moves the logits
