@@ -484,7 +484,8 @@ class _Runtime:
         # whose edit is the same in every layer (Probe.mask_edit_per_forward) edit it once per forward for each
         # mask and head count (a mask of few rows only: the one read_masks keeps for the forward)
         entries = self.entries(site["mask"], layer)
-        if row_pos.shape[0] <= self.KEPT_MASK_ROWS and all(a.probe.mask_edit_per_forward for a in entries):
+        shared = row_pos.shape[0] <= self.KEPT_MASK_ROWS and all(a.probe.mask_edit_per_forward for a in entries)
+        if shared:
             mask_b, edited, empty = self.per_forward(
                 "mask_edit", (mask_b, row_pos, *(a.probe for a in entries)),
                 lambda: self.edit_mask(layer, site, mask_b.clone(), row_pos, k_pos, kw, cross),
@@ -494,8 +495,11 @@ class _Runtime:
         # the rows' queries: gathered contiguous where readers' scores multiply them too (a strided view would be
         # copied there), else a view where the rows are consecutive (the kernel takes them strided)
         q_rows = query.index_select(2, rows_d) if reads else self.row_queries(query, rows, rows_d) if edited else None
-        if reads:
-            self.serve_reads(layer, module, q_rows, key, value, mask_b, mask_f, None, kwargs, row_pos, rows,
+        if reads:   # the edited mask made additive for the readers' eager function: once per forward where shared
+            additive = self.per_forward("additive", (mask_b, mask_f), lambda: attn_fn.float_mask(mask_b, mask_f,
+                                                                                                  query.dtype),
+                                        query.dtype) if shared else None
+            self.serve_reads(layer, module, q_rows, key, value, mask_b, mask_f, additive, kwargs, row_pos, rows,
                              q_pos.shape[0], kw, site, empty[..., None] if empty is not None else None)
         if not edited:
             return out
