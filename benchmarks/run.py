@@ -1059,7 +1059,7 @@ HEAD_SEARCH_ORGANISMS = ("llava_chat", "llava_tiny", "qwen2vl_tiny", "llava_tiny
 def _head_search_one(name: str, n: int) -> dict[str, Any]:
     """Exhaustive sweep, then the head search, on the first ``n`` conflict samples of organism ``name``."""
     from arbiter.experiments.head_search import oracle_packing, search_ranking
-    from arbiter.experiments.heads import exhaustive_ranking
+    from arbiter.experiments.heads import attribution_ranking, exhaustive_ranking
     from arbiter.organisms import load
 
     model, proc, ds = load(name)
@@ -1073,6 +1073,10 @@ def _head_search_one(name: str, n: int) -> dict[str, Any]:
         se = search_ranking(lens, samples, batch_size=8, dataset=ds, progress=False)
         se_s = time.perf_counter() - start
         floor = oracle_packing(lens, samples, ex, batch_size=8, dataset=ds, progress=False)
+        # the search with a cheap prior (first-order attribution, 3 forward-equivalents): its top heads zeroed first
+        atp = attribution_ranking(lens, samples, batch_size=8, dataset=ds, method="atp", progress=False)
+        with_prior = search_ranking(lens, samples, batch_size=8, dataset=ds, prior=atp, progress=False)
+        graddrop = attribution_ranking(lens, samples, batch_size=8, dataset=ds, method="graddrop", progress=False)
     ranked = ex.ranking()
     theta = min(se.threshold * ranked[0]["score"], ranked[len(ex.top()) - 1]["score"])
     above_ex = [(x["layer"], x["head"]) for x in ranked if x["score"] >= theta]
@@ -1089,7 +1093,15 @@ def _head_search_one(name: str, n: int) -> dict[str, Any]:
             "above_equal": [h for h, _ in se.above] == above_ex, "topg_equal": se.top() == ex.top(),
             "max_abs_score_diff": float((se.scores[done] - ex.scores[done]).abs().max()),
             "untested_bound": se.untested_bound, "cutoff": se.cutoff,
-            "dominance_failures": len(se.guard["failures"]), "fallback_splits": len(se.guard["fallback_splits"])}
+            "dominance_failures": len(se.guard["failures"]), "fallback_splits": len(se.guard["fallback_splits"]),
+            "prior_forward_equivalents": with_prior.cost_forward_equivalents,
+            "prior_cost_ratio": with_prior.cost_forward_equivalents / ex.cost_forward_equivalents,
+            "prior_above_equal": [h for h, _ in with_prior.above] == above_ex,
+            # where each cheap estimator places the heads above θ in its order (1 = first), and its cost
+            **{f"prior_positions_{m}": [order.index(h) + 1 for h in above_ex]
+               for m, est in (("atp", atp), ("graddrop", graddrop))
+               for order in ([(x["layer"], x["head"]) for x in est.ranking()],)},
+            "prior_graddrop_forward_equivalents": graddrop.cost_forward_equivalents}
 
 
 def bench_head_search(cfg) -> dict[str, Any]:
