@@ -100,37 +100,37 @@ def _by_hand(tm, layers, forward, impl):
         set_text_attention(tm.model, before)
 
 
+def _arbiter_and_hand(model, impl, enter):
+    """(operations per layer arbiter adds with the probe ``enter(lens)`` activates, those the hand function ``impl``
+    adds, (the probe, the logits) of arbiter's forward, the hand function's logits, the rows it kept)."""
+    tm, layers, forward = model
+    plain = count_ops(forward, layers)
+    hand, hand_logits, hand_rows = _by_hand(tm, layers, forward, impl)
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        def run():
+            with enter(lens) as probe:
+                return probe, forward()
+        counted = count_ops(run, layers)
+        result = run()
+    return _per_layer(counted, plain, layers), _per_layer(hand, plain, layers), result, hand_logits, hand_rows
+
+
 FAMILIES = ["llava", "qwen2_vl"]   # one with as many key heads as query heads (keys copied), one with grouped keys
 
 
 @pytest.mark.parametrize("model", FAMILIES, indirect=True)
 def test_recording_the_last_rows_attention_adds_per_layer_the_operations_of_reading_that_row_by_hand(model):
-    tm, layers, forward = model
-    plain = count_ops(forward, layers)
-    hand, _, hand_rows = _by_hand(tm, layers, forward, "hand_read_last_row")
-    with arbiter.attach(tm.model, tm.processor) as lens:
-        def recorded():
-            with lens.record("attn.probs", rows="last") as rec:
-                forward()
-            return rec
-        counted = count_ops(recorded, layers)
-        rec = recorded()
-    assert _per_layer(counted, plain, layers) == _per_layer(hand, plain, layers) > 0
+    ours, hand, (rec, _), _, hand_rows = _arbiter_and_hand(
+        model, "hand_read_last_row", lambda lens: lens.record("attn.probs", rows="last"))
+    assert ours == hand > 0
     for layer, row in enumerate(hand_rows):   # the same probabilities, bit for bit
         torch.testing.assert_close(rec.trace.site("attn.probs", layer)[:, :, -1:], row, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("model", FAMILIES, indirect=True)
 def test_a_knockout_into_the_last_row_adds_per_layer_the_operations_of_recomputing_that_row_by_hand(model):
-    tm, layers, forward = model
-    plain = count_ops(forward, layers)
-    hand, hand_logits, _ = _by_hand(tm, layers, forward, "hand_knockout_last_row")
-    with arbiter.attach(tm.model, tm.processor) as lens:
-        def knocked():
-            with lens.knockout("image", "last", layers="all"):
-                return forward()
-        counted = count_ops(knocked, layers)
-        out = knocked()
-    assert _per_layer(counted, plain, layers) == _per_layer(hand, plain, layers) > 0
+    ours, hand, (_, out), hand_logits, _ = _arbiter_and_hand(
+        model, "hand_knockout_last_row", lambda lens: lens.knockout("image", "last", layers="all"))
+    assert ours == hand > 0
     torch.testing.assert_close(out, hand_logits, atol=1e-6, rtol=0)
-    assert (out - forward()).abs().max() > 1e-3   # the knockout moves the logits
+    assert (out - model[2]()).abs().max() > 1e-3   # the knockout moves the logits
