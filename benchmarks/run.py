@@ -1098,10 +1098,14 @@ def _head_search_one(name: str, n: int) -> dict[str, Any]:
             "prior_cost_ratio": with_prior.cost_forward_equivalents / ex.cost_forward_equivalents,
             "prior_above_equal": [h for h, _ in with_prior.above] == above_ex,
             # where each cheap estimator places the heads above θ in its order (1 = first), and its cost
-            **{f"prior_positions_{m}": [order.index(h) + 1 for h in above_ex]
-               for m, est in (("atp", atp), ("graddrop", graddrop))
-               for order in ([(x["layer"], x["head"]) for x in est.ranking()],)},
+            "prior_positions_atp": _positions(atp, above_ex), "prior_positions_graddrop": _positions(graddrop, above_ex),
             "prior_graddrop_forward_equivalents": graddrop.cost_forward_equivalents}
+
+
+def _positions(ranking, heads: list[tuple[int, int]]) -> list[int]:
+    """Where ``ranking`` (a HeadRanking) places each of ``heads`` in its order, 1 = first."""
+    order = [(x["layer"], x["head"]) for x in ranking.ranking()]
+    return [order.index(h) + 1 for h in heads]
 
 
 def bench_head_search(cfg) -> dict[str, Any]:
