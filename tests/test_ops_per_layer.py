@@ -6,6 +6,7 @@ a forward shares (the last row's mask) once per forward, as arbiter must."""
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import pytest
@@ -134,3 +135,39 @@ def test_a_knockout_into_the_last_row_adds_per_layer_the_operations_of_recomputi
     assert ours == hand > 0
     torch.testing.assert_close(out, hand_logits, atol=1e-6, rtol=0)
     assert (out - model[2]()).abs().max() > 1e-3   # the knockout moves the logits
+
+
+class _Stack(torch.nn.Module):
+    """Four linear layers in a row, a head after them."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(4))
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def test_ops_added_counts_what_hooks_add_per_layer_and_per_forward_views_left_out():
+    from arbiter.testing.ops import ops_added
+
+    torch.manual_seed(0)
+    net, x = _Stack(), torch.randn(3, 4)
+    twin = copy.deepcopy(net)   # no hooks: the plain forward
+    plain, plain_layers = (lambda: twin(x)), list(twin.layers)
+    handles = [layer.register_forward_hook(lambda m, a, out: (out * 2).view(-1).view(3, 4)) for layer in net.layers]
+    handles.append(net.register_forward_pre_hook(lambda m, a: [a[0] + 1, a[0].sum()] and None))   # 2 per forward
+    try:
+        assert ops_added(lambda: net(x), plain, list(net.layers), plain_layers) == (1, 2)   # the product; the views are not counted
+    finally:
+        for h in handles:
+            h.remove()
+    handles = [net.layers[1].register_forward_hook(lambda m, a, out: out * 2)]   # one middle layer only
+    try:
+        with pytest.raises(ValueError, match="not the same in the middle layers"):
+            ops_added(lambda: net(x), plain, list(net.layers), plain_layers)
+    finally:
+        handles[0].remove()
