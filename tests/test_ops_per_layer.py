@@ -24,24 +24,28 @@ from helpers import image_token_id, inputs_for, logits, set_text_attention
 HAND: dict = {}   # the hand functions' state: per-forward row masks, the rows they read, the knocked-out keys
 
 
+def _per_mask(name, attention_mask, build):
+    """``build()`` once per mask object (a forward's, a decode step's): kept with the mask, so a new mask never
+    finds an older one's result."""
+    hit = HAND["masks"].get((name, id(attention_mask)))
+    if hit is None or hit[0] is not attention_mask:
+        hit = HAND["masks"][(name, id(attention_mask))] = (attention_mask, build())
+    return hit[1]
+
+
 def _last_row_mask(attention_mask, query, key) -> torch.Tensor:
     """[b, 1, 1, k] bool: the keys the last row may attend, read off the model's 4D mask once per forward."""
-    hit = HAND["masks"].get(id(attention_mask))
-    if hit is None:
-        hit = HAND["masks"][id(attention_mask)] = (
-            attention_mask[:, :, -1:, -key.shape[2]:] if attention_mask is not None
-            else torch.ones(query.shape[0], 1, 1, key.shape[2], dtype=torch.bool))
-    return hit
+    return _per_mask("row", attention_mask, lambda: (
+        attention_mask[:, :, -1:, -key.shape[2]:] if attention_mask is not None
+        else torch.ones(query.shape[0], 1, 1, key.shape[2], dtype=torch.bool)))
 
 
 def hand_read_last_row(module, query, key, value, attention_mask, **kwargs):
     """The module's own eager function on the last row (keys copied contiguous, no values, its mask made additive
     once per forward), one copy kept; SDPA for every row."""
     allowed = _last_row_mask(attention_mask, query, key)
-    additive = HAND["masks"].get(("additive", id(attention_mask)))
-    if additive is None:
-        additive = HAND["masks"][("additive", id(attention_mask))] = \
-            torch.where(allowed, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
+    additive = _per_mask("additive", attention_mask,
+                         lambda: torch.where(allowed, 0.0, torch.finfo(query.dtype).min).to(query.dtype))
     eager = sys.modules[type(module).__module__].eager_attention_forward
     k = key.contiguous() if key.shape[1] == query.shape[1] else key
     _, probs = eager(module, query[:, :, -1:], k, value[..., :0], additive, **{**kwargs, "dropout": 0.0})
@@ -51,12 +55,12 @@ def hand_read_last_row(module, query, key, value, attention_mask, **kwargs):
 
 def hand_knockout_last_row(module, query, key, value, attention_mask, **kwargs):
     """SDPA on every row, then the last row alone again with the image keys cut from its mask, written into the
-    output in place."""
+    output in place; a decode step's one row: SDPA with the cut mask alone."""
+    cut = _per_mask("cut", attention_mask, lambda: _last_row_mask(attention_mask, query, key)
+                    & ~HAND["image"][:, None, None, :key.shape[2]])
+    if query.shape[2] == 1:
+        return sdpa_attention_forward(module, query, key, value, cut, **kwargs)
     out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    cut = HAND["masks"].get(("cut", id(attention_mask)))
-    if cut is None:
-        cut = HAND["masks"][("cut", id(attention_mask))] = \
-            _last_row_mask(attention_mask, query, key) & ~HAND["image"][:, None, None, -key.shape[2]:]
     row, _ = sdpa_attention_forward(module, query[:, :, -1:], key, value, cut, **kwargs)
     out[0][:, -1:] = row
     return out
@@ -75,7 +79,8 @@ def model(request):
     inputs = inputs_for(tm, 2)
     with arbiter.attach(tm.model, tm.processor) as lens:
         layers = [lf.layer for lf in lens.facts.layers]
-    HAND.update(image=inputs["input_ids"] == image_token_id(tm))
+    image = inputs["input_ids"] == image_token_id(tm)   # over the prompt and 16 positions generated after it
+    HAND.update(image=torch.cat([image, torch.zeros(image.shape[0], 16, dtype=torch.bool)], dim=1), inputs=inputs)
 
     def forward():
         HAND.update(masks={}, rows=[])
@@ -135,6 +140,26 @@ def test_a_knockout_into_the_last_row_adds_per_layer_the_operations_of_recomputi
     assert ours == hand > 0
     torch.testing.assert_close(out, hand_logits, atol=1e-6, rtol=0)
     assert (out - model[2]()).abs().max() > 1e-3   # the knockout moves the logits
+
+
+@pytest.mark.parametrize("model", FAMILIES, indirect=True)
+def test_a_knockout_in_generate_adds_per_decode_step_the_operations_of_cutting_the_new_row_by_hand(model):
+    """Every decode step's row is edited (``last|generated``): arbiter edits its mask once per step, as the hand
+    function does, not in every layer."""
+    tm, layers, _ = model
+
+    def generate():
+        HAND.update(masks={}, rows=[])
+        with torch.no_grad():
+            out = tm.model.generate(**HAND["inputs"], max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                                    output_scores=True, return_dict_in_generate=True)
+        return out.sequences, torch.stack(out.scores)
+    ours, hand, (_, (tokens, scores)), (hand_tokens, hand_scores), _ = _arbiter_and_hand(
+        (tm, layers, generate), "hand_knockout_last_row",
+        lambda lens: lens.knockout("image", "last|generated", layers="all"))
+    assert ours == hand > 0
+    assert torch.equal(tokens, hand_tokens)
+    torch.testing.assert_close(scores, hand_scores, atol=1e-5, rtol=0)
 
 
 class _Stack(torch.nn.Module):
