@@ -387,7 +387,7 @@ class _Runtime:
                                            kw, site, (mask_rows[0], rows[1]), cross, reads if read else ())
         # a read alone (no mask edit) builds its rows' masks itself, once per forward
         mask_b = mask_f = None
-        edited = False
+        edited = shared = False
         empty = None
         if has["mask"]:
             def edit():
@@ -397,7 +397,8 @@ class _Runtime:
                     m_b = m_b.clone()   # the model's own mask, which every layer reads: editors get a copy
                 return (m_f, *self.edit_mask(layer, site, m_b, q_pos, k_pos, kw, cross))
             entries = self.entries(site["mask"], layer)
-            if q_len <= self.KEPT_MASK_ROWS and all(a.probe.mask_edit_per_forward for a in entries):
+            shared = q_len <= self.KEPT_MASK_ROWS and all(a.probe.mask_edit_per_forward for a in entries)
+            if shared:
                 # a few rows (a decode step): edited once per forward, for each mask, layer kind and head count
                 mask_f, mask_b, edited, empty = self.per_forward(
                     "whole_mask_edit", (attention_mask, q_pos, k_pos, *(a.probe for a in entries)), edit,
@@ -409,7 +410,7 @@ class _Runtime:
         # hidden 64, 624 tokens: 0.36 ms per layer before the kernel, 0.70 after it)
         if has["scores"] or has["probs"]:
             self.read_rows(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, reads,
-                           empty, attention_mask)
+                           empty, attention_mask, shared)
         if edited:
             out = attn_fn.masked_attention(kind, base, module, query, key, value, mask_b, mask_f, kwargs)
         else:
@@ -577,9 +578,10 @@ class _Runtime:
                                 keep=lambda out: out[0].shape[0] <= self.KEPT_MASK_ROWS)
 
     def read_rows(self, layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, reads,
-                  empty=None, attention_mask=None):
+                  empty=None, attention_mask=None, shared=False):
         """Hand the requested rows' scores / probabilities to the layer's readers (``reads``: their row specs);
-        ``mask_b`` None: the model's own mask, unedited (read from ``attention_mask``)."""
+        ``mask_b`` None: the model's own mask, unedited (read from ``attention_mask``); ``shared``: ``mask_b`` is the
+        forward's, edited once for every layer (its rows are then cut once too)."""
         if mask_b is None:
             rows, idx, span, mb, mf, additive = self.unedited_rows(module, attention_mask, kwargs, query, q_pos, kw,
                                                                    reads)
@@ -589,9 +591,13 @@ class _Runtime:
             rows, idx, span = self._rows_union(q_pos, reads, query.device)
             if rows.shape[0] == 0:
                 return
-            mb = mask_b.index_select(2, idx)
-            mf = mask_f.index_select(2, idx) if mask_f is not None else None
-            additive = None
+
+            def cut():
+                m_b = mask_b.index_select(2, idx)
+                m_f = mask_f.index_select(2, idx) if mask_f is not None else None
+                return m_b, m_f, (attn_fn.float_mask(m_b, m_f, query.dtype) if shared else None)
+            mb, mf, additive = self.per_forward("edited_rows", (mask_b, mask_f, idx), cut, query.dtype) if shared \
+                else cut()
         # consecutive rows (the last, a group's run): a view of the queries, no gather
         q_rows = query[:, :, span[0]:span[1]] if span is not None else query.index_select(2, idx)
         cut = empty.index_select(2, idx)[..., None] if empty is not None else None

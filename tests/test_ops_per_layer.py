@@ -6,6 +6,7 @@ a forward shares (the last row's mask) once per forward, as arbiter must."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 
@@ -40,16 +41,21 @@ def _last_row_mask(attention_mask, query, key) -> torch.Tensor:
         else torch.ones(query.shape[0], 1, 1, key.shape[2], dtype=torch.bool)))
 
 
-def hand_read_last_row(module, query, key, value, attention_mask, **kwargs):
-    """The module's own eager function on the last row (keys copied contiguous, no values, its mask made additive
-    once per forward), one copy kept; SDPA for every row."""
-    allowed = _last_row_mask(attention_mask, query, key)
-    additive = _per_mask("additive", attention_mask,
+def _read_last_row(module, query, key, value, attention_mask, allowed, kwargs, name):
+    """Keep a copy of the last row's probabilities, computed by the module's own eager function (keys copied
+    contiguous, no values) with ``allowed`` [b, 1, 1, k] made additive once per mask object."""
+    additive = _per_mask(name, attention_mask,
                          lambda: torch.where(allowed, 0.0, torch.finfo(query.dtype).min).to(query.dtype))
     eager = sys.modules[type(module).__module__].eager_attention_forward
     k = key.contiguous() if key.shape[1] == query.shape[1] else key
     _, probs = eager(module, query[:, :, -1:], k, value[..., :0], additive, **{**kwargs, "dropout": 0.0})
     HAND["rows"].append(probs.clone())
+
+
+def hand_read_last_row(module, query, key, value, attention_mask, **kwargs):
+    """The last row's probabilities read (:func:`_read_last_row`); SDPA for every row."""
+    _read_last_row(module, query, key, value, attention_mask, _last_row_mask(attention_mask, query, key), kwargs,
+                   "additive")
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -58,6 +64,8 @@ def hand_knockout_last_row(module, query, key, value, attention_mask, **kwargs):
     output in place; a decode step's one row: SDPA with the cut mask alone."""
     cut = _per_mask("cut", attention_mask, lambda: _last_row_mask(attention_mask, query, key)
                     & ~HAND["image"][:, None, None, :key.shape[2]])
+    if HAND.get("read"):   # and the cut row's probabilities read
+        _read_last_row(module, query, key, value, attention_mask, cut, kwargs, "cut additive")
     if query.shape[2] == 1:
         return sdpa_attention_forward(module, query, key, value, cut, **kwargs)
     out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -142,11 +150,14 @@ def test_a_knockout_into_the_last_row_adds_per_layer_the_operations_of_recomputi
     assert (out - model[2]()).abs().max() > 1e-3   # the knockout moves the logits
 
 
+@pytest.mark.parametrize("read", [False, True], ids=["alone", "with_a_reader"])
 @pytest.mark.parametrize("model", FAMILIES, indirect=True)
-def test_a_knockout_in_generate_adds_per_decode_step_the_operations_of_cutting_the_new_row_by_hand(model):
+def test_a_knockout_in_generate_adds_per_decode_step_the_operations_of_cutting_the_new_row_by_hand(model, read):
     """Every decode step's row is edited (``last|generated``): arbiter edits its mask once per step, as the hand
-    function does, not in every layer."""
+    function does, not in every layer; a reader of that row beside it reads the cut row, its mask cut once per
+    step too."""
     tm, layers, _ = model
+    HAND["read"] = read
 
     def generate():
         HAND.update(masks={}, rows=[])
@@ -154,12 +165,26 @@ def test_a_knockout_in_generate_adds_per_decode_step_the_operations_of_cutting_t
             out = tm.model.generate(**HAND["inputs"], max_new_tokens=4, min_new_tokens=4, do_sample=False,
                                     output_scores=True, return_dict_in_generate=True)
         return out.sequences, torch.stack(out.scores)
-    ours, hand, (_, (tokens, scores)), (hand_tokens, hand_scores), _ = _arbiter_and_hand(
-        (tm, layers, generate), "hand_knockout_last_row",
-        lambda lens: lens.knockout("image", "last|generated", layers="all"))
+    @contextlib.contextmanager
+    def knockout(lens):
+        with lens.knockout("image", "last|generated", layers="all"), \
+                (lens.record("attn.probs", rows="last|generated", steps="all") if read else
+                 contextlib.nullcontext()) as rec:
+            yield rec
+    try:
+        ours, hand, (rec, (tokens, scores)), (hand_tokens, hand_scores), hand_rows = _arbiter_and_hand(
+            (tm, layers, generate), "hand_knockout_last_row", knockout)
+    finally:
+        HAND["read"] = False
     assert ours == hand > 0
     assert torch.equal(tokens, hand_tokens)
     torch.testing.assert_close(scores, hand_scores, atol=1e-5, rtol=0)
+    if read:   # prefill and 3 decode steps (the 4th token comes from the 3rd step's logits), every layer
+        assert len(hand_rows) == 4 * len(layers)
+        for i, row in enumerate(hand_rows):
+            call, layer = divmod(i, len(layers))
+            torch.testing.assert_close(rec.trace.site("attn.probs", layer, call=call)[:, :, -1:], row,
+                                       atol=1e-6, rtol=0)
 
 
 class _Stack(torch.nn.Module):

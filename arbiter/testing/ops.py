@@ -9,9 +9,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
+# operations that alias their input although their schema does not say so (matmul's reshape of a copy it made)
+ALIASES = frozenset({"_unsafe_view"})
+
+
 class OpCounter(TorchDispatchMode):
-    """Counts the ATen operations a forward dispatches, views left out (each of the others is a kernel launch on an
-    accelerator, or a copy), by where they run: ``"before"`` the first decoder layer, or the index of the layer
+    """Counts the ATen operations a forward dispatches, views left out (``is_view``, and :data:`ALIASES`; each of
+    the others is a kernel launch on an accelerator, or a copy), by where they run: ``"before"`` the first decoder layer, or the index of the layer
     that last began (its hooks, and after the last layer the rest of the forward, count there). ``names`` holds the
     same counts by operation name."""
 
@@ -36,10 +40,10 @@ class OpCounter(TorchDispatchMode):
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view:
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in ALIASES:
             self.counts[self.place] = self.counts.get(self.place, 0) + 1
             names = self.names.setdefault(self.place, {})
-            name = func.overloadpacket.__name__
             names[name] = names.get(name, 0) + 1
         return func(*args, **(kwargs or {}))
 
