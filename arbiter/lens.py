@@ -390,22 +390,8 @@ class _Runtime:
         edited = shared = False
         empty = None
         if has["mask"]:
-            def edit():
-                m_b, m_f = attn_fn.bool_mask(attention_mask, module, kwargs, b, q_pos, k_pos, cross, query.device)
-                if attention_mask is not None and \
-                        m_b.untyped_storage().data_ptr() == attention_mask.untyped_storage().data_ptr():
-                    m_b = m_b.clone()   # the model's own mask, which every layer reads: editors get a copy
-                return (m_f, *self.edit_mask(layer, site, m_b, q_pos, k_pos, kw, cross))
-            entries = self.entries(site["mask"], layer)
-            shared = q_len <= self.KEPT_MASK_ROWS and all(a.probe.mask_edit_per_forward for a in entries)
-            if shared:
-                # a few rows (a decode step): edited once per forward, for each mask, layer kind and head count
-                mask_f, mask_b, edited, empty = self.per_forward(
-                    "whole_mask_edit", (attention_mask, q_pos, k_pos, *(a.probe for a in entries)), edit,
-                    self.lens.facts.heads(layer), layer if cross else None, unit,
-                    *_mask_settings(module, kwargs, cross, b, query.dtype, query.device))
-            else:
-                mask_f, mask_b, edited, empty = edit()
+            mask_b, mask_f, edited, empty, shared = self.whole_mask(layer, module, site, attention_mask, kwargs, b,
+                                                                    q_pos, k_pos, kw, query.dtype, query.device)
         # rows are read before the kernel runs, while the layer's keys are still in the cache (measured on a CPU,
         # hidden 64, 624 tokens: 0.36 ms per layer before the kernel, 0.70 after it)
         if has["scores"] or has["probs"]:
@@ -420,6 +406,29 @@ class _Runtime:
             keep = (~empty).transpose(1, 2)[..., None].to(o.dtype)  # [b, q, h|1, 1]
             out = (o * keep, out[1])
         return out
+
+    def whole_mask(self, layer, module, site, attention_mask, kwargs, b, q_pos, k_pos, kw, dtype, device) -> tuple:
+        """The mask of every row of the call, as the attn.mask editors leave it: (bool mask, the model's float values
+        or None, edited, empty rows (see edit_mask), shared). ``shared``: edited once per forward and reused by every
+        layer with the same mask, layer kind and head count, where the call has few rows (a decode step) and its
+        editors' edit is the same in every layer (``Probe.mask_edit_per_forward``)."""
+        cross = kw["cross"]
+
+        def edit():
+            m_b, m_f = attn_fn.bool_mask(attention_mask, module, kwargs, b, q_pos, k_pos, cross, device)
+            if attention_mask is not None and \
+                    m_b.untyped_storage().data_ptr() == attention_mask.untyped_storage().data_ptr():
+                m_b = m_b.clone()   # the model's own mask, which every layer reads: editors get a copy
+            return (*self.edit_mask(layer, site, m_b, q_pos, k_pos, kw, cross), m_f)
+        entries = self.entries(site["mask"], layer)
+        if q_pos.shape[0] > self.KEPT_MASK_ROWS or not all(a.probe.mask_edit_per_forward for a in entries):
+            m_b, edited, empty, m_f = edit()
+            return m_b, m_f, edited, empty, False
+        m_b, edited, empty, m_f = self.per_forward(
+            "whole_mask_edit", (attention_mask, q_pos, k_pos, *(a.probe for a in entries)), edit,
+            self.lens.facts.heads(layer), layer if cross else None, kw["unit"],
+            *_mask_settings(module, kwargs, cross, b, dtype, device))
+        return m_b, m_f, edited, empty, True
 
     def edit_mask(self, layer, site, mask_b, q_pos, k_pos, kw, cross):
         """The attn.mask editors' mask for the rows at ``q_pos``: (mask, edited, empty). A self-attention row left
