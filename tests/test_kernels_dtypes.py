@@ -565,8 +565,9 @@ def count_host_syncs(fn) -> int:
 def check_host_syncs_do_not_grow_with_layers(device: str) -> dict[str, tuple[int, int]]:
     """Per path (record last-row probabilities, knockouts (one with a reader beside), head blocks, amplification of
     one row, mean ablation, patching from a source on the device, probability edits of the last row and of every
-    row, a head sweep of two heads): the host syncs arbiter adds to a forward of a
-    2-layer and of a 4-layer model. Equal: none of them happens per layer."""
+    row, a head sweep of two heads; a knockout of every decode step in ``generate()``, alone and with a reader): the
+    host syncs arbiter adds to a forward (or a generation) of a 2-layer and of a 4-layer model. Equal: none of them
+    happens per layer."""
     out = {}
     for layers in (2, 4):
         tm = tiny("llava", layers=layers)
@@ -582,8 +583,19 @@ def check_host_syncs_do_not_grow_with_layers(device: str) -> dict[str, tuple[int
                         model(**inputs)
             return run
 
+        def generate(*make):
+            def run():
+                with arbiter.attach(model, tm.processor) as lens, contextlib.ExitStack() as stack:
+                    for m in make:
+                        stack.enter_context(m(lens))
+                    with torch.no_grad():
+                        model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+            return run
+
         forward()()   # warm: kernels chosen, caches filled
         idle = count_host_syncs(forward())
+        generate()()
+        idle_generate = count_host_syncs(generate())
         every = [(i, 0) for i in range(layers)]
         nh, hd = tm.config.text_config.num_attention_heads, tm.config.text_config.head_dim
         seq = inputs["input_ids"].shape[1]
@@ -601,9 +613,13 @@ def check_host_syncs_do_not_grow_with_layers(device: str) -> dict[str, tuple[int
                                                 lambda lens: lens.record("attn.probs", rows="last")),
                  "probs_edit_last_row": forward(lambda lens: lens.probe(HalveFirstHead(), layers="all")),
                  "probs_edit_every_row": forward(lambda lens: lens.probe(HalveFirstHead("all"), layers="all"))}
-        for name, fn in paths.items():
+        every_step = lambda lens: lens.knockout("image", "last|generated")   # noqa: E731
+        generations = {"knockout_in_generate": generate(every_step),
+                       "knockout_and_reader_in_generate": generate(
+                           every_step, lambda lens: lens.record("attn.probs", rows="last|generated", steps="all"))}
+        for name, fn in {**paths, **generations}.items():
             fn()
-            out.setdefault(name, []).append(count_host_syncs(fn) - idle)
+            out.setdefault(name, []).append(count_host_syncs(fn) - (idle_generate if name in generations else idle))
         with arbiter.attach(model, tm.processor) as lens:   # a sweep of the same two heads on either depth
             sweep = functools.partial(head_sweep, lens, inputs, heads=[(0, 0), (1, 0)], chunk=2)
             sweep()
