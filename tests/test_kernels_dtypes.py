@@ -574,23 +574,17 @@ def check_host_syncs_do_not_grow_with_layers(device: str) -> dict[str, tuple[int
         model = tm.model.to(device)
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs_for(tm, 2).items()}
 
-        def forward(*make):
+        def under(call, *make):   # ``call()`` with the probes ``make(lens)`` activate
             def run():
                 with arbiter.attach(model, tm.processor) as lens, contextlib.ExitStack() as stack:
                     for m in make:
                         stack.enter_context(m(lens))
                     with torch.no_grad():
-                        model(**inputs)
+                        call()
             return run
-
-        def generate(*make):
-            def run():
-                with arbiter.attach(model, tm.processor) as lens, contextlib.ExitStack() as stack:
-                    for m in make:
-                        stack.enter_context(m(lens))
-                    with torch.no_grad():
-                        model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
-            return run
+        forward = functools.partial(under, lambda: model(**inputs))
+        generate = functools.partial(under, lambda: model.generate(**inputs, max_new_tokens=3, min_new_tokens=3,
+                                                                   do_sample=False))
 
         forward()()   # warm: kernels chosen, caches filled
         idle = count_host_syncs(forward())
