@@ -420,15 +420,23 @@ class _Runtime:
                     m_b.untyped_storage().data_ptr() == attention_mask.untyped_storage().data_ptr():
                 m_b = m_b.clone()   # the model's own mask, which every layer reads: editors get a copy
             return (*self.edit_mask(layer, site, m_b, q_pos, k_pos, kw, cross), m_f)
-        entries = self.entries(site["mask"], layer)
-        if q_pos.shape[0] > self.KEPT_MASK_ROWS or not all(a.probe.mask_edit_per_forward for a in entries):
-            m_b, edited, empty, m_f = edit()
-            return m_b, m_f, edited, empty, False
-        m_b, edited, empty, m_f = self.per_forward(
-            "whole_mask_edit", (attention_mask, q_pos, k_pos, *(a.probe for a in entries)), edit,
-            self.lens.facts.heads(layer), layer if cross else None, kw["unit"],
+        (m_b, edited, empty, m_f), shared = self.edit_once(
+            "whole_mask_edit", layer, site, kw, q_pos.shape[0], (attention_mask, q_pos, k_pos), edit,
             *_mask_settings(module, kwargs, cross, b, dtype, device))
-        return m_b, m_f, edited, empty, True
+        return m_b, m_f, edited, empty, shared
+
+    def edit_once(self, name: str, layer: int, site: dict, kw: dict, n_rows: int, anchors: tuple,
+                  build: Callable[[], Any], *extra) -> tuple[Any, bool]:
+        """(``build()``: an edit by the layer's attn.mask editors of a mask of ``n_rows`` rows, shared): made once per
+        forward (:meth:`per_forward` on ``anchors`` and ``extra``) and reused by every layer with the same editors,
+        head count, attention unit (and cross-attention layer), where the mask has few rows (``KEPT_MASK_ROWS``) and
+        every editor's edit is the same in every layer (``Probe.mask_edit_per_forward``); else made in this layer."""
+        entries = self.entries(site["mask"], layer)
+        if n_rows > self.KEPT_MASK_ROWS or not all(a.probe.mask_edit_per_forward for a in entries):
+            return build(), False
+        cross = kw["cross"]
+        return self.per_forward(name, (*anchors, *(a.probe for a in entries)), build, self.lens.facts.heads(layer),
+                                cross, layer if cross else None, kw["unit"], *extra), True
 
     def edit_mask(self, layer, site, mask_b, q_pos, k_pos, kw, cross):
         """The attn.mask editors' mask for the rows at ``q_pos``: (mask, edited, empty). A self-attention row left
@@ -499,18 +507,11 @@ class _Runtime:
         row_pos = self.per_forward("row_positions", (q_pos, rows), lambda: q_pos[rows])
         mask_b, mask_f, _ = self.read_masks(module, attention_mask, kwargs, b, q_pos, k_pos, row_pos, rows_d, cross,
                                             query.dtype, dev)
-        # the rows' mask is built once per forward; each layer's editors get a copy they may write into. Editors
-        # whose edit is the same in every layer (Probe.mask_edit_per_forward) edit it once per forward for each
-        # mask and head count (a mask of few rows only: the one read_masks keeps for the forward)
-        entries = self.entries(site["mask"], layer)
-        shared = row_pos.shape[0] <= self.KEPT_MASK_ROWS and all(a.probe.mask_edit_per_forward for a in entries)
-        if shared:
-            mask_b, edited, empty = self.per_forward(
-                "mask_edit", (mask_b, row_pos, *(a.probe for a in entries)),
-                lambda: self.edit_mask(layer, site, mask_b.clone(), row_pos, k_pos, kw, cross),
-                self.lens.facts.heads(layer), cross, layer if cross else None, kw["unit"])
-        else:
-            mask_b, edited, empty = self.edit_mask(layer, site, mask_b.clone(), row_pos, k_pos, kw, cross)
+        # the rows' mask is built once per forward (read_masks); each layer's editors get a copy they may write into,
+        # or edit it once per forward where they may (edit_once; the mask read_masks keeps holds its settings)
+        (mask_b, edited, empty), shared = self.edit_once(
+            "mask_edit", layer, site, kw, row_pos.shape[0], (mask_b, row_pos),
+            lambda: self.edit_mask(layer, site, mask_b.clone(), row_pos, k_pos, kw, cross))
         # the rows' queries: gathered contiguous where readers' scores multiply them too (a strided view would be
         # copied there), else a view where the rows are consecutive (the kernel takes them strided)
         q_rows = query.index_select(2, rows_d) if reads else self.row_queries(query, rows, rows_d) if edited else None
