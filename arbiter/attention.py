@@ -290,17 +290,36 @@ def row_probs(module, query_rows, key, value, mask_rows_bool, mask_rows_float, k
     """Attention probabilities of the given query rows, computed by the module's own eager attention function
     (its scaling, softcap, sinks and dtype handling), with the (possibly edited) mask of those rows; ``additive``:
     that mask already in float_mask's form."""
-    mask = float_mask(mask_rows_bool, mask_rows_float, query_rows.dtype) if additive is None else additive
-    kw = {**kwargs, "dropout": 0.0}
     # the values enter only the output, which is not wanted here: an empty head dimension (same dtype, device and
     # heads) spares the probs @ values product and its read of every value (tests: probabilities bit-identical for
     # every eager function transformers ships)
-    _, probs = module_eager_function(module)(module, query_rows, key, value.narrow(-1, 0, 0), mask, **kw)
+    return _eager_rows(module, query_rows, key, value.narrow(-1, 0, 0), mask_rows_bool, mask_rows_float, kwargs,
+                       additive)[1]
+
+
+def row_attention(module, query_rows, key, value, mask_rows_bool, mask_rows_float, kwargs,
+                  additive: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output [b, rows, heads, dim], probabilities [b, heads, rows, keys]) of the given query rows from one call of
+    the module's own eager function: rows that an edited mask recomputes and a reader reads are computed once (their
+    probabilities are :func:`row_probs`' bit for bit; their output is the masked computation's, in the eager
+    function's arithmetic). Only where the call has no dropout (see :func:`fuses_output`)."""
+    return _eager_rows(module, query_rows, key, value, mask_rows_bool, mask_rows_float, kwargs, additive)
+
+
+def fuses_output(kwargs) -> bool:
+    """Whether an edited row's output may come from the eager call that reads its probabilities: not where the call
+    applies dropout (the probabilities read are those before dropout; the output has it)."""
+    return not kwargs.get("dropout")
+
+
+def _eager_rows(module, query_rows, key, value, mask_rows_bool, mask_rows_float, kwargs, additive):
+    mask = float_mask(mask_rows_bool, mask_rows_float, query_rows.dtype) if additive is None else additive
+    out, probs = module_eager_function(module)(module, query_rows, key, value, mask, **{**kwargs, "dropout": 0.0})
     if probs is None or probs.shape[-1] != key.shape[2]:
         raise SiteError(f"{type(module).__name__}'s eager attention function did not return [batch, heads, rows, "
                         f"keys] probabilities (got {None if probs is None else tuple(probs.shape)}); attn.probs "
                         "cannot be read on this layer.")
-    return probs
+    return out, probs
 
 
 @functools.lru_cache(maxsize=None)

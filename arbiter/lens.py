@@ -394,10 +394,13 @@ class _Runtime:
                                                                     q_pos, k_pos, kw, query.dtype, query.device)
         # rows are read before the kernel runs, while the layer's keys are still in the cache (measured on a CPU,
         # hidden 64, 624 tokens: 0.36 ms per layer before the kernel, 0.70 after it)
+        fused = None   # an edited call whose every row is read (a decode step): output and probabilities at once
         if has["scores"] or has["probs"]:
-            self.read_rows(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, reads,
-                           empty, attention_mask, shared)
-        if edited:
+            fused = self.read_rows(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, reads,
+                                   empty, attention_mask, shared, output=edited and attn_fn.fuses_output(kwargs))
+        if fused is not None:   # (probabilities returned as weights where the kernel is eager, as it would)
+            out = (fused[0], fused[1] if kind == "eager" else None)
+        elif edited:
             out = attn_fn.masked_attention(kind, base, module, query, key, value, mask_b, mask_f, kwargs)
         else:
             out = base(module, query, key, value, attention_mask, **kwargs)
@@ -515,16 +518,20 @@ class _Runtime:
         # the rows' queries: gathered contiguous where readers' scores multiply them too (a strided view would be
         # copied there), else a view where the rows are consecutive (the kernel takes them strided)
         q_rows = query.index_select(2, rows_d) if reads else self.row_queries(query, rows, rows_d) if edited else None
+        sub = None
         if reads:   # the edited mask made additive for the readers' eager function: once per forward where shared
             additive = self.per_forward("additive", (mask_b, mask_f), lambda: attn_fn.float_mask(mask_b, mask_f,
                                                                                                   query.dtype),
                                         query.dtype) if shared else None
-            self.serve_reads(layer, module, q_rows, key, value, mask_b, mask_f, additive, kwargs, row_pos, rows,
-                             q_pos.shape[0], kw, site, empty[..., None] if empty is not None else None)
+            # rows edited and read: their output comes from the readers' eager call (one computation, not two)
+            sub = self.serve_reads(layer, module, q_rows, key, value, mask_b, mask_f, additive, kwargs, row_pos, rows,
+                                   q_pos.shape[0], kw, site, empty[..., None] if empty is not None else None,
+                                   output=edited and attn_fn.fuses_output(kwargs))
         if not edited:
             return out
-        sub = attn_fn.masked_attention(kind, base, module, q_rows, key, value, mask_b, mask_f,
-                                       attn_fn.row_kwargs(kwargs, rows, q_pos.shape[0], key.shape[2]))
+        if sub is None:
+            sub = attn_fn.masked_attention(kind, base, module, q_rows, key, value, mask_b, mask_f,
+                                           attn_fn.row_kwargs(kwargs, rows, q_pos.shape[0], key.shape[2]))
         # [b, 1, n]: the rows each sample's edit changes (the others keep the kernel's); None: every sample's
         take = self.per_forward("row_take", (which, rows),
                                 lambda: None if bool(which[:, rows].all()) else
@@ -588,19 +595,21 @@ class _Runtime:
                                 keep=lambda out: out[0].shape[0] <= self.KEPT_MASK_ROWS)
 
     def read_rows(self, layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, reads,
-                  empty=None, attention_mask=None, shared=False):
+                  empty=None, attention_mask=None, shared=False, output=False) -> tuple | None:
         """Hand the requested rows' scores / probabilities to the layer's readers (``reads``: their row specs);
         ``mask_b`` None: the model's own mask, unedited (read from ``attention_mask``); ``shared``: ``mask_b`` is the
-        forward's, edited once for every layer (its rows are then cut once too)."""
+        forward's, edited once for every layer (its rows are then cut once too). ``output``: where the rows read are
+        every row of the call, return the call's (output, probabilities) from the readers' eager call (None where
+        they are not, or no probability reader is on the layer)."""
         if mask_b is None:
             rows, idx, span, mb, mf, additive = self.unedited_rows(module, attention_mask, kwargs, query, q_pos, kw,
                                                                    reads)
             if rows.shape[0] == 0:
-                return
+                return None
         else:
             rows, idx, span = self._rows_union(q_pos, reads, query.device)
             if rows.shape[0] == 0:
-                return
+                return None
 
             def cut():
                 m_b = mask_b.index_select(2, idx)
@@ -611,14 +620,16 @@ class _Runtime:
         # consecutive rows (the last, a group's run): a view of the queries, no gather
         q_rows = query[:, :, span[0]:span[1]] if span is not None else query.index_select(2, idx)
         cut = empty.index_select(2, idx)[..., None] if empty is not None else None
-        self.serve_reads(layer, module, q_rows, key, value, mb, mf, additive, kwargs, rows, idx, q_pos.shape[0], kw,
-                         site, cut)
+        return self.serve_reads(layer, module, q_rows, key, value, mb, mf, additive, kwargs, rows, idx,
+                                q_pos.shape[0], kw, site, cut, output=output and rows.shape[0] == q_pos.shape[0])
 
     def serve_reads(self, layer, module, q_rows, key, value, mb, mf, additive, kwargs, rows, idx, q_len, kw, site,
-                    cut):
+                    cut, output=False) -> tuple | None:
         """Hand the scores / probabilities of the rows at positions ``rows`` (``idx``: their indices among the call's
         ``q_len``; ``q_rows``: their queries; ``mb`` / ``mf`` / ``additive``: their masks; ``cut`` [b, h|1, rows, 1]:
-        cross-attention rows left with no key, or None) to the layer's readers."""
+        cross-attention rows left with no key, or None) to the layer's readers. ``output``: return the rows'
+        (output, probabilities) from the same eager call (:func:`~arbiter.attention.row_attention`; None where no
+        probability reader is on the layer), for rows an edit recomputes."""
         key = attn_fn.plain_keys(key, q_rows)
         if self.entries(site["scores"], layer):
             scores = attn_fn.row_scores(module, q_rows, key, mb, mf, kwargs)
@@ -631,10 +642,16 @@ class _Runtime:
                 raise SiteError(f"layer {layer}: {type(module).__name__}'s attention receives per-query tensors "
                                 f"({', '.join(attn_fn.score_terms(kwargs))}) arbiter cannot cut to the requested "
                                 "rows; record attn.probs with rows='all' on this layer.")
-            probs = attn_fn.row_probs(module, q_rows, key, value, mb, mf, rkw, additive)
+            if output:
+                fused = attn_fn.row_attention(module, q_rows, key, value, mb, mf, rkw, additive)
+                probs = fused[1]
+            else:
+                fused, probs = None, attn_fn.row_probs(module, q_rows, key, value, mb, mf, rkw, additive)
             if cut is not None:   # ... and no attention at all: the row's output is zero
                 probs = probs.masked_fill(cut, 0.0)
             self.run_site(site["probs"], layer, probs, 2, rows, **kw)
+            return fused
+        return None
 
     def recompute_edited(self, layer, module, base, query, key, value, attention_mask, kwargs, q_pos, kw, site, has,
                          reads, cross):

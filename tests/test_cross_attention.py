@@ -104,6 +104,28 @@ def test_idefics_cross_knockout_zeroes_the_block_output_of_severed_rows():
     assert out["y"][0, :-1].abs().max() > 0
 
 
+def test_idefics_cross_knockout_read_beside_still_zeroes_the_severed_row_and_reads_no_attention_there():
+    """With the severed row's cross-attention probabilities read beside the knockout, the row's output (then taken
+    from the reader's eager call) is still zero, and so are its probabilities; the other rows keep theirs."""
+    tm = _tm("idefics")
+    inputs = _inputs(tm)
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        layer = lens.facts.cross_layers[0]
+        attn = lens.facts.layers[layer].cross_attn
+        out = {}
+        h = attn.register_forward_hook(lambda m, a, o: out.__setitem__("y", o[0]))
+        try:
+            with lens.knockout("image", "last", layers=[layer]), \
+                    lens.record("xattn.probs", layers=[layer], rows="last") as rec:
+                _last(tm, inputs)
+        finally:
+            h.remove()
+    assert torch.equal(out["y"][0, -1], torch.zeros_like(out["y"][0, -1]))
+    assert out["y"][0, :-1].abs().max() > 0
+    probs = rec.trace.site("xattn.probs", layer)
+    assert probs.shape[2] == 1 and torch.equal(probs, torch.zeros_like(probs))
+
+
 def test_encoder_decoder_attaches_to_the_decoder_that_makes_the_logits():
     tm = _tm("florence2")
     model = tm.model

@@ -382,15 +382,17 @@ def test_last_row_probs_are_finite_and_close_to_fp32(dtype, sharpen):
     assert check_last_row_probs(dtype, "cpu", sharpen) <= 1   # the error as a share of the stated tolerance
 
 
-def check_knockout(dtype, device, src="image", dst="last", layers=None, check_effect=True) -> float:
+def check_knockout(dtype, device, src="image", dst="last", layers=None, check_effect=True, read=False) -> float:
     """A knockout src -> dst on ``layers`` (default all) against the hand-masked fp32 reference; with
-    ``check_effect``, it must move the logits by more than twice the tolerance."""
+    ``check_effect``, it must move the logits by more than twice the tolerance; with ``read``, the rows of ``dst``
+    have a probability reader beside (their output then comes from the reader's eager call)."""
     tm = fp32_model("llava")
     cpu_inputs = inputs_for(tm, n=2)
     model = model_in("llava", device, dtype)
     n = len(text_layers(model))
     layers = list(range(n)) if layers is None else layers
-    with arbiter.attach(model, tm.processor) as lens, lens.knockout(src, dst, layers=layers):
+    with arbiter.attach(model, tm.processor) as lens, lens.knockout(src, dst, layers=layers), \
+            (lens.record("attn.probs", rows=dst) if read else contextlib.nullcontext()):
         out = forward(model, move(cpu_inputs, device, dtype)).logits
     real = cpu_inputs["attention_mask"].bool()
     ref = reference_logits(tm, cpu_inputs, layers=layers, allowed=allowed_keys(tm, cpu_inputs, src, dst))
@@ -403,29 +405,37 @@ def test_knockout_image_to_last_in_every_layer_is_close_to_fp32(dtype):
     assert check_knockout(dtype, "cpu") <= 1   # the error as a share of the stated tolerance
 
 
+@pytest.mark.parametrize("dtype", [*DTYPES, pytest.param(torch.float32, id="fp32")])
+def test_knockout_image_to_last_with_the_last_row_read_beside_is_close_to_fp32(dtype):
+    """The knocked-out row's output then comes from the eager call that reads its probabilities, in ``dtype``."""
+    assert check_knockout(dtype, "cpu", read=True) <= 1   # the error as a share of the stated tolerance
+
+
 def test_a_knockout_read_beside_recomputes_and_reads_the_last_row_alone_as_the_hand_masked_reference(monkeypatch):
     """image -> last in every layer with the last row's probabilities and scores recorded: each layer recomputes and
-    reads the last row alone (as the knockout does without readers), the recorded rows equal the hand-masked fp32
-    reference's (≤ 1e-6), the logits too, and every earlier row is the plain forward's, bit for bit."""
+    reads the last row alone, its output and probabilities in one eager call (as the knockout recomputes it alone
+    without readers), the recorded rows equal the hand-masked fp32 reference's (≤ 1e-6), the logits too, and every
+    earlier row is the plain forward's, bit for bit."""
     from arbiter import attention as attn_fn
 
     tm = fp32_model("llava")
     inputs = inputs_for(tm, n=2)
     plain = forward(tm.model, inputs).logits
-    rows_read, rows_recomputed = [], []
+    rows_fused, rows_read, rows_recomputed = [], [], []
 
     def counting(fn, seen, at):
         def run(*a, **k):
             seen.append(a[at].shape[2])   # the query rows handed over
             return fn(*a, **k)
         return run
+    monkeypatch.setattr(attn_fn, "row_attention", counting(attn_fn.row_attention, rows_fused, 1))
     monkeypatch.setattr(attn_fn, "row_probs", counting(attn_fn.row_probs, rows_read, 1))
     monkeypatch.setattr(attn_fn, "masked_attention", counting(attn_fn.masked_attention, rows_recomputed, 3))
     with arbiter.attach(tm.model, tm.processor) as lens, lens.knockout("image", "last"), \
             lens.record("attn.probs", "attn.scores", rows="last") as rec:
         out = forward(tm.model, inputs).logits
     n = len(text_layers(tm.model))
-    assert rows_read == [1] * n and rows_recomputed == [1] * n
+    assert rows_fused == [1] * n and rows_read == [] and rows_recomputed == []
     allowed = allowed_keys(tm, inputs, "image", "last")
     ref = reference_logits(tm, inputs, layers=range(n), allowed=allowed)
     real = inputs["attention_mask"].bool()
@@ -439,6 +449,80 @@ def test_a_knockout_read_beside_recomputes_and_reads_the_last_row_alone_as_the_h
         torch.testing.assert_close(got[last_allowed.expand_as(got)], scores[last_allowed.expand_as(scores)],
                                    atol=1e-6, rtol=0)
         assert (got[~last_allowed.expand_as(got)] == torch.finfo(got.dtype).min).all()
+
+
+def test_under_eager_attention_a_knocked_out_row_read_beside_returns_its_probabilities_as_the_kernels_weights():
+    """The model's own eager kernel: the attention weights it returns for the knocked-out last row are the
+    probabilities the reader recorded, bit for bit, and the hand-masked fp32 reference's (≤ 1e-6); its other rows are
+    the plain forward's weights, bit for bit."""
+    tm = fp32_model("llava")
+    model = copy.deepcopy(tm.model)
+    set_text_attention(model, "eager")
+    inputs = inputs_for(tm, n=2)
+    plain = forward(model, inputs, output_attentions=True).attentions
+    with arbiter.attach(model, tm.processor) as lens, lens.knockout("image", "last"), \
+            lens.record("attn.probs", rows="last") as rec:
+        got = forward(model, inputs, output_attentions=True)
+    n = len(text_layers(model))
+    ref = reference_logits(tm, inputs, layers=range(n), allowed=allowed_keys(tm, inputs, "image", "last"))
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(got.logits[real], ref[real], atol=1e-6, rtol=0)
+    weights = got.attentions[-n:]   # the text layers' (the tower's come first)
+    for layer in range(n):
+        assert torch.equal(weights[layer][:, :, -1:], rec.trace[f"L{layer}.attn.probs"])
+        torch.testing.assert_close(weights[layer][:, :, -1:], REFERENCE["seen"][layer][0], atol=1e-6, rtol=0)
+        assert torch.equal(weights[layer][:, :, :-1], plain[-n:][layer][:, :, :-1])
+
+
+def test_under_eager_attention_each_decode_steps_knocked_out_row_read_beside_is_the_kernels_weights():
+    """generate() with every generated row knocked out and read: at each decode step the eager kernel's weights (the
+    whole step is the edited row, computed once) are the recorded probabilities, bit for bit, and the image keys get
+    none of them."""
+    tm = fp32_model("llava")
+    model = copy.deepcopy(tm.model)
+    set_text_attention(model, "eager")
+    inputs = inputs_for(tm, n=2)
+    image = (inputs["input_ids"] == image_token_id(tm))
+    with arbiter.attach(model, tm.processor) as lens, lens.knockout("image", "last|generated"), \
+            lens.record("attn.probs", rows="last|generated", steps="all") as rec, torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, output_attentions=True,
+                             return_dict_in_generate=True)
+    n = len(text_layers(model))
+    for step in (1, 2):   # the decode steps (step 0 is the prefill)
+        weights = out.attentions[step][-n:]
+        for layer in range(n):
+            w = weights[layer]
+            assert w.shape[2] == 1
+            assert torch.equal(w, rec.trace.site("attn.probs", layer, call=step))
+            assert (w[..., :image.shape[1]][image[:, None, None, :].expand_as(w[..., :image.shape[1]])] == 0).all()
+
+
+def test_with_attention_dropout_a_knocked_out_row_read_beside_is_recomputed_apart(monkeypatch):
+    """In training mode with attention dropout the reader reads the probabilities before dropout, while the row's
+    output has it: its output is then recomputed by the masked kernel, not taken from the reader's eager call."""
+    from arbiter import attention as attn_fn
+
+    tm = fp32_model("llava")
+    model = copy.deepcopy(tm.model).train()
+    for layer in text_layers(model):
+        layer.self_attn.attention_dropout = 0.5
+    fused, recomputed = [], []
+
+    def counting(fn, seen):
+        def run(*a, **k):
+            seen.append(1)
+            return fn(*a, **k)
+        return run
+    monkeypatch.setattr(attn_fn, "row_attention", counting(attn_fn.row_attention, fused))
+    monkeypatch.setattr(attn_fn, "masked_attention", counting(attn_fn.masked_attention, recomputed))
+    torch.manual_seed(0)
+    with arbiter.attach(model, tm.processor) as lens, lens.knockout("image", "last"), \
+            lens.record("attn.probs", rows="last") as rec:
+        forward(model, inputs_for(tm, n=2))
+    n = len(text_layers(model))
+    assert fused == [] and recomputed == [1] * n
+    probs = rec.trace.stack("attn.probs")   # before dropout: each row sums to one
+    torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)), atol=1e-5, rtol=0)
 
 
 def check_block_head(dtype, device) -> float:
@@ -500,7 +584,8 @@ def test_any_knockout_in_low_precision_is_finite_and_close_to_fp32(src, dst, lay
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_low_precision_probs_knockouts_and_head_blocks(dtype):
     shares = [check_last_row_probs(dtype, "cuda"), check_last_row_probs(dtype, "cuda", PEAKED),
-              check_knockout(dtype, "cuda"), check_block_head(dtype, "cuda"), check_row_with_no_key_left(dtype, "cuda")]
+              check_knockout(dtype, "cuda"), check_knockout(dtype, "cuda", read=True), check_block_head(dtype, "cuda"),
+              check_row_with_no_key_left(dtype, "cuda")]
     assert max(shares) <= 1   # each error as a share of its stated tolerance
 
 

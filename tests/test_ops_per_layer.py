@@ -41,35 +41,41 @@ def _last_row_mask(attention_mask, query, key) -> torch.Tensor:
         else torch.ones(query.shape[0], 1, 1, key.shape[2], dtype=torch.bool)))
 
 
-def _read_last_row(module, query, key, value, attention_mask, allowed, kwargs, name):
-    """Keep a copy of the last row's probabilities, computed by the module's own eager function (keys copied
-    contiguous, no values) with ``allowed`` [b, 1, 1, k] made additive once per mask object."""
+def _last_row_eager(module, query, key, value, attention_mask, allowed, kwargs, name):
+    """(the last row's output, or None where ``value`` is left out, and its probabilities), computed by the module's
+    own eager function (keys copied contiguous) with ``allowed`` [b, 1, 1, k] made additive once per mask object; a
+    copy of the probabilities kept."""
     additive = _per_mask(name, attention_mask,
                          lambda: torch.where(allowed, 0.0, torch.finfo(query.dtype).min).to(query.dtype))
     eager = sys.modules[type(module).__module__].eager_attention_forward
     k = key.contiguous() if key.shape[1] == query.shape[1] else key
-    _, probs = eager(module, query[:, :, -1:], k, value[..., :0], additive, **{**kwargs, "dropout": 0.0})
+    row, probs = eager(module, query[:, :, -1:], k, value, additive, **{**kwargs, "dropout": 0.0})
     HAND["rows"].append(probs.clone())
+    return row
 
 
 def hand_read_last_row(module, query, key, value, attention_mask, **kwargs):
-    """The last row's probabilities read (:func:`_read_last_row`); SDPA for every row."""
-    _read_last_row(module, query, key, value, attention_mask, _last_row_mask(attention_mask, query, key), kwargs,
-                   "additive")
+    """The last row's probabilities read (the eager function without values: no output wanted); SDPA for every row."""
+    _last_row_eager(module, query, key, value[..., :0], attention_mask, _last_row_mask(attention_mask, query, key),
+                    kwargs, "additive")
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 def hand_knockout_last_row(module, query, key, value, attention_mask, **kwargs):
     """SDPA on every row, then the last row alone again with the image keys cut from its mask, written into the
-    output in place; a decode step's one row: SDPA with the cut mask alone."""
+    output in place; a decode step's one row: that row alone. Where the cut row is also read, one eager call gives
+    its output and its probabilities; else SDPA computes it."""
     cut = _per_mask("cut", attention_mask, lambda: _last_row_mask(attention_mask, query, key)
                     & ~HAND["image"][:, None, None, :key.shape[2]])
-    if HAND.get("read"):   # and the cut row's probabilities read
-        _read_last_row(module, query, key, value, attention_mask, cut, kwargs, "cut additive")
-    if query.shape[2] == 1:
+    if HAND.get("read"):
+        row = _last_row_eager(module, query, key, value, attention_mask, cut, kwargs, "cut additive")
+    elif query.shape[2] == 1:
         return sdpa_attention_forward(module, query, key, value, cut, **kwargs)
+    else:
+        row, _ = sdpa_attention_forward(module, query[:, :, -1:], key, value, cut, **kwargs)
+    if query.shape[2] == 1:
+        return row, None
     out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    row, _ = sdpa_attention_forward(module, query[:, :, -1:], key, value, cut, **kwargs)
     out[0][:, -1:] = row
     return out
 
@@ -185,6 +191,29 @@ def test_a_knockout_in_generate_adds_per_decode_step_the_operations_of_cutting_t
             call, layer = divmod(i, len(layers))
             torch.testing.assert_close(rec.trace.site("attn.probs", layer, call=call)[:, :, -1:], row,
                                        atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("model", FAMILIES, indirect=True)
+def test_a_knockout_in_generate_read_beside_generates_as_the_masked_kernel_by_hand(model):
+    """With a reader beside, the edited rows' output comes from the reader's eager call; it generates as the hand
+    function that runs SDPA with the cut mask and reads nothing: the same tokens, step scores ≤ 1e-5."""
+    tm, layers, _ = model
+
+    def generate():
+        HAND.update(masks={}, rows=[])
+        with torch.no_grad():
+            out = tm.model.generate(**HAND["inputs"], max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                                    output_scores=True, return_dict_in_generate=True)
+        return out.sequences, torch.stack(out.scores)
+    _, (hand_tokens, hand_scores), _ = _by_hand(tm, layers, generate, "hand_knockout_last_row")
+    with arbiter.attach(tm.model, tm.processor) as lens, lens.knockout("image", "last|generated", layers="all"), \
+            lens.record("attn.probs", rows="last|generated", steps="all"):
+        tokens, scores = generate()
+    assert torch.equal(tokens, hand_tokens)
+    torch.testing.assert_close(scores, hand_scores, atol=1e-5, rtol=0)
+    _, plain_scores = generate()
+    finite = torch.isfinite(scores)   # (min_new_tokens puts -inf on the end token)
+    assert (plain_scores - scores)[finite].abs().max() > 1e-3   # the knockout moves the scores
 
 
 class _Stack(torch.nn.Module):
