@@ -384,9 +384,16 @@ def merge_rows(out: tuple, idx: torch.Tensor | None, rows_out: torch.Tensor, row
     return (o.index_copy(1, idx, rows_out) if o.requires_grad else o.index_copy_(1, idx, rows_out)), weights
 
 
-def masked_attention(base: str, fn: Callable, module, query, key, value, mask_bool, mask_float, kwargs):
-    """Attention with an edited mask: the eager function under eager, SDPA with the bool mask otherwise (flash
-    kernels take no dense mask, so an edited layer switches to SDPA; untouched layers keep the kernel)."""
+def masked_attention(base: str, fn: Callable, module, query, key, value, mask_bool, mask_float, kwargs,
+                     additive: torch.Tensor | None = None):
+    """Attention with an edited mask: the eager function under eager, SDPA otherwise (flash kernels take no dense
+    mask, so an edited layer switches to SDPA; untouched layers keep the kernel). ``additive``: the mask already in
+    float_mask's form (built once per forward where the edit is shared by the layers): SDPA then takes it as it is
+    instead of turning the bool mask into an additive one in every layer (not beside a position bias, which SDPA
+    combines with a bool mask its own way)."""
     if base == "eager":
-        return fn(module, query, key, value, float_mask(mask_bool, mask_float, query.dtype), **kwargs)
+        return fn(module, query, key, value,
+                  float_mask(mask_bool, mask_float, query.dtype) if additive is None else additive, **kwargs)
+    if additive is not None and kwargs.get("position_bias") is None:
+        return sdpa_attention_forward(module, query, key, value, additive, **kwargs)
     return sdpa_attention_forward(module, query, key, value, mask_bool, **kwargs)

@@ -400,8 +400,9 @@ class _Runtime:
                                    empty, attention_mask, shared, output=edited and attn_fn.fuses_output(kwargs))
         if fused is not None:   # (probabilities returned as weights where the kernel is eager, as it would)
             out = (fused[0], fused[1] if kind == "eager" else None)
-        elif edited:
-            out = attn_fn.masked_attention(kind, base, module, query, key, value, mask_b, mask_f, kwargs)
+        elif edited:   # (a mask edited once per forward made additive once too)
+            out = attn_fn.masked_attention(kind, base, module, query, key, value, mask_b, mask_f, kwargs,
+                                           self.additive_mask(mask_b, mask_f, query.dtype) if shared else None)
         else:
             out = base(module, query, key, value, attention_mask, **kwargs)
         if empty is not None:   # cross-attention rows left with no key: output zero (no wait on the device)
@@ -519,10 +520,10 @@ class _Runtime:
         # copied there), else a view where the rows are consecutive (the kernel takes them strided)
         q_rows = query.index_select(2, rows_d) if reads else self.row_queries(query, rows, rows_d) if edited else None
         sub = None
-        if reads:   # the edited mask made additive for the readers' eager function: once per forward where shared
-            additive = self.per_forward("additive", (mask_b, mask_f), lambda: attn_fn.float_mask(mask_b, mask_f,
-                                                                                                  query.dtype),
-                                        query.dtype) if shared else None
+        # the edited mask made additive (for the readers' eager function, for the kernel recomputing the rows): once
+        # per forward where shared
+        additive = self.additive_mask(mask_b, mask_f, query.dtype) if shared and (reads or edited) else None
+        if reads:
             # rows edited and read: their output comes from the readers' eager call (one computation, not two)
             sub = self.serve_reads(layer, module, q_rows, key, value, mask_b, mask_f, additive, kwargs, row_pos, rows,
                                    q_pos.shape[0], kw, site, empty[..., None] if empty is not None else None,
@@ -531,12 +532,16 @@ class _Runtime:
             return out
         if sub is None:
             sub = attn_fn.masked_attention(kind, base, module, q_rows, key, value, mask_b, mask_f,
-                                           attn_fn.row_kwargs(kwargs, rows, q_pos.shape[0], key.shape[2]))
+                                           attn_fn.row_kwargs(kwargs, rows, q_pos.shape[0], key.shape[2]), additive)
         # [b, 1, n]: the rows each sample's edit changes (the others keep the kernel's); None: every sample's
         take = self.per_forward("row_take", (which, rows),
                                 lambda: None if bool(which[:, rows].all()) else
                                 self.to_device(which[:, rows], dev)[:, None], str(dev))
         return attn_fn.merge_rows(out, rows_d, sub[0], sub[1], take, empty)
+
+    def additive_mask(self, mask_b: torch.Tensor, mask_f: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """``float_mask(mask_b, mask_f, dtype)`` once per forward for these mask objects (an edit shared by the layers)."""
+        return self.per_forward("additive", (mask_b, mask_f), lambda: attn_fn.float_mask(mask_b, mask_f, dtype), dtype)
 
     def row_queries(self, query: torch.Tensor, rows: torch.Tensor, rows_d: torch.Tensor) -> torch.Tensor:
         """The queries of the rows at indices ``rows`` (CPU; ``rows_d``: on the query's device): a view where they are
