@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from typing import Any
 
 import pytest
 import torch
@@ -87,26 +88,9 @@ def test_idefics_knockout_needs_the_cross_attention_to_sever_the_image():
     assert (self_a - self_b).abs().max() > 1e-4
 
 
-def test_idefics_cross_knockout_zeroes_the_block_output_of_severed_rows():
-    tm = _tm("idefics")
-    inputs = _inputs(tm)
-    with arbiter.attach(tm.model, tm.processor) as lens:
-        layer = lens.facts.cross_layers[0]
-        attn = lens.facts.layers[layer].cross_attn
-        out = {}
-        h = attn.register_forward_hook(lambda m, a, o: out.__setitem__("y", o[0]))
-        try:
-            with lens.knockout("image", "last", layers=[layer]):
-                _last(tm, inputs)
-        finally:
-            h.remove()
-    assert torch.equal(out["y"][0, -1], torch.zeros_like(out["y"][0, -1]))
-    assert out["y"][0, :-1].abs().max() > 0
-
-
-def test_idefics_cross_knockout_read_beside_still_zeroes_the_severed_row_and_reads_no_attention_there():
-    """With the severed row's cross-attention probabilities read beside the knockout, the row's output (then taken
-    from the reader's eager call) is still zero, and so are its probabilities; the other rows keep theirs."""
+def _cross_block_output(read: bool) -> tuple[torch.Tensor, Any]:
+    """(the first cross-attention block's output, the recorder or None) under a knockout image -> last there, with
+    a reader of the last row's cross-attention probabilities beside where ``read``."""
     tm = _tm("idefics")
     inputs = _inputs(tm)
     with arbiter.attach(tm.model, tm.processor) as lens:
@@ -116,13 +100,26 @@ def test_idefics_cross_knockout_read_beside_still_zeroes_the_severed_row_and_rea
         h = attn.register_forward_hook(lambda m, a, o: out.__setitem__("y", o[0]))
         try:
             with lens.knockout("image", "last", layers=[layer]), \
-                    lens.record("xattn.probs", layers=[layer], rows="last") as rec:
+                    (lens.record("xattn.probs", layers=[layer], rows="last") if read
+                     else contextlib.nullcontext()) as rec:
                 _last(tm, inputs)
         finally:
             h.remove()
-    assert torch.equal(out["y"][0, -1], torch.zeros_like(out["y"][0, -1]))
-    assert out["y"][0, :-1].abs().max() > 0
-    probs = rec.trace.site("xattn.probs", layer)
+    return out["y"], (rec.trace.site("xattn.probs", layer) if read else None)
+
+
+def test_idefics_cross_knockout_zeroes_the_block_output_of_severed_rows():
+    y, _ = _cross_block_output(read=False)
+    assert torch.equal(y[0, -1], torch.zeros_like(y[0, -1]))
+    assert y[0, :-1].abs().max() > 0
+
+
+def test_idefics_cross_knockout_read_beside_still_zeroes_the_severed_row_and_reads_no_attention_there():
+    """With the severed row's cross-attention probabilities read beside the knockout, the row's output (then taken
+    from the reader's eager call) is still zero, and so are its probabilities; the other rows keep theirs."""
+    y, probs = _cross_block_output(read=True)
+    assert torch.equal(y[0, -1], torch.zeros_like(y[0, -1]))
+    assert y[0, :-1].abs().max() > 0
     assert probs.shape[2] == 1 and torch.equal(probs, torch.zeros_like(probs))
 
 

@@ -163,6 +163,18 @@ def test_a_knockout_into_the_last_row_adds_per_layer_the_operations_of_recomputi
     assert (out - model[2]()).abs().max() > 1e-3   # the knockout moves the logits
 
 
+def _generation(tm):
+    """A generation of 4 tokens from the fixture's inputs that clears the hand functions' per-forward state and
+    returns (tokens, the steps' scores)."""
+    def generate():
+        HAND.update(masks={}, rows=[])
+        with torch.no_grad():
+            out = tm.model.generate(**HAND["inputs"], max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                                    output_scores=True, return_dict_in_generate=True)
+        return out.sequences, torch.stack(out.scores)
+    return generate
+
+
 @pytest.mark.parametrize("read", [False, True], ids=["alone", "with_a_reader"])
 @pytest.mark.parametrize("model", FAMILIES, indirect=True)
 def test_a_knockout_in_generate_adds_per_decode_step_the_operations_of_cutting_the_new_row_by_hand(model, read):
@@ -171,13 +183,8 @@ def test_a_knockout_in_generate_adds_per_decode_step_the_operations_of_cutting_t
     step too."""
     tm, layers, _ = model
     HAND["read"] = read
+    generate = _generation(tm)
 
-    def generate():
-        HAND.update(masks={}, rows=[])
-        with torch.no_grad():
-            out = tm.model.generate(**HAND["inputs"], max_new_tokens=4, min_new_tokens=4, do_sample=False,
-                                    output_scores=True, return_dict_in_generate=True)
-        return out.sequences, torch.stack(out.scores)
     @contextlib.contextmanager
     def knockout(lens):
         with lens.knockout("image", "last|generated", layers="all"), \
@@ -207,13 +214,7 @@ def test_a_knockout_in_generate_read_beside_generates_as_the_masked_kernel_by_ha
     """With a reader beside, the edited rows' output comes from the reader's eager call; it generates as the hand
     function that runs SDPA with the cut mask and reads nothing: the same tokens, step scores ≤ 1e-5."""
     tm, layers, _ = model
-
-    def generate():
-        HAND.update(masks={}, rows=[])
-        with torch.no_grad():
-            out = tm.model.generate(**HAND["inputs"], max_new_tokens=4, min_new_tokens=4, do_sample=False,
-                                    output_scores=True, return_dict_in_generate=True)
-        return out.sequences, torch.stack(out.scores)
+    generate = _generation(tm)
     _, (hand_tokens, hand_scores), _ = _by_hand(tm, layers, generate, "hand_knockout_last_row")
     with arbiter.attach(tm.model, tm.processor) as lens, lens.knockout("image", "last|generated", layers="all"), \
             lens.record("attn.probs", rows="last|generated", steps="all"):
