@@ -540,7 +540,8 @@ class _Runtime:
         return attn_fn.merge_rows(out, rows_d, sub[0], sub[1], take, empty)
 
     def additive_mask(self, mask_b: torch.Tensor, mask_f: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        """``float_mask(mask_b, mask_f, dtype)`` once per forward for these mask objects (an edit shared by the layers)."""
+        """``float_mask(mask_b, mask_f, dtype)``, once per forward for these mask objects (an edit the layers
+        share)."""
         return self.per_forward("additive", (mask_b, mask_f), lambda: attn_fn.float_mask(mask_b, mask_f, dtype), dtype)
 
     def row_queries(self, query: torch.Tensor, rows: torch.Tensor, rows_d: torch.Tensor) -> torch.Tensor:
