@@ -394,6 +394,14 @@ class _Runtime:
                                                                     q_pos, k_pos, kw, query.dtype, query.device)
         # rows are read before the kernel runs, while the layer's keys are still in the cache (measured on a CPU,
         # hidden 64, 624 tokens: 0.36 ms per layer before the kernel, 0.70 after it)
+        ran = None   # the kernel's result, where it had to run first
+        if has["probs"] and not edited and kind == "eager" and attn_fn.fuses_output(kwargs):
+            # the eager kernel computes every row's probabilities itself: readers take their rows from its weights
+            ran = base(module, query, key, value, attention_mask, **kwargs)
+            if ran[1] is not None and tuple(ran[1].shape[-2:]) == (q_len, k_len):
+                self.read_rows(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, reads,
+                               empty, attention_mask, shared, weights=ran[1])
+                return ran
         fused = None   # an edited call whose every row is read (a decode step): output and probabilities at once
         if has["scores"] or has["probs"]:
             fused = self.read_rows(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, reads,
@@ -404,7 +412,7 @@ class _Runtime:
             out = attn_fn.masked_attention(kind, base, module, query, key, value, mask_b, mask_f, kwargs,
                                            self.additive_mask(mask_b, mask_f, query.dtype) if shared else None)
         else:
-            out = base(module, query, key, value, attention_mask, **kwargs)
+            out = ran if ran is not None else base(module, query, key, value, attention_mask, **kwargs)
         if empty is not None:   # cross-attention rows left with no key: output zero (no wait on the device)
             o = out[0]  # [b, q, h, d]
             keep = (~empty).transpose(1, 2)[..., None].to(o.dtype)  # [b, q, h|1, 1]
@@ -601,12 +609,14 @@ class _Runtime:
                                 keep=lambda out: out[0].shape[0] <= self.KEPT_MASK_ROWS)
 
     def read_rows(self, layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, reads,
-                  empty=None, attention_mask=None, shared=False, output=False) -> tuple | None:
+                  empty=None, attention_mask=None, shared=False, output=False,
+                  weights: torch.Tensor | None = None) -> tuple | None:
         """Hand the requested rows' scores / probabilities to the layer's readers (``reads``: their row specs);
         ``mask_b`` None: the model's own mask, unedited (read from ``attention_mask``); ``shared``: ``mask_b`` is the
         forward's, edited once for every layer (its rows are then cut once too). ``output``: where the rows read are
         every row of the call, return the call's (output, probabilities) from the readers' eager call (None where
-        they are not, or no probability reader is on the layer)."""
+        they are not, or no probability reader is on the layer). ``weights``: the probabilities of every row, as the
+        layer's eager kernel returned them with the mask the readers read; their rows are handed over as they are."""
         if mask_b is None:
             rows, idx, span, mb, mf, additive = self.unedited_rows(module, attention_mask, kwargs, query, q_pos, kw,
                                                                    reads)
@@ -626,23 +636,29 @@ class _Runtime:
         # consecutive rows (the last, a group's run): a view of the queries, no gather
         q_rows = query[:, :, span[0]:span[1]] if span is not None else query.index_select(2, idx)
         cut = empty.index_select(2, idx)[..., None] if empty is not None else None
+        given = None if weights is None else \
+            weights[:, :, span[0]:span[1]] if span is not None else weights.index_select(2, idx)
         return self.serve_reads(layer, module, q_rows, key, value, mb, mf, additive, kwargs, rows, idx,
-                                q_pos.shape[0], kw, site, cut, output=output and rows.shape[0] == q_pos.shape[0])
+                                q_pos.shape[0], kw, site, cut, output=output and rows.shape[0] == q_pos.shape[0],
+                                probs=given)
 
     def serve_reads(self, layer, module, q_rows, key, value, mb, mf, additive, kwargs, rows, idx, q_len, kw, site,
-                    cut, output=False) -> tuple | None:
+                    cut, output=False, probs: torch.Tensor | None = None) -> tuple | None:
         """Hand the scores / probabilities of the rows at positions ``rows`` (``idx``: their indices among the call's
         ``q_len``; ``q_rows``: their queries; ``mb`` / ``mf`` / ``additive``: their masks; ``cut`` [b, h|1, rows, 1]:
         cross-attention rows left with no key, or None) to the layer's readers. ``output``: return the rows'
         (output, probabilities) from the same eager call (:func:`~arbiter.attention.row_attention`; None where no
-        probability reader is on the layer), for rows an edit recomputes."""
+        probability reader is on the layer), for rows an edit recomputes. ``probs``: the rows' probabilities, already
+        computed by the layer's eager kernel."""
         key = attn_fn.plain_keys(key, q_rows)
         if self.entries(site["scores"], layer):
             scores = attn_fn.row_scores(module, q_rows, key, mb, mf, kwargs)
             if cut is not None:   # a cross-attention row with every key severed: every score masked
                 scores = scores.masked_fill(cut, torch.finfo(scores.dtype).min)
             self.run_site(site["scores"], layer, scores, 2, rows, **kw)
-        if self.entries(site["probs"], layer):
+        if self.entries(site["probs"], layer) and probs is not None:
+            self.run_site(site["probs"], layer, probs, 2, rows, **kw)
+        elif self.entries(site["probs"], layer):
             rkw = kwargs if rows.shape[0] == q_len else attn_fn.row_kwargs(kwargs, idx, q_len, key.shape[2])
             if rkw is None:
                 raise SiteError(f"layer {layer}: {type(module).__name__}'s attention receives per-query tensors "

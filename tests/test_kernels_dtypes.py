@@ -525,6 +525,28 @@ def test_with_attention_dropout_a_knocked_out_row_read_beside_is_recomputed_apar
     torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)), atol=1e-5, rtol=0)
 
 
+def test_under_eager_attention_with_dropout_the_rows_read_are_the_probabilities_before_dropout():
+    """A model loaded with eager attention, in training mode with attention dropout: its weights have dropout in
+    them, so the reader does not take them; it reads the probabilities before dropout (each row sums to one; in the
+    first layer, whose inputs dropout has not touched yet, equal to the eager model's own in eval mode)."""
+    tm = fp32_model("llava")
+    model = copy.deepcopy(tm.model)
+    set_text_attention(model, "eager")
+    inputs = inputs_for(tm, n=2)
+    plain = forward(model.eval(), inputs, output_attentions=True).attentions
+    model.train()
+    for layer in text_layers(model):
+        layer.self_attn.attention_dropout = 0.5
+    torch.manual_seed(0)
+    with arbiter.attach(model, tm.processor) as lens, lens.record("attn.probs", rows="last") as rec:
+        forward(model, inputs)
+    n = len(text_layers(model))
+    for layer in range(n):
+        got = rec.trace[f"L{layer}.attn.probs"]
+        torch.testing.assert_close(got.sum(-1), torch.ones_like(got.sum(-1)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(rec.trace["L0.attn.probs"], plain[-n][:, :, -1:], atol=1e-6, rtol=0)
+
+
 def check_block_head(dtype, device) -> float:
     tm = fp32_model("llava")
     cpu_inputs = inputs_for(tm, n=2)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 import arbiter
 from arbiter.testing.ops import count_ops
@@ -87,9 +87,19 @@ def hand_knockout_last_row(module, query, key, value, attention_mask, **kwargs):
     return out
 
 
-for _fn in (hand_read_last_row, hand_knockout_last_row):
+def hand_eager_keep_last_row(module, query, key, value, attention_mask, **kwargs):
+    """The module's own eager function on every row (the model loaded with eager attention), a copy of the last row
+    of the probabilities it returns kept."""
+    out = sys.modules[type(module).__module__].eager_attention_forward(module, query, key, value, attention_mask,
+                                                                       **kwargs)
+    HAND["rows"].append(out[1][:, :, -1:].clone())
+    return out
+
+
+for _fn, _mask in ((hand_read_last_row, sdpa_mask), (hand_knockout_last_row, sdpa_mask),
+                   (hand_eager_keep_last_row, eager_mask)):
     AttentionInterface.register(_fn.__name__, _fn)
-    AttentionMaskInterface.register(_fn.__name__, sdpa_mask)
+    AttentionMaskInterface.register(_fn.__name__, _mask)
 
 
 @pytest.fixture
@@ -152,6 +162,22 @@ def test_recording_the_last_rows_attention_adds_per_layer_the_operations_of_read
     assert ours == hand > 0
     for layer, row in enumerate(hand_rows):   # the same probabilities, bit for bit
         torch.testing.assert_close(rec.trace.site("attn.probs", layer)[:, :, -1:], row, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("model", FAMILIES, indirect=True)
+def test_under_eager_attention_recording_the_last_row_copies_it_from_the_kernels_own_probabilities(model):
+    """The model loaded with eager attention computes every row's probabilities itself: recording the last row adds
+    per layer only its copy, as keeping that row of the kernel's weights by hand does, and records it bit for bit."""
+    tm, layers, forward = model
+    before = set_text_attention(tm.model, "eager")
+    try:
+        ours, hand, (rec, _), _, hand_rows = _arbiter_and_hand(
+            model, "hand_eager_keep_last_row", lambda lens: lens.record("attn.probs", rows="last"))
+    finally:
+        set_text_attention(tm.model, before)
+    assert ours == hand == 1
+    for layer, row in enumerate(hand_rows):
+        assert torch.equal(rec.trace.site("attn.probs", layer)[:, :, -1:], row)
 
 
 @pytest.mark.parametrize("model", FAMILIES, indirect=True)
