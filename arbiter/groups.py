@@ -254,9 +254,10 @@ class TokenGroups:
         if n_new <= 0:
             return
         b = self.batch_size
+        # one block of each fill for every group (cat copies it): called at every decode step
+        fills = {fill: torch.full((b, n_new), fill, dtype=torch.bool) for fill in (False, True)}
         for k, v in self._masks.items():
-            fill = k in ("generated", "all")
-            self._masks[k] = torch.cat([v, torch.full((b, n_new), fill, dtype=torch.bool)], dim=1)
+            self._masks[k] = torch.cat([v, fills[k in ("generated", "all")]], dim=1)
 
     def truncate(self, length: int) -> None:
         """Drop positions past ``length`` (a new generate() call restarts from the prompt)."""

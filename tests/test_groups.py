@@ -66,3 +66,17 @@ def test_image_grids_that_do_not_add_up_say_why():
     assert out.image_grids is None
     assert "has 2 image tokens in its ids, but the grids of its images give 3" in out.image_grids_problem
     assert "1 of the 2 images" in g.with_image_grids([{"tokens": 2, "views": []}] * 2).image_grids_problem
+
+
+def test_extend_appends_generated_positions_to_generated_and_all_only_each_group_its_own_tensor():
+    ids = torch.tensor([[3, 7, 8], [0, 3, 9]])
+    real = torch.tensor([[True, True, True], [False, True, True]])
+    g = TokenGroups.from_input_ids(ids, real, MODALITY_IDS)
+    before = {name: g[name].clone() for name in g.names}
+    g.extend(2)
+    assert g.length == 5
+    for name in before:
+        assert torch.equal(g[name][:, :3], before[name])
+        assert g[name][:, 3:].tolist() == [[name in ("generated", "all")] * 2] * 2, name
+    g["image"][0, 4] = True   # written into one group: no other changes
+    assert not g["text"][0, 4] and not g["pad"][0, 4] and g["generated"][0, 4]
