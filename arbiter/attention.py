@@ -215,13 +215,20 @@ def protect_empty_rows(m: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor
     return m | (empty[..., None] & diag), empty
 
 
+@functools.lru_cache(maxsize=64)
+def _constant(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 0-dim tensor holding ``value``, made once per (value, dtype, device): the masks built at every forward use
+    it as an operand only (on an accelerator, no fill launched each time)."""
+    return torch.full((), value, dtype=dtype, device=device)
+
+
 def float_mask(mask_bool: torch.Tensor, mask_float: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """An additive mask for eager attention: the model's float values where allowed and where the model masks
     too (rows it masks entirely, padding rows, keep its exact softmax: some models' own masks mix finfo.min and
     -inf there), finfo.min where only the (edited) bool mask masks."""
-    lowest = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=mask_bool.device)
+    lowest = _constant(torch.finfo(dtype).min, dtype, mask_bool.device)
     if mask_float is None:
-        return torch.where(mask_bool, torch.zeros((), dtype=dtype, device=mask_bool.device), lowest)
+        return torch.where(mask_bool, _constant(0.0, dtype, mask_bool.device), lowest)
     model = mask_float.to(dtype)
     return torch.where(mask_bool | (model <= lowest / 2), model, lowest)
 
