@@ -246,6 +246,18 @@ class TokenGroups:
                 m = torch.cat([m, torch.zeros(m.shape[0], length - m.shape[1], dtype=torch.bool)], dim=1)
         return m
 
+    def window(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """``mask(name)[:, start:stop]`` (False past the groups' length), the union of ``|`` parts taken over the
+        window alone: a decode step's one position costs one column, not the whole sequence."""
+        end = max(start, min(stop, self.length))
+        out = None
+        for part in (p.strip() for p in name.split("|")):
+            m = self[part][:, start:end]
+            out = m if out is None else out | m
+        if end < stop:
+            out = torch.cat([out, torch.zeros(out.shape[0], stop - end, dtype=torch.bool)], dim=1)
+        return out
+
     def positions(self, name: str, sample: int) -> list[int]:
         return self[name][sample].nonzero().flatten().tolist()
 

@@ -210,10 +210,10 @@ class _Runtime:
             # positions are sorted and distinct (a forward's rows or keys, a union of rows): consecutive ones (the
             # usual case) are a slice of the group's mask, a view, no gather
             start, stop = (int(positions[0]), int(positions[-1]) + 1) if len(positions) else (0, 0)
-            m = g.mask(spec, length=max(g.length, stop))
-            if m.shape[0] == 1 and b > 1:
-                m = m.expand(b, -1)
-            sub = m[:, start:stop] if stop - start == len(positions) else m[:, positions]
+            sub = g.window(spec, start, stop) if stop - start == len(positions) else \
+                g.mask(spec, length=max(g.length, stop))[:, positions]
+            if sub.shape[0] == 1 and b > 1:
+                sub = sub.expand(b, -1)
             cols = sub.any(dim=0)
             out = (positions[cols], sub[:, cols])
         else:

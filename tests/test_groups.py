@@ -80,3 +80,14 @@ def test_extend_appends_generated_positions_to_generated_and_all_only_each_group
         assert g[name][:, 3:].tolist() == [[name in ("generated", "all")] * 2] * 2, name
     g["image"][0, 4] = True   # written into one group: no other changes
     assert not g["text"][0, 4] and not g["pad"][0, 4] and g["generated"][0, 4]
+
+
+def test_a_window_of_a_union_equals_the_slice_of_the_whole_union_padded_past_the_end():
+    ids = torch.tensor([[3, 7, 8, 3], [0, 3, 9, 9]])
+    real = torch.tensor([[True, True, True, True], [False, True, True, True]])
+    g = TokenGroups.from_input_ids(ids, real, MODALITY_IDS)
+    g.extend(1)
+    for name in ("image", "last|generated", "image | text", "pad|image|last"):
+        whole = g.mask(name, length=8)
+        for start, stop in ((0, 5), (3, 5), (4, 5), (2, 8), (6, 8), (1, 1)):
+            assert torch.equal(g.window(name, start, stop), whole[:, start:stop]), (name, start, stop)
