@@ -219,12 +219,8 @@ class TokenGroups:
 
     def __getitem__(self, name: str) -> torch.Tensor:
         """The ``[batch, positions]`` mask of a group. Unions with ``|``: ``groups["image|context"]``."""
-        if "|" in name:
-            parts = [p.strip() for p in name.split("|")]
-            out = self[parts[0]].clone()
-            for p in parts[1:]:
-                out |= self[p]
-            return out
+        if "|" in name:   # (a new tensor: the union of two or more groups)
+            return self.window(name, 0, self.length)
         if name not in self._masks:
             raise GroupError(f"unknown token group {name!r}; this batch has {', '.join(self.names)}. "
                              "Add your own with groups.add(name, mask).")

@@ -392,8 +392,6 @@ class _Runtime:
         if has["mask"]:
             mask_b, mask_f, edited, empty, shared = self.whole_mask(layer, module, site, attention_mask, kwargs, b,
                                                                     q_pos, k_pos, kw, query.dtype, query.device)
-        # rows are read before the kernel runs, while the layer's keys are still in the cache (measured on a CPU,
-        # hidden 64, 624 tokens: 0.36 ms per layer before the kernel, 0.70 after it)
         ran = None   # the kernel's result, where it had to run first
         if has["probs"] and not edited and kind == "eager" and attn_fn.fuses_output(kwargs):
             # the eager kernel computes every row's probabilities itself: readers take their rows from its weights
@@ -402,6 +400,8 @@ class _Runtime:
                 self.read_rows(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, reads,
                                empty, attention_mask, shared, weights=ran[1])
                 return ran
+        # rows are read before the kernel runs, while the layer's keys are still in the cache (measured on a CPU,
+        # hidden 64, 624 tokens: 0.36 ms per layer before the kernel, 0.70 after it)
         fused = None   # an edited call whose every row is read (a decode step): output and probabilities at once
         if has["scores"] or has["probs"]:
             fused = self.read_rows(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, reads,
@@ -650,7 +650,8 @@ class _Runtime:
         (output, probabilities) from the same eager call (:func:`~arbiter.attention.row_attention`; None where no
         probability reader is on the layer), for rows an edit recomputes. ``probs``: the rows' probabilities, already
         computed by the layer's eager kernel."""
-        key = attn_fn.plain_keys(key, q_rows)
+        computed = self.entries(site["scores"], layer) or (probs is None and self.entries(site["probs"], layer))
+        key = attn_fn.plain_keys(key, q_rows) if computed else key   # (rows taken from the kernel need no keys)
         if self.entries(site["scores"], layer):
             scores = attn_fn.row_scores(module, q_rows, key, mb, mf, kwargs)
             if cut is not None:   # a cross-attention row with every key severed: every score masked
