@@ -42,8 +42,8 @@ class TokenGroups:
         if "generated" not in self._masks:
             self._masks["generated"] = torch.zeros(b, s, dtype=torch.bool)
         if "all" not in self._masks:
-            pad = self._masks.get("pad", torch.zeros(b, s, dtype=torch.bool))
-            self._masks["all"] = ~pad
+            pad = self._masks.get("pad")
+            self._masks["all"] = torch.ones(b, s, dtype=torch.bool) if pad is None else ~pad
         if image_grids is not None and len(image_grids) != b:
             raise GroupError(f"image_grids has {len(image_grids)} entries; the batch has {b} samples.")
         self._image_grids: list[list[dict]] | None = list(image_grids) if image_grids is not None else None
@@ -103,9 +103,11 @@ class TokenGroups:
                     masks[name] = masks.get(name, torch.zeros(b, s, dtype=torch.bool)) | m
                     modal = m if modal is None else modal | m
         for name in ("image", "video", "audio"):   # always present, empty when the model has no such tokens
-            masks.setdefault(name, torch.zeros(b, s, dtype=torch.bool))
+            if name not in masks:
+                masks[name] = torch.zeros(b, s, dtype=torch.bool)
         masks["pad"] = ~real
-        masks["text"] = real.clone() if modal is None else real & ~modal   # never the caller's mask itself
+        # never the caller's mask itself; (modality positions are real ones: real and not modal is real xor modal)
+        masks["text"] = real.clone() if modal is None else real ^ modal
         # the last real position of each sample (position 0 for a sample with none)
         where = torch.arange(s)
         masks["last"] = where == (real * where).amax(dim=1, keepdim=True)

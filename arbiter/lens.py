@@ -59,10 +59,15 @@ def _mask_settings(module, kwargs, cross: bool, b: int, dtype, device) -> tuple:
 def _span(idx: torch.Tensor) -> tuple[int, int] | None:
     """(start, stop) of the sorted row indices ``idx`` (CPU) where they are consecutive; None where they are not, or
     where there are none."""
-    if not len(idx):
+    n = len(idx)
+    if not n:
         return None
-    first = int(idx[0])
-    return (first, first + len(idx)) if int(idx[-1]) - first == len(idx) - 1 else None
+    if n <= 64:   # a few indices (the last row, a group's): read at once, no indexing operation per end
+        ends = idx.tolist()
+        first, last = ends[0], ends[-1]
+    else:
+        first, last = int(idx[0]), int(idx[-1])
+    return (first, first + n) if last - first == n - 1 else None
 
 
 @functools.lru_cache(maxsize=64)
@@ -175,7 +180,19 @@ class _Runtime:
         hit = self._rows_cache.get(key)
         if hit is None:
             hit = self._rows_cache[key] = torch.arange(start, stop)
+            self._rows_cache[("range", id(hit))] = (hit, (start, stop))
         return hit
+
+    def position_span(self, positions: torch.Tensor) -> tuple[int, int]:
+        """(first, last + 1) of sorted positions (a forward's rows or keys, a union of rows): known without reading
+        the tensor where it came from :meth:`positions_range`."""
+        hit = self._rows_cache.get(("range", id(positions)))
+        if hit is not None and hit[0] is positions:
+            return hit[1]
+        if not len(positions):
+            return 0, 0
+        ends = positions.tolist() if len(positions) <= 64 else (int(positions[0]), int(positions[-1]))
+        return int(ends[0]), int(ends[-1]) + 1
 
     def per_forward(self, name: str, anchors: tuple, build: Callable[[], Any], *extra,
                     keep: Callable[[Any], bool] | None = None) -> Any:
@@ -209,7 +226,7 @@ class _Runtime:
             g = self.groups
             # positions are sorted and distinct (a forward's rows or keys, a union of rows): consecutive ones (the
             # usual case) are a slice of the group's mask, a view, no gather
-            start, stop = (int(positions[0]), int(positions[-1]) + 1) if len(positions) else (0, 0)
+            start, stop = self.position_span(positions)
             sub = g.window(spec, start, stop) if stop - start == len(positions) else \
                 g.mask(spec, length=max(g.length, stop))[:, positions]
             if sub.shape[0] == 1 and b > 1:
@@ -571,7 +588,7 @@ class _Runtime:
                 self.per_forward("rows", (rows,), lambda: (rows, row_mask), specs[0])
             else:   # each reader's rows are sorted positions: their union, sorted, without Python lists
                 rows = torch.unique(torch.cat([self.resolve_rows(s, q_pos)[0] for s in specs]))
-            idx = (rows - q_pos[0]) if len(rows) else rows
+            idx = (rows - self.position_span(q_pos)[0]) if len(rows) else rows
             return rows, self.to_device(idx, device), _span(idx)
         return self.per_forward("rows_union", (q_pos,), build, specs, device)
 
@@ -739,7 +756,7 @@ class _Runtime:
                 pos = torch.unique(torch.cat([pos, q_pos[mask_rows[1]]]))
             if pos.shape[0] > self.ROW_SLICE_SHARE * q_pos.shape[0]:
                 return None
-            return pos, pos - q_pos[0]
+            return pos, pos - self.position_span(q_pos)[0]
         return self.per_forward("edit_rows", (q_pos,) if mask_rows is None else (q_pos, mask_rows[1]), build, reads)
 
     def run_edited(self, name: str, layer: int, value: torch.Tensor, positions: torch.Tensor, kw: dict,
@@ -1147,9 +1164,10 @@ class Lens:
         total = past + rt.q_len
         if total > g.length:
             g.extend(total - g.length)
-        for a in rt.active:
-            a.probe.on_forward(rt.ctx("forward", None, rt.chunk_positions(), torch.ones(rt.batch, rt.q_len,
-                                                                                         dtype=torch.bool)))
+        for a in rt.active:   # (the probes that look at a forward's start: the others need no context built)
+            if type(a.probe).on_forward is not Probe.on_forward:
+                a.probe.on_forward(rt.ctx("forward", None, rt.chunk_positions(),
+                                          torch.ones(rt.batch, rt.q_len, dtype=torch.bool)))
         return None
 
     # -- probes ----------------------------------------------------------------------------------------------

@@ -91,3 +91,21 @@ def test_a_window_of_a_union_equals_the_slice_of_the_whole_union_padded_past_the
         whole = g.mask(name, length=8)
         for start, stop in ((0, 5), (3, 5), (4, 5), (2, 8), (6, 8), (1, 1)):
             assert torch.equal(g.window(name, start, stop), whole[:, start:stop]), (name, start, stop)
+
+
+def test_groups_without_a_pad_mask_cover_every_position():
+    g = TokenGroups({"image": torch.tensor([[True, False, False]])})
+    assert g["all"].tolist() == [[True, True, True]]
+    assert g["generated"].tolist() == [[False, False, False]]
+
+
+@settings(max_examples=80, deadline=None)
+@given(picked=st.sets(st.integers(0, 150), max_size=100))
+def test_the_span_of_row_indices_is_their_run_where_consecutive(picked):
+    """Sorted row indices (a few read at once, many by their ends): (start, stop) where they are one run, else
+    None, as reading them one by one says."""
+    from arbiter.lens import _span
+
+    idx = sorted(picked)
+    want = (idx[0], idx[-1] + 1) if idx and idx == list(range(idx[0], idx[-1] + 1)) else None
+    assert _span(torch.tensor(idx, dtype=torch.long)) == want

@@ -189,6 +189,25 @@ def test_a_knockout_into_the_last_row_adds_per_layer_the_operations_of_recomputi
     assert (out - model[2]()).abs().max() > 1e-3   # the knockout moves the logits
 
 
+
+@pytest.mark.parametrize("model", ["llava"], indirect=True)
+def test_recording_rows_reads_no_tensor_value_back_to_the_host(model):
+    """Where the rows read lie (their span, the forward's first and last position) is known without reading a
+    tensor's elements one by one: no scalar read is dispatched in a recording forward (each is an indexing operation
+    and, on an accelerator, a wait)."""
+    tm, layers, forward = model
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        def run():
+            with lens.record("attn.probs", rows="last"), lens.record("attn.probs", rows="image"):
+                return forward()
+        counted = count_ops(run, layers)
+    plain = count_ops(forward, layers)   # (the model reads a few values itself: its mask's and its inputs')
+
+    def scalar_reads(c):
+        return {place: names["_local_scalar_dense"] for place, names in c.names.items()
+                if "_local_scalar_dense" in names}
+    assert scalar_reads(counted) == scalar_reads(plain)
+
 def _generation(tm):
     """A generation of 4 tokens from the fixture's inputs that clears the hand functions' per-forward state and
     returns (tokens, the steps' scores)."""
