@@ -667,16 +667,16 @@ class _Runtime:
         (output, probabilities) from the same eager call (:func:`~arbiter.attention.row_attention`; None where no
         probability reader is on the layer), for rows an edit recomputes. ``probs``: the rows' probabilities, already
         computed by the layer's eager kernel."""
-        computed = self.entries(site["scores"], layer) or (probs is None and self.entries(site["probs"], layer))
-        key = attn_fn.plain_keys(key, q_rows) if computed else key   # (rows taken from the kernel need no keys)
-        if self.entries(site["scores"], layer):
+        scored, read = self.entries(site["scores"], layer), self.entries(site["probs"], layer)
+        key = attn_fn.plain_keys(key, q_rows) if scored or (read and probs is None) else key   # (kernel's rows: none)
+        if scored:
             scores = attn_fn.row_scores(module, q_rows, key, mb, mf, kwargs)
             if cut is not None:   # a cross-attention row with every key severed: every score masked
                 scores = scores.masked_fill(cut, torch.finfo(scores.dtype).min)
             self.run_site(site["scores"], layer, scores, 2, rows, **kw)
-        if self.entries(site["probs"], layer) and probs is not None:
+        if read and probs is not None:
             self.run_site(site["probs"], layer, probs, 2, rows, **kw)
-        elif self.entries(site["probs"], layer):
+        elif read:
             rkw = kwargs if rows.shape[0] == q_len else attn_fn.row_kwargs(kwargs, idx, q_len, key.shape[2])
             if rkw is None:
                 raise SiteError(f"layer {layer}: {type(module).__name__}'s attention receives per-query tensors "
