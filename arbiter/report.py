@@ -813,15 +813,19 @@ def _heads_section(doc: _Doc, report: dict) -> None:
 
 
 def _head_costs(hd: dict) -> str | None:
-    """One sentence: each ranking's forward-equivalents per batch beside the exhaustive sweep's L·H + 1 (None for a
-    report written before they were recorded)."""
+    """Each ranking's forward-equivalents per batch beside the exhaustive sweep's L·H + 1, and why the search cost
+    more where it did (None for a report written before they were recorded)."""
     fe, ex = hd.get("forward_equivalents") or {}, hd.get("exhaustive_forward_equivalents")
     if not fe or not ex:
         return None
     parts = [f"{m} {_num(float(v), 1)} ({_num(float(v) / ex, 2)} of the exhaustive)" for m, v in fe.items()
              if v is not None and m != "exhaustive"]
+    why = None
+    if hd.get("search"):
+        from .experiments.head_search import costlier_than_exhaustive
+        why = costlier_than_exhaustive(hd["search"])
     return (f"Cost in forward-equivalents per batch: exhaustive sweep {_num(float(ex), 0)}"
-            + ("; " + "; ".join(parts) if parts else "") + ".")
+            + ("; " + "; ".join(parts) if parts else "") + "." + (f" {why}" if why else ""))
 
 
 def _blocking_section(doc: _Doc, report: dict) -> None:

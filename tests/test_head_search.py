@@ -66,6 +66,32 @@ def test_search_equals_exhaustive_on_a_tiny_model(synth):
     assert se.exhaustive_cost == ex.cost_forward_equivalents == 17.0
 
 
+def test_a_search_that_costs_more_than_the_exhaustive_sweep_says_so(synth):
+    """On the tiny model every screen set comes out above the cutoff, so the search blocks every head alone and
+    costs more than L·H + 1: it warns at once, with both counts, and points to the exhaustive sweep."""
+    tm = _tiny("llava")
+    samples = [s for s in synth.samples if s.conflict]
+    with arbiter.attach(tm.model, tm.processor) as lens, pytest.warns(UserWarning) as caught:
+        se = search_ranking(lens, samples, batch_size=4, dataset=synth, progress=False, threshold=0.25)
+    assert se.cost_forward_equivalents > se.exhaustive_cost == 17.0
+    text = " ".join(str(w.message) for w in caught)
+    assert f"({se.cost_forward_equivalents:g} forward-equivalents per batch against 17)" in text
+    assert f"blocked {se.measured} of the 16 heads alone" in text and "method='exhaustive'" in text
+
+
+def test_the_cost_sentence_is_said_only_where_the_search_cost_more():
+    from arbiter.experiments.head_search import costlier_than_exhaustive
+
+    base = {"exhaustive_forward_equivalents": 65.0, "measured": 59, "n_heads": 64,
+            "guard": {"fallback_splits": [{"set": [[0, 0], [0, 1]]}] * 3}}
+    assert costlier_than_exhaustive({**base, "forward_equivalents": 40.0}) is None
+    assert costlier_than_exhaustive({**base, "forward_equivalents": 65.0}) is None
+    said = costlier_than_exhaustive({**base, "forward_equivalents": 76.0})
+    assert "(76 forward-equivalents per batch against 65)" in said and "blocked 59 of the 64 heads alone" in said
+    assert "3 of them with no head blocked alone accounting for it" in said
+    assert "accounting" not in costlier_than_exhaustive({**base, "guard": {}, "forward_equivalents": 76.0})
+
+
 def test_the_search_replays_the_first_layers_attention_in_every_round(synth, monkeypatch):
     """The clean run kept from the first round holds every attention layer's per-head outputs, so the later rounds'
     sets, whatever layer they start at, replay that layer's attention too: every forward of every sweep does."""
@@ -295,6 +321,8 @@ def test_diagnose_runs_the_search_as_reference_and_reports_both_costs(synth, tmp
     assert set(rep["blocking"]["by_ranking"]["summary"]) == {"search", "exhaustive"}
     text = markdown(rep)
     assert "Cost in forward-equivalents per batch: exhaustive sweep 17; search" in text
+    assert hd["forward_equivalents"]["search"] > 17   # on this model the search costs more: the report says why
+    assert "The search cost more than the exhaustive sweep here" in text and "method='exhaustive'" in text
 
 
 def test_oracle_packing_packs_below_the_cutoff_and_counts_what_it_blocks(synth):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -94,6 +95,22 @@ class SearchRanking(HeadRanking):
             "exhaustive_layer_share_cost": self.exhaustive_layer_share_cost,
             "order": [list(h) for h in self.order()], "rounds": self.rounds, "guard": self.guard})
         return d
+
+
+def costlier_than_exhaustive(search: dict) -> str | None:
+    """Where the search cost more forwards than the exhaustive sweep, a sentence saying so and why, from its summary
+    (``SearchRanking.to_dict()["search"]``); None where it did not."""
+    cost, ex = search.get("forward_equivalents"), search.get("exhaustive_forward_equivalents")
+    if not cost or not ex or cost <= ex:
+        return None
+    splits = len((search.get("guard") or {}).get("fallback_splits") or [])
+    return (f"The search cost more than the exhaustive sweep here ({cost:g} forward-equivalents per batch against "
+            f"{ex:g}): it blocked {search.get('measured')} of the {search.get('n_heads')} heads alone, because the "
+            "sets holding them came out at or above the cutoff"
+            + (f" ({splits} of them with no head blocked alone accounting for it: heads that act together)"
+               if splits else "")
+            + ". The heads it reports are exact all the same; on this model the exhaustive sweep "
+            "(method='exhaustive') reaches the same ranking with fewer forwards.")
 
 
 def screen_partitions(heads: Sequence[Head], screens: int = DEFAULT_SCREENS, seed: int = 0) -> list[list[list[Head]]]:
@@ -553,9 +570,13 @@ def search_ranking(lens, samples: Sequence[ConflictSample], batch_size: int = 8,
     prior_cost = float(prior.cost_forward_equivalents or 0.0) if prior is not None else 0.0
     ex_share = layer_share([layer for layer, _ in heads], share.get("chunk") or chunk, L)
     guard = dict(summ["guard"], prior=(prior.method if prior is not None else None), prior_cost=prior_cost)
-    return SearchRanking(
+    result = SearchRanking(
         "search", score, by, cost + prior_cost, per, targets, threshold=threshold, cover_top=cover_top,
         cutoff=summ["theta"], bounds=bounds, above=summ["above"], untested_bound=summ["untested_bound"],
         measured=len(gs.score), clean_forwards=share["cleans"], n_heads=len(heads), exhaustive_cost=float(len(heads) + 1),
         layer_share_cost=share["cost"] + prior_cost, exhaustive_layer_share_cost=ex_share, rounds=summ["rounds"],
         guard=guard)
+    why = costlier_than_exhaustive(result.to_dict()["search"])
+    if why is not None:
+        warnings.warn(f"search_ranking(): {why}", stacklevel=2)
+    return result
