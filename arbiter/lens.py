@@ -62,12 +62,17 @@ def _span(idx: torch.Tensor) -> tuple[int, int] | None:
     n = len(idx)
     if not n:
         return None
-    if n <= 64:   # a few indices (the last row, a group's): read at once, no indexing operation per end
-        ends = idx.tolist()
-        first, last = ends[0], ends[-1]
-    else:
-        first, last = int(idx[0]), int(idx[-1])
+    first, last = _ends(idx)
     return (first, first + n) if last - first == n - 1 else None
+
+
+def _ends(t: torch.Tensor) -> tuple[int, int]:
+    """(first, last) element of a non-empty 1D CPU tensor; a short one (the last row, a group's rows) is read at once,
+    with no indexing operation dispatched per end."""
+    if len(t) <= 64:
+        values = t.tolist()
+        return int(values[0]), int(values[-1])
+    return int(t[0]), int(t[-1])
 
 
 @functools.lru_cache(maxsize=64)
@@ -191,8 +196,8 @@ class _Runtime:
             return hit[1]
         if not len(positions):
             return 0, 0
-        ends = positions.tolist() if len(positions) <= 64 else (int(positions[0]), int(positions[-1]))
-        return int(ends[0]), int(ends[-1]) + 1
+        first, last = _ends(positions)
+        return first, last + 1
 
     def per_forward(self, name: str, anchors: tuple, build: Callable[[], Any], *extra,
                     keep: Callable[[Any], bool] | None = None) -> Any:
