@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
@@ -264,3 +266,15 @@ def test_knockouts_and_reads_run_under_inference_mode():
     ref, inf = run(torch.no_grad), run(torch.inference_mode)
     assert all(torch.equal(a, b) for a, b in zip(ref, inf))
     assert torch.equal(inf[-1], plain)
+
+
+@settings(max_examples=80, deadline=None)
+@given(picked=st.sets(st.integers(0, 150), max_size=100))
+def test_the_span_of_row_indices_is_their_run_where_consecutive(picked):
+    """Sorted row indices (a few read at once, many by their ends): (start, stop) where they are one run, else
+    None, as reading them one by one says."""
+    from arbiter.lens import _span
+
+    idx = sorted(picked)
+    want = (idx[0], idx[-1] + 1) if idx and idx == list(range(idx[0], idx[-1] + 1)) else None
+    assert _span(torch.tensor(idx, dtype=torch.long)) == want

@@ -98,14 +98,3 @@ def test_groups_without_a_pad_mask_cover_every_position():
     assert g["all"].tolist() == [[True, True, True]]
     assert g["generated"].tolist() == [[False, False, False]]
 
-
-@settings(max_examples=80, deadline=None)
-@given(picked=st.sets(st.integers(0, 150), max_size=100))
-def test_the_span_of_row_indices_is_their_run_where_consecutive(picked):
-    """Sorted row indices (a few read at once, many by their ends): (start, stop) where they are one run, else
-    None, as reading them one by one says."""
-    from arbiter.lens import _span
-
-    idx = sorted(picked)
-    want = (idx[0], idx[-1] + 1) if idx and idx == list(range(idx[0], idx[-1] + 1)) else None
-    assert _span(torch.tensor(idx, dtype=torch.long)) == want
