@@ -36,6 +36,7 @@ _UNIT_SITES = {unit: {s.split(".", 1)[1]: prefix + s for s in ATTENTION_SITES} f
 
 
 _ROUTED_SITES = frozenset(ATTENTION_SITES + CROSS_SITES)
+_TRUE = torch.ones((), dtype=torch.bool)   # expanded into the all-True row mask of a forward's start (read-only)
 
 
 def _spec_key(spec: RowSpec):
@@ -148,16 +149,23 @@ class _Runtime:
                 for layer in layers:
                     table.setdefault((site, layer), []).append(a)
         self.table = table
-        self._by_step = tuple({key: [a for a in lst if a.steps == "all" or (a.steps == "prefill") == prefill]
-                               for key, lst in table.items()} for prefill in (False, True))
+        same: dict[tuple, list[_Active]] = {}
+
+        def served(site: str, lst: list[_Active], prefill: bool) -> list[_Active]:
+            # the same probes at a site's every layer: one list object (dispatch() resolves their rows once per
+            # forward for all those layers)
+            lst = [a for a in lst if a.steps == "all" or (a.steps == "prefill") == prefill]
+            return same.setdefault((site, *map(id, lst)), lst)
+        self._by_step = tuple({key: served(key[0], lst, prefill) for key, lst in table.items()}
+                              for prefill in (False, True))
         self._plans = _plans_for(tuple(
             (key, tuple((a.steps, a.specs[key[0]][0], _spec_key(a.specs[key[0]][1])) for a in lst))
             for key, lst in table.items() if key[0] in _ROUTED_SITES))
 
-    def attention_plan(self, unit: str, layer: int) -> tuple[dict, dict, bool, tuple] | None:
+    def attention_plan(self, unit: str, layer: int) -> tuple[dict, dict, bool, tuple, bool] | None:
         """(site names, which sites have probes, whether scores / probs are edited, the row specs of the score /
-        probability probes) of a routed attention call at the current step, None where no probe is on it; built
-        once per probe set."""
+        probability probes, whether those readers are the only probes) of a routed attention call at the current
+        step, None where no probe is on it; built once per probe set."""
         key = (unit, layer, self.step == 0)
         if key not in self._plans:
             site = _UNIT_SITES[unit]
@@ -166,7 +174,9 @@ class _Runtime:
             on_rows = [a.specs[site[s]] for s in ("scores", "probs") for a in served.get((site[s], layer), ())]
             eager = any(mode == "edit" for mode, _ in on_rows)
             reads = tuple(spec if isinstance(spec, (str, int)) else tuple(spec) for _, spec in on_rows)
-            self._plans[key] = (site, has, eager, reads) if any(has.values()) else None
+            # readers of scores / probabilities alone (nothing edited): their rows are read, then the kernel runs
+            only_reads = not eager and not any(has[s] for s in ("q", "k", "v", "mask"))
+            self._plans[key] = (site, has, eager, reads, only_reads) if any(has.values()) else None
         return self._plans[key]
 
     def entries(self, site: str, layer: int | None) -> list[_Active]:
@@ -308,36 +318,47 @@ class _Runtime:
     # -- dispatch on a [b, seq, ...]-like tensor along ``dim`` -------------------------------------------
     def run_site(self, site: str, layer: int | None, value: torch.Tensor, dim: int,
                  positions: torch.Tensor, **ctx_kw) -> torch.Tensor:
-        for a in self.entries(site, layer):
-            mode, spec = a.specs[site]
-            rows, row_mask = self.resolve_rows(spec, positions)
-            if rows.shape[0] == 0:
-                continue
-            full = rows.shape[0] == positions.shape[0]
-            # the rows' indices among ``positions`` (sorted, not always consecutive: the union of several readers'
-            # rows, the rows a row-sliced mask edit recomputes)
-            idx = None if full else self.per_forward(
-                "row_index", (rows, positions),
-                lambda: self.to_device(torch.searchsorted(positions, rows), value.device), str(value.device))
-            part = value if full else value.index_select(dim, idx)
+        entries = self.entries(site, layer)
+        if not entries:
+            return value
+        for probe, callback, edit, rows, row_mask, idx in self.dispatch(site, entries, positions, value.device):
+            part = value if idx is None else value.index_select(dim, idx)
             ctx = self.ctx(site, layer, rows, row_mask, **ctx_kw)
-            out = self.call(a.probe, site, ctx, part)
-            if mode == "edit":
-                out = self.check_edit(a.probe, site, layer, part, out)
-                if full:
-                    value = out
-                else:
-                    value = value.index_copy(dim, idx, out.to(value.dtype))
+            try:
+                out = callback(ctx, part)
+            except ArbiterError:
+                raise
+            except Exception as e:  # noqa: BLE001 - re-raised with the probe and site named
+                raise self.probe_error(probe, site, ctx, e) from e
+            if edit:
+                out = self.check_edit(probe, site, layer, part, out)
+                value = out if idx is None else value.index_copy(dim, idx, out.to(value.dtype))
         return value
 
-    def call(self, probe: Probe, site: str, ctx: Ctx, value):
-        try:
-            return getattr(probe, callback_name(site))(ctx, value)
-        except ArbiterError:
-            raise
-        except Exception as e:  # noqa: BLE001 - re-raised with the probe and site named
-            raise ProbeError(f"probe {probe!r} raised {type(e).__name__} at site {site!r}, layer {ctx.layer}, "
-                             f"step {ctx.step}: {e}. The model was left untouched by arbiter.") from e
+    def dispatch(self, site: str, entries: list[_Active], positions: torch.Tensor, device) -> tuple:
+        """(probe, its callback, whether it edits, its rows' positions, row mask, their indices among ``positions`` on
+        ``device`` or None for all of them) of each probe ``entries`` serves at ``site`` with rows among
+        ``positions``; a probe none of whose rows is there is left out. The same in every layer whose probes are the
+        same (``rebuild`` makes their entry lists one object): built once per forward."""
+        def build():
+            out = []
+            for a in entries:
+                mode, spec = a.specs[site]
+                rows, row_mask = self.resolve_rows(spec, positions)
+                if rows.shape[0] == 0:
+                    continue
+                # the rows' indices among ``positions`` (sorted, not always consecutive: the union of several
+                # readers' rows, the rows a row-sliced mask edit recomputes)
+                idx = None if rows.shape[0] == positions.shape[0] else \
+                    self.to_device(torch.searchsorted(positions, rows), device)
+                out.append((a.probe, getattr(a.probe, callback_name(site)), mode == "edit", rows, row_mask, idx))
+            return tuple(out)
+        return self.per_forward("dispatch", (entries, positions), build, site, device)
+
+    @staticmethod
+    def probe_error(probe: Probe, site: str, ctx: Ctx, e: Exception) -> ProbeError:
+        return ProbeError(f"probe {probe!r} raised {type(e).__name__} at site {site!r}, layer {ctx.layer}, "
+                          f"step {ctx.step}: {e}. The model was left untouched by arbiter.")
 
     @staticmethod
     def check_edit(probe, site, layer, before, after):
@@ -369,9 +390,8 @@ class _Runtime:
         plan = self.attention_plan(unit, layer)
         if plan is None:
             return base(module, query, key, value, attention_mask, **kwargs)
-        site, has, eager, reads = plan
-        lf = self.lens.facts.layers[layer]
-        cross = lf.cross or unit == "xattn"
+        site, has, eager, reads, only_reads = plan
+        cross = unit == "xattn" or self.lens.facts.layers[layer].cross
         b, _, q_len, _ = query.shape
         k_len = key.shape[2]
         if not cross and k_len > self.offset + q_len:
@@ -384,6 +404,12 @@ class _Runtime:
             self.positions_range(self.offset + q_len - k_len, self.offset + q_len)
         new_k = k_pos if cross else q_pos
         kw = dict(query_positions=q_pos, key_positions=k_pos, cross=cross, unit=unit)
+        if only_reads and not (has["probs"] and kind == "eager" and attn_fn.fuses_output(kwargs)):
+            # rows are read before the kernel runs, while the layer's keys are still in the cache (measured on a
+            # CPU, hidden 64, 624 tokens: 0.36 ms per layer before the kernel, 0.70 after it)
+            self.read_rows(layer, module, query, key, value, None, None, kwargs, q_pos, kw, site, reads,
+                           attention_mask=attention_mask)
+            return base(module, query, key, value, attention_mask, **kwargs)
         if has["q"]:
             query = self.run_site(site["q"], layer, query, 2, q_pos, **kw)
         for name, t in (("k", "key"), ("v", "value")):
@@ -422,8 +448,7 @@ class _Runtime:
                 self.read_rows(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, reads,
                                empty, attention_mask, shared, weights=ran[1])
                 return ran
-        # rows are read before the kernel runs, while the layer's keys are still in the cache (measured on a CPU,
-        # hidden 64, 624 tokens: 0.36 ms per layer before the kernel, 0.70 after it)
+        # rows are read before the kernel runs (as above)
         fused = None   # an edited call whose every row is read (a decode step): output and probabilities at once
         if has["scores"] or has["probs"]:
             fused = self.read_rows(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, reads,
@@ -1171,8 +1196,8 @@ class Lens:
             g.extend(total - g.length)
         for a in rt.active:   # (the probes that look at a forward's start: the others need no context built)
             if type(a.probe).on_forward is not Probe.on_forward:
-                a.probe.on_forward(rt.ctx("forward", None, rt.chunk_positions(),
-                                          torch.ones(rt.batch, rt.q_len, dtype=torch.bool)))
+                # every row of every sample: one True seen at every place (read-only, no fill made per forward)
+                a.probe.on_forward(rt.ctx("forward", None, rt.chunk_positions(), _TRUE.expand(rt.batch, rt.q_len)))
         return None
 
     # -- probes ----------------------------------------------------------------------------------------------

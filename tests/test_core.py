@@ -255,3 +255,53 @@ def test_trace_round_trip_of_a_recording(tmp_path):
         assert torch.equal(back[k], rec.trace[k])
     assert back.meta["model"]["n_layers"] == lens.facts.n_layers
     assert back.meta["groups"]["groups"]["last"] == rec.trace.meta["groups"]["groups"]["last"]
+
+
+class _ForwardStart(arbiter.Probe):
+    reads = {"resid.post": "last"}
+
+    def __init__(self):
+        super().__init__()
+        self.starts = []
+
+    def on_forward(self, ctx):
+        self.starts.append((ctx.step, ctx.layer, ctx.positions.clone(), ctx.row_mask.clone()))
+
+    def resid_post(self, ctx, v):
+        pass
+
+
+def test_a_forward_start_is_seen_with_every_row_of_every_sample(tm):
+    inputs = inputs_for(tm, n=2)
+    b, t = inputs["input_ids"].shape
+    with arbiter.attach(tm.model, tm.processor) as lens, lens.probe(_ForwardStart()) as p, torch.no_grad():
+        tm.model(**inputs)
+    [(step, layer, positions, row_mask)] = p.starts
+    assert (step, layer) == (0, None)
+    n = len(positions)   # the decoder's sequence: the ids, and positions a model puts before them (GIT's image)
+    assert n >= t and positions.tolist() == list(range(n))
+    assert row_mask.shape == (b, n) and bool(row_mask.all())
+
+
+def test_readers_of_one_site_on_different_layers_each_get_only_their_layers_and_rows(tm):
+    """Layers whose probes are the same share one resolution of their rows per forward; layers with other probes
+    (here: a second reader on some of them) never take it."""
+    inputs = inputs_for(tm, n=2)
+    with arbiter.attach(tm.model, tm.processor) as lens:
+        lens_layers = lens.facts.attention_layers
+        with lens.record("attn.probs", rows="all") as full, torch.no_grad():
+            tm.model(**inputs)
+        layers = lens_layers[: max(1, len(lens_layers) // 2)]
+        with lens.record("attn.probs", rows="last") as every, \
+                lens.record("attn.probs", rows=[0, 2], layers=layers) as some, torch.no_grad():
+            tm.model(**inputs)
+    assert {k for k in some.trace.keys() if k.startswith("L") and k.endswith(".attn.probs")} == {f"L{i}.attn.probs" for i in layers}
+    assert {k for k in every.trace.keys() if k.startswith("L") and k.endswith(".attn.probs")} == \
+        {f"L{i}.attn.probs" for i in lens_layers}
+    for rec in (every, some):
+        pos = rec.trace["rows.attn.probs"]
+        for layer in (layers if rec is some else lens_layers):
+            rows = rec.trace[f"L{layer}.attn.probs"]
+            assert rows.shape[2] == len(pos)
+            assert (rows - full.trace[f"L{layer}.attn.probs"][:, :, pos]).abs().max().item() <= 1e-6
+    assert some.trace["rows.attn.probs"].tolist() == [0, 2]
