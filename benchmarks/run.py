@@ -277,6 +277,62 @@ class _FlattenLastRow(arbiter.Probe):
         return torch.cat([f / f.sum(-1, keepdim=True), p[:, 1:]], dim=1)
 
 
+class _LastRowReader(arbiter.Probe):
+    """A reader of the last row's attention probabilities that keeps its latest copy: the fixed section's per-call
+    measure (:func:`_call_beyond_floor`), free of a recorder's bookkeeping."""
+
+    reads = {"attn.probs": "last"}
+
+    def attn_probs(self, ctx, p):
+        self.kept = p.clone()
+
+
+def _call_beyond_floor(model, proc, inputs, floor_read, rounds: int) -> dict[str, float]:
+    """One routed attention call of a middle layer under a reader of the last row, timed alone: a forward builds what
+    the forward shares (rows, masks, the probes' dispatch), then that layer's call is repeated on its own tensors
+    with its kernel standing in (it returns the kernel's result), round-robin with the floor's read of the same row
+    (``floor_read``, from :func:`_floor_functions`) on the same tensors. Microseconds per call, median of the paired
+    differences and its 95 % interval: the Python a read adds per layer beyond the least a reader does, steadier
+    than whole forwards (no compute, no per-forward set-up in it)."""
+    from arbiter import lens as lens_mod
+
+    layers = model.config.text_config.num_hidden_layers
+    layer, seen = layers // 2, {}
+    original = lens_mod._Runtime.attention
+
+    def spy(rt, at, *args, **kw):
+        if at == layer:
+            seen["call"] = (rt, args, kw)
+        return original(rt, at, *args, **kw)
+
+    with arbiter.attach(model, proc) as lens, lens.probe(_LastRowReader()):
+        lens_mod._Runtime.attention = spy
+        try:
+            _forward(model, inputs)
+        finally:
+            lens_mod._Runtime.attention = original
+        rt, (module, base, kind, query, key, value, mask, kwargs, *unit), _ = seen["call"]
+        result = base(module, query, key, value, mask, **kwargs)
+
+        def kernel(*a, **k):
+            return result
+
+        def floor():
+            floor_read(module, query, key, value, mask, **kwargs)
+            return kernel(module, query, key, value, mask, **kwargs)
+        fns = {"arbiter": lambda: original(rt, layer, module, kernel, kind, query, key, value, mask, kwargs, *unit),
+               "floor": floor}
+        with torch.no_grad():   # (autograd's recording would add alike to both)
+            times, _ = _round_robin(fns, rounds, warmup=20)
+    diff = [a - f for a, f in zip(times["arbiter"], times["floor"])]
+    low, high = _median_ci95(diff)
+    return {"fixed_call_us_read_last": statistics.median(times["arbiter"]) * 1e6,
+            "fixed_call_us_floor_read_last": statistics.median(times["floor"]) * 1e6,
+            "fixed_call_us_read_last_beyond_floor": statistics.median(diff) * 1e6,
+            "fixed_call_us_read_last_beyond_floor_ci95_low": low * 1e6,
+            "fixed_call_us_read_last_beyond_floor_ci95_high": high * 1e6}
+
+
 def _fixed_paths(model, proc, inputs, n_layers: int) -> dict[str, Callable[[], Any]]:
     """The paths whose added time per layer the fixed section reports; each attaches, runs one forward with its
     probe and detaches (``attach_detach``: the attach and detach alone, subtracted from the others)."""
@@ -386,15 +442,29 @@ def _floor_model(tm, acc: dict[str, float]):
     ``acc`` collects the time spent there beside the kernel, as :func:`_inside_clock` does for arbiter.
     Returns (model, forward(inputs) -> (logits, the kept rows per layer))."""
     from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     rows: dict[int, torch.Tensor] = {}
     kept: list[torch.Tensor] = []
+    AttentionInterface.register("bench_floor", _floor_functions(rows, kept, acc)[0])   # (this floor model's)
+    AttentionMaskInterface.register("bench_floor", sdpa_mask)
+    model = copy.deepcopy(tm.model)
+    model.set_attn_implementation({"text_config": "bench_floor"})
 
-    def floor_attention(module, query, key, value, attention_mask, **kwargs):
-        start = time.process_time()
+    def run(inputs):
+        rows.clear()
+        kept.clear()
+        return _forward(model, inputs), list(kept)
+    return model, run
+
+
+def _floor_functions(rows: dict, kept: list, acc: dict[str, float]) -> tuple[Callable, Callable]:
+    """(the floor's attention function: its read, then SDPA, the time beside SDPA added to ``acc``; its read of the
+    last row alone: ``read(module, query, key, value, attention_mask, **kwargs)``, which appends that row's
+    probabilities to ``kept``). ``rows``: the forward's mask rows, by mask object."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def read(module, query, key, value, attention_mask, **kwargs):
         if id(attention_mask) not in rows:   # the forward's mask: its last row, additive, built once per forward
             allowed = (torch.ones(query.shape[0], 1, 1, key.shape[2], dtype=torch.bool) if attention_mask is None
                        else attention_mask[:, :, -1:, -key.shape[2]:])
@@ -404,6 +474,10 @@ def _floor_model(tm, acc: dict[str, float]):
         _, probs = eager(module, query[:, :, -1:], key.contiguous(), value[..., :0], rows[id(attention_mask)],
                          **{**kwargs, "dropout": 0.0})
         kept.append(probs.clone())
+
+    def floor_attention(module, query, key, value, attention_mask, **kwargs):
+        start = time.process_time()
+        read(module, query, key, value, attention_mask, **kwargs)
         k0 = time.process_time()
         out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         acc["kernel"] += time.process_time() - k0
@@ -411,17 +485,7 @@ def _floor_model(tm, acc: dict[str, float]):
         acc["calls"] += 1
         return out
 
-    if "bench_floor" not in ALL_ATTENTION_FUNCTIONS.valid_keys():
-        AttentionInterface.register("bench_floor", floor_attention)
-        AttentionMaskInterface.register("bench_floor", sdpa_mask)
-    model = copy.deepcopy(tm.model)
-    model.set_attn_implementation({"text_config": "bench_floor"})
-
-    def forward(inputs):
-        rows.clear()
-        kept.clear()
-        return _forward(model, inputs), list(kept)
-    return model, forward
+    return floor_attention, read
 
 
 def _fixed_variants() -> list[tuple[str, str, torch.dtype, str]]:
@@ -502,6 +566,11 @@ def _fixed_variant(cfg, shape: dict, device: str, impl: str, dtype: torch.dtype,
         out["fixed_floor_max_abs_diff"] = max(
             float((rec.trace.site("attn.probs", layer)[:, :, -1:] - floor_rows[layer]).abs().max())
             for layer in range(shape["layers"]))
+        rows: dict[int, torch.Tensor] = {}
+        kept: list[torch.Tensor] = []
+        _, read = _floor_functions(rows, kept, {})
+        out.update(_call_beyond_floor(model, tm.processor, inputs,
+                                      lambda *a, **k: (kept.clear(), read(*a, **k)), cfg["repeats"] * 100))
     # the ATen operations each path adds per layer and per forward (counted: free of the load; on an accelerator
     # each is a kernel launch or a copy)
     with arbiter.attach(model, tm.processor) as lens:
