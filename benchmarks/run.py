@@ -731,12 +731,37 @@ def _one_sample(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v[:1] for k, v in inputs.items()}
 
 
+def _floor_record(tm, inputs) -> Callable[[], Any]:
+    """The record path's floor: a copy of the model that keeps what arbiter's record path keeps, the least a tool
+    can: every decoder layer's output (all rows) copied by a forward hook, and the last row's attention
+    probabilities read as :func:`_floor_model` reads them. No arbiter code runs; its copies fault in fresh pages
+    as arbiter's do. Returns ``run() -> (the outputs kept, the rows kept)``."""
+    model, forward = _floor_model(tm, {"total": 0.0, "kernel": 0.0, "calls": 0})
+    with arbiter.attach(tm.model) as lens:
+        names = {id(m): n for n, m in tm.model.named_modules()}
+        layers = [model.get_submodule(names[id(lf.layer)]) for lf in lens.facts.layers]
+    kept: list[torch.Tensor] = []
+
+    def keep(module, args, output):
+        kept.append((output[0] if isinstance(output, tuple) else output).detach().clone())
+    for layer in layers:
+        layer.register_forward_hook(keep)
+
+    def run():
+        kept.clear()
+        _, rows = forward(inputs)
+        return list(kept), rows
+    return run
+
+
 def bench_forwards(tm, inputs, cfg) -> dict[str, Any]:
-    """Plain SDPA and eager forwards, arbiter record / knockout / probe, nnsight record / probe (eager: nnsight
-    sees no probabilities under SDPA), all timed round-robin."""
+    """Plain SDPA and eager forwards, arbiter record / knockout / probe, the record path's floor (what it keeps,
+    copied by plain hooks), nnsight record / probe (eager: nnsight sees no probabilities under SDPA), all timed
+    round-robin."""
     eager = _model_copy(tm, "eager")
     nm = _wrap(_model_copy(tm, "eager"))
     fns = {"plain_forward_s": lambda: _forward(tm.model, inputs), **_arbiter_paths(tm, inputs),
+           "floor_record_s": _floor_record(tm, inputs),
            "plain_forward_eager_s": lambda: _forward(eager, inputs), **_nnsight_paths(nm, tm, inputs)}
     _section("warm-up: every path once on one sample, one plain forward on the batch")
     small = _one_sample(inputs)
@@ -753,7 +778,7 @@ def bench_forwards(tm, inputs, cfg) -> dict[str, Any]:
     out = {name: statistics.median(t) for name, t in times.items()}
     out["forwards_clock"] = "process CPU time" if single else "wall time"
     for key, name in (("plain", "plain_forward_s"), ("record", "record_s"), ("knockout", "knockout_s"),
-                      ("probe", "probe_s")):
+                      ("probe", "probe_s"), ("floor_record", "floor_record_s")):
         # the process CPU time split: user (the computation) and system (chiefly the kernel handing out fresh pages:
         # minor page faults), and the faults themselves, medians per forward
         for i, part in enumerate(("user_s", "sys_s", "minor_faults") if usage[name] else ()):
@@ -768,10 +793,14 @@ def bench_forwards(tm, inputs, cfg) -> dict[str, Any]:
         if usage[name]:
             out[f"{key}_overhead_user_paired"] = statistics.median(
                 u[0] / p[0] for u, p in zip(usage[name], usage["plain_forward_s"]))
-        if single:   # arbiter's own CPU time in the forward (its attention calls beside the kernel, its hooks), read
+        if single and key != "floor_record":   # arbiter's own CPU time in the forward (its attention calls beside the kernel, its hooks), read
             # directly: free of the load's drift, which moves the whole-forward ratios by a few per cent here
             out[f"{key}_overhead_inside"] = 1 + _inside_median(fns[name], max(3, cfg["repeats"] // 3)) / \
                 out["plain_forward_s"]
+    # the record path over its floor, paired per round (both copy the same 40 MB and fault the same fresh pages)
+    over = [t / f for t, f in zip(times["record_s"], times["floor_record_s"])]
+    out["record_over_floor_paired"] = statistics.median(over)
+    out["record_over_floor_paired_ci95_low"], out["record_over_floor_paired_ci95_high"] = _median_ci95(over)
     out.update(_agreement(tm, inputs, last))
     return out
 
@@ -783,7 +812,11 @@ def _agreement(tm, inputs, last: dict[str, Any]) -> dict[str, Any]:
     real = inputs["attention_mask"].bool()
     resid_diff = (torch.stack(nn_resid) - res.stack("resid.post"))[:, real].abs().max()
     probs_diff = (torch.stack(nn_probs) - att.stack("attn.probs")[:, :, :, 0]).abs().max()
+    floor_resid, floor_rows = last["floor_record_s"]
+    floor_diff = max(float((torch.stack(floor_resid) - res.stack("resid.post")).abs().max()),
+                     float((torch.stack(floor_rows) - att.stack("attn.probs")).abs().max()))
     return {"nnsight_record_max_abs_diff": max(float(resid_diff), float(probs_diff)),
+            "floor_record_max_abs_diff": floor_diff,
             "nnsight_probe_max_abs_diff": float((torch.stack(last["nnsight_probe_s"]) - last["probe_s"]).abs().max()),
             "knockout_changes_logits": bool((last["knockout_s"] - last["plain_forward_s"]).abs().max() > 0)}
 
@@ -1241,7 +1274,8 @@ def bench_head_search(cfg) -> dict[str, Any]:
 def _ratios(r: dict[str, Any]) -> None:
     plain = r["plain_forward_s"]
     for key, src in (("record_overhead", "record_s"), ("knockout_overhead", "knockout_s"),
-                     ("probe_overhead", "probe_s"), ("eager_forward_overhead", "plain_forward_eager_s"),
+                     ("probe_overhead", "probe_s"), ("floor_record_overhead", "floor_record_s"),
+                     ("eager_forward_overhead", "plain_forward_eager_s"),
                      ("nnsight_record_overhead", "nnsight_record_s"), ("nnsight_probe_overhead", "nnsight_probe_s")):
         r[key] = r[src] / plain if r.get(src) is not None else None
 
@@ -1250,6 +1284,7 @@ ROWS = [("plain SDPA forward", "plain_forward_s", None),
         ("arbiter record (resid all rows + probs last row)", "record_s", "record_overhead"),
         ("arbiter knockout image->last, all layers", "knockout_s", "knockout_overhead"),
         ("arbiter probe (image gaze of last row)", "probe_s", "probe_overhead"),
+        ("floor of record: the same copies by plain hooks", "floor_record_s", "floor_record_overhead"),
         ("plain eager forward", "plain_forward_eager_s", "eager_forward_overhead"),
         ("nnsight record (eager)", "nnsight_record_s", "nnsight_record_overhead"),
         ("nnsight probe (eager)", "nnsight_probe_s", "nnsight_probe_overhead"),
@@ -1275,8 +1310,13 @@ def format_table(r: dict[str, Any]) -> str:
         lines.append("1 + arbiter's own time in the forward / plain forward (inside clock): " + " / ".join(
             f"{r[f'{k}_overhead_inside']:.4f}" for k in paths[1:]))
     if r.get("forwards_sys_s_plain") is not None:
-        lines.append("system s and minor page faults per forward, " + " / ".join(paths) + ": " + "; ".join(
-            f"{r[f'forwards_sys_s_{k}']:.3f} s, {r[f'forwards_minor_faults_{k}']:.0f}" for k in paths))
+        faulted = (*paths, "floor_record") if r.get("forwards_sys_s_floor_record") is not None else paths
+        lines.append("system s and minor page faults per forward, " + " / ".join(faulted) + ": " + "; ".join(
+            f"{r[f'forwards_sys_s_{k}']:.3f} s, {r[f'forwards_minor_faults_{k}']:.0f}" for k in faulted))
+    if r.get("record_over_floor_paired") is not None:
+        lines.append(f"record / its floor, paired: {r['record_over_floor_paired']:.3f} (95 % interval "
+                     f"{r['record_over_floor_paired_ci95_low']:.3f}-{r['record_over_floor_paired_ci95_high']:.3f}); "
+                     f"floor / plain, paired: {r['floor_record_overhead_paired']:.3f}")
     for key in ("trace_write_mb_s", "trace_read_mb_s", "torch_save_mb_s", "torch_load_mb_s"):
         if r.get(key) is not None:
             lines.append(f"{key:<50} {r[key]:9.1f} MB/s")
