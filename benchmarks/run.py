@@ -793,8 +793,9 @@ def bench_forwards(tm, inputs, cfg) -> dict[str, Any]:
         if usage[name]:
             out[f"{key}_overhead_user_paired"] = statistics.median(
                 u[0] / p[0] for u, p in zip(usage[name], usage["plain_forward_s"]))
-        if single and key != "floor_record":   # arbiter's own CPU time in the forward (its attention calls beside the kernel, its hooks), read
-            # directly: free of the load's drift, which moves the whole-forward ratios by a few per cent here
+        if single and key != "floor_record":   # arbiter's own CPU time in the forward (its attention calls beside
+            # the kernel, its hooks), read directly: free of the load's drift, which moves the whole-forward ratios by
+            # a few per cent here
             out[f"{key}_overhead_inside"] = 1 + _inside_median(fns[name], max(3, cfg["repeats"] // 3)) / \
                 out["plain_forward_s"]
     # the record path over its floor, paired per round (both copy the same 40 MB and fault the same fresh pages)
