@@ -162,10 +162,10 @@ class _Runtime:
             (key, tuple((a.steps, a.specs[key[0]][0], _spec_key(a.specs[key[0]][1])) for a in lst))
             for key, lst in table.items() if key[0] in _ROUTED_SITES))
 
-    def attention_plan(self, unit: str, layer: int) -> tuple[dict, dict, bool, tuple, bool] | None:
+    def attention_plan(self, unit: str, layer: int) -> tuple[dict, dict, bool, tuple] | None:
         """(site names, which sites have probes, whether scores / probs are edited, the row specs of the score /
-        probability probes, whether those readers are the only probes) of a routed attention call at the current
-        step, None where no probe is on it; built once per probe set."""
+        probability probes) of a routed attention call at the current step, None where no probe is on it; built
+        once per probe set."""
         key = (unit, layer, self.step == 0)
         if key not in self._plans:
             site = _UNIT_SITES[unit]
@@ -174,9 +174,7 @@ class _Runtime:
             on_rows = [a.specs[site[s]] for s in ("scores", "probs") for a in served.get((site[s], layer), ())]
             eager = any(mode == "edit" for mode, _ in on_rows)
             reads = tuple(spec if isinstance(spec, (str, int)) else tuple(spec) for _, spec in on_rows)
-            # readers of scores / probabilities alone (nothing edited): their rows are read, then the kernel runs
-            only_reads = not eager and not any(has[s] for s in ("q", "k", "v", "mask"))
-            self._plans[key] = (site, has, eager, reads, only_reads) if any(has.values()) else None
+            self._plans[key] = (site, has, eager, reads) if any(has.values()) else None
         return self._plans[key]
 
     def entries(self, site: str, layer: int | None) -> list[_Active]:
@@ -390,7 +388,7 @@ class _Runtime:
         plan = self.attention_plan(unit, layer)
         if plan is None:
             return base(module, query, key, value, attention_mask, **kwargs)
-        site, has, eager, reads, only_reads = plan
+        site, has, eager, reads = plan
         cross = unit == "xattn" or self.lens.facts.layers[layer].cross
         b, _, q_len, _ = query.shape
         k_len = key.shape[2]
@@ -404,12 +402,6 @@ class _Runtime:
             self.positions_range(self.offset + q_len - k_len, self.offset + q_len)
         new_k = k_pos if cross else q_pos
         kw = dict(query_positions=q_pos, key_positions=k_pos, cross=cross, unit=unit)
-        if only_reads and not (has["probs"] and kind == "eager" and attn_fn.fuses_output(kwargs)):
-            # rows are read before the kernel runs, while the layer's keys are still in the cache (measured on a
-            # CPU, hidden 64, 624 tokens: 0.36 ms per layer before the kernel, 0.70 after it)
-            self.read_rows(layer, module, query, key, value, None, None, kwargs, q_pos, kw, site, reads,
-                           attention_mask=attention_mask)
-            return base(module, query, key, value, attention_mask, **kwargs)
         if has["q"]:
             query = self.run_site(site["q"], layer, query, 2, q_pos, **kw)
         for name, t in (("k", "key"), ("v", "value")):
@@ -448,7 +440,8 @@ class _Runtime:
                 self.read_rows(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, reads,
                                empty, attention_mask, shared, weights=ran[1])
                 return ran
-        # rows are read before the kernel runs (as above)
+        # rows are read before the kernel runs, while the layer's keys are still in the cache (measured on a CPU,
+        # hidden 64, 624 tokens: 0.36 ms per layer before the kernel, 0.70 after it)
         fused = None   # an edited call whose every row is read (a decode step): output and probabilities at once
         if has["scores"] or has["probs"]:
             fused = self.read_rows(layer, module, query, key, value, mask_b, mask_f, kwargs, q_pos, kw, site, reads,

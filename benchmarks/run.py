@@ -458,6 +458,12 @@ def _floor_model(tm, acc: dict[str, float]):
     return model, run
 
 
+def _counterparts(model, copy_of_it, modules) -> list[torch.nn.Module]:
+    """The modules of ``copy_of_it`` (a deep copy of ``model``) at the places ``modules`` hold in ``model``."""
+    names = {id(m): n for n, m in model.named_modules()}
+    return [copy_of_it.get_submodule(names[id(m)]) for m in modules]
+
+
 def _floor_functions(rows: dict, kept: list, acc: dict[str, float]) -> tuple[Callable, Callable]:
     """(the floor's attention function: its read, then SDPA, the time beside SDPA added to ``acc``; its read of the
     last row alone: ``read(module, query, key, value, attention_mask, **kwargs)``, which appends that row's
@@ -581,8 +587,7 @@ def _fixed_variant(cfg, shape: dict, device: str, impl: str, dtype: torch.dtype,
             out[f"fixed_ops_per_layer_{name}{suffix}"], out[f"fixed_ops_per_forward_{name}{suffix}"] = \
                 ops_added(fn, plain, layers)
     if floor is not None:
-        names = {id(m): n for n, m in model.named_modules()}
-        floor_layers = [floor_model.get_submodule(names[id(m)]) for m in layers]
+        floor_layers = _counterparts(model, floor_model, layers)
         out["fixed_ops_per_layer_floor_probs_last"], out["fixed_ops_per_forward_floor_probs_last"] = \
             ops_added(lambda: floor(inputs), plain, floor_layers, layers)
     out.update(_fixed_decode(model, tm.processor, inputs, layers, cfg, timed, device, suffix))
@@ -738,8 +743,7 @@ def _floor_record(tm, inputs) -> Callable[[], Any]:
     as arbiter's do. Returns ``run() -> (the outputs kept, the rows kept)``."""
     model, forward = _floor_model(tm, {"total": 0.0, "kernel": 0.0, "calls": 0})
     with arbiter.attach(tm.model) as lens:
-        names = {id(m): n for n, m in tm.model.named_modules()}
-        layers = [model.get_submodule(names[id(lf.layer)]) for lf in lens.facts.layers]
+        layers = _counterparts(tm.model, model, [lf.layer for lf in lens.facts.layers])
     kept: list[torch.Tensor] = []
 
     def keep(module, args, output):
